@@ -1,0 +1,23 @@
+"""fitkit: a Keras-style, fast and trustworthy Trainer for PyTorch."""
+
+from fitkit import callbacks, metrics
+from fitkit.callbacks.base import Callback
+from fitkit.callbacks.history import History
+from fitkit.checkpoint import CheckpointError
+from fitkit.rng import seed_everything
+from fitkit.state import TrainerState
+from fitkit.trainer import Trainer, TrainingInterrupted
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Callback",
+    "CheckpointError",
+    "History",
+    "Trainer",
+    "TrainerState",
+    "TrainingInterrupted",
+    "callbacks",
+    "metrics",
+    "seed_everything",
+]

@@ -1,0 +1,149 @@
+"""The Callback base class: documented no-op hooks with Keras's names and signatures."""
+
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from fitkit.trainer import Trainer
+
+Logs = dict[str, Any]
+
+HOOKS = (
+    "on_train_begin", "on_train_end",
+    "on_epoch_begin", "on_epoch_end",
+    "on_batch_begin", "on_batch_end",
+    "on_validation_begin", "on_validation_batch_begin", "on_validation_batch_end", "on_validation_end",
+    "on_before_backward", "on_before_optimizer_step",
+    "on_exception",
+)
+
+# Names users bring from Keras and Lightning, and the fitkit hook that does the same job.
+_KNOWN_ALIASES = {
+    "on_train_batch_begin": "on_batch_begin",
+    "on_train_batch_end": "on_batch_end",
+    "on_test_begin": "on_validation_begin",
+    "on_test_end": "on_validation_end",
+    "on_test_batch_begin": "on_validation_batch_begin",
+    "on_test_batch_end": "on_validation_batch_end",
+    "on_train_start": "on_train_begin",
+    "on_fit_start": "on_train_begin",
+    "on_fit_end": "on_train_end",
+    "on_train_epoch_start": "on_epoch_begin",
+    "on_train_epoch_end": "on_epoch_end",
+    "on_epoch_start": "on_epoch_begin",
+    "on_batch_start": "on_batch_begin",
+    "on_validation_start": "on_validation_begin",
+    "on_validation_epoch_start": "on_validation_begin",
+    "on_validation_epoch_end": "on_validation_end",
+    "on_validation_batch_start": "on_validation_batch_begin",
+    "on_before_zero_grad": "on_before_optimizer_step",
+    "on_after_backward": "on_before_optimizer_step",
+}
+
+
+class Callback:
+    """Base class for callbacks. Override the hooks you need; the others cost nothing.
+
+    The trainer binds itself once with :meth:`set_trainer` before ``on_train_begin``; a hook reaches it as
+    ``self.trainer`` and the (unwrapped) module as ``self.model``. Hooks run in list order and share one
+    logs dict per event, so a callback may add keys that a later one reads.
+
+    Per-batch ``logs`` hold detached 0-dim tensors still on the device: reading one as a float
+    synchronises with the device, so a callback that does so pays for it. ``on_epoch_end`` logs are
+    Python floats: ``loss``, the metrics, ``val_loss`` and ``val_<metric>`` on validated epochs, and ``lr``.
+
+    A callback with state worth keeping across a restart (best value, counters) overrides
+    :meth:`state_dict` and :meth:`load_state_dict`, returning plain Python values and tensors only, and
+    resets its per-fit counters in ``on_train_begin`` so that one instance can serve several ``fit`` calls.
+    """
+
+    trainer: Trainer
+    #: True for callbacks that only write files or draw (progress bars, loggers): in a distributed run
+    #: they run on rank 0 only. Callbacks that take decisions run on every rank.
+    rank_zero_only: bool = False
+
+    def set_trainer(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.trainer.model
+
+    # -- run ------------------------------------------------------------------------------------
+    def on_train_begin(self, logs: Logs | None = None) -> None:
+        """Called once when ``fit`` starts, after a resumed state has been loaded."""
+
+    def on_train_end(self, logs: Logs | None = None) -> None:
+        """Called once when ``fit`` ends, whatever ended it (also after an exception)."""
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Called when ``fit`` is ended by an exception (``KeyboardInterrupt`` and signals included),
+        before ``on_train_end``."""
+
+    # -- epochs ---------------------------------------------------------------------------------
+    def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
+        """Called at the start of each training epoch (0-based ``epoch``)."""
+
+    def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
+        """Called after each epoch's training and validation; ``logs`` holds Python floats."""
+
+    # -- training batches -----------------------------------------------------------------------
+    def on_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
+        """Called before each training batch (``batch``: index within the epoch)."""
+
+    def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        """Called after each training batch; ``logs["loss"]`` is the batch's loss as a 0-dim tensor."""
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Called with the (unscaled) loss just before ``backward``."""
+
+    def on_before_optimizer_step(self) -> None:
+        """Called when gradients are final (unscaled, accumulated, clipped) just before ``optimizer.step``."""
+
+    # -- validation -----------------------------------------------------------------------------
+    def on_validation_begin(self, logs: Logs | None = None) -> None:
+        """Called before a validation pass (in ``fit`` and in ``evaluate``)."""
+
+    def on_validation_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
+        """Called before each validation batch."""
+
+    def on_validation_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        """Called after each validation batch; ``logs["loss"]`` is a 0-dim tensor."""
+
+    def on_validation_end(self, logs: Logs | None = None) -> None:
+        """Called after a validation pass with its logs (floats, without the ``val_`` prefix)."""
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The callback's resumable state: plain Python values and tensors only."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned."""
+
+
+def overrides(callback: Callback, hook: str) -> bool:
+    """True when ``callback``'s class replaces the base no-op for ``hook``."""
+    return getattr(type(callback), hook, None) is not getattr(Callback, hook)
+
+
+def check_hook_names(callback: Callback) -> None:
+    """Raises when a callback defines an ``on_*`` method that is no fitkit hook (a typo or a Keras or
+    Lightning name), so that it is not silently never called."""
+    for cls in type(callback).__mro__:
+        if cls is Callback or cls is object:
+            break
+        for name in vars(cls):
+            if not name.startswith("on_") or name in HOOKS or not callable(getattr(cls, name)):
+                continue
+            if name in _KNOWN_ALIASES:
+                hint = f"fitkit calls this hook {_KNOWN_ALIASES[name]!r}"
+            else:
+                close = difflib.get_close_matches(name, HOOKS, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}?" if close else f"the hooks are: {', '.join(HOOKS)}"
+            raise TypeError(f"{cls.__name__}.{name} is not a fitkit callback hook and would never be called; "
+                            f"{hint}. (Name helpers without the 'on_' prefix.)")

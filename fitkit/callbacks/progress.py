@@ -1,0 +1,122 @@
+"""ProgressBar: a tqdm bar per epoch on a terminal, a plain line per epoch anywhere else."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO, Any
+
+from fitkit.callbacks.base import Callback, Logs
+
+
+def format_logs(logs: Logs) -> str:
+    parts = []
+    for key, value in logs.items():
+        parts.append(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    return " - ".join(parts)
+
+
+class ProgressBar(Callback):
+    """Shows training progress.
+
+    On a terminal or in a notebook, one tqdm bar per epoch whose postfix holds the running loss and
+    metrics, refreshed at most every ``refresh_interval`` seconds (each refresh reads the running
+    values back from the device once), and the validation results at the end of the epoch. Anywhere
+    else (a pipe, a log file, CI) it never redraws: it prints one line per epoch, plus a progress line
+    every ``log_every_seconds`` if set.
+
+    Args:
+        mode: ``"bar"`` (default; falls back to lines off a terminal) or ``"epoch"`` (a line per epoch
+            only, Keras's ``verbose=2``).
+        refresh_interval: seconds between bar refreshes (default 0.25).
+        log_every_seconds: off a terminal, seconds between progress lines within an epoch (default None:
+            only the end-of-epoch line).
+        file: the stream to write to (default ``sys.stderr``, as tqdm).
+    """
+
+    def __init__(self, mode: str = "bar", refresh_interval: float = 0.25,
+                 log_every_seconds: float | None = None, file: IO[str] | None = None) -> None:
+        if mode not in ("bar", "epoch"):
+            raise ValueError(f"mode must be 'bar' or 'epoch', got {mode!r}")
+        if refresh_interval <= 0:
+            raise ValueError(f"refresh_interval must be > 0 seconds, got {refresh_interval!r}")
+        if log_every_seconds is not None and log_every_seconds <= 0:
+            raise ValueError(f"log_every_seconds must be None or > 0 seconds, got {log_every_seconds!r}")
+        self.mode = mode
+        self.refresh_interval = refresh_interval
+        self.log_every_seconds = log_every_seconds
+        self.file = file
+        self._bar: Any = None
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _stream(self) -> IO[str]:
+        return self.file if self.file is not None else sys.stderr
+
+    def _interactive(self) -> bool:
+        if self.mode != "bar":
+            return False
+        if "ipykernel" in sys.modules:  # a notebook: tqdm.auto draws a widget
+            return True
+        stream = self._stream()
+        return bool(getattr(stream, "isatty", lambda: False)())
+
+    def _open_bar(self, epoch: int) -> None:
+        from tqdm.auto import tqdm
+
+        total = self.trainer.num_train_batches
+        self._bar = tqdm(total=total, desc=f"Epoch {epoch + 1}/{self._epochs}", file=self._stream(),
+                         leave=True, dynamic_ncols=True, unit="batch", mininterval=self.refresh_interval)
+        self._shown = 0
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def on_train_begin(self, logs: Logs | None = None) -> None:
+        self._epochs = self.trainer.epochs_planned
+        self._is_bar = self._interactive()
+        self._bar = None
+
+    def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
+        self._epoch_start = time.monotonic()
+        self._next = self._epoch_start + (self.refresh_interval if self._is_bar else
+                                          (self.log_every_seconds or float("inf")))
+        if self._is_bar:
+            self._open_bar(epoch)
+
+    def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        now = time.monotonic()
+        if now < self._next:  # the common case: a clock read and a comparison
+            return
+        if not hasattr(self, "_epoch_start"):  # resumed mid-epoch: on_epoch_begin ran before the restart
+            self.on_epoch_begin(self.trainer.epoch)
+            return
+        running = self.trainer.running_logs()  # host sync, a few times a second at most
+        if self._is_bar:
+            if self._bar is None:
+                self._open_bar(self.trainer.epoch)
+            self._bar.update(batch + 1 - self._shown)
+            self._shown = batch + 1
+            self._bar.set_postfix_str(format_logs(running), refresh=True)
+            self._next = now + self.refresh_interval
+        else:
+            total = self.trainer.num_train_batches
+            where = f"{batch + 1}/{total}" if total else f"{batch + 1}"
+            print(f"Epoch {self.trainer.epoch + 1}/{self._epochs} - batch {where} - {format_logs(running)}",
+                  file=self._stream(), flush=True)
+            self._next = now + (self.log_every_seconds or float("inf"))
+
+    def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
+        logs = logs or {}
+        elapsed = time.monotonic() - getattr(self, "_epoch_start", time.monotonic())
+        if self._bar is not None:
+            self._bar.update(max(0, (self._bar.total or self._shown) - self._shown))
+            self._bar.set_postfix_str(format_logs(logs), refresh=True)
+            self._bar.close()
+            self._bar = None
+        else:
+            print(f"Epoch {epoch + 1}/{self._epochs} - {elapsed:.1f}s - {format_logs(logs)}",
+                  file=self._stream(), flush=True)
+        del self._epoch_start
+
+    def on_train_end(self, logs: Logs | None = None) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,202 @@
+"""Batches: moving them to the device, unpacking them, and the in-memory batcher.
+
+The in-memory path (``fit((x, y), batch_size=...)``) cuts batches straight from tensors with one
+permutation per epoch. It draws exactly the random numbers that ``DataLoader(TensorDataset(x, y),
+batch_size, shuffle=True)`` draws, so both paths give identical results for the same seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+
+def move_to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Moves every tensor nested in tuples, lists and dicts to ``device``; other leaves are kept."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, Mapping):
+        return type(obj)({k: move_to_device(v, device, non_blocking) for k, v in obj.items()}) \
+            if type(obj) is not dict else {k: move_to_device(v, device, non_blocking) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(move_to_device(v, device, non_blocking) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move_to_device(v, device, non_blocking) for v in obj)
+    return obj
+
+
+def first_tensor(obj: Any) -> torch.Tensor | None:
+    """The first tensor found depth-first in a nested batch, or None."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    values = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (list, tuple)) else ()
+    for value in values:
+        found = first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of samples in a batch: the leading dimension of its targets, else of its first tensor.
+
+    Host metadata only: reading a shape never synchronises with the device.
+    """
+    if isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor) \
+            and batch[1].ndim > 0:
+        return batch[1].shape[0]
+    tensor = first_tensor(batch)
+    if tensor is None or tensor.ndim == 0:
+        raise ValueError(
+            f"cannot tell the number of samples in a batch of type {type(batch).__name__}: it holds no tensor "
+            "with a batch dimension. Yield (inputs, targets) tensors, or override Trainer.train_step/eval_step.")
+    return tensor.shape[0]
+
+
+def describe(obj: Any) -> str:
+    """A short structural description of a batch for error messages."""
+    if isinstance(obj, torch.Tensor):
+        return f"Tensor(shape={tuple(obj.shape)}, dtype={obj.dtype})"
+    if isinstance(obj, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in list(obj.items())[:6]) + "}"
+    if isinstance(obj, (list, tuple)):
+        inner = ", ".join(describe(v) for v in obj[:6]) + (", ..." if len(obj) > 6 else "")
+        return f"{type(obj).__name__}({inner})" if isinstance(obj, tuple) else f"[{inner}]"
+    return type(obj).__name__
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """Splits a batch into ``(inputs, targets)`` with an error that says how to fix a wrong shape."""
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        f"expected each batch to be (inputs, targets), got {describe(batch)}. Make the dataset return "
+        "(inputs, targets) pairs (inputs may be a tensor, a tuple of tensors or a dict), or subclass Trainer "
+        "and override train_step(batch) / eval_step(batch) for another batch layout.")
+
+
+def to_tensor(array: Any, name: str) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with tensorboard
+        np = None
+    if np is not None and isinstance(array, np.ndarray):
+        return torch.from_numpy(array)
+    raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got {type(array).__name__}")
+
+
+class InMemoryLoader:
+    """Batches cut from in-memory tensors: ``x[perm[i:i + batch_size]]``.
+
+    Args:
+        x, y: tensors (or NumPy arrays) with the same leading dimension.
+        batch_size: samples per batch; the last batch may be shorter (``drop_last=False``, as in Keras).
+        shuffle: draw one permutation per epoch, with the same random numbers ``DataLoader(shuffle=True)``
+            draws from the global torch generator (or ``generator``).
+        device: where the tensors live; batches are cut there, so a GPU run copies the data once.
+    """
+
+    def __init__(self, x: Any, y: Any, batch_size: int, shuffle: bool = True,
+                 device: torch.device | str | None = None, generator: torch.Generator | None = None) -> None:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.x = to_tensor(x, "x")
+        self.y = to_tensor(y, "y")
+        if self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(f"x and y must have the same number of samples, got {self.x.shape[0]} and "
+                             f"{self.y.shape[0]}")
+        if device is not None:
+            self.x, self.y = self.x.to(device), self.y.to(device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = generator
+        self._skip = 0
+
+    @property
+    def num_samples(self) -> int:
+        return self.x.shape[0]
+
+    def __len__(self) -> int:
+        return (self.num_samples + self.batch_size - 1) // self.batch_size
+
+    def skip_next(self, num_batches: int) -> None:
+        """Makes the next iteration start at batch ``num_batches`` (the permutation is drawn as usual)."""
+        self._skip = num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # The same two draws as DataLoader(TensorDataset, shuffle=True): the iterator's base seed for
+        # workers, then RandomSampler's seed for its private generator. Keeping them makes the two paths
+        # interchangeable, bit for bit.
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        perm = None
+        if self.shuffle:
+            if self.generator is None:
+                seed = int(torch.empty((), dtype=torch.int64).random_().item())
+                generator = torch.Generator()
+                generator.manual_seed(seed)
+            else:
+                generator = self.generator
+            perm = torch.randperm(self.num_samples, generator=generator).to(self.x.device)
+        skip, self._skip = self._skip, 0
+        for start in range(skip * self.batch_size, self.num_samples, self.batch_size):
+            if perm is None:
+                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+            else:
+                index = perm[start:start + self.batch_size]
+                yield self.x[index], self.y[index]
+
+
+class _ListBatchSampler:
+    """Replays precomputed batches of indices (the rest of an interrupted epoch)."""
+
+    def __init__(self, batches: Sequence[Sequence[int]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[Sequence[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def is_map_style(loader: Any) -> bool:
+    return isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset)
+
+
+def resume_loader_iterator(loader: DataLoader, skip: int) -> Iterator[Any]:
+    """An iterator over ``loader`` that starts at batch ``skip`` without loading the skipped batches.
+
+    Must be called with the random generators in the state they had when the interrupted epoch called
+    ``iter(loader)``. It makes the draws that iterator made, in the same order (the worker base seed,
+    then the sampler's), from the same generators, so the remaining batches and the worker seeds match.
+    Index lists are cheap: no sample is loaded for the skipped batches.
+    """
+    base_state = (loader.generator.get_state() if loader.generator is not None else torch.get_rng_state())
+    torch.empty((), dtype=torch.int64).random_(generator=loader.generator)  # the iterator's base seed
+    index_sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    remaining = list(index_sampler)[skip:]
+    replay = torch.Generator()
+    replay.set_state(base_state)  # makes the new iterator draw the very same base seed
+    if loader.batch_sampler is not None:
+        kwargs: dict[str, Any] = {"batch_sampler": _ListBatchSampler(remaining)}
+    else:
+        kwargs = {"sampler": remaining, "batch_size": None}
+    clone = DataLoader(
+        loader.dataset, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context, generator=replay,
+        prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
+        persistent_workers=False, **kwargs)
+    return iter(clone)
+
+
+def check_reiterable(data: Iterable[Any], name: str) -> None:
+    if iter(data) is data:
+        raise TypeError(
+            f"{name} is a one-shot iterator ({type(data).__name__}); fit needs data it can iterate once per "
+            "epoch. Pass a DataLoader, a list of batches, or an (x, y) tuple of tensors with batch_size=.")
