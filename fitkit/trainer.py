@@ -256,6 +256,7 @@ class Trainer:
         self.state = TrainerState()
         self.history = History()
         self.epochs_planned = 0
+        self.has_validation = False
         self.num_train_batches: int | None = None
         self._deferred: list[Callable[[], None]] = []
         self._interrupt_signum: int | None = None
@@ -361,6 +362,7 @@ class Trainer:
         train_loader = self._as_loader(train_data, batch_size, shuffle, "train_data", training=True)
         val_loader = None if val_data is None else self._as_loader(val_data, batch_size, False, "val_data")
         self._train_loader = train_loader
+        self.has_validation = val_loader is not None
         self.epochs_planned = epochs
         self.num_train_batches = _num_batches(train_loader, steps_per_epoch)
         if self.num_train_batches == 0:
