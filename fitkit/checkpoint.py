@@ -170,9 +170,11 @@ def load(path: str | Path, map_location: Any = "cpu", verify_file: bool = True) 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        lines = str(exc).splitlines()
+        detail = next((line.strip() for line in lines if "Unsupported" in line or "global" in line.lower()), lines[0])
         raise CheckpointError(
             f"refused to load {path}: it holds pickled Python objects that a weights-only load does not allow "
-            f"(a file not written by fitkit, or crafted to run code when unpickled). Details: {str(exc).splitlines()[0]}"
+            f"(a file not written by fitkit, or crafted to run code when unpickled). {detail}"
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
@@ -210,7 +212,7 @@ def trainer_state_dict(trainer: Trainer) -> dict[str, Any]:
     if trainer._grads_pending:  # mid accumulation group: the partial sums decide the next step
         grads = [None if p.grad is None else p.grad.detach().cpu() for p in trainer.model.parameters()]
     return {
-        "fitkit": {"format": FORMAT_VERSION, "torch": torch.__version__, "kind": "full"},
+        "fitkit": {"format": FORMAT_VERSION, "torch": str(torch.__version__), "kind": "full"},
         "model": trainer.model.state_dict(),
         "model_class": type(trainer.model).__name__,
         "optimizer": trainer.optimizer.state_dict(),

@@ -386,6 +386,9 @@ class Trainer:
             try:
                 for fn in hooks["on_train_begin"]:
                     fn({})
+                if resume is None:  # a BackupAndRestore callback resumes the same script after a crash
+                    resume = next((p for cb in self._active if hasattr(cb, "resume_path")
+                                   for p in [cb.resume_path()] if p is not None), None)
                 if resume is not None:
                     self._resume(resume, train_loader)
                 if self.state.epoch >= epochs:
@@ -413,7 +416,9 @@ class Trainer:
                 self._deferred.clear()
                 for fn in hooks["on_exception"]:
                     fn(exc)
-                raise self._exit_exception(exc) from exc if isinstance(exc, TrainingInterrupted) else exc
+                if isinstance(exc, TrainingInterrupted):
+                    raise self._exit_exception(exc) from exc
+                raise
             finally:
                 for fn in hooks["on_train_end"]:
                     fn({})

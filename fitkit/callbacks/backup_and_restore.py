@@ -1,0 +1,91 @@
+"""BackupAndRestore: Keras's name for "restart the same script and it resumes"."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fitkit.callbacks.base import Callback, Logs
+from fitkit.callbacks.model_checkpoint import weights_are_finite
+from fitkit.checkpoint import CheckpointError, candidates, remove_checkpoint, save_trainer_checkpoint, verify
+
+
+class BackupAndRestore(Callback):
+    """Backs the full training state up to ``backup_dir`` and resumes from it when the script restarts.
+
+    Unlike Keras, which restarts the interrupted epoch, fitkit resumes at the exact batch: the backup
+    holds the RNG states and the position in the epoch (see the README's "Resuming" section).
+
+    Args:
+        backup_dir: the folder holding ``backup.pt`` and its manifest.
+        save_freq: ``"epoch"`` (after every epoch) or an int N (every N training batches).
+        delete_checkpoint: delete the backup when training ends without an exception, so the next run
+            starts fresh (Keras's default).
+
+    ``fit(..., resume=None)`` with this callback resumes from a good backup if one exists; a corrupted
+    backup is reported and training starts from scratch. SIGINT/SIGTERM write a backup before exiting.
+    """
+
+    def __init__(self, backup_dir: str | Path, save_freq: str | int = "epoch", delete_checkpoint: bool = True) -> None:
+        if save_freq != "epoch" and (not isinstance(save_freq, int) or isinstance(save_freq, bool) or save_freq < 1):
+            raise ValueError(f"save_freq must be 'epoch' or an int >= 1 (training batches), got {save_freq!r}")
+        self.checkpoint_dir = Path(backup_dir)
+        self.save_freq = save_freq
+        self.delete_checkpoint = delete_checkpoint
+        self._batches_since_save = 0
+        self._failed = False
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoint_dir / "backup.pt"
+
+    def resume_path(self) -> Path | None:
+        """The backup to resume from, or None (none yet, or it cannot be trusted: reported)."""
+        for path in candidates([self.checkpoint_dir]):
+            try:
+                verify(path)
+            except CheckpointError as exc:
+                warnings.warn(f"BackupAndRestore: ignoring a bad backup: {exc}", stacklevel=2)
+                continue
+            return path
+        return None
+
+    def on_train_begin(self, logs: Logs | None = None) -> None:
+        self._batches_since_save = 0
+        self._failed = False
+
+    def _backup(self) -> None:
+        if weights_are_finite(self.model):
+            save_trainer_checkpoint(self.trainer, self.path)
+        else:
+            warnings.warn("BackupAndRestore: not backing up non-finite weights", stacklevel=2)
+
+    def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        if self.save_freq == "epoch":
+            return
+        self._batches_since_save += 1
+        if self._batches_since_save >= self.save_freq:
+            self._batches_since_save = 0
+            self.trainer.after_callbacks(self._backup)
+
+    def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
+        if self.save_freq == "epoch":
+            self.trainer.after_callbacks(self._backup)
+
+    def on_exception(self, exception: BaseException) -> None:
+        from fitkit.trainer import TrainingInterrupted
+
+        self._failed = True
+        if isinstance(exception, TrainingInterrupted):  # a batch boundary: a consistent state
+            self._backup()
+
+    def on_train_end(self, logs: Logs | None = None) -> None:
+        if self.delete_checkpoint and not self._failed and self.trainer.is_global_zero:
+            remove_checkpoint(self.path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_since_save": self._batches_since_save}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._batches_since_save = int(state["batches_since_save"])

@@ -1,0 +1,229 @@
+"""ModelCheckpoint: templated, atomic, top-k checkpoints that a run can resume from."""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fitkit.callbacks.base import Logs
+from fitkit.callbacks.monitor import MonitorCallback
+from fitkit.checkpoint import atomic_save, remove_checkpoint, save_trainer_checkpoint
+
+
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    """True when every parameter and floating buffer is finite (one host sync)."""
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def static_folder(template: str) -> Path:
+    """The part of a path template before its first placeholder: the folder every render must stay in."""
+    parts = Path(template).parent.parts
+    static = []
+    for part in parts:
+        if "{" in part:
+            break
+        static.append(part)
+    return Path(*static) if static else Path(".")
+
+
+class ModelCheckpoint(MonitorCallback):
+    """Saves the model (or the full training state) as training goes.
+
+    Args:
+        filepath: a path template filled from the logs with ``str.format``: ``{epoch}`` (1-based, as in
+            Keras), ``{step}`` (optimizer steps), ``{batch}``, and any epoch-log key, e.g.
+            ``"ckpt/{epoch:02d}-{val_loss:.3f}.pt"``. A key the template names that the logs lack is an error.
+            Rendered names never leave the template's folder (the part before the first placeholder).
+        monitor: the key that decides ``save_best_only`` and ``save_top_k``; None with ``save_top_k``
+            keeps the newest files.
+        mode: ``"auto"``, ``"min"`` or ``"max"`` (see :class:`MonitorCallback`).
+        save_best_only: write only when ``monitor`` improves.
+        save_weights_only: write ``model.state_dict()`` only (loads with plain
+            ``torch.load(path, weights_only=True)``); otherwise the full, resumable training state.
+        save_freq: ``"epoch"`` (at each epoch end) or an int N (every N training batches).
+        save_top_k: keep only the k best files by ``monitor`` (or the k newest when ``monitor=None``);
+            None keeps every file. A file leaves only after its replacement is complete.
+        save_last: also keep the full state in ``last.pt`` in the folder, at every save point.
+        verbose: print a line per save.
+
+    Every write is atomic (temporary file, fsync, rename, manifest with SHA-256). Non-finite weights are
+    never written. On SIGINT/SIGTERM the full state goes to ``last.pt`` (the run can resume from it); on
+    any other exception the state goes to ``crash.pt``, never over a good checkpoint, and ``resume="auto"``
+    does not pick it (it may be mid-step).
+    """
+
+    def __init__(
+        self,
+        filepath: str | Path,
+        monitor: str | None = "val_loss",
+        mode: str = "auto",
+        save_best_only: bool = False,
+        save_weights_only: bool = False,
+        save_freq: str | int = "epoch",
+        save_top_k: int | None = None,
+        save_last: bool = False,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(monitor=monitor or "_unused", mode=mode)
+        self.monitor_key = monitor
+        if save_freq != "epoch" and (not isinstance(save_freq, int) or isinstance(save_freq, bool) or save_freq < 1):
+            raise ValueError(f"save_freq must be 'epoch' or an int >= 1 (training batches), got {save_freq!r}")
+        if save_top_k is not None and (not isinstance(save_top_k, int) or save_top_k < 1):
+            raise ValueError(f"save_top_k must be None (keep every file) or an int >= 1, got {save_top_k!r}")
+        if save_best_only and monitor is None:
+            raise ValueError("save_best_only=True needs a monitor key such as 'val_loss'")
+        self.filepath = str(filepath)
+        self._fields = self._template_fields(self.filepath)
+        self.checkpoint_dir = static_folder(self.filepath)
+        self.save_best_only = save_best_only
+        self.save_weights_only = save_weights_only
+        self.save_freq = save_freq
+        self.save_top_k = save_top_k
+        self.save_last = save_last
+        self.verbose = verbose
+        self.kept: list[tuple[float | None, int, str]] = []  # (score, global_step, path)
+        self._batches_since_save = 0
+        self.last_saved: Path | None = None
+
+    @staticmethod
+    def _template_fields(template: str) -> list[str]:
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+        except ValueError as exc:
+            raise ValueError(f"filepath {template!r} is not a valid format template: {exc}") from exc
+        return [re.split(r"[.\[]", name, maxsplit=1)[0] for name in names]
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def on_train_begin(self, logs: Logs | None = None) -> None:
+        self.reset_monitor()
+        self._batches_since_save = 0
+        if self.monitor_key is not None and (self.save_best_only or self.save_top_k):
+            self.resolved_mode  # fail before training when mode='auto' cannot tell the direction
+
+    def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        if self.save_freq == "epoch":
+            return
+        self._batches_since_save += 1
+        if self._batches_since_save >= self.save_freq:
+            self._batches_since_save = 0
+            values = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, torch.Tensor) and v.ndim == 0}
+            self._consider(self.trainer.state.epoch, values, batch=batch)
+
+    def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
+        if self.save_freq == "epoch":
+            self._consider(epoch, dict(logs or {}), batch=None)
+
+    def on_exception(self, exception: BaseException) -> None:
+        from fitkit.trainer import TrainingInterrupted
+
+        interrupted = isinstance(exception, TrainingInterrupted)
+        if not interrupted and self.trainer.world_size > 1:
+            return  # a save is collective, and the other ranks are not here to join it
+        name = "last.pt" if interrupted else "crash.pt"
+        if not weights_are_finite(self.model):
+            warnings.warn(f"ModelCheckpoint: not writing {name}: the model holds non-finite weights", stacklevel=2)
+            return
+        path = self.checkpoint_dir / name
+        try:
+            save_trainer_checkpoint(self.trainer, path, meta=None if interrupted else {"kind": "crash"})
+        except Exception as exc:  # the original exception matters more than this one
+            warnings.warn(f"ModelCheckpoint: could not save {path} after {type(exception).__name__}: {exc}",
+                          stacklevel=2)
+            return
+        if self.verbose:
+            print(f"ModelCheckpoint: saved {'interrupted' if interrupted else 'crashed'} run to {path}")
+
+    # -- decisions ------------------------------------------------------------------------------
+    def _consider(self, epoch: int, logs: dict[str, Any], batch: int | None) -> None:
+        score = None
+        if self.monitor_key is not None and (self.save_best_only or self.save_top_k):
+            score = self.get_monitor_value(logs)
+            if score is None:
+                return  # validation_freq skipped this epoch
+            if self.save_best_only:
+                if not self.is_improvement(score, self.best):
+                    return
+                self.best = score
+        path = self._render(epoch, logs, batch)
+        if self.save_top_k is not None and score is not None and len(self.kept) >= self.save_top_k:
+            worst = self._worst()
+            if worst is not None and not self._better(score, worst[0]):
+                return  # would not enter the top k
+        step = self.trainer.state.global_step
+        self.trainer.after_callbacks(lambda: self._write(path, score, step))
+
+    def _render(self, epoch: int, logs: dict[str, Any], batch: int | None) -> Path:
+        values = {"epoch": epoch + 1, "step": self.trainer.state.global_step,
+                  "batch": batch if batch is not None else 0, **logs}
+        missing = [f for f in self._fields if f not in values]
+        if missing:
+            raise KeyError(f"ModelCheckpoint(filepath={self.filepath!r}) names {missing} but the logs hold only "
+                           f"{sorted(values)}; fix the template or log those keys (val_ keys need val_data)")
+        try:
+            rendered = Path(self.filepath.format(**values))
+        except (ValueError, IndexError, KeyError, AttributeError) as exc:
+            raise ValueError(f"ModelCheckpoint: cannot render {self.filepath!r} with {values}: {exc}") from exc
+        root = self.checkpoint_dir.resolve()
+        target = rendered.resolve()
+        if root != target.parent and root not in target.parents:
+            raise ValueError(f"ModelCheckpoint: the rendered path {rendered} leaves the checkpoint folder {root}; "
+                             "a logged value must not contain path separators or '..'")
+        return rendered
+
+    def _better(self, a: float, b: float | None) -> bool:
+        if b is None:
+            return True
+        return a < b if self.resolved_mode == "min" else a > b
+
+    def _worst(self) -> tuple[float | None, int, str] | None:
+        if not self.kept:
+            return None
+        if self.monitor_key is None or self.kept[0][0] is None:
+            return min(self.kept, key=lambda item: item[1])  # the oldest
+        reverse = self.resolved_mode == "min"
+        return sorted(self.kept, key=lambda item: item[0], reverse=reverse)[0]
+
+    def _write(self, path: Path, score: float | None, step: int) -> None:
+        trainer = self.trainer
+        if not weights_are_finite(self.model):
+            warnings.warn(f"ModelCheckpoint: skipped {path}: the model holds non-finite weights", stacklevel=2)
+            return
+        if self.save_weights_only:
+            if trainer.is_global_zero:
+                atomic_save(self.model.state_dict(), path, {"kind": "weights", "epoch": trainer.state.epoch,
+                                                            "global_step": step})
+        else:
+            save_trainer_checkpoint(trainer, path)
+        if self.save_last and path.name != "last.pt":
+            save_trainer_checkpoint(trainer, self.checkpoint_dir / "last.pt")
+        self.last_saved = path
+        self.kept = [item for item in self.kept if item[2] != str(path)] + [(score, step, str(path))]
+        if self.save_top_k is not None:
+            while len(self.kept) > self.save_top_k:
+                worst = self._worst()
+                assert worst is not None
+                self.kept.remove(worst)
+                if trainer.is_global_zero and worst[2] != str(path):
+                    remove_checkpoint(worst[2])  # only now that its replacement is complete
+        if self.verbose and trainer.is_global_zero:
+            shown = "" if score is None or math.isnan(score) else f" ({self.monitor_key}={score:.4g})"
+            print(f"ModelCheckpoint: saved {path}{shown}")
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "kept": [list(item) for item in self.kept],
+                "batches_since_save": self._batches_since_save}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state["best"]
+        self.kept = [(item[0], int(item[1]), str(item[2])) for item in state["kept"]]
+        self._batches_since_save = int(state["batches_since_save"])
