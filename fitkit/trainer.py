@@ -708,6 +708,11 @@ class Trainer:
                                   "waits on the host for every batch; pass num_workers>0 and pin_memory=True",
                                   stacklevel=3)
             return distributed.shard_train(data, self._dist) if training else data
+        if _is_array(data):  # x alone, as Keras's predict(x) takes it; iterating it would yield single rows
+            if not targets_optional:
+                raise TypeError(f"{name} is a single {type(data).__name__} (inputs only); a loss needs targets: "
+                                "pass an (x, y) tuple with batch_size=, or a DataLoader of (inputs, targets)")
+            data = (data,)
         if isinstance(data, tuple) and len(data) in (1, 2) and _is_array(data[0]):
             x = data[0]
             y = data[1] if len(data) == 2 else None
