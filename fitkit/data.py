@@ -142,6 +142,10 @@ class InMemoryLoader:
             else:
                 generator = self.generator
             perm = torch.randperm(self.num_samples, generator=generator).to(self.x.device)
+            if self.generator is not None:
+                # RandomSampler then draws a second permutation for the remaining num_samples % n == 0
+                # samples; with a private generator per epoch that is unseen, with the caller's it is not.
+                torch.randperm(self.num_samples, generator=generator)
         skip, self._skip = self._skip, 0
         for start in range(skip * self.batch_size, self.num_samples, self.batch_size):
             if perm is None:
