@@ -95,7 +95,8 @@ class Mean(Metric):
 class Accuracy(Metric):
     """Fraction of samples whose target is among the ``top_k`` highest outputs.
 
-    Outputs of shape ``(N, C)`` with integer targets ``(N,)`` (or one-hot/probability targets ``(N, C)``);
+    Outputs of shape ``(N, C)`` with integer targets ``(N,)`` or ``(N, 1)`` (or one-hot/probability
+    targets ``(N, C)``);
     outputs of shape ``(N,)`` or ``(N, 1)`` are binary logits compared with ``threshold`` (0 for logits).
     """
 
@@ -117,7 +118,9 @@ class Accuracy(Metric):
             predicted = (outputs.reshape(-1) > self.threshold)
             correct = predicted == (targets.reshape(-1) > 0.5)
             return correct.sum(), n
-        if targets.ndim == outputs.ndim:  # one-hot or probabilities
+        if targets.ndim == outputs.ndim and targets.shape[-1] == 1:  # (N, 1) class indices, as Keras allows
+            targets = targets.squeeze(-1)
+        elif targets.ndim == outputs.ndim:  # one-hot or probabilities
             targets = targets.argmax(dim=-1)
         if outputs.ndim != 2 or targets.ndim != 1:
             raise ValueError(f"{self.name}: expected outputs (N, C) and targets (N,), got "
