@@ -104,3 +104,89 @@ class CountingDataset(Dataset):
         self.calls += 1
         return self.x[i], self.y[i]
 
+
+class FakeTrainer:
+    """Just enough of a Trainer to drive callback hooks by hand, without a training loop.
+
+    Holds a real tiny model and SGD optimizer (so callbacks can copy weights and set learning rates), a
+    real ``TrainerState``, and the public handles callbacks use. Bind it with ``callback.set_trainer(fake)``.
+    """
+
+    def __init__(self, model: nn.Module | None = None, *, lr: float = 0.1, metrics: list[Any] | None = None,
+                 has_validation: bool = True, precision: str = "32", num_train_batches: int | None = 4,
+                 epochs_planned: int = 10, optimizer: torch.optim.Optimizer | None = None) -> None:
+        from fitkit.metrics import get_metric
+        from fitkit.state import TrainerState
+
+        self.model = model if model is not None else nn.Linear(3, 2)
+        self.optimizer = optimizer if optimizer is not None else torch.optim.SGD(self.model.parameters(), lr=lr)
+        self.metrics = [get_metric(m) for m in (metrics or [])]
+        self.state = TrainerState()
+        self.has_validation = has_validation
+        self.is_global_zero = True
+        self.precision = precision
+        self.last_step_skipped = False
+        self.num_train_batches = num_train_batches
+        self.epochs_planned = epochs_planned
+        self.accumulate_grad_batches = 1
+        self.deferred: list[Any] = []
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    @property
+    def global_step(self) -> int:
+        return self.state.global_step
+
+    @property
+    def stop_training(self) -> bool:
+        return self.state.should_stop
+
+    @stop_training.setter
+    def stop_training(self, value: bool) -> None:
+        self.state.should_stop = bool(value)
+
+    def stop(self, reason: str) -> None:
+        self.state.should_stop, self.state.stop_reason = True, reason
+
+    def after_callbacks(self, action: Any) -> None:
+        self.deferred.append(action)
+
+    def running_logs(self) -> dict[str, float]:
+        return {"loss": 0.5}
+
+    def lrs(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+
+def drive_epochs(callback: Callback, values: list[float | None], key: str = "val_loss",
+                 trainer: FakeTrainer | None = None) -> tuple[FakeTrainer, int | None]:
+    """Binds ``callback`` to a FakeTrainer and calls ``on_epoch_end`` with ``{key: value}`` per epoch (None:
+    an epoch without the key, as validation_freq makes), stopping when the callback stops training.
+
+    Returns the trainer and the 0-based epoch at which training stopped (None: it ran all epochs).
+    """
+    trainer = trainer if trainer is not None else FakeTrainer()
+    callback.set_trainer(trainer)
+    callback.on_train_begin({})
+    stopped = None
+    for epoch, value in enumerate(values):
+        callback.on_epoch_end(epoch, {"loss": 1.0} if value is None else {"loss": 1.0, key: value})
+        if trainer.stop_training:
+            stopped = epoch
+            break
+    callback.on_train_end({})
+    return trainer, stopped
+
+
+class UnsizedBatches:
+    """Re-iterable ``(x, y)`` batches without ``__len__``: the trainer cannot know where an epoch ends, so
+    the last, shorter accumulation group steps after the epoch's last ``on_batch_end``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for start in range(0, len(self.x), self.batch_size):
+            yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]

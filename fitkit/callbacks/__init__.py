@@ -2,9 +2,30 @@
 
 from fitkit.callbacks.backup_and_restore import BackupAndRestore
 from fitkit.callbacks.base import Callback
+from fitkit.callbacks.csv_logger import CSVLogger
+from fitkit.callbacks.early_stopping import EarlyStopping
 from fitkit.callbacks.history import History
+from fitkit.callbacks.lambda_callback import LambdaCallback
+from fitkit.callbacks.lr_scheduler import LearningRateScheduler, LRScheduler, ReduceLROnPlateau
 from fitkit.callbacks.model_checkpoint import ModelCheckpoint
 from fitkit.callbacks.monitor import MonitorCallback
 from fitkit.callbacks.progress import ProgressBar
+from fitkit.callbacks.tensorboard import TensorBoard
+from fitkit.callbacks.terminate_on_nan import TerminateOnNaN
 
-__all__ = ["BackupAndRestore", "Callback", "History", "ModelCheckpoint", "MonitorCallback", "ProgressBar"]
+__all__ = [
+    "BackupAndRestore",
+    "CSVLogger",
+    "Callback",
+    "EarlyStopping",
+    "History",
+    "LRScheduler",
+    "LambdaCallback",
+    "LearningRateScheduler",
+    "ModelCheckpoint",
+    "MonitorCallback",
+    "ProgressBar",
+    "ReduceLROnPlateau",
+    "TensorBoard",
+    "TerminateOnNaN",
+]

@@ -73,6 +73,9 @@ class ProgressBar(Callback):
         self._epochs = self.trainer.epochs_planned
         self._is_bar = self._interactive()
         self._bar = None
+        # A run resumed mid-epoch gets no on_epoch_begin: the first batch then opens the epoch's display.
+        self.__dict__.pop("_epoch_start", None)
+        self._next = float("-inf")
 
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
         self._epoch_start = time.monotonic()
@@ -105,16 +108,15 @@ class ProgressBar(Callback):
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
         logs = logs or {}
-        elapsed = time.monotonic() - getattr(self, "_epoch_start", time.monotonic())
+        start = self.__dict__.pop("_epoch_start", None)  # None: resumed at the end of an epoch
+        elapsed = "" if start is None else f"{time.monotonic() - start:.1f}s - "
         if self._bar is not None:
             self._bar.update(max(0, (self._bar.total or self._shown) - self._shown))
             self._bar.set_postfix_str(format_logs(logs), refresh=True)
             self._bar.close()
             self._bar = None
         else:
-            print(f"Epoch {epoch + 1}/{self._epochs} - {elapsed:.1f}s - {format_logs(logs)}",
-                  file=self._stream(), flush=True)
-        del self._epoch_start
+            print(f"Epoch {epoch + 1}/{self._epochs} - {elapsed}{format_logs(logs)}", file=self._stream(), flush=True)
 
     def on_train_end(self, logs: Logs | None = None) -> None:
         if self._bar is not None:

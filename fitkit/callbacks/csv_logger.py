@@ -1,0 +1,126 @@
+"""CSVLogger: one row per epoch in a CSV file, as Keras writes it, and safe to resume."""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from pathlib import Path
+from typing import IO, Any
+
+from fitkit.callbacks.base import Callback, Logs
+
+
+class CSVLogger(Callback):
+    """Streams the epoch logs to a CSV file, as Keras's CSVLogger.
+
+    The columns are ``epoch`` (0-based, as Keras writes it) and the epoch-log keys of the first epoch,
+    sorted; with validation data the ``val_`` columns are there from the start, also when
+    ``validation_freq`` skips the first epoch. A key missing on an epoch is written ``NA``; a key that only
+    appears later is not written. The file is flushed after every row.
+
+    Args:
+        filename: the CSV file (its folder is created if needed).
+        separator: the field separator (one character, default ``","``).
+        append: keep the rows already in the file and add to them (the header is written only into an
+            empty file); False overwrites the file when the first row is written.
+
+    Resuming: the callback's state records how many rows (and bytes) of the file this run had written. A
+    run resumed from a checkpoint reopens the file in append mode and first cuts off the rows that the
+    crashed run wrote after that checkpoint, so every epoch appears once. The file is opened at the
+    first row, not in ``on_train_begin``, so that a resumed run never truncates it before its state is
+    loaded.
+
+    Runs on rank 0 only in a distributed run.
+    """
+
+    rank_zero_only = True
+
+    def __init__(self, filename: str | os.PathLike[str], separator: str = ",", append: bool = False) -> None:
+        if not isinstance(separator, str) or len(separator) != 1:
+            raise ValueError(f"separator must be a single character such as ',' or '\\t', got {separator!r}")
+        if not isinstance(append, bool):
+            raise TypeError(f"append must be True or False, got {append!r}")
+        self.filename = Path(filename)
+        self.sep = separator
+        self.append = append
+        self.keys: list[str] | None = None
+        self.rows = 0
+        self._bytes = 0
+        self._file: IO[str] | None = None
+        self._writer: Any = None
+        self._resumed = False
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def on_train_begin(self, logs: Logs | None = None) -> None:
+        self._close()
+        self.keys = None
+        self.rows = 0
+        self._resumed = False
+        # The part of the file that is ours to keep: with append, whatever is there already.
+        self._bytes = self.filename.stat().st_size if self.append and self.filename.exists() else 0
+
+    def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
+        logs = logs or {}
+        if self.keys is None:
+            keys = set(logs)
+            if getattr(self.trainer, "has_validation", False):
+                # Keras adds the validation columns it expects, for an epoch that validation_freq skipped.
+                names = ["loss"] + [m.name for m in getattr(self.trainer, "metrics", [])]
+                keys.update(f"val_{name}" for name in names)
+            self.keys = sorted(keys)
+        if self._writer is None:
+            self._open()
+        row = {"epoch": epoch}
+        row.update((key, logs.get(key, "NA")) for key in self.keys)
+        self._writer.writerow(row)
+        assert self._file is not None
+        self._file.flush()
+        self._bytes = os.fstat(self._file.fileno()).st_size  # a byte count (a text file's tell() is opaque)
+        self.rows += 1
+
+    def on_train_end(self, logs: Logs | None = None) -> None:
+        self._close()
+
+    # -- file -----------------------------------------------------------------------------------
+    def _open(self) -> None:
+        self.filename.parent.mkdir(parents=True, exist_ok=True)
+        keep = self._bytes
+        if self._resumed or self.append:
+            size = self.filename.stat().st_size if self.filename.exists() else 0
+            if size < keep:
+                warnings.warn(f"CSVLogger: {self.filename} holds {size} bytes but this run had written {keep}; "
+                              "rows are missing from it (was the file replaced?). Appending after what is there.",
+                              stacklevel=3)
+                keep = size
+            elif size > keep:
+                # Rows written after the checkpoint by the run that crashed: that run's future was discarded.
+                with open(self.filename, "r+", newline="") as f:
+                    f.truncate(keep)
+            self._file = open(self.filename, "a", newline="")
+        else:
+            self._file = open(self.filename, "w", newline="")
+            keep = 0
+
+        class Dialect(csv.excel):
+            delimiter = self.sep
+
+        self._writer = csv.DictWriter(self._file, fieldnames=["epoch"] + list(self.keys or []), dialect=Dialect)
+        if keep == 0:
+            self._writer.writeheader()
+
+    def _close(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        self._file, self._writer = None, None
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "bytes": self._bytes, "keys": None if self.keys is None else list(self.keys)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._close()
+        self.rows = int(state["rows"])
+        self._bytes = int(state["bytes"])
+        self.keys = None if state["keys"] is None else list(state["keys"])
+        self._resumed = True

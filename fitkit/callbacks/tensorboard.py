@@ -1,0 +1,267 @@
+"""TensorBoard: event files for the epoch logs, per-step loss and lr, weight histograms, the model graph
+and the run's hyperparameters.
+
+``tensorboard`` is imported when a ``TensorBoard`` callback is built, never by ``import fitkit``.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fitkit.callbacks.base import Callback, Logs
+
+
+def _summary_writer_class() -> type:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ImportError("fitkit.callbacks.TensorBoard writes event files with the tensorboard package, which "
+                          "is not installed: pip install tensorboard") from exc
+    return SummaryWriter
+
+
+def _detached(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+class TensorBoard(Callback):
+    """Writes TensorBoard event files with ``torch.utils.tensorboard.SummaryWriter``.
+
+    What is written, all in one run folder ``log_dir``:
+
+    * ``epoch/<key>`` for every number in the epoch logs (``loss``, metrics, ``val_*``, ``lr``);
+    * with ``update_freq=N``, ``step/<key>`` every N optimizer steps for the batch logs (``loss``: the
+      loss of the batch that completed the step) and ``step/lr``, the learning rate of param group 0
+      that step used. Reading the loss is a host sync, made on those steps only;
+    * ``weights/<parameter name>`` histograms every ``histogram_freq`` epochs;
+    * the model graph (``write_graph=True``): a forward pre-hook captures the first real input of the
+      first training batch and removes itself; the graph is traced from that input, in eval mode, without
+      gradients and with the random state restored, so training is unchanged and no data is read twice.
+      A model that cannot be traced gives a warning, not an error;
+    * the run's hyperparameters for the HParams dashboard (optimizer, lr, weight_decay, batch_size,
+      precision, accumulate_grad_batches, grad clipping, epochs), with the final ``epoch/*`` values as
+      its metrics, when ``fit`` ends without an exception.
+
+    The x axis (TensorBoard's "step") is the 0-based index of the optimizer step, i.e. ``global_step``
+    before the step: a per-step point is at its step's index, an epoch's points at the index of the
+    epoch's last step. A resumed run opens its writer with ``purge_step=global_step`` so that TensorBoard
+    hides what the crashed run wrote after the checkpoint (epochs and steps the resumed run trains again).
+
+    Args:
+        log_dir: the run's folder (created if needed).
+        update_freq: ``"epoch"`` (epoch logs only), or an int N >= 1 to also write the per-step values
+            every N optimizer steps (``"batch"`` is N=1, as in Keras).
+        histogram_freq: write weight histograms every this many epochs (0: never).
+        write_graph: write the model graph once (see above).
+
+    Runs on rank 0 only in a distributed run.
+    """
+
+    rank_zero_only = True
+
+    def __init__(self, log_dir: str | os.PathLike[str] = "runs", update_freq: str | int = "epoch",
+                 histogram_freq: int = 0, write_graph: bool = False) -> None:
+        if update_freq == "batch":
+            update_freq = 1
+        if update_freq != "epoch" and (isinstance(update_freq, bool) or not isinstance(update_freq, int)
+                                       or update_freq < 1):
+            raise ValueError(f"update_freq must be 'epoch', 'batch' or an int >= 1 (optimizer steps between "
+                             f"per-step points), got {update_freq!r}")
+        if isinstance(histogram_freq, bool) or not isinstance(histogram_freq, int) or histogram_freq < 0:
+            raise ValueError(f"histogram_freq must be an int >= 0 (epochs between weight histograms; 0: never), "
+                             f"got {histogram_freq!r}")
+        if not isinstance(write_graph, bool):
+            raise TypeError(f"write_graph must be True or False, got {write_graph!r}")
+        self._summary_writer = _summary_writer_class()  # fail here, not after the first epoch
+        self.log_dir = Path(log_dir)
+        self.update_freq = update_freq
+        self.histogram_freq = histogram_freq
+        self.write_graph = write_graph
+        self._step_freq: int | None = None if update_freq == "epoch" else int(update_freq)
+        self._writer: Any = None
+        self._purge_step: int | None = None
+        self._graph_written = False
+        self._graph_hook: Any = None
+        self._graph_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._seen_step = 0
+        self._step_lr: float | None = None
+        self._last_batch_logs: Logs | None = None
+        self._final_logs: dict[str, float] | None = None
+        self._hparams: dict[str, Any] = {}
+        self._failed = False
+
+    # -- writer ---------------------------------------------------------------------------------
+    @property
+    def writer(self) -> Any:
+        """The ``SummaryWriter``, opened at the first write (after a resumed state has been loaded)."""
+        if self._writer is None:
+            self._writer = self._summary_writer(log_dir=str(self.log_dir), purge_step=self._purge_step)
+        return self._writer
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def on_train_begin(self, logs: Logs | None = None) -> None:
+        self._close()
+        self._purge_step = None
+        self._failed = False
+        self._final_logs = None
+        self._last_batch_logs = None
+        self._step_lr = None
+        self._seen_step = self.trainer.state.global_step
+        self._hparams = self._collect_hparams()
+        if self.write_graph and not self._graph_written and self._graph_hook is None:
+            self._graph_hook = self.model.register_forward_pre_hook(self._capture_input, with_kwargs=True)
+
+    def on_before_optimizer_step(self) -> None:
+        if self._step_freq is not None:
+            self._step_lr = float(self.trainer.optimizer.param_groups[0]["lr"])
+
+    def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        if self._graph_inputs is not None:
+            self._add_graph()
+        if self._step_freq is None:
+            return
+        self._last_batch_logs = logs
+        if self.trainer.state.global_step != self._seen_step:
+            self._step_done(logs)
+
+    def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
+        logs = logs or {}
+        step = self.trainer.state.global_step
+        if self._step_freq is not None and step != self._seen_step:
+            # Data of unknown length: the epoch's last, shorter group stepped after the last on_batch_end.
+            self._step_done(self._last_batch_logs)
+        x = max(step - 1, 0)
+        numbers_only = {k: float(v) for k, v in logs.items()
+                        if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+        for key, value in numbers_only.items():
+            self.writer.add_scalar(f"epoch/{key}", value, x)
+        if self.histogram_freq and (epoch + 1) % self.histogram_freq == 0:
+            for name, param in self.model.named_parameters():
+                self.writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), x)
+        self._final_logs = numbers_only
+        self.writer.flush()  # an epoch is worth seeing now, not in flush_secs
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._failed = True
+
+    def on_train_end(self, logs: Logs | None = None) -> None:
+        self._remove_graph_hook()
+        self._graph_inputs = None
+        if not self._failed and self._final_logs:
+            self._add_hparams(self._final_logs)
+        self._close()
+
+    # -- per-step values ------------------------------------------------------------------------
+    def _step_done(self, logs: Logs | None) -> None:
+        step = self.trainer.state.global_step
+        assert self._step_freq is not None
+        # Every step in between counts, so that "every N steps" holds also when one batch makes several.
+        due = [s for s in range(self._seen_step + 1, step + 1) if s % self._step_freq == 0]
+        self._seen_step = step
+        if not due:
+            return
+        values = {k: v for k, v in (logs or {}).items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+        # One host sync for all the batch's values, on logging steps only.
+        floats = torch.stack([v.detach().reshape(()).float() for v in values.values()]).tolist() if values else []
+        x = due[-1] - 1
+        for key, value in zip(values, floats):
+            self.writer.add_scalar(f"step/{key}", value, x)
+        lr = self._step_lr if self._step_lr is not None else float(self.trainer.optimizer.param_groups[0]["lr"])
+        self.writer.add_scalar("step/lr", lr, x)
+
+    # -- graph ----------------------------------------------------------------------------------
+    def _capture_input(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._remove_graph_hook()  # one-shot: the next forward passes run without it
+        self._graph_inputs = (tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
+
+    def _remove_graph_hook(self) -> None:
+        if self._graph_hook is not None:
+            self._graph_hook.remove()
+            self._graph_hook = None
+
+    def _add_graph(self) -> None:
+        assert self._graph_inputs is not None
+        args, kwargs = self._graph_inputs
+        self._graph_inputs = None
+        self._graph_written = True
+        if kwargs:
+            warnings.warn("TensorBoard(write_graph=True): the model takes keyword inputs, which the graph tracer "
+                          "cannot feed; no graph written", stacklevel=2)
+            return
+        model = self.model
+        was_training = model.training
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        devices = [device.index or 0] if device.type == "cuda" else []
+        try:
+            # Eval mode and no_grad: BatchNorm statistics and gradients stay as training left them; the
+            # forked random state keeps the run's random stream (dropout, data order) unchanged.
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), warnings.catch_warnings():
+                # SummaryWriter.add_graph traces with torch.jit, which newer torch marks deprecated: that is
+                # torch's business, not the user's, so its FutureWarning is not passed on.
+                warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=FutureWarning)
+                model.eval()
+                self.writer.add_graph(model, args[0] if len(args) == 1 else args)
+        except Exception as exc:  # a model the tracer cannot handle must not stop training
+            warnings.warn(f"TensorBoard(write_graph=True): could not trace {type(model).__name__} "
+                          f"({type(exc).__name__}: {exc}); no graph written", stacklevel=2)
+        finally:
+            model.train(was_training)
+
+    # -- hyperparameters ------------------------------------------------------------------------
+    def _collect_hparams(self) -> dict[str, Any]:
+        trainer = self.trainer
+        group = trainer.optimizer.param_groups[0]
+        loader = getattr(trainer, "_train_loader", None)  # DataLoader and in-memory batches both say it
+        batch_size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "loader", None), "batch_size",
+                                                                    None)
+        candidates = {
+            "optimizer": type(trainer.optimizer).__name__,
+            "lr": group.get("initial_lr", group["lr"]),
+            "weight_decay": group.get("weight_decay"),
+            "batch_size": batch_size,
+            "precision": getattr(trainer, "precision", None),
+            "accumulate_grad_batches": getattr(trainer, "accumulate_grad_batches", None),
+            "grad_clip_norm": getattr(trainer, "grad_clip_norm", None),
+            "grad_clip_value": getattr(trainer, "grad_clip_value", None),
+            "epochs": getattr(trainer, "epochs_planned", None),
+        }
+        hparams: dict[str, Any] = {}
+        for key, value in candidates.items():
+            if isinstance(value, torch.Tensor):
+                value = float(value)
+            if isinstance(value, (str, bool, int, float)):
+                hparams[key] = value
+        return hparams
+
+    def _add_hparams(self, final_logs: dict[str, float]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        # The metrics name the epoch/* scalars already in this run: the dashboard shows their last value.
+        experiment, start, end = hparams(self._hparams, {f"epoch/{k}": v for k, v in final_logs.items()})
+        file_writer = self.writer.file_writer
+        for summary in (experiment, start, end):
+            file_writer.add_summary(summary)
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_step": self.trainer.state.global_step, "seen_step": self._seen_step,
+                "graph_written": self._graph_written}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._close()
+        self._purge_step = int(state["global_step"])
+        self._seen_step = int(state["seen_step"])
+        if state["graph_written"]:
+            self._graph_written = True
+            self._remove_graph_hook()

@@ -1,0 +1,39 @@
+"""TerminateOnNaN: stop at the first training batch whose loss is NaN or infinite."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from fitkit.callbacks.base import Callback, Logs
+
+
+class TerminateOnNaN(Callback):
+    """Stops training after the first batch whose loss is not finite, as Keras's TerminateOnNaN.
+
+    The stop reason (``trainer.state.stop_reason``) and a ``RuntimeWarning`` name the value, the epoch,
+    the batch and the optimizer step. Training ends after that batch: the epoch's end hooks still run
+    (its logs hold the non-finite loss) and an accumulation group left unfinished is dropped, not applied.
+
+    Cost: checking a loss that lives on the GPU reads it back to the host, so this callback adds one
+    host-device synchronisation per training batch. That is the price of stopping at the very batch;
+    fitkit's loop itself reads values back once per epoch (and when a progress bar refreshes).
+    """
+
+    def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        # The per-batch host sync this callback pays for (a 0-dim tensor, possibly on the GPU).
+        value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
+        if math.isfinite(value):
+            return
+        state = self.trainer.state
+        total = self.trainer.num_train_batches
+        where = f"epoch {state.epoch + 1}, batch {batch + 1}{f'/{total}' if total else ''} (batch index {batch}), " \
+                f"after {state.global_step} optimizer step(s)"
+        reason = f"TerminateOnNaN: the training loss is {value} at {where}"
+        warnings.warn(f"{reason}; stopping training", RuntimeWarning, stacklevel=2)
+        self.trainer.stop(reason)
