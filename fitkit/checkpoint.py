@@ -113,6 +113,8 @@ def atomic_save(obj: Any, path: str | Path, meta: dict[str, Any] | None = None) 
         _fsync_dir(folder)
         manifest["files"][path.name] = {"versions": [record]}
         _write_manifest(folder, manifest)
+        for stale in folder.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
     finally:
         if tmp.exists():
             tmp.unlink()

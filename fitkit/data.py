@@ -131,7 +131,8 @@ class InMemoryLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # The same two draws as DataLoader(TensorDataset, shuffle=True): the iterator's base seed for
         # workers, then RandomSampler's seed for its private generator. Keeping them makes the two paths
-        # interchangeable, bit for bit.
+        # interchangeable, bit for bit. They are made here, eagerly, not at the first next(): a resumed
+        # epoch restores the epoch-start random state just around this call.
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         perm = None
         if self.shuffle:
@@ -147,6 +148,9 @@ class InMemoryLoader:
                 # samples; with a private generator per epoch that is unseen, with the caller's it is not.
                 torch.randperm(self.num_samples, generator=generator)
         skip, self._skip = self._skip, 0
+        return self._batches(perm, skip)
+
+    def _batches(self, perm: torch.Tensor | None, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(skip * self.batch_size, self.num_samples, self.batch_size):
             if perm is None:
                 yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]

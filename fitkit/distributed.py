@@ -263,6 +263,9 @@ class _ShardedInMemory:
         return -(-self.per_rank // self.loader.batch_size)
 
     def __iter__(self) -> Iterator[Any]:
+        return self._batches()
+
+    def _batches(self) -> Iterator[Any]:
         n, world = self.loader.num_samples, self.info.world_size
         if self.loader.shuffle:
             g = torch.Generator()
