@@ -119,7 +119,7 @@ def crash_during_save(phase: str, save_index: int) -> None:
 
 
 def job(folder: str, epochs: int = 3, seed: int = 0, step_delay: float = 0.0, sabotage: str | None = None,
-        crash: tuple[str, int] | None = None, workers: int = 0) -> None:
+        crash: tuple[str, int] | None = None, workers: int = 0, progress: str | None = None) -> None:
     """The crash-restart job: BackupAndRestore after every batch; writes ``final.pt`` when done.
 
     ``sabotage="rng"`` disables restoring the random generators, for the negative control; ``crash``
@@ -131,6 +131,8 @@ def job(folder: str, epochs: int = 3, seed: int = 0, step_delay: float = 0.0, sa
 
     class Slow(fitkit.Callback):
         def on_batch_end(self, batch: int, logs: Any = None) -> None:
+            if progress is not None:
+                Path(progress).write_text(str(self.trainer.global_step))
             if step_delay:
                 time.sleep(step_delay)
 

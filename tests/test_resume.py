@@ -19,45 +19,55 @@ from resume_utils import assert_same_state, build, final_state, job, kill_after,
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], float]:
-    """The uninterrupted job (in a child, like the others) and how long it took."""
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The uninterrupted 3-epoch job (in a child, like the others)."""
     folder = tmp_path_factory.mktemp("reference")
-    start = time.perf_counter()
-    process = run_child(job, str(folder), step_delay=0.004)
+    process = run_child(job, str(folder))
     process.join(60)
     assert process.exitcode == 0
-    return checkpoint.load(folder / "final.pt"), time.perf_counter() - start
-
-
-def _finish(folder: Path, **kwargs: Any) -> dict[str, Any]:
-    process = run_child(job, str(folder), **kwargs)
-    process.join(60)
-    assert process.exitcode == 0, process.exitcode
     return checkpoint.load(folder / "final.pt")
 
 
-def test_sigkill_at_random_moments_resumes_bit_for_bit(tmp_path: Path, reference_run: Any) -> None:
-    reference, duration = reference_run
-    folder = tmp_path / "killed"
+def _read_step(path: Path) -> int:
+    try:
+        return int(path.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def test_sigkill_at_random_moments_resumes_bit_for_bit(tmp_path: Path) -> None:
+    epochs, batches = 8, 48  # 6 batches an epoch, a backup after every batch
+    reference_folder = tmp_path / "reference"
+    started = time.perf_counter()
+    process = run_child(job, str(reference_folder), epochs=epochs)
+    process.join(60)
+    reference = checkpoint.load(reference_folder / "final.pt")
+    batch_time = (time.perf_counter() - started) / batches
+
+    folder, progress = tmp_path / "killed", tmp_path / "progress"
     rng = random.Random(0)
     kills = 0
-    attempts = 0
-    while kills < 24 and attempts < 60:
-        attempts += 1
-        # Kill points spread over a run's life: startup, steps, checkpoint writes (every batch here).
-        if kill_after(run_child(job, str(folder), step_delay=0.004), rng.uniform(0.0, 0.5 * duration)):
-            kills += 1
-        else:
-            break  # finished before the kill: the job is done
+    for _ in range(200):
+        process = run_child(job, str(folder), epochs=epochs, progress=str(progress))
+        # Let the restarted run take 0-1 more batches, then kill it at a random moment inside the next
+        # one: during startup and restore, a forward/backward, or the checkpoint write after the batch.
+        target = _read_step(progress) + rng.randint(0, 1)
+        deadline = time.monotonic() + 30
+        while _read_step(progress) < target and process.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        if not kill_after(process, rng.uniform(0.0, 1.5 * batch_time)):
+            break  # it finished first
+        kills += 1
+    assert process.exitcode == 0
     assert kills >= 20, f"only {kills} kill points landed"
-    final = checkpoint.load(folder / "final.pt") if (folder / "final.pt").exists() else _finish(folder, step_delay=0.004)
-    assert_same_state(final, reference)
+    print(f"{kills} SIGKILLs before the run completed")
+    assert_same_state(checkpoint.load(folder / "final.pt"), reference)
 
 
 @pytest.mark.parametrize("phase", ["torch.save", "before-manifest", "before-rename", "after-rename"])
 def test_crash_during_checkpoint_write_keeps_a_good_checkpoint(tmp_path: Path, phase: str,
                                                                reference_run: Any) -> None:
-    reference, _ = reference_run
+    reference = reference_run
     folder = tmp_path / "run"
     process = run_child(job, str(folder), crash=(phase, 7))
     process.join(60)
@@ -72,7 +82,7 @@ def test_crash_during_checkpoint_write_keeps_a_good_checkpoint(tmp_path: Path, p
 
 
 def test_negative_control_without_rng_state_the_comparison_fails(tmp_path: Path, reference_run: Any) -> None:
-    reference, _ = reference_run
+    reference = reference_run
     folder = tmp_path / "run"
     process = run_child(job, str(folder), crash=("after-rename", 8))
     process.join(60)
