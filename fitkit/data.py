@@ -19,8 +19,13 @@ def move_to_device(obj: Any, device: torch.device, non_blocking: bool = False) -
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=non_blocking)
     if isinstance(obj, Mapping):
-        return type(obj)({k: move_to_device(v, device, non_blocking) for k, v in obj.items()}) \
-            if type(obj) is not dict else {k: move_to_device(v, device, non_blocking) for k, v in obj.items()}
+        moved = {k: move_to_device(v, device, non_blocking) for k, v in obj.items()}
+        if type(obj) is dict:
+            return moved
+        try:
+            return type(obj)(moved)
+        except TypeError:  # a mapping whose constructor takes other arguments (defaultdict): a plain dict
+            return moved
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         return type(obj)(*(move_to_device(v, device, non_blocking) for v in obj))
     if isinstance(obj, (list, tuple)):

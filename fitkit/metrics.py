@@ -125,6 +125,8 @@ class Accuracy(Metric):
         if outputs.ndim != 2 or targets.ndim != 1:
             raise ValueError(f"{self.name}: expected outputs (N, C) and targets (N,), got "
                              f"{tuple(outputs.shape)} and {tuple(targets.shape)}")
+        if self.top_k > outputs.shape[1]:
+            raise ValueError(f"{self.name}: top_k={self.top_k} but the outputs have only {outputs.shape[1]} classes")
         if self.top_k == 1:
             correct = outputs.argmax(dim=1) == targets
         else:

@@ -138,6 +138,83 @@ class _Tracker:
             metric.load_state_dict(metric_state, device)
 
 
+class _HookTimer:
+    """Finds a callback that slows training down, as Keras 2 did, at next to no cost.
+
+    Wraps the per-batch training hooks (``on_batch_begin``/``on_batch_end``) in timers for the first
+    ``STOP`` batches of a fit's first epoch, times each callback's hooks and the whole batch (hooks
+    included) on batches ``FIRST`` to ``STOP - 1`` (the first ones warm up caches and allocators), then
+    puts the plain hooks back in the same lists and warns, once per Trainer, naming a callback that
+    takes ``SHARE`` of the batch time or more. Other batches call the plain hooks; a run with no
+    per-batch hooks never builds one.
+    """
+
+    FIRST, STOP = 5, 25
+    SHARE = 0.25  # of the batch time, hooks included: the callback slows training by 1/(1 - SHARE) or more
+    MIN_SECONDS = 50e-6  # per batch: below this a share is timer noise on tiny steps
+
+    def __init__(self, trainer: Trainer, hooks: dict[str, list[Callable[..., Any]]]) -> None:
+        self.trainer = trainer
+        self.lists = [hooks["on_batch_begin"], hooks["on_batch_end"]]
+        self.originals = [list(hook_list) for hook_list in self.lists]
+        names = {id(cb): name for name, cb in trainer._callback_keys()}
+        self.spent: dict[str, list[float]] = {}  # callback name -> seconds in each timed batch
+        self.hook_names: dict[str, list[str]] = {}
+        self.marks: list[float] = []  # the clock at the start of batches FIRST..STOP
+        clock_set = False
+        for hook_name, hook_list in zip(("on_batch_begin", "on_batch_end"), self.lists):
+            for i, fn in enumerate(hook_list):
+                owner = getattr(fn, "__self__", fn)
+                name = names.get(id(owner), type(owner).__name__)
+                self.spent.setdefault(name, [0.0] * (self.STOP - self.FIRST))
+                self.hook_names.setdefault(name, []).append(hook_name)
+                hook_list[i] = self._wrap(fn, name, is_clock=not clock_set)
+                clock_set = True
+
+    def _wrap(self, fn: Callable[..., Any], name: str, is_clock: bool) -> Callable[..., Any]:
+        spent = self.spent[name]
+        first, stop = self.FIRST, self.STOP
+
+        def timed(batch: int, logs: Logs | None = None) -> None:
+            if is_clock and first <= batch <= stop:
+                self.marks.append(time.perf_counter())
+                if batch == stop:
+                    self._finish()
+            if not first <= batch < stop:
+                if batch > stop:  # resumed past the window: nothing to measure
+                    self._restore()
+                fn(batch, logs)
+                return
+            start = time.perf_counter()
+            fn(batch, logs)
+            spent[batch - first] += time.perf_counter() - start
+
+        return timed
+
+    def _restore(self) -> None:
+        for hook_list, original in zip(self.lists, self.originals):
+            hook_list[:] = original
+
+    def _finish(self) -> None:
+        self._restore()
+        if len(self.marks) != self.STOP - self.FIRST + 1:  # a resumed epoch started inside the window
+            return
+        self.trainer._hooks_timed = True
+        periods = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        batch_time = sorted(periods)[len(periods) // 2]  # medians: a preemption spoils one batch, not all
+        name, seconds = max(((name, sorted(times)[len(times) // 2]) for name, times in self.spent.items()),
+                            key=lambda item: item[1])
+        share = seconds / batch_time if batch_time > 0 else 0.0
+        if share >= self.SHARE and seconds >= self.MIN_SECONDS:
+            hooks = "/".join(dict.fromkeys(self.hook_names[name]))
+            warnings.warn(
+                f"callback {name} is slow: its {hooks} takes {seconds * 1e3:.3g} ms per training batch, "
+                f"{min(share, 1.0):.0%} of the {batch_time * 1e3:.3g} ms each batch takes (medians over batches "
+                f"{self.FIRST}-{self.STOP - 1}). Do its work less often (every N batches, or in on_epoch_end), "
+                "and avoid reading tensor values per batch (.item(), float(), .tolist()): that waits for the "
+                "device.", stacklevel=5)
+
+
 class Trainer:
     """Trains a ``torch.nn.Module`` with Keras's ``fit`` / ``evaluate`` / ``predict``.
 
@@ -242,7 +319,7 @@ class Trainer:
             self.callbacks.append(callback)
 
         # The module that runs forward passes in training: compiled and/or wrapped for DDP.
-        self._train_module: nn.Module = distributed.wrap_model(self.model, self.strategy, self._dist)
+        self._train_module: nn.Module = distributed.wrap_model(self.model, self.strategy, self._dist, self.optimizer)
         self._eval_module: nn.Module = self.model
         if compile:
             self._train_module = torch.compile(self._train_module)
@@ -268,6 +345,8 @@ class Trainer:
         self._epoch_rng: dict[str, Any] | None = None
         self._train_loader: Any = None
         self._active: list[Callback] = []
+        self._hooks_timed = False  # set once _HookTimer has measured this trainer's per-batch hooks
+        self._hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOKS}
 
     # -- public handles -------------------------------------------------------------------------
     @property
@@ -290,6 +369,12 @@ class Trainer:
         """Ends training after the current batch (and the epoch's end hooks), recording why."""
         self.state.should_stop = True
         self.state.stop_reason = reason
+
+    @property
+    def train_loader(self) -> Any:
+        """The training batches of the current (or last) ``fit``: the DataLoader as fitkit iterates it
+        (with a DistributedSampler under DDP), or the in-memory batcher."""
+        return self._train_loader
 
     @property
     def is_global_zero(self) -> bool:
@@ -378,6 +463,8 @@ class Trainer:
             callback.set_trainer(self)
         hooks = {name: [getattr(cb, name) for cb in self._active if overrides(cb, name)] for name in HOOKS}
         self._hooks = hooks
+        if not self._hooks_timed and (hooks["on_batch_begin"] or hooks["on_batch_end"]):
+            _HookTimer(self, hooks)  # times them on a few early batches, warns about a slow one
         self.state.should_stop, self.state.stop_reason = False, None
         self.state.epoch, self.state.batch_in_epoch = initial_epoch, 0
         self._deferred.clear()
@@ -414,10 +501,14 @@ class Trainer:
                         break
             except BaseException as exc:
                 self._deferred.clear()
+                # Another rank's failure reaches this one as a failed collective: report the first failure.
+                peer_failure = None if isinstance(exc, TrainingInterrupted) else distributed.on_failure(exc, self._dist)
                 for fn in hooks["on_exception"]:
                     fn(exc)
                 if isinstance(exc, TrainingInterrupted):
                     raise self._exit_exception(exc) from exc
+                if peer_failure is not None:
+                    raise peer_failure from exc
                 raise
             finally:
                 for fn in hooks["on_train_end"]:
@@ -441,6 +532,8 @@ class Trainer:
             batch = self._to_device(batch)
             n = self._current_n
             self._step_now = k == 1 or (batch_idx + 1) % k == 0 or batch_idx + 1 == total
+            if sync_stop and k > 1 and total is not None:  # no all-reduce while accumulating (read in forward)
+                distributed.set_grad_sync(self._train_module, self._step_now)
             step_logs = self.train_step(batch)
             if epoch == self.state.epoch and batch_idx == 0:
                 _check_step_logs(step_logs)
@@ -450,7 +543,12 @@ class Trainer:
                 fn(batch_idx, step_logs)
             if self._deferred:
                 self._run_deferred()
-            if self.state.should_stop or (sync_stop and distributed.any_rank(False, self._dist)):
+            stop = self.state.should_stop
+            if sync_stop:  # one host-side all-reduce: a stop set on any rank stops every rank at this step
+                stop = distributed.any_rank(stop, self._dist)
+                if stop and not self.state.should_stop:
+                    self.stop("stopped on another rank")
+            if stop:
                 break
         self._check_interrupt()
         if self.state.batch_in_epoch == 0:
@@ -563,11 +661,7 @@ class Trainer:
             loss = loss * weight
         if self._scaler is not None:
             loss = self._scaler.scale(loss)
-        if self._dist.world_size > 1 and self.accumulate_grad_batches > 1 and not self._step_now:
-            with distributed.no_sync(self._train_module):
-                loss.backward()
-        else:
-            loss.backward()
+        loss.backward()  # skips DDP's all-reduce on accumulating batches (see set_grad_sync in _run_epoch)
         self._grads_pending = True
 
     def optimizer_step(self) -> None:
@@ -624,15 +718,24 @@ class Trainer:
         return batch
 
     # -- evaluate / predict ---------------------------------------------------------------------
-    def evaluate(self, data: Any, *, batch_size: int | None = None) -> dict[str, float]:
-        """Loss and metrics over ``data`` in eval mode under ``no_grad``, averaged over samples."""
+    def evaluate(self, data: Any, *, batch_size: int | None = None,
+                 callbacks: Sequence[Callback] | None = None) -> dict[str, float]:
+        """Loss and metrics over ``data`` in eval mode under ``no_grad``, averaged over samples.
+
+        As in Keras, only the ``callbacks`` given here see its ``on_validation_*`` events (the trainer's
+        own callbacks belong to ``fit``).
+        """
         loader = self._as_loader(data, batch_size, False, "data")
-        self._ensure_hooks()
-        return self._evaluate(loader, prefix="")
+        given = list(callbacks or [])
+        for callback in given:
+            check_hook_names(callback)
+            callback.set_trainer(self)
+        hooks = {name: [getattr(cb, name) for cb in given if overrides(cb, name)] for name in HOOKS}
+        return self._evaluate(loader, prefix="", hooks=hooks)
 
     @torch.no_grad()
-    def _evaluate(self, loader: Any, prefix: str) -> dict[str, float]:
-        hooks = self._hooks
+    def _evaluate(self, loader: Any, prefix: str, hooks: dict[str, list[Callable[..., Any]]] | None = None) -> dict[str, float]:
+        hooks = self._hooks if hooks is None else hooks
         was_training = self._train_module.training
         self._eval_module.eval()
         self._metrics_in_use = self._val_metrics
@@ -653,7 +756,7 @@ class Trainer:
                 tracker.add(step_logs, self._current_n)
                 for fn in batch_end:
                     fn(batch_idx, step_logs)
-                if self._interrupt_signum is not None:
+                if self._interrupted():
                     break
             if tracker.count == 0 and self._dist.world_size == 1:
                 raise ValueError("validation data yielded no batches; pass a non-empty DataLoader or None")
@@ -683,11 +786,6 @@ class Trainer:
         if not outputs:
             raise ValueError("predict: data yielded no batches")
         return _concat(outputs)
-
-    def _ensure_hooks(self) -> None:
-        if not hasattr(self, "_hooks"):
-            self._active = [self.history]
-            self._hooks = {name: [] for name in HOOKS}
 
     # -- data -----------------------------------------------------------------------------------
     def _as_loader(self, data: Any, batch_size: int | None, shuffle: bool, name: str, training: bool = False,
@@ -764,7 +862,8 @@ class Trainer:
                 signal.signal(sig, old)
 
     def _interrupted(self) -> bool:
-        return self._interrupt_signum is not None
+        # In a distributed run every rank must do the same work: the collective _check_interrupt decides.
+        return self._interrupt_signum is not None and self._dist.world_size == 1
 
     def _check_interrupt(self) -> None:
         signum = distributed.any_signal(self._interrupt_signum, self._dist)

@@ -216,3 +216,11 @@ def test_resume_loader_iterator_without_batching():
     full = list(loader)
     torch.manual_seed(2)
     assert list(resume_loader_iterator(loader, 4)) == full[4:]
+
+
+def test_move_to_device_turns_a_defaultdict_into_a_plain_dict():
+    import collections
+
+    batch = collections.defaultdict(list, {"x": torch.ones(2)})
+    moved = move_to_device(batch, torch.device("cpu"))
+    assert type(moved) is dict and list(moved) == ["x"] and torch.equal(moved["x"], batch["x"])

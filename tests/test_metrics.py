@@ -234,3 +234,8 @@ def test_a_metric_function_must_return_a_0_dim_tensor():
 def test_the_base_metric_asks_for_batch_sum():
     with pytest.raises(NotImplementedError):
         Metric().update(torch.ones(1), torch.ones(1))
+
+
+def test_accuracy_top_k_larger_than_the_classes_is_a_clear_error():
+    with pytest.raises(ValueError, match="top_k=5 but the outputs have only 3 classes"):
+        Accuracy(top_k=5).update(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))

@@ -867,3 +867,16 @@ def test_the_sync_counter_sees_a_callback_that_reads_every_batch(monkeypatch):
         return lambda: make_trainer(callbacks=[ReadsEveryBatch()]).fit((x, y), batch_size=batch_size, epochs=1)
 
     assert count_syncs(monkeypatch, run(2)) - count_syncs(monkeypatch, run(20)) == 2 * (20 - 2)
+
+
+def test_evaluate_outside_fit_runs_only_the_callbacks_given_to_it():
+    x, y = make_classification(n=12)
+    fit_recorder, eval_recorder = RecordingCallback(), RecordingCallback()
+    trainer = make_trainer(callbacks=[fit_recorder])
+    trainer.fit((x, y), (x, y), batch_size=4, epochs=1)
+    seen_in_fit = len(fit_recorder.calls)
+    trainer.evaluate((x, y), batch_size=4, callbacks=[eval_recorder])
+    assert len(fit_recorder.calls) == seen_in_fit  # the fit's callbacks already got on_train_end
+    names = [call.name for call in eval_recorder.calls]
+    assert names[0] == "on_validation_begin" and names[-1] == "on_validation_end"
+    assert names.count("on_validation_batch_end") == 3

@@ -94,11 +94,8 @@ class EarlyStopping(MonitorCallback):
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
-        self._reset()
-        # Re-ask the metrics on every fit (the instance may serve another trainer), and fail before the
-        # first epoch rather than after it when "auto" cannot tell the direction.
-        self._resolved_mode = None if self.mode == "auto" else self.mode
-        _ = self.resolved_mode
+        self._reset()  # reset_monitor() also forgets the direction: re-asked of this fit's metrics
+        _ = self.resolved_mode  # fail before the first epoch, not after it, when "auto" cannot tell
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
         current = self.get_monitor_value(logs)

@@ -120,8 +120,7 @@ class ReduceLROnPlateau(MonitorCallback):
         self.reset_monitor()
         self.wait = 0
         self.cooldown_counter = 0
-        self._resolved_mode = None if self.mode == "auto" else self.mode  # re-asked on every fit
-        _ = self.resolved_mode  # fail before the first epoch when "auto" cannot tell
+        _ = self.resolved_mode  # re-asked every fit (reset_monitor); fail before the first epoch if "auto" cannot tell
         self._min_lrs()  # and when min_lr does not fit the param groups
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:

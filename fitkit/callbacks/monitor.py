@@ -93,7 +93,9 @@ class MonitorCallback(Callback):
 
     # -- state ----------------------------------------------------------------------------------
     def reset_monitor(self) -> None:
+        """Forgets the best value and, for ``mode="auto"``, the direction (the next fit may have other metrics)."""
         self.best = None
+        self._resolved_mode = None if self.mode == "auto" else self.mode
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}

@@ -222,7 +222,7 @@ class TensorBoard(Callback):
     def _collect_hparams(self) -> dict[str, Any]:
         trainer = self.trainer
         group = trainer.optimizer.param_groups[0]
-        loader = getattr(trainer, "_train_loader", None)  # DataLoader and in-memory batches both say it
+        loader = getattr(trainer, "train_loader", None)  # DataLoader and in-memory batches both say it
         batch_size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "loader", None), "batch_size",
                                                                     None)
         candidates = {
