@@ -2,8 +2,10 @@
 
 Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the Trainer sets up the process group
 when the user has not (nccl on CUDA after selecting the local device, gloo on CPU), wraps the model in
-DistributedDataParallel, shards the data, and all-reduces the epoch's sums. A second, gloo group carries
-the small control messages (stop flags, signals) on the host, so they never synchronise a GPU stream.
+DistributedDataParallel (or shards it with FSDP2), shards the data, and all-reduces the epoch's sums. A
+second, gloo group that only fitkit uses carries the small control messages (stop flags, signals) on the
+host, so they never synchronise a GPU stream, and so that a failing rank can close it to release the
+others at once (see :func:`on_failure`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import itertools
+import math
 import os
+import socket
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,26 +26,49 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+)
 
 _STRATEGIES = ("auto", "ddp", "fsdp", "none")
+_setups = itertools.count()  # numbers each setup() in this process: every rank builds its Trainers in order
+
+
+class PeerFailure(RuntimeError):
+    """Raised on every other rank when one rank of a distributed run failed: this rank stopped as well.
+
+    The message names the rank that failed first and its exception; the exception this rank saw (the
+    collective that could not complete) is chained as ``__cause__``.
+    """
 
 
 @dataclass
 class DistInfo:
+    """What the Trainer knows of the distributed run; ``world_size == 1`` without one."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device | None = None
+    strategy: str = "none"
+    backend: str | None = None
     created_group: bool = False
     control_group: Any = None
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-    _sharded: dict[int, Any] = field(default_factory=dict)
+    failure_key: str = ""
+    closed_by: str | None = None
+    _sharded: weakref.WeakKeyDictionary[Any, Any] = field(default_factory=weakref.WeakKeyDictionary)
 
 
 def resolve_strategy(strategy: str) -> str:
     if strategy not in _STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}: use 'auto' (DDP under torchrun), 'ddp', 'fsdp' or 'none'")
+        raise ValueError(f"unknown strategy {strategy!r}: use 'auto' (DDP when launched by torchrun with several "
+                         "processes), 'ddp', 'fsdp' or 'none'")
     return strategy
 
 
@@ -49,36 +78,59 @@ def _launched() -> bool:
 
 
 def setup(strategy: str, device: torch.device, timeout_s: float) -> DistInfo:
-    """Joins (or starts) the process group when the strategy asks for it."""
+    """Joins (or starts) the process group when the strategy asks for it.
+
+    Args:
+        strategy: ``"auto"`` (distributed when launched with WORLD_SIZE > 1 or when the user initialised a
+            process group of several ranks), ``"ddp"``, ``"fsdp"`` or ``"none"``.
+        device: the device the Trainer resolved; a CUDA device is replaced by ``cuda:LOCAL_RANK``.
+        timeout_s: seconds a collective waits before failing, for the groups fitkit creates.
+    """
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0 \
+            or math.isinf(timeout_s):
+        raise ValueError(f"process_group_timeout must be a finite number of seconds > 0, got {timeout_s!r}; it "
+                         "bounds how long a collective waits for a rank that stopped answering")
     if strategy == "none" or (strategy == "auto" and not _launched()):
         return DistInfo()
     if not dist.is_available():
-        raise RuntimeError(f"strategy={strategy!r} needs torch.distributed, which this torch build lacks")
+        raise RuntimeError(f"strategy={strategy!r} needs torch.distributed, which this torch build lacks; "
+                           "use strategy='none'")
     if strategy == "fsdp" and not _has_fsdp2():
-        raise ValueError("strategy='fsdp' needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6); "
-                         "use strategy='ddp'")
-    created = False
+        raise ValueError("strategy='fsdp' needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6), which "
+                         f"torch {torch.__version__} lacks; use strategy='ddp'")
+    timeout = datetime.timedelta(seconds=float(timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen_device = None
     if device.type == "cuda":
         chosen_device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(chosen_device)
+    created = False
     if not dist.is_initialized():
-        for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            if var not in os.environ:
-                raise RuntimeError(f"strategy={strategy!r} needs a launcher such as torchrun (missing {var} in the "
-                                   "environment), or call torch.distributed.init_process_group first")
+        missing = [var for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if var not in os.environ]
+        if missing:
+            raise RuntimeError(f"strategy={strategy!r} needs a launcher: {', '.join(missing)} missing from the "
+                               "environment. Run the script with torchrun (torchrun --nproc_per_node=2 train.py), "
+                               "call torch.distributed.init_process_group first, or use strategy='auto'/'none' "
+                               "to train in one process")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=chosen_device if backend == "nccl" else None)
+        dist.init_process_group(backend, timeout=timeout, device_id=chosen_device if backend == "nccl" else None)
         created = True
         atexit.register(_teardown)
+    backend = dist.get_backend()
+    if device.type == "cuda" and backend == "gloo":
+        warnings.warn("the process group uses gloo on a CUDA run: gradient all-reduces go through the host; "
+                      "initialise it with backend='nccl' (fitkit does when it creates the group)", stacklevel=3)
+    # fitkit's own host-side group: never the default one, so that closing it on a failure releases the
+    # other ranks without touching the user's group, and so that its messages never wait behind (or
+    # interleave with) DDP's gradient all-reduces.
+    control = dist.new_group(backend="gloo", timeout=timeout)
     world_size = dist.get_world_size()
-    control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     info = DistInfo(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank, device=chosen_device,
-                    created_group=created, control_group=control)
+                    strategy=strategy, backend=backend, created_group=created, control_group=control,
+                    failure_key=f"fitkit/failure/{next(_setups)}")
     if world_size > 1:
-        info.reduce = lambda values: _all_reduce_sum(values, device if chosen_device is None else chosen_device)
+        reduce_device = device if chosen_device is None else chosen_device
+        info.reduce = lambda values: _all_reduce_sum(values, reduce_device)
     return info
 
 
@@ -96,6 +148,7 @@ def _has_fsdp2() -> bool:
 
 
 def _all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sums a small CPU float64 tensor over the ranks (through the GPU with nccl, which has no CPU path)."""
     if dist.get_backend() == "nccl":
         on_device = values.to(device)
         dist.all_reduce(on_device)
@@ -105,13 +158,20 @@ def _all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return values
 
 
-def wrap_model(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
+# -- the model ----------------------------------------------------------------------------------
+def wrap_model(model: nn.Module, strategy: str, info: DistInfo,
+               optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+    """The module that runs training forward passes: DDP around ``model``, or ``model`` sharded in place
+    with FSDP2 (the optimizer's parameters are then swapped for the sharded ones, in place)."""
     if info.world_size == 1:
         return model
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        before = dict(model.named_parameters())
         fully_shard(model)
+        if optimizer is not None:
+            _swap_optimizer_params(optimizer, before, dict(model.named_parameters()))
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -119,33 +179,121 @@ def wrap_model(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def no_sync(module: nn.Module) -> contextlib.AbstractContextManager[Any]:
-    """Skips DDP's gradient all-reduce on the accumulating batches of a group."""
-    return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
+def _swap_optimizer_params(optimizer: torch.optim.Optimizer, before: dict[str, nn.Parameter],
+                           after: dict[str, nn.Parameter]) -> None:
+    """FSDP2 registers new (sharded) Parameter objects; an optimizer built before must update those."""
+    new_of = {id(p): after[name] for name, p in before.items() if name in after}
+    if any(optimizer.state.values()):
+        raise ValueError("strategy='fsdp' shards the model after the optimizer was built, so the optimizer must "
+                         "not hold state yet (momentum buffers); build it fresh, or load its state after "
+                         "building the Trainer")
+    for group in optimizer.param_groups:
+        group["params"] = [new_of.get(id(p), p) for p in group["params"]]
+
+
+def is_fsdp(info: DistInfo) -> bool:
+    return info.world_size > 1 and info.strategy == "fsdp"
+
+
+def set_grad_sync(module: nn.Module, enabled: bool) -> None:
+    """Turns the gradient all-reduce of the next forward/backward on or off (off on the accumulating
+    batches of a group). DDP reads the flag in ``forward``, so it is set before the forward, not
+    around ``backward`` only. The Trainer keeps it on for epochs of unknown length, whose last group
+    ends after the loop."""
+    module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper
+    if hasattr(module, "require_backward_grad_sync"):  # DistributedDataParallel
+        module.require_backward_grad_sync = enabled
+    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(enabled)
+
+
+def full_model_state_dict(model: nn.Module, info: DistInfo) -> dict[str, Any]:
+    """The model's unsharded state (a collective under FSDP, whose result only rank 0 holds; else
+    ``model.state_dict()``)."""
+    if not is_fsdp(info):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # Gathered on rank 0 only, on the CPU (the other ranks get {}): rank 0 writes checkpoints.
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> dict[str, Any]:
+    """The optimizer's unsharded state (a collective under FSDP, whose result only rank 0 holds)."""
+    if not is_fsdp(info):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _to_cpu_tensors(state)
+
+
+def load_full_model_state_dict(model: nn.Module, state: dict[str, Any], info: DistInfo, strict: bool) -> None:
+    if not is_fsdp(info):
+        model.load_state_dict(state, strict=strict)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                                   info: DistInfo) -> None:
+    if not is_fsdp(info):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _to_cpu_tensors(obj: Any) -> Any:
+    """Plain CPU tensors (not DTensors) all the way down, so a checkpoint loads with weights_only=True."""
+    if isinstance(obj, torch.Tensor):
+        if hasattr(obj, "full_tensor"):
+            obj = obj.full_tensor()
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu_tensors(v) for v in obj)
+    return obj
+
+
+# -- control messages ---------------------------------------------------------------------------
+def _control(info: DistInfo) -> Any:
+    if info.control_group is None:
+        raise RuntimeError(f"the distributed run already failed ({info.closed_by}); its control group is closed, "
+                           "so no rank can take part in a collective any more. Restart the job (resume from the "
+                           "last checkpoint)")
+    return info.control_group
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank when ``flag`` is True on any (a host-side gloo all-reduce)."""
+    """True on every rank when ``flag`` is True on any (a host-side gloo all-reduce of one number)."""
     if info.world_size == 1:
         return flag
     value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=info.control_group)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control(info))
     return bool(value.item())
 
 
 def any_signal(signum: int | None, info: DistInfo) -> int | None:
+    """The signal number any rank received (the largest), on every rank; None when none did."""
     if info.world_size == 1:
         return signum
     value = torch.tensor([signum or 0])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=info.control_group)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control(info))
     return int(value.item()) or None
 
 
 def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank."""
     if info.world_size == 1:
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=0, group=info.control_group)
+    dist.broadcast_object_list(holder, src=0, group=_control(info))
     return holder[0]
 
 
@@ -154,28 +302,82 @@ def gather_object(obj: Any, info: DistInfo) -> list[Any]:
     if info.world_size == 1:
         return [obj]
     out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj, group=info.control_group)
+    dist.all_gather_object(out, obj, group=_control(info))
     return out
 
 
 def barrier(info: DistInfo) -> None:
     if info.world_size > 1:
-        dist.barrier(group=info.control_group)
+        dist.barrier(group=_control(info))
 
 
+def _store() -> Any:
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # a process group without a store (a fake or custom backend): no messages
+        return None
+
+
+def on_failure(exc: BaseException, info: DistInfo) -> PeerFailure | None:
+    """Called on a rank whose ``fit`` is ending with an exception that the other ranks did not raise with it.
+
+    The first rank to fail records what happened in the rendezvous store, then closes fitkit's control
+    group: the other ranks wait in (or soon reach) a control all-reduce, which then fails at once instead
+    of waiting for the process-group timeout. Those ranks come here with that error and get back a
+    :class:`PeerFailure` naming the rank that failed first, to raise in its place. A rank blocked inside
+    a gradient all-reduce of the default group is released when the failed process exits (its sockets
+    close), as a crashed script's does; with nccl, the default group is aborted so that no GPU work
+    waits on a rank that is gone.
+    """
+    if info.world_size == 1 or info.control_group is None:
+        return None
+    mine = f"rank {info.rank} on {socket.gethostname()} raised {type(exc).__name__}: {exc}"
+    first = mine
+    store = _store()
+    if store is not None:
+        try:
+            first = _text(store.compare_set(info.failure_key, "", mine))  # the first rank to fail wins
+        except Exception:  # the store itself is gone (its host died): nothing better to report
+            first = mine
+    info.closed_by = first
+    group, info.control_group = info.control_group, None
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group(group)
+    del group
+    if info.backend == "nccl":
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort is not None:
+            with contextlib.suppress(Exception):
+                abort()
+    if first == mine:
+        return None
+    return PeerFailure(f"{first}; rank {info.rank} stopped too (the distributed run cannot go on without it). "
+                       "Fix that error and restart the job, resuming from the last checkpoint")
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+# -- data ---------------------------------------------------------------------------------------
 def set_epoch(loader: Any, epoch: int) -> None:
+    """Tells a distributed sampler (or the sharded in-memory batcher) which epoch's order to draw."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     batch_sampler = getattr(loader, "batch_sampler", None)
-    if hasattr(getattr(batch_sampler, "sampler", None), "set_epoch") and batch_sampler.sampler is not sampler:
-        batch_sampler.sampler.set_epoch(epoch)
+    inner = getattr(batch_sampler, "sampler", None)
+    if hasattr(inner, "set_epoch") and inner is not sampler:
+        inner.set_epoch(epoch)
 
 
-def _shard_seed() -> int:
+def _shard_seed(info: DistInfo) -> int:
+    """The shuffling seed shared by every rank: rank 0's ``seed_everything`` seed (0 without one)."""
     from fitkit import rng
 
-    return rng.last_seed() or 0
+    return int(broadcast_object(rng.last_seed() or 0, info))
 
 
 def _rebuild(loader: DataLoader, sampler: Any) -> DataLoader:
@@ -187,20 +389,41 @@ def _rebuild(loader: DataLoader, sampler: Any) -> DataLoader:
                       persistent_workers=loader.persistent_workers)
 
 
+def _rank_aware(sampler: Any) -> bool:
+    return isinstance(sampler, DistributedSampler) or (hasattr(sampler, "num_replicas") and hasattr(sampler, "rank"))
+
+
 def shard_train(loader: DataLoader, info: DistInfo) -> DataLoader:
-    """Puts a DistributedSampler in place of the loader's sampler (shuffling preserved)."""
-    if info.world_size == 1 or isinstance(loader.sampler, DistributedSampler):
+    """Puts a DistributedSampler in place of the loader's sampler (shuffling preserved).
+
+    Every rank then reads ``ceil(len(dataset) / world_size)`` samples per epoch: the sampler pads with
+    the first samples of the epoch's order so that all ranks take the same number of steps.
+    """
+    if info.world_size == 1:
         return loader
     if isinstance(loader.dataset, IterableDataset):
         warnings.warn("an IterableDataset cannot be sharded by fitkit: make each rank yield its own part "
-                      "(torch.utils.data.get_worker_info and the RANK environment variable)", stacklevel=4)
+                      "(torch.distributed.get_rank() / get_world_size()), with the same number of batches on "
+                      "every rank", stacklevel=4)
         return loader
-    if loader.batch_sampler is None or type(loader.batch_sampler).__name__ != "BatchSampler":
-        raise ValueError("a custom batch_sampler cannot be sharded automatically; shard it yourself per rank")
-    sampler = DistributedSampler(loader.dataset, num_replicas=info.world_size, rank=info.rank,
-                                 shuffle=isinstance(loader.sampler, RandomSampler), seed=_shard_seed(),
-                                 drop_last=loader.drop_last)
-    return _rebuild(loader, sampler)
+    if _rank_aware(loader.sampler) or _rank_aware(getattr(loader.batch_sampler, "sampler", None)):
+        return loader  # the user's own per-rank sampler
+    if loader.batch_sampler is None or type(loader.batch_sampler) is not BatchSampler:
+        raise ValueError(f"train_data uses a custom batch_sampler ({type(loader.batch_sampler).__name__}), which "
+                         "fitkit cannot split across ranks; give it a per-rank sampler (with num_replicas and "
+                         "rank attributes, as DistributedSampler has) or use batch_size= with shuffle=")
+    sampler = loader.sampler
+    if type(sampler) is RandomSampler and (sampler.replacement or sampler._num_samples is not None):
+        raise ValueError("train_data's RandomSampler draws with replacement or a fixed num_samples, which a "
+                         "DistributedSampler cannot reproduce; shard it yourself per rank, or use shuffle=True")
+    if type(sampler) not in (RandomSampler, SequentialSampler):
+        raise ValueError(f"train_data uses a {type(sampler).__name__}, which fitkit cannot split across ranks "
+                         "without changing what it draws; pass a per-rank sampler of your own (one with "
+                         "num_replicas and rank attributes, such as a DistributedSampler) in its place")
+    distributed_sampler = DistributedSampler(loader.dataset, num_replicas=info.world_size, rank=info.rank,
+                                             shuffle=type(sampler) is RandomSampler, seed=_shard_seed(info),
+                                             drop_last=loader.drop_last)
+    return _rebuild(loader, distributed_sampler)
 
 
 class _StridedSampler:
@@ -217,23 +440,44 @@ class _StridedSampler:
 
 
 def shard_eval(loader: Any, info: DistInfo) -> Any:
-    """A per-rank share of the evaluation data; each sample is counted exactly once across ranks."""
-    if info.world_size == 1:
+    """A per-rank share of the evaluation data; each sample is counted exactly once across ranks.
+
+    Shares differ by at most one sample (no padding duplicates). Under FSDP every forward pass is a
+    collective, so every rank must run the same number of batches: there each rank evaluates all the data
+    and the all-reduced sums give the same means (at ``world_size`` times the work).
+    """
+    if info.world_size == 1 or is_fsdp(info):
         return loader
-    key = id(loader)
-    if key in info._sharded:
-        return info._sharded[key]
+    with contextlib.suppress(KeyError, TypeError):
+        return info._sharded[loader]
     from fitkit.data import InMemoryLoader
 
     if isinstance(loader, InMemoryLoader):
         sharded: Any = InMemoryLoader(loader.x[info.rank::info.world_size], loader.y[info.rank::info.world_size],
                                       loader.batch_size, shuffle=False)
     elif isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
+        if loader.batch_sampler is not None and type(loader.batch_sampler) is not BatchSampler:
+            raise ValueError(f"validation data uses a custom batch_sampler ({type(loader.batch_sampler).__name__}) "
+                             "that fitkit cannot split across ranks; use batch_size= on the DataLoader")
         sharded = _rebuild(loader, _StridedSampler(len(loader.dataset), info.rank, info.world_size))
     else:
-        sharded = loader
-    info._sharded[key] = sharded
+        warnings.warn(f"validation data of type {type(loader).__name__} cannot be sharded: every rank evaluates "
+                      "all of it and the means stay right, at world_size times the work; pass a DataLoader over a "
+                      "map-style dataset or (x, y) tensors to split it", stacklevel=4)
+        sharded = _Replicated(loader, info.world_size)
+    with contextlib.suppress(TypeError):
+        info._sharded[loader] = sharded
     return sharded
+
+
+class _Replicated:
+    """Evaluation data that every rank reads whole (the sums are all-reduced, so the means stay right)."""
+
+    def __init__(self, loader: Any, world_size: int) -> None:
+        self.loader, self.world_size = loader, world_size
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.loader)
 
 
 def shard_in_memory(loader: Any, info: DistInfo, training: bool) -> Any:
@@ -245,13 +489,22 @@ def shard_in_memory(loader: Any, info: DistInfo, training: bool) -> Any:
 
 
 class _ShardedInMemory:
-    """The in-memory batcher's permutation, split across ranks like a DistributedSampler (padded)."""
+    """The in-memory batcher's epoch order split across ranks as a DistributedSampler splits it (padded).
+
+    It draws the permutation that ``DistributedSampler(seed=seed)`` draws for the epoch, so in-memory
+    data and a DataLoader give the same batches on every rank.
+    """
 
     def __init__(self, loader: Any, info: DistInfo) -> None:
         self.loader, self.info = loader, info
+        self.seed = _shard_seed(info) if loader.shuffle else 0
         self.epoch = 0
         self.per_rank = -(-loader.num_samples // info.world_size)
         self._skip = 0
+
+    @property
+    def num_samples(self) -> int:
+        return self.loader.num_samples
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -269,11 +522,12 @@ class _ShardedInMemory:
         n, world = self.loader.num_samples, self.info.world_size
         if self.loader.shuffle:
             g = torch.Generator()
-            g.manual_seed(_shard_seed() + self.epoch)
+            g.manual_seed(self.seed + self.epoch)
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
-        padded = torch.cat([order, order[: self.per_rank * world - n]])
+        total = self.per_rank * world
+        padded = order.repeat(-(-total // n))[:total]  # DistributedSampler's padding
         mine = padded[self.info.rank::world].to(self.loader.x.device)
         skip, self._skip = self._skip, 0
         size = self.loader.batch_size
