@@ -206,6 +206,11 @@ def _data_signature(loader: Any) -> dict[str, Any]:
     return signature
 
 
+# What differs between the ranks of a distributed run: each rank's generators (dropout, its DataLoader
+# workers' seeds), its share of the epoch's running sums, and its not yet all-reduced gradients.
+_PER_RANK = ("rng", "epoch_rng", "train_tracker", "accumulation")
+
+
 def trainer_state_dict(trainer: Trainer) -> dict[str, Any]:
     """The full training state of ``trainer``: plain values and tensors only."""
     state = trainer.state
@@ -241,9 +246,16 @@ def load_trainer_state_dict(trainer: Trainer, state: dict[str, Any], strict: boo
     if not isinstance(state, dict) or state.get("fitkit", {}).get("kind") != "full":
         raise CheckpointError("not a full fitkit checkpoint (a weights-only file?): load weights with "
                               "model.load_state_dict(torch.load(path, weights_only=True))")
+    if per_rank := state.get("per_rank"):  # this rank's own part (with strict=False, the world size may differ)
+        state = {**state, **per_rank[trainer._dist.rank % len(per_rank)]}
     model_state = state["model"]
     current = trainer.model.state_dict()
     if strict:
+        # First: another world size also changes the per-rank batch count, which would be reported instead.
+        if state.get("world_size", 1) != trainer.world_size:
+            raise _mismatch("world size", state.get("world_size"), trainer.world_size,
+                            "Resume with the same number of processes, or pass strict=False to continue with "
+                            "another (the data order then differs from an uninterrupted run).")
         missing = sorted(set(current) - set(model_state))
         unexpected = sorted(set(model_state) - set(current))
         if missing or unexpected:
@@ -263,10 +275,6 @@ def load_trainer_state_dict(trainer: Trainer, state: dict[str, Any], strict: boo
             if data_then.get(key) is not None and data_now.get(key) is not None and data_then[key] != data_now[key]:
                 raise _mismatch(f"training data size ({key})", data_then[key], data_now[key],
                                 "Resume with the same dataset and batch size, or pass strict=False.")
-        if state.get("world_size", 1) != trainer.world_size:
-            raise _mismatch("world size", state.get("world_size"), trainer.world_size,
-                            "Resume with the same number of processes, or pass strict=False to continue with "
-                            "another (the data order then differs from an uninterrupted run).")
     if strict:
         trainer.model.load_state_dict(model_state)
     else:
@@ -295,20 +303,17 @@ def load_trainer_state_dict(trainer: Trainer, state: dict[str, Any], strict: boo
         trainer._grads_pending = True
         trainer._group_units, trainer._group_first_n = acc["units"], acc["first_n"]
     trainer._epoch_rng = state.get("epoch_rng")
-    if world_rng := state.get("rank_rng"):
-        rng.restore(world_rng[trainer._dist.rank], trainer._train_loader)
-    else:
-        rng.restore(state["rng"], trainer._train_loader)
+    rng.restore(state["rng"], trainer._train_loader)
 
 
 def save_trainer_checkpoint(trainer: Trainer, path: Path, meta: dict[str, Any] | None = None) -> Path:
-    """Writes the full state atomically; in a distributed run every rank's RNG state goes in, rank 0 writes."""
+    """Writes the full state atomically; in a distributed run every rank's own part goes in, rank 0 writes."""
     from fitkit import distributed
 
     state = trainer_state_dict(trainer)
-    rank_rngs = distributed.gather_object(state["rng"], trainer._dist)
+    everyone = distributed.gather_object({key: state[key] for key in _PER_RANK}, trainer._dist)
     if trainer.world_size > 1:
-        state["rank_rng"] = rank_rngs
+        state["per_rank"] = everyone
     if trainer.is_global_zero:
         info = {"kind": "full", "epoch": trainer.state.epoch, "global_step": trainer.state.global_step,
                 "batch_in_epoch": trainer.state.batch_in_epoch, **(meta or {})}
