@@ -240,8 +240,10 @@ class Trainer:
         channels_last: use the channels-last memory format for the model and 4-D inputs.
         strategy: ``"auto"`` (DDP when launched by torchrun with several processes), ``"ddp"``, ``"fsdp"``
             or ``"none"``.
-        debug_sync: on CUDA, make torch warn at every host-device synchronisation (to find the ones your own
-            code adds); ``"error"`` raises instead.
+        debug_sync: on CUDA, make torch warn at every host-device synchronisation in the batch loops
+            (training and validation), to find the ones your own code adds; ``"error"`` raises instead.
+            fitkit's deliberate syncs (epoch logs, progress refreshes, checkpoint writes, fp16's GradScaler
+            check) are not flagged; mark your own with :meth:`allow_sync`. No effect on other devices.
         handle_signals: on SIGINT/SIGTERM, stop at the next batch boundary, let checkpoint callbacks save,
             then exit with the conventional status (KeyboardInterrupt / exit code 143).
         process_group_timeout: seconds a collective waits before failing, when fitkit starts the process group.
@@ -283,7 +285,9 @@ class Trainer:
             raise ValueError(f"verbose must be 0 (silent), 1 (progress bar) or 2 (one line per epoch), got {verbose!r}")
         self.verbose = verbose
         if debug_sync not in (False, True, "warn", "error"):
-            raise ValueError(f"debug_sync must be False, True/'warn' or 'error', got {debug_sync!r}")
+            raise ValueError(f"debug_sync must be False (off), True or 'warn' (torch warns at every host-device "
+                             f"synchronisation in the batch loop on CUDA) or 'error' (raises there instead), got "
+                             f"{debug_sync!r}")
         self.debug_sync = debug_sync
         self.handle_signals = handle_signals
 
@@ -346,6 +350,7 @@ class Trainer:
         self._train_loader: Any = None
         self._active: list[Callback] = []
         self._hooks_timed = False  # set once _HookTimer has measured this trainer's per-batch hooks
+        self._sync_debug_on = False  # inside a debug_sync window (see _sync_checked)
         self._hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOKS}
 
     # -- public handles -------------------------------------------------------------------------
@@ -395,8 +400,43 @@ class Trainer:
 
     def _run_deferred(self) -> None:
         actions, self._deferred = self._deferred, []
-        for action in actions:
-            action()
+        with self.allow_sync():  # checkpoint writes copy tensors to the host on purpose
+            for action in actions:
+                action()
+
+    def allow_sync(self) -> contextlib.AbstractContextManager[Any]:
+        """A context for deliberate host-device synchronisations inside the batch loop (a progress
+        refresh, a checkpoint write, fp16's GradScaler check): ``debug_sync`` does not flag them.
+
+        Use it in a callback that reads tensor values on purpose every N batches::
+
+            with self.trainer.allow_sync():
+                value = float(logs["loss"])
+        """
+        if not self._sync_debug_on:
+            return _NO_CONTEXT
+        return _sync_debug_mode(0)
+
+    def _sync_checked(self, batches: Iterable[Any]) -> Iterable[Any]:
+        """``batches``, with torch's sync debug mode on while the loop body runs (``debug_sync`` on CUDA).
+
+        The window covers the per-batch work only (fetch, copy, step, per-batch hooks): epoch boundaries
+        (logs, checkpoints, ``on_epoch_end``) synchronise on purpose, once per epoch. ``iter()`` runs
+        before it opens: the in-memory path copies the epoch's permutation to the device there.
+        """
+        if not self.debug_sync or self.device.type != "cuda":
+            return batches
+        return self._sync_checked_batches(iter(batches))
+
+    def _sync_checked_batches(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        self._sync_debug_on = True
+        try:
+            # Closed by the loop's break or exception (CPython frees the iterator there), which restores
+            # the previous mode before the epoch's logs are read.
+            with _sync_debug_mode("error" if self.debug_sync == "error" else "warn"):
+                yield from iterator
+        finally:
+            self._sync_debug_on = False
 
     # -- fit ------------------------------------------------------------------------------------
     def fit(
@@ -469,7 +509,7 @@ class Trainer:
         self.state.epoch, self.state.batch_in_epoch = initial_epoch, 0
         self._deferred.clear()
 
-        with self._signal_guard(), distributed.debug_sync_mode(self.debug_sync, self.device):
+        with self._signal_guard():
             try:
                 for fn in hooks["on_train_begin"]:
                     fn({})
@@ -525,7 +565,7 @@ class Trainer:
         tracker, total = self._train_tracker, self.num_train_batches
         k = self.accumulate_grad_batches
         sync_stop = self._dist.world_size > 1  # every rank must leave the loop at the same step
-        for batch in self._epoch_batches(loader, epoch, steps):
+        for batch in self._sync_checked(self._epoch_batches(loader, epoch, steps)):
             batch_idx = self.state.batch_in_epoch
             for fn in batch_begin:
                 fn(batch_idx, {})
@@ -681,7 +721,8 @@ class Trainer:
         if scaler is not None:
             # Kept on the device: last_step_skipped compares it only when someone asks (fp16 only).
             self._last_scale = scaler._scale.detach().clone()  # type: ignore[union-attr]
-            scaler.step(optimizer)
+            with self.allow_sync():  # reads the inf flag on the host: fp16's one sync per step
+                scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
@@ -706,7 +747,8 @@ class Trainer:
 
     def running_logs(self) -> dict[str, float]:
         """The training loss and metrics so far in this epoch (one host sync)."""
-        return self._train_tracker.compute()
+        with self.allow_sync():
+            return self._train_tracker.compute()
 
     def _to_device(self, batch: Any) -> Any:
         self._current_n = batch_size_of(batch)
@@ -745,7 +787,7 @@ class Trainer:
             for fn in hooks["on_validation_begin"]:
                 fn({})
             batch_begin, batch_end = hooks["on_validation_batch_begin"], hooks["on_validation_batch_end"]
-            batches = distributed.shard_eval(loader, self._dist)
+            batches = self._sync_checked(distributed.shard_eval(loader, self._dist))
             for batch_idx, batch in enumerate(batches):
                 for fn in batch_begin:
                     fn(batch_idx, {})
@@ -1069,6 +1111,19 @@ def _fits_on_device(x: Any, y: Any, device: torch.device) -> bool:
     size = sum(t.numel() * t.element_size() for t in (to_tensor(x, "x"), to_tensor(y, "y")))
     free, _ = torch.cuda.mem_get_info(device)
     return size < 0.5 * free
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: the fp32 autocast and allow_sync() outside debug_sync
+
+
+@contextlib.contextmanager
+def _sync_debug_mode(mode: int | str) -> Iterator[None]:
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def _channels_last(batch: Any) -> Any:
