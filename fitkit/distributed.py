@@ -168,6 +168,9 @@ def wrap_model(model: nn.Module, strategy: str, info: DistInfo,
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        with torch.no_grad():  # rank 0's initial weights everywhere, as DDP does; fully_shard keeps each rank's
+            for tensor in itertools.chain(model.parameters(), model.buffers()):
+                dist.broadcast(tensor, src=0)
         before = dict(model.named_parameters())
         fully_shard(model)
         if optimizer is not None:
