@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fitkit import rng
+from fitkit import distributed, rng
 
 if TYPE_CHECKING:
     from fitkit.trainer import Trainer
@@ -212,17 +212,26 @@ _PER_RANK = ("rng", "epoch_rng", "train_tracker", "accumulation")
 
 
 def trainer_state_dict(trainer: Trainer) -> dict[str, Any]:
-    """The full training state of ``trainer``: plain values and tensors only."""
+    """The full training state of ``trainer``: plain values and tensors only.
+
+    Under FSDP the model and optimizer states are gathered unsharded (a collective: every rank calls
+    this) and only rank 0, which writes checkpoints, receives them.
+    """
     state = trainer.state
     mid_epoch = state.batch_in_epoch > 0
     grads = None
     if trainer._grads_pending:  # mid accumulation group: the partial sums decide the next step
+        if distributed.is_fsdp(trainer._dist):
+            raise NotImplementedError("saving a checkpoint in the middle of an accumulation group is not supported "
+                                      "with strategy='fsdp' (the partial gradients are sharded); save at group "
+                                      "ends: ModelCheckpoint/BackupAndRestore(save_freq=a multiple of "
+                                      "accumulate_grad_batches) or 'epoch'")
         grads = [None if p.grad is None else p.grad.detach().cpu() for p in trainer.model.parameters()]
     return {
         "fitkit": {"format": FORMAT_VERSION, "torch": str(torch.__version__), "kind": "full"},
-        "model": trainer.model.state_dict(),
+        "model": distributed.full_model_state_dict(trainer.model, trainer._dist),  # unsharded under FSDP
         "model_class": type(trainer.model).__name__,
-        "optimizer": trainer.optimizer.state_dict(),
+        "optimizer": distributed.full_optimizer_state_dict(trainer.model, trainer.optimizer, trainer._dist),
         "optimizer_class": type(trainer.optimizer).__name__,
         "scaler": trainer._scaler.state_dict() if trainer._scaler is not None else None,
         "trainer": state.state_dict(),
@@ -276,12 +285,13 @@ def load_trainer_state_dict(trainer: Trainer, state: dict[str, Any], strict: boo
                 raise _mismatch(f"training data size ({key})", data_then[key], data_now[key],
                                 "Resume with the same dataset and batch size, or pass strict=False.")
     if strict:
-        trainer.model.load_state_dict(model_state)
+        distributed.load_full_model_state_dict(trainer.model, model_state, trainer._dist, strict=True)
     else:
         fitting = {k: v for k, v in model_state.items() if k in current and tuple(v.shape) == tuple(current[k].shape)}
-        trainer.model.load_state_dict(fitting, strict=False)
+        distributed.load_full_model_state_dict(trainer.model, fitting, trainer._dist, strict=False)
     try:
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_full_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"],
+                                                   trainer._dist)
     except (ValueError, KeyError) as exc:
         if strict:
             raise CheckpointError(f"checkpoint optimizer state does not fit this optimizer: {exc}") from exc
@@ -308,8 +318,6 @@ def load_trainer_state_dict(trainer: Trainer, state: dict[str, Any], strict: boo
 
 def save_trainer_checkpoint(trainer: Trainer, path: Path, meta: dict[str, Any] | None = None) -> Path:
     """Writes the full state atomically; in a distributed run every rank's own part goes in, rank 0 writes."""
-    from fitkit import distributed
-
     state = trainer_state_dict(trainer)
     everyone = distributed.gather_object({key: state[key] for key in _PER_RANK}, trainer._dist)
     if trainer.world_size > 1:
