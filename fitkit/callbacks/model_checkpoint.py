@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from fitkit import distributed
 from fitkit.callbacks.base import Logs
 from fitkit.callbacks.monitor import MonitorCallback
 from fitkit.checkpoint import atomic_save, remove_checkpoint, save_trainer_checkpoint
@@ -198,9 +199,9 @@ class ModelCheckpoint(MonitorCallback):
             warnings.warn(f"ModelCheckpoint: skipped {path}: the model holds non-finite weights", stacklevel=2)
             return
         if self.save_weights_only:
+            weights = distributed.full_model_state_dict(self.model, trainer._dist)  # unsharded: FSDP gathers
             if trainer.is_global_zero:
-                atomic_save(self.model.state_dict(), path, {"kind": "weights", "epoch": trainer.state.epoch,
-                                                            "global_step": step})
+                atomic_save(weights, path, {"kind": "weights", "epoch": trainer.state.epoch, "global_step": step})
         else:
             save_trainer_checkpoint(trainer, path)
         if self.save_last and path.name != "last.pt":
