@@ -499,10 +499,11 @@ def test_the_example_script_runs_unchanged_under_torchrun(tmp_path: Path) -> Non
                "--log-dir", str(tmp_path / "runs"), "--checkpoint-dir", str(tmp_path / "ckpt")]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
+    output = f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
     finals = [line for line in done.stdout.splitlines() if "final validation accuracy" in line]
-    assert len(finals) == 2 and len(set(line.split("accuracy: ")[1] for line in finals)) == 1, done.stdout
+    assert len(finals) == 2 and len(set(line.split("accuracy: ")[1] for line in finals)) == 1, output
     epoch_lines = [line for line in done.stderr.splitlines() + done.stdout.splitlines() if line.startswith("Epoch ")]
-    assert len(epoch_lines) == 2, epoch_lines  # one progress line per epoch: rank 0 only
+    assert len(epoch_lines) == 2, output  # one progress line per epoch: rank 0 only
     assert len(list((tmp_path / "runs").rglob("*tfevents*"))) == 1
     assert (tmp_path / "ckpt" / "last.pt").exists()
 
@@ -585,3 +586,58 @@ def test_collectives_after_a_failure_say_the_run_failed() -> None:
     with pytest.raises(RuntimeError, match=r"^the distributed run already failed \(rank 1 on host raised X: y\); "
                                            r"its control group is closed"):
         distributed.any_rank(True, info)
+
+
+# -- FSDP2 (fully_shard) ------------------------------------------------------------------------------
+def _fsdp_job(rank: int, out: Path, dropout: float = 0.0, kill_at: int | None = None) -> dict[str, Any]:
+    folder = out.parent
+    callbacks = [BackupAndRestore(folder / "backup", save_freq=1, delete_checkpoint=False),
+                 ModelCheckpoint(folder / "ckpt" / "best.pt", monitor="val_loss", save_best_only=True),
+                 ModelCheckpoint(folder / "weights" / "w{epoch}.pt", monitor=None, save_weights_only=True)]
+
+    class Die(fitkit.Callback):
+        def on_batch_end(self, batch: int, logs: Any = None) -> None:
+            if self.trainer.global_step == kill_at:
+                self.trainer.after_callbacks(lambda: os._exit(9))
+
+    strategy = "fsdp" if os.environ.get("WORLD_SIZE", "1") != "1" else "auto"
+    trainer = build(seed=rank, dropout=dropout, callbacks=[*callbacks, Die()], strategy=strategy)
+    data = make_data()
+    if trainer.world_size == 1:
+        train = DataLoader(data, batch_size=32, sampler=EpochPermutations(N, seed=0))
+    else:
+        train = DataLoader(data, batch_size=16, shuffle=True)
+    val = DataLoader(TensorDataset(*make_data(99)[:]), batch_size=16)
+    history = trainer.fit(train, val, epochs=3)
+    return {"weights": distributed.full_model_state_dict(trainer.model, trainer._dist), "steps": trainer.global_step,
+            "history": history.history, "sharded": type(next(trainer.model.parameters())).__name__,
+            "predict": trainer.predict(make_data(99).tensors[0], batch_size=16)}
+
+
+def test_fsdp_two_ranks_of_16_match_one_process_of_32(tmp_path: Path) -> None:
+    one = run_single(_fsdp_job, tmp_path / "one" / "out")
+    ranks = run_ranks(_fsdp_job, tmp_path / "two" / "out").check()
+    assert [r["sharded"] for r in ranks] == ["DTensor", "DTensor"]
+    assert ranks[1]["weights"] == {}  # the unsharded state is gathered on rank 0 only
+    assert max_difference(ranks[0]["weights"], one["weights"]) < 1e-6
+    for rank in ranks:
+        for key, values in one["history"].items():
+            assert rank["history"][key] == pytest.approx(values, abs=1e-6), key
+        assert torch.allclose(rank["predict"], one["predict"], atol=1e-6)
+
+
+def test_fsdp_checkpoints_hold_the_full_state_and_resume_exactly(tmp_path: Path) -> None:
+    whole = run_ranks(_fsdp_job, tmp_path / "whole" / "out", dropout=0.3).check()
+    # Plain, unsharded tensors: a plain model loads the weights file, and the full checkpoint loads safely.
+    plain = make_model(dropout=0.3)
+    plain.load_state_dict(torch.load(tmp_path / "whole" / "weights" / "w3.pt", weights_only=True))
+    assert max_difference(plain.state_dict(), whole[0]["weights"]) == 0.0
+    best = fitkit.checkpoint.load(tmp_path / "whole" / "ckpt" / "best.pt")
+    assert all(type(v) is torch.Tensor for v in best["model"].values())
+    assert best["world_size"] == 2
+    killed = run_ranks(_fsdp_job, tmp_path / "resumed" / "out", dropout=0.3, kill_at=4)
+    assert killed.exitcodes == [9, 9], killed.errors
+    resumed = run_ranks(_fsdp_job, tmp_path / "resumed" / "out", dropout=0.3).check()
+    assert resumed[0]["steps"] == 9
+    assert max_difference(resumed[0]["weights"], whole[0]["weights"]) == 0.0
+    assert resumed[0]["history"] == whole[0]["history"]
