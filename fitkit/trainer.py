@@ -516,6 +516,7 @@ class Trainer:
                 if resume is None:  # a BackupAndRestore callback resumes the same script after a crash
                     resume = next((p for cb in self._active if hasattr(cb, "resume_path")
                                    for p in [cb.resume_path()] if p is not None), None)
+                resume = distributed.broadcast_object(resume, self._dist)  # every rank resumes as rank 0 does
                 if resume is not None:
                     self._resume(resume, train_loader)
                 if self.state.epoch >= epochs:
@@ -954,7 +955,7 @@ class Trainer:
     def _resume(self, resume: str | Path, loader: Any) -> None:
         from fitkit.checkpoint import resolve_resume
 
-        path = resolve_resume(self, resume)
+        path = distributed.broadcast_object(resolve_resume(self, resume), self._dist)  # one file for all ranks
         if path is not None:
             self.load_checkpoint(path)
 
