@@ -291,6 +291,16 @@ def any_signal(signum: int | None, info: DistInfo) -> int | None:
     return int(value.item()) or None
 
 
+def mean_over_ranks(values: dict[str, float], info: DistInfo | None) -> dict[str, float]:
+    """The mean of each value over the ranks (every rank must pass the same keys); a host-side all-reduce."""
+    if info is None or info.world_size == 1 or not values:
+        return values
+    keys = sorted(values)
+    summed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(summed, group=_control(info))
+    return {k: v / info.world_size for k, v in zip(keys, summed.tolist())}
+
+
 def broadcast_object(obj: Any, info: DistInfo) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if info.world_size == 1:
