@@ -262,6 +262,22 @@ def test_stop_training_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: P
     assert max_difference(ranks[0]["weights"], ranks[1]["weights"]) == 0.0
 
 
+def _batch_checkpoints(rank: int, out: Path) -> dict[str, Any]:
+    checkpoint = ModelCheckpoint(out.parent / "ckpt" / "step{step}.pt", monitor="loss", save_best_only=True,
+                                 save_freq=1)
+    trainer = build(callbacks=[checkpoint])
+    trainer.fit(DataLoader(make_data(), batch_size=16, shuffle=True), epochs=3)
+    return {"kept": checkpoint.kept, "best": checkpoint.best}
+
+
+def test_batch_level_checkpoint_decisions_are_the_same_on_every_rank(tmp_path: Path) -> None:
+    # Each rank's batch loss differs; deciding on its own, a rank would save (a collective) alone and hang.
+    ranks = run_ranks(_batch_checkpoints, tmp_path / "out", timeout=30).check()
+    assert ranks[0] == ranks[1] and ranks[0]["kept"]
+    manifest = fitkit.checkpoint.read_manifest(tmp_path / "ckpt")
+    assert sorted(manifest["files"]) == sorted(Path(path).name for _, _, path in ranks[0]["kept"])
+
+
 # -- files: rank 0 only -------------------------------------------------------------------------
 def _record_writes(root: Path) -> list[str]:
     """Records every file this process opens for writing, renames, removes or creates under ``root``
@@ -387,6 +403,53 @@ def test_resuming_a_two_rank_checkpoint_in_one_process_is_an_error_unless_allowe
         "of processes, or pass strict=False to continue with another (the data order then differs from an "
         "uninterrupted run).")
     assert run_single(_resume_with_one_rank, tmp_path / "one", strict=False) == {"step": 4}
+
+
+def _resume_auto_with_a_missing_folder(rank: int, out: Path) -> dict[str, Any]:
+    # Rank 1's callback looks in an empty folder (as on a node without the shared disk): it must not start
+    # afresh while rank 0 resumes; it loads the file rank 0 chose.
+    folder = out.parent / ("ckpt" if rank == 0 else "elsewhere")
+    trainer = build(callbacks=[ModelCheckpoint(folder / "e{epoch}.pt", monitor=None)])
+    train = DataLoader(make_data(), batch_size=16, shuffle=True)
+    try:
+        trainer.fit(train, epochs=3, resume="auto")
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"steps": trainer.global_step}
+
+
+def _one_epoch(rank: int, out: Path) -> dict[str, Any]:
+    trainer = build(callbacks=[ModelCheckpoint(out.parent / "ckpt" / "e{epoch}.pt", monitor=None)])
+    trainer.fit(DataLoader(make_data(), batch_size=16, shuffle=True), epochs=1)
+    return {"steps": trainer.global_step}
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_zero_chose(tmp_path: Path) -> None:
+    assert run_ranks(_one_epoch, tmp_path / "out").check() == [{"steps": 3}, {"steps": 3}]
+    ranks = run_ranks(_resume_auto_with_a_missing_folder, tmp_path / "out", timeout=30).check()
+    assert ranks == [{"steps": 9}, {"steps": 9}]  # both went on from epoch 1's checkpoint
+
+
+def _stalled_rank(rank: int, out: Path) -> dict[str, Any]:
+    class Stall(fitkit.Callback):  # rank 1 stops answering for longer than the timeout, without failing
+        def on_batch_end(self, batch: int, logs: Any = None) -> None:
+            if self.trainer._dist.rank == 1 and self.trainer.global_step == 2:
+                time.sleep(4)
+
+    trainer = build(callbacks=[Stall()], process_group_timeout=1.5)
+    start = time.monotonic()
+    try:
+        trainer.fit(DataLoader(make_data(), batch_size=16, shuffle=True), epochs=2)
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - start}
+    return {"error": None}
+
+
+def test_the_process_group_timeout_is_configurable(tmp_path: Path) -> None:
+    rank0, rank1 = run_ranks(_stalled_rank, tmp_path, timeout=30).check()
+    assert 1.5 <= rank0["seconds"] < 5  # waited for the 1.5 s timeout, not the 30 minutes of the default
+    assert "RuntimeError" in rank0["error"] and "1500ms" in rank0["error"], rank0["error"]
+    assert rank1["error"] is not None  # the stalled rank fails too when it wakes: its peer is gone
 
 
 # -- failures: one rank's failure ends every rank in seconds ---------------------------------------
