@@ -294,3 +294,63 @@ def test_cuda_pinned_loader_copies_without_blocking_and_unpinned_one_warns():
     trainer = fitkit.Trainer(TinyNet(), "sgd", "cross_entropy", device="cuda", verbose=0)
     with pytest.warns(UserWarning, match="num_workers=0 and pin_memory=False"):
         trainer.fit(DataLoader(TensorDataset(x, y), batch_size=16), epochs=1)
+
+
+# -- the plain-step path -------------------------------------------------------------------------
+class _NoOpBeforeBackward(Callback):
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        pass
+
+
+def test_plain_step_path_trains_exactly_like_the_general_one():
+    x, y = make_classification(40, seed=5)
+    runs = {}
+    for general in (False, True):
+        torch.manual_seed(0)
+        model = TinyNet()
+        trainer = make_trainer(model, metrics=["accuracy"], callbacks=[_NoOpBeforeBackward()] if general else [])
+        history = trainer.fit(DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True), (x, y), epochs=3)
+        runs[general] = (trainer, model, history.history)
+    (plain, plain_model, plain_logs), (general, general_model, general_logs) = runs[False], runs[True]
+    assert plain._plain_steps() and not general._plain_steps()
+    for a, b in zip(plain_model.parameters(), general_model.parameters()):
+        assert torch.equal(a, b)
+    assert plain_logs == general_logs
+    assert plain.global_step == general.global_step == 15
+    assert not plain._grads_pending and all(p.grad is None for p in plain_model.parameters())
+
+
+def test_anything_around_the_step_takes_the_general_path(monkeypatch):
+    def plain(**kwargs) -> bool:
+        trainer = make_trainer(**kwargs)
+        trainer.fit(make_classification(8), batch_size=4, epochs=1)
+        return trainer._plain_steps()
+
+    class OwnBackward(fitkit.Trainer):
+        def backward(self, loss):
+            super().backward(loss)
+
+    class BeforeStep(Callback):
+        def on_before_optimizer_step(self) -> None:
+            pass
+
+    assert plain() and plain(precision="bf16") and plain(metrics=["accuracy"])
+    assert not plain(accumulate_grad_batches=2)
+    assert not plain(grad_clip_norm=1.0)
+    assert not plain(grad_clip_value=1.0)
+    assert not plain(callbacks=[_NoOpBeforeBackward()])
+    assert not plain(callbacks=[BeforeStep()])
+    model = TinyNet()
+    subclassed = OwnBackward(model, torch.optim.SGD(model.parameters(), lr=0.1), "cross_entropy", device="cpu",
+                             verbose=0)
+    subclassed.fit(make_classification(8), batch_size=4, epochs=1)
+    assert not subclassed._plain_steps()
+    on_instance = make_trainer()
+    on_instance.train_step = lambda batch: fitkit.Trainer.train_step(on_instance, batch)
+    on_instance.fit(make_classification(8), batch_size=4, epochs=1)
+    assert not on_instance._plain_steps()
+    calls = []
+    original = fitkit.Trainer.optimizer_step
+    monkeypatch.setattr(fitkit.Trainer, "optimizer_step", lambda self: (calls.append(1), original(self)))
+    assert not plain()
+    assert len(calls) == 2  # the patched method ran for both batches
