@@ -561,6 +561,7 @@ class Trainer:
         """One pass over the training data; returns the epoch's training logs (floats)."""
         self._train_module.train()
         self._metrics_in_use = self.metrics
+        self._non_blocking = _pinned(loader, self.device)
         hooks = self._hooks
         batch_begin, batch_end = hooks["on_batch_begin"], hooks["on_batch_end"]
         tracker, total = self._train_tracker, self.num_train_batches
@@ -780,8 +781,9 @@ class Trainer:
             metric.update(outputs, targets)
 
     def running_logs(self) -> dict[str, float]:
-        """The training loss and metrics so far in this epoch (one host sync)."""
-        with self.allow_sync():
+        """The training loss and metrics so far in this epoch (one host sync); in a distributed run, this
+        rank's own (no collective: rank-0-only callbacks such as the progress bar call it)."""
+        with self.allow_sync(), distributed.local_metric_values(self.metrics):
             return self._train_tracker.compute()
 
     def _to_device(self, batch: Any) -> Any:
@@ -815,6 +817,7 @@ class Trainer:
         was_training = self._train_module.training
         self._eval_module.eval()
         self._metrics_in_use = self._val_metrics
+        self._non_blocking = _pinned(loader, self.device)
         tracker = self._eval_tracker
         tracker.reset()
         try:
@@ -1137,6 +1140,14 @@ def _split_in_memory(data: Any, fraction: float) -> tuple[Any, Any]:
     if split == 0 or split == len(x):
         raise ValueError(f"validation_split={fraction} leaves an empty training or validation set for {len(x)} samples")
     return (x[:split], y[:split]), (x[split:], y[split:])
+
+
+def _pinned(loader: Any, device: torch.device) -> bool:
+    """True when ``loader`` yields pinned batches for a CUDA device: copy them with non_blocking=True.
+
+    Decided per loop: in fit the validation loader is prepared after the training one and may differ.
+    """
+    return device.type == "cuda" and bool(getattr(loader, "pin_memory", False))
 
 
 def _fits_on_device(x: Any, y: Any, device: torch.device) -> bool:

@@ -160,6 +160,16 @@ class _CheapCallback(Callback):
         self.calls += 1
 
 
+@pytest.fixture
+def one_thread():
+    # On a busy machine torch's intra-op thread pool can stall a tiny step far longer than the Python
+    # callback it is compared with; one thread keeps the shares what they are on an idle machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _fit_recording_warnings(trainer: fitkit.Trainer, n_batches: int, epochs: int = 1) -> list[str]:
     x, y = make_classification(4 * n_batches)
     with warnings.catch_warnings(record=True) as caught:
@@ -168,7 +178,7 @@ def _fit_recording_warnings(trainer: fitkit.Trainer, n_batches: int, epochs: int
     return [str(w.message) for w in caught if "is slow" in str(w.message)]
 
 
-def test_a_slow_callback_is_named_once_with_its_time_per_batch():
+def test_a_slow_callback_is_named_once_with_its_time_per_batch(one_thread):
     slow, cheap = _BusyCallback(0.01), _CheapCallback()
     trainer = make_trainer(callbacks=[cheap, slow])
     messages = _fit_recording_warnings(trainer, n_batches=30, epochs=2)
@@ -183,7 +193,7 @@ def test_a_slow_callback_is_named_once_with_its_time_per_batch():
     assert _fit_recording_warnings(trainer, n_batches=30) == []  # once per Trainer
 
 
-def test_cheap_callbacks_and_short_epochs_raise_no_warning():
+def test_cheap_callbacks_and_short_epochs_raise_no_warning(one_thread):
     cheap = _CheapCallback()
     assert _fit_recording_warnings(make_trainer(callbacks=[cheap], verbose=2), n_batches=30) == []
     assert cheap.calls == 30
@@ -283,6 +293,33 @@ def test_cuda_epoch_makes_no_per_batch_sync(precision):
                              precision=precision, verbose=0, debug_sync="error", metrics=["accuracy"])
     history = trainer.fit((x, y), (x, y), batch_size=16, epochs=2)  # in-memory: the data live on the GPU
     assert len(history.history["loss"]) == 2
+
+
+def test_non_blocking_copies_follow_the_loader_being_iterated():
+    x, y = make_classification(8)
+    pinned = DataLoader(TensorDataset(x, y), batch_size=4, pin_memory=True)
+    plain = DataLoader(TensorDataset(x, y), batch_size=4)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert trainer_module._pinned(pinned, cuda) and not trainer_module._pinned(plain, cuda)
+    assert not trainer_module._pinned(pinned, cpu) and not trainer_module._pinned((x, y), cuda)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_pinned_training_loader_is_copied_without_blocking_even_with_an_unpinned_validation_one():
+    x, y = make_classification(64)
+    seen = []
+
+    class Probe(Callback):
+        def on_batch_end(self, batch, logs=None):
+            seen.append(("train", self.trainer._non_blocking))
+
+        def on_validation_batch_end(self, batch, logs=None):
+            seen.append(("val", self.trainer._non_blocking))
+
+    trainer = fitkit.Trainer(TinyNet(), "sgd", "cross_entropy", device="cuda", verbose=0, callbacks=[Probe()])
+    trainer.fit(DataLoader(TensorDataset(x, y), batch_size=32, pin_memory=True),
+                DataLoader(TensorDataset(x, y), batch_size=32, num_workers=1), epochs=1)
+    assert seen == [("train", True), ("train", True), ("val", False), ("val", False)]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
