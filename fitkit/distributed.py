@@ -372,6 +372,22 @@ def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
+@contextlib.contextmanager
+def local_metric_values(metrics: list[Any]) -> Iterator[None]:
+    """Inside it, torchmetrics metrics compute this rank's own value, without their cross-process sync (a
+    collective): for readers that run on one rank only, such as the progress bar's running logs. Their
+    cached value is left as it was, so the epoch's synced ``compute`` is not served a local one."""
+    inner = [m.metric for m in metrics if hasattr(getattr(m, "metric", None), "_to_sync")]
+    saved = [(metric._to_sync, metric._computed) for metric in inner]
+    for metric in inner:
+        metric._to_sync, metric._computed = False, None
+    try:
+        yield
+    finally:
+        for metric, (to_sync, computed) in zip(inner, saved):
+            metric._to_sync, metric._computed = to_sync, computed
+
+
 # -- data ---------------------------------------------------------------------------------------
 def set_epoch(loader: Any, epoch: int) -> None:
     """Tells a distributed sampler (or the sharded in-memory batcher) which epoch's order to draw."""
