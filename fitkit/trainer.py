@@ -781,8 +781,9 @@ class Trainer:
             metric.update(outputs, targets)
 
     def running_logs(self) -> dict[str, float]:
-        """The training loss and metrics so far in this epoch (one host sync)."""
-        with self.allow_sync():
+        """The training loss and metrics so far in this epoch (one host sync); in a distributed run, this
+        rank's own (no collective: rank-0-only callbacks such as the progress bar call it)."""
+        with self.allow_sync(), distributed.local_metric_values(self.metrics):
             return self._train_tracker.compute()
 
     def _to_device(self, batch: Any) -> Any:
