@@ -32,7 +32,11 @@ class ProgressBar(Callback):
         log_every_seconds: off a terminal, seconds between progress lines within an epoch (default None:
             only the end-of-epoch line).
         file: the stream to write to (default ``sys.stderr``, as tqdm).
+
+    Runs on rank 0 only in a distributed run.
     """
+
+    rank_zero_only = True
 
     def __init__(self, mode: str = "bar", refresh_interval: float = 0.25,
                  log_every_seconds: float | None = None, file: IO[str] | None = None) -> None:
