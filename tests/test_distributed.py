@@ -337,6 +337,52 @@ def test_only_rank_zero_writes_files(tmp_path: Path) -> None:
     assert len(rows) == 1 + 3
 
 
+def _progress_bars(rank: int, out: Path) -> dict[str, Any]:
+    import io
+
+    from fitkit.callbacks import ProgressBar
+
+    stream = io.StringIO()
+    trainer = build(callbacks=[ProgressBar(mode="epoch", file=stream)])
+    trainer.fit(DataLoader(make_data(), batch_size=16), epochs=2)
+    return {"printed": stream.getvalue()}
+
+
+def test_a_progress_bar_passed_as_a_callback_draws_on_rank_zero_only(tmp_path: Path) -> None:
+    rank0, rank1 = run_ranks(_progress_bars, tmp_path).check()
+    assert rank0["printed"].count("Epoch ") == 2 and rank1["printed"] == ""
+
+
+def _torchmetrics_job(rank: int, out: Path) -> dict[str, Any]:
+    import io
+
+    import torchmetrics
+
+    from fitkit.callbacks import ProgressBar
+
+    stream = io.StringIO()
+    fitkit.seed_everything(0)
+    model = make_model()
+    # The progress bar runs on rank 0 only and reads the running metrics after every batch.
+    trainer = fitkit.Trainer(model, "sgd", "cross_entropy", device="cpu", verbose=0,
+                             metrics=[torchmetrics.classification.MulticlassAccuracy(num_classes=2)],
+                             callbacks=[ProgressBar(log_every_seconds=1e-9, file=stream)])
+    batch_size = 32 // trainer.world_size
+    history = trainer.fit(DataLoader(make_data(), batch_size=batch_size),
+                          DataLoader(TensorDataset(*make_data(99)[:]), batch_size=16), epochs=2)
+    return {"history": history.history, "lines": stream.getvalue().count("batch")}
+
+
+def test_torchmetrics_metrics_sync_at_epoch_end_and_never_from_rank_zero_alone(tmp_path: Path) -> None:
+    pytest.importorskip("torchmetrics")
+    one = run_single(_torchmetrics_job, tmp_path / "one")
+    rank0, rank1 = run_ranks(_torchmetrics_job, tmp_path / "two", timeout=30).check()
+    assert rank0["lines"] > 0 and rank1["lines"] == 0
+    for rank in (rank0, rank1):
+        assert rank["history"]["multiclass_accuracy"] == one["history"]["multiclass_accuracy"]
+        assert rank["history"]["val_multiclass_accuracy"] == one["history"]["val_multiclass_accuracy"]
+
+
 # -- resume -------------------------------------------------------------------------------------
 def _resume_job(rank: int, out: Path, kill_at: int | None = None) -> dict[str, Any]:
     folder = out.parent / "backup"
