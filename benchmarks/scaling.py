@@ -1,0 +1,217 @@
+"""Scaling out: training samples per second of the same job with 1 and 2 processes (and one per GPU).
+
+The job is the overhead benchmark's workloads (``workloads.py``): the MLP (32-64-10, batch 64: a step of
+well under a millisecond, so communication shows) and the small CNN (3x32x32, batch 128: compute
+dominates). Each run is the unchanged script launched by torchrun
+(``python -m torch.distributed.run --standalone --nproc_per_node=N``): ``Trainer(strategy="auto")``
+trains in one process for N=1 and with DDP for N>1, on a ``DataLoader(shuffle=True)`` that fitkit gives a
+DistributedSampler. The batch size is per process, so N processes take N times fewer steps per epoch
+over the same data (an effective batch N times larger); samples/s counts every rank's samples.
+
+On the CPU each process uses one thread (gloo), so 2 processes use 2 cores against 1: the ideal
+speed-up is 2.0. On CUDA (nccl) there is one process per GPU: 1, then every GPU when there are several.
+Each rank also times the per-step stop-flag all-reduce (a one-number gloo all-reduce on fitkit's control
+group, which lets one rank's ``stop_training`` stop all) and reports it against the step time.
+
+A control row (CPU) runs N independent one-process jobs at once, without any communication: the most
+this machine gives N busy processes (on a shared or small machine, less than N times one). "of the
+control" is the N-process job's throughput against it, which separates what synchronous training costs
+(all-reduces, and every step waiting for the slowest rank) from what the machine cannot give.
+
+Runs alternate between configurations in ``--rounds`` rounds, so a noisy neighbour slows each alike; the
+median is reported. A short warm-up ``fit`` in the same processes comes first and is not timed.
+
+Usage::
+
+    python benchmarks/scaling.py                       # CPU: mlp and cnn, 1 and 2 processes (~2 min)
+    python benchmarks/scaling.py --device cuda         # one process per GPU (nccl)
+    python benchmarks/scaling.py --workloads cnn --rounds 5 --epochs 3
+
+Writes ``benchmarks/results/scaling.json`` (``--json`` to change) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+# -- the worker: what each torchrun process runs ---------------------------------------------------
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import fitkit
+    from fitkit import distributed
+    from workloads import WORKLOADS, build_model, make_tensors
+
+    workload = WORKLOADS[args.workload]
+    x, y, _, _ = make_tensors(workload)
+    fitkit.seed_everything(0)
+    model = build_model(args.workload)
+    trainer = fitkit.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), "cross_entropy",
+                             device=args.device, verbose=0)
+    warmup = DataLoader(TensorDataset(x[: workload.batch_size * 20], y[: workload.batch_size * 20]),
+                        batch_size=workload.batch_size, shuffle=True)
+    trainer.fit(warmup, epochs=1)  # DDP's first buckets, allocator, kernels: not timed
+    train = DataLoader(TensorDataset(x, y), batch_size=workload.batch_size, shuffle=True)
+    steps_before = trainer.global_step
+    distributed.barrier(trainer._dist)  # start together
+    start = time.perf_counter()
+    trainer.fit(train, epochs=args.epochs)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    steps = trainer.global_step - steps_before
+    calls = 2000
+    distributed.barrier(trainer._dist)
+    flag_start = time.perf_counter()
+    for _ in range(calls):
+        distributed.any_rank(False, trainer._dist)
+    flag_us = (time.perf_counter() - flag_start) / calls * 1e6 if trainer.world_size > 1 else 0.0
+    share = len(trainer._train_loader.sampler) * args.epochs  # this rank's samples (its DistributedSampler's)
+    result = {"rank": trainer._dist.rank, "world_size": trainer.world_size, "seconds": seconds, "steps": steps,
+              "samples": share, "stop_flag_us": flag_us, "strategy": type(trainer._train_module).__name__}
+    Path(args.out, f"rank{trainer._dist.rank}.json").write_text(json.dumps(result))
+
+
+# -- the parent: launches torchrun, alternates process counts, reports -------------------------------
+def _launch(workload: str, nproc: int, device: str, epochs: int, out: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1") if device == "cpu" else dict(os.environ)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(Path(__file__).resolve()), "--worker", "--workload", workload, "--device", device,
+               "--epochs", str(epochs), "--out", out]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_once(workload: str, nproc: int, device: str, epochs: int, timeout: float,
+             independent: int = 1) -> dict[str, Any]:
+    """One torchrun launch of ``nproc`` processes; or, with ``independent=k``, k single-process launches at
+    once (no communication: what the machine gives k processes, the ceiling for a k-process run)."""
+    with tempfile.TemporaryDirectory() as root:
+        outs = [str(Path(root, str(i))) for i in range(independent)]
+        for out in outs:
+            Path(out).mkdir()
+        launches = [_launch(workload, nproc, device, epochs, out) for out in outs]
+        for launch in launches:
+            _, stderr = launch.communicate(timeout=timeout)
+            if launch.returncode != 0:
+                raise RuntimeError(f"torchrun with {nproc} process(es) failed ({launch.returncode}):\n{stderr[-3000:]}")
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for out in outs for r in range(nproc)]
+    seconds = max(r["seconds"] for r in ranks)  # the job ends when its slowest rank does
+    samples = sum(r["samples"] for r in ranks)
+    steps = ranks[0]["steps"]
+    return {"samples_per_s": samples / seconds, "step_ms": seconds / steps * 1e3, "seconds": seconds,
+            "samples": samples, "steps_per_rank": steps, "strategy": ranks[0]["strategy"],
+            "stop_flag_us": statistics.mean(r["stop_flag_us"] for r in ranks)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="mlp,cnn")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--processes", default=None,
+                        help="comma-separated process counts (default: 1,2 on the CPU; 1 and every GPU on CUDA)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per torchrun launch")
+    parser.add_argument("--no-control", action="store_true",
+                        help="skip the control runs (N independent 1-process jobs at once, CPU only)")
+    parser.add_argument("--json", default=str(HERE / "results" / "scaling.json"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+
+    import torch
+
+    from workloads import machine_info
+
+    if args.processes:
+        counts = [int(n) for n in args.processes.split(",")]
+    elif args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device here; run on the CPU (the default)")
+        gpus = torch.cuda.device_count()
+        counts = [1] if gpus == 1 else [1, gpus]
+    else:
+        counts = [1, 2]
+    workloads = args.workloads.split(",")
+    # (processes, independent launches): (n, 1) is one n-process job; (1, n) is n one-process jobs at once.
+    configs = [(n, 1) for n in counts]
+    if args.device == "cpu" and not args.no_control:
+        configs += [(1, n) for n in counts if n > 1]
+    samples: dict[tuple[str, int, int], list[dict[str, Any]]] = {(w, n, k): [] for w in workloads
+                                                                  for n, k in configs}
+    failures: list[str] = []
+    for round_index in range(args.rounds):
+        for workload in workloads:
+            for n, k in configs:  # alternate, so that a busy neighbour slows every configuration alike
+                try:
+                    result = run_once(workload, n, args.device, args.epochs, args.timeout, independent=k)
+                except RuntimeError as exc:  # reported, and counted in the JSON; one retry
+                    print(f"launch failed, retrying once: {exc}", file=sys.stderr, flush=True)
+                    failures.append(str(exc)[-3000:])
+                    result = run_once(workload, n, args.device, args.epochs, args.timeout, independent=k)
+                samples[(workload, n, k)].append(result)
+                label = f"x{n}" if k == 1 else f"{k} independent x1"
+                print(f"round {round_index + 1}/{args.rounds} {workload} {label}: {result['samples_per_s']:,.0f} "
+                      f"samples/s ({result['step_ms']:.2f} ms/step)", file=sys.stderr, flush=True)
+
+    from workloads import WORKLOADS
+
+    rows = []
+    for workload in workloads:
+        base = statistics.median(r["samples_per_s"] for r in samples[(workload, counts[0], 1)]) / counts[0]
+        for n, k in configs:
+            runs = samples[(workload, n, k)]
+            rate = statistics.median(r["samples_per_s"] for r in runs)
+            step_ms = statistics.median(r["step_ms"] for r in runs)
+            flag_us = statistics.median(r["stop_flag_us"] for r in runs)
+            ceiling = samples.get((workload, 1, n)) if k == 1 and n > 1 else None
+            rows.append({"workload": workload, "device": args.device, "processes": n * k,
+                         "run": f"{n}-process job" if k == 1 else f"{k} independent 1-process jobs (control)",
+                         "batch_per_process": WORKLOADS[workload].batch_size,
+                         "effective_batch": WORKLOADS[workload].batch_size * n, "strategy": runs[0]["strategy"],
+                         "samples_per_s": rate, "samples_per_s_runs": [r["samples_per_s"] for r in runs],
+                         "speedup": rate / base, "efficiency": rate / (base * n * k), "step_ms": step_ms,
+                         "of_control": rate / statistics.median(r["samples_per_s"] for r in ceiling) if ceiling
+                         else None,
+                         "stop_flag_us": flag_us, "stop_flag_share": flag_us / 1e3 / step_ms if n > 1 else 0.0})
+    report = {"machine": machine_info(), "epochs": args.epochs, "rounds": args.rounds, "rows": rows,
+              "failed_launches": failures,
+              "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print(f"\n{report['machine']['cpu']}, {report['machine']['cpu_count']} cores, torch {report['machine']['torch']}, "
+          f"load {report['machine'].get('loadavg_1min', float('nan')):.2f}; median of {args.rounds} rounds\n")
+    print("| workload | run | batch/process | samples/s | speed-up | of the control | ms/step | stop-flag all-reduce |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        distributed_run = row["processes"] > 1 and "control" not in row["run"]
+        flag = f"{row['stop_flag_us']:.0f} µs ({row['stop_flag_share']:.1%})" if distributed_run else "-"
+        control = f"{row['of_control']:.0%}" if row["of_control"] is not None else "-"
+        print(f"| {row['workload']} | {row['run']} ({row['device']}) | {row['batch_per_process']} | "
+              f"{row['samples_per_s']:,.0f} | {row['speedup']:.2f}x | {control} | {row['step_ms']:.2f} | {flag} |")
+    print(f"\nwritten: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
