@@ -1,0 +1,279 @@
+"""Training samples per second with fitkit, per device, model and setting: what a GPU buys, which settings pay.
+
+Models: the overhead benchmark's MLP (32-64-10, batch 64) and small CNN (3x32x32, batch 128), and
+torchvision's ResNet-18 on synthetic 64x64 images (batch 128; ``--image-size`` to change). Settings,
+one at a time from the float32 baseline and then together: ``precision="bf16"``, ``precision="fp16"``
+(CUDA only), ``channels_last=True`` (image models), ``compile=True``, and ``all`` (bf16, channels_last
+and compile on CUDA; what pays on the CPU there). ``--grid`` runs the full cross product instead.
+
+Each measurement runs in its own process: ``Trainer(...).fit`` over one synthetic batch already on the
+device, repeated (so the figure is the model and the loop, not data loading), after a warm-up that
+includes compilation (reported separately), then timed fits of about ``--seconds`` each; the median of
+``--repeats`` is reported. The CPU uses torch's default threads (one per core) unless ``--threads``.
+
+Usage::
+
+    python benchmarks/throughput.py                        # CPU, and CUDA when present (minutes)
+    python benchmarks/throughput.py --devices cuda --models resnet18 --grid
+    python benchmarks/throughput.py --models mlp,cnn --no-compile   # skip compilation (quick)
+
+Writes ``benchmarks/results/throughput.json``, ``throughput.md`` and ``throughput.png`` (the chart needs
+matplotlib: ``pip install fitkit[bench]``; without it the JSON and table are still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+MODELS = {
+    # name: (input shape, batch size)
+    "mlp": ((32,), 64),
+    "cnn": ((3, 32, 32), 128),
+    "resnet18": (None, 128),  # (3, image_size, image_size)
+}
+
+
+def _settings(model: str, device: str, grid: bool, compile_ok: bool) -> list[dict[str, Any]]:
+    images = model != "mlp"
+    precisions = ["32", "bf16"] + (["fp16"] if device == "cuda" else [])
+    layouts = [False, True] if images else [False]
+    compiles = [False, True] if compile_ok else [False]
+    if grid:
+        return [{"precision": p, "channels_last": c, "compile": k}
+                for p, c, k in itertools.product(precisions, layouts, compiles)]
+    base = {"precision": "32", "channels_last": False, "compile": False}
+    out = [dict(base)]
+    out += [dict(base, precision=p) for p in precisions[1:]]
+    if images:
+        out.append(dict(base, channels_last=True))
+    if compile_ok:
+        out.append(dict(base, compile=True))
+    combined = {"precision": "bf16", "channels_last": images, "compile": compile_ok}
+    if combined not in out:
+        out.append(combined)
+    return out
+
+
+def label(setting: dict[str, Any]) -> str:
+    parts = [{"32": "fp32", "bf16": "bf16", "fp16": "fp16"}[setting["precision"]]]
+    if setting["channels_last"]:
+        parts.append("channels_last")
+    if setting["compile"]:
+        parts.append("compile")
+    return " + ".join(parts)
+
+
+# -- one measurement (child process) ---------------------------------------------------------------
+def _build(model_name: str, image_size: int) -> tuple[Any, tuple[int, ...]]:
+    from torch import nn
+    from workloads import build_model
+
+    shape, _ = MODELS[model_name]
+    if model_name == "resnet18":
+        from torchvision.models import resnet18
+
+        return resnet18(num_classes=10), (3, image_size, image_size)
+    model = build_model(model_name)
+    assert isinstance(model, nn.Module)
+    return model, shape
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    import fitkit
+
+    setting = json.loads(args.setting)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, shape = _build(args.model, args.image_size)
+    batch_size = args.batch_size or MODELS[args.model][1]
+    x = torch.randn(batch_size, *shape, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    trainer = fitkit.Trainer(model, optimizer, "cross_entropy", device=device, verbose=0,
+                             precision=setting["precision"], channels_last=setting["channels_last"],
+                             compile=setting["compile"])
+
+    def timed_fit(steps: int) -> float:
+        batches = [(x, y)] * steps  # one batch on the device, again and again: no data loading
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        trainer.fit(batches, epochs=1)  # ends with the epoch's logs: one host sync
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    warmup_s = timed_fit(args.warmup_steps)  # compiles, autotunes, fills the caching allocator
+    probe = max(timed_fit(3) / 3, 1e-6)
+    steps = int(min(max(args.seconds / probe, 5), 2000))
+    times = [timed_fit(steps) for _ in range(args.repeats)]
+    per_step = statistics.median(times) / steps
+    print("RESULT " + json.dumps({
+        "samples_per_s": batch_size / per_step, "step_ms": per_step * 1e3, "steps": steps,
+        "repeats": args.repeats, "batch_size": batch_size, "input_shape": list(shape),
+        "warmup_s": warmup_s, "threads": torch.get_num_threads(),
+        "samples_per_s_all": [batch_size * steps / t for t in times],
+    }), flush=True)
+
+
+# -- the parent ---------------------------------------------------------------------------------
+def _measure(args: argparse.Namespace, device: str, model: str, setting: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--device", device, "--model", model,
+           "--setting", json.dumps(setting), "--image-size", str(args.image_size), "--seconds", str(args.seconds),
+           "--repeats", str(args.repeats), "--warmup-steps", str(args.warmup_steps)]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    row: dict[str, Any] = {"device": device, "model": model, "setting": label(setting), **setting}
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        row["error"] = tail[:300]
+        return row
+    row.update(json.loads(lines[-1][len("RESULT "):]))
+    return row
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    def baseline(device: str, model: str) -> float | None:
+        match = [r for r in rows if (r["device"], r["model"], r["setting"]) == (device, model, "fp32")]
+        return match[0].get("samples_per_s") if match else None
+
+    lines = ["| device | model | setting | samples/s | ms/step | vs fp32 on this device | vs CPU fp32 | "
+             "warm-up s |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        head = f"| {r['device']} | {r['model']} | {r['setting']} |"
+        if "samples_per_s" not in r:
+            lines.append(f"{head} n/a: {r['error']} | | | | |")
+            continue
+        ratios = []
+        for base in (baseline(r["device"], r["model"]), baseline("cpu", r["model"])):
+            ratios.append("" if not base else f"{r['samples_per_s'] / base:.2f}x")
+        lines.append(f"{head} {r['samples_per_s']:,.0f} | {r['step_ms']:.2f} | {ratios[0]} | {ratios[1]} | "
+                     f"{r['warmup_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install fitkit[bench])", file=sys.stderr)
+        return False
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    devices = list(dict.fromkeys(r["device"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.6), squeeze=False)
+    colors = {"cpu": "#4C72B0", "cuda": "#55A868", "mps": "#C44E52"}
+    for ax, model in zip(axes[0], models):
+        settings = list(dict.fromkeys(r["setting"] for r in rows if r["model"] == model))
+        width = 0.8 / len(devices)
+        for d, device in enumerate(devices):
+            values = []
+            for setting in settings:
+                match = [r for r in rows if r["model"] == model and r["device"] == device and r["setting"] == setting]
+                values.append(match[0].get("samples_per_s", 0.0) if match else 0.0)
+            positions = [i + (d - (len(devices) - 1) / 2) * width for i in range(len(settings))]
+            bars = ax.bar(positions, values, width, label=device, color=colors.get(device, None))
+            for bar, value in zip(bars, values):
+                ax.annotate("n/a" if value == 0 else f"{value:,.0f}", (bar.get_x() + bar.get_width() / 2,
+                            max(value, 1.0)), ha="center", va="bottom", fontsize=7, rotation=90)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(settings)))
+        ax.set_xticklabels(settings, rotation=30, ha="right", fontsize=8)
+        ax.set_title(model)
+        ax.set_ylabel("training samples / s (log)")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", default=None, help="comma-separated: cpu, cuda (default: cpu, plus cuda if present)")
+    parser.add_argument("--models", default="mlp,cnn,resnet18", help="comma-separated: mlp, cnn, resnet18")
+    parser.add_argument("--grid", action="store_true", help="every combination instead of one change at a time")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile settings")
+    parser.add_argument("--image-size", type=int, default=64, help="ResNet-18 input size (default 64)")
+    parser.add_argument("--batch-size", type=int, default=None, help="override every model's batch size")
+    parser.add_argument("--seconds", type=float, default=2.0, help="target length of each timed fit")
+    parser.add_argument("--repeats", type=int, default=3, help="timed fits per measurement (median)")
+    parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first (compilation included)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per process (default: torch's, one per core)")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON, table and chart")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement process")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--device", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args)
+        return 0
+
+    import torch
+    from workloads import machine_info
+
+    devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if "cuda" in devices and not torch.cuda.is_available():
+        parser.error("--devices names cuda, but CUDA is not available here")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+    compile_ok = not args.no_compile and hasattr(torch, "compile")
+    info = machine_info()
+    print(f"# {info['cpu']}, {info['cpu_count']} cores, GPU: {info['cuda'] or 'none'}, torch {info['torch']}",
+          file=sys.stderr)
+    rows = []
+    started = time.time()
+    for device in devices:
+        for model in models:
+            for setting in _settings(model, device, args.grid, compile_ok):
+                row = _measure(args, device, model, setting)
+                rows.append(row)
+                shown = (f"{row['samples_per_s']:,.0f} samples/s" if "samples_per_s" in row
+                         else f"n/a ({row['error']})")
+                print(f"{device:5s} {model:9s} {row['setting']:32s} {shown}", file=sys.stderr, flush=True)
+    table = markdown(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"benchmark": "throughput", "command": " ".join([Path(sys.executable).name] + sys.argv),
+              "machine": info, "image_size": args.image_size, "wall_s": time.time() - started, "rows": rows,
+              "markdown": table}
+    (args.out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "throughput.md").write_text(table + "\n")
+    title = (f"fitkit training throughput - CPU: {info['cpu']} ({info['cpu_count']} cores)"
+             + (f", GPU: {info['cuda']}" if info["cuda"] else ", no GPU"))
+    drawn = chart(rows, args.out / "throughput.png", title)
+    print(table)
+    print(f"\nwrote {args.out / 'throughput.json'}, throughput.md{', throughput.png' if drawn else ''} "
+          f"({report['wall_s']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
