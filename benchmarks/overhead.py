@@ -81,7 +81,8 @@ class _Clock:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def _loop(workload: Any, tensors: tuple, epochs: int, sync_every_step: bool, in_memory: bool = False) -> tuple[float, float]:
+def _loop(workload: Any, tensors: tuple, epochs: int, sync_every_step: bool,
+          in_memory: bool = False) -> tuple[float, float]:
     import torch
     from torch import nn
     from workloads import build_model, make_loaders
@@ -135,7 +136,8 @@ def _loop(workload: Any, tensors: tuple, epochs: int, sync_every_step: bool, in_
     return clock.stop()
 
 
-def _fitkit(workload: Any, tensors: tuple, epochs: int, verbose: int = 1, in_memory: bool = False) -> tuple[float, float]:
+def _fitkit(workload: Any, tensors: tuple, epochs: int, verbose: int = 1,
+            in_memory: bool = False) -> tuple[float, float]:
     import torch
     from workloads import build_model, make_loaders
 
@@ -337,6 +339,21 @@ def summarize(samples: dict[tuple[str, str], list[dict[str, Any]]], workloads: l
     return rows, "\n".join(lines)
 
 
+_IMPORT_PROBE = ("import time; start = time.perf_counter(); import torch; middle = time.perf_counter(); "
+                 "import fitkit; print(middle - start, time.perf_counter() - middle)")
+
+
+def import_cost(runs: int = 5) -> dict[str, float]:
+    """Seconds ``import torch`` and then ``import fitkit`` take in a fresh process (least of ``runs``)."""
+    torch_s, fitkit_s = [], []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, check=True)
+        first, second = out.stdout.split()
+        torch_s.append(float(first))
+        fitkit_s.append(float(second))
+    return {"torch_s": min(torch_s), "fitkit_over_torch_s": min(fitkit_s), "runs": runs}
+
+
 def opcode_table(results: list[dict[str, Any]]) -> str:
     lines = ["| workload | runner | Python bytecodes per training batch | more than `loop` |", "|---|---|---:|---:|"]
     reference = {r["workload"]: r["opcodes_per_batch"] for r in results if r["runner"] == "loop"}
@@ -408,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {round_idx + 1}/{args.rounds} {workload:4s} {runner:14s} "
                       f"{result['steps_per_s']:9.1f} steps/s", file=sys.stderr, flush=True)
     rows, table = summarize(samples, workloads, runners, missing) if args.rounds else ([], "")
+    imports = import_cost()
+    table += ("\n\n" if table else "") + (
+        f"`import fitkit` after `import torch`: {imports['fitkit_over_torch_s'] * 1e3:.0f} ms (target <= 100 ms; "
+        f"`import torch`: {imports['torch_s']:.2f} s; least of {imports['runs']} runs)")
     opcodes: list[dict[str, Any]] = []
     if args.opcodes:
         for workload in workloads:
@@ -420,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "overhead", "command": " ".join([Path(sys.executable).name] + sys.argv),
               "machine": info, "rounds": args.rounds, "epochs": args.epochs,
               "train_batches": args.train_batches, "val_batches": args.val_batches,
-              "wall_s": time.time() - started, "rows": rows, "opcodes": opcodes, "markdown": table}
+              "wall_s": time.time() - started, "rows": rows, "opcodes": opcodes, "import": imports, "markdown": table}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(table)

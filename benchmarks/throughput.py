@@ -213,7 +213,8 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--devices", default=None, help="comma-separated: cpu, cuda (default: cpu, plus cuda if present)")
+    parser.add_argument("--devices", default=None,
+                        help="comma-separated: cpu, cuda (default: cpu, plus cuda if present)")
     parser.add_argument("--models", default="mlp,cnn,resnet18", help="comma-separated: mlp, cnn, resnet18")
     parser.add_argument("--grid", action="store_true", help="every combination instead of one change at a time")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile settings")
