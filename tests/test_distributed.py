@@ -750,3 +750,58 @@ def test_fsdp_checkpoints_hold_the_full_state_and_resume_exactly(tmp_path: Path)
     assert resumed[0]["steps"] == 9
     assert max_difference(resumed[0]["weights"], whole[0]["weights"]) == 0.0
     assert resumed[0]["history"] == whole[0]["history"]
+
+
+def _fsdp_misuse(rank: int, out: Path, case: str) -> dict[str, Any]:
+    fitkit.seed_everything(0)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    try:
+        if case == "optimizer with state":
+            nn.functional.cross_entropy(model(make_data().tensors[0]), make_data().tensors[1]).backward()
+            optimizer.step()
+            fitkit.Trainer(model, optimizer, "cross_entropy", device="cpu", strategy="fsdp", verbose=0)
+        else:
+            trainer = fitkit.Trainer(model, optimizer, "cross_entropy", device="cpu", strategy="fsdp", verbose=0,
+                                     accumulate_grad_batches=2,
+                                     callbacks=[BackupAndRestore(out.parent / "backup", save_freq=1)])
+            trainer.fit(DataLoader(make_data(), batch_size=16), epochs=1)
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"error": None}
+
+
+def test_fsdp_refuses_an_optimizer_that_already_holds_state(tmp_path: Path) -> None:
+    for rank in run_ranks(_fsdp_misuse, tmp_path, case="optimizer with state").check():
+        assert rank["error"] == (
+            "ValueError: strategy='fsdp' shards the model after the optimizer was built, so the optimizer must not "
+            "hold state yet (momentum buffers); build it fresh, or load its state after building the Trainer")
+
+
+def test_fsdp_checkpoint_in_the_middle_of_an_accumulation_group_is_not_supported(tmp_path: Path) -> None:
+    message = ("NotImplementedError: saving a checkpoint in the middle of an accumulation group is not supported "
+               "with strategy='fsdp' (the partial gradients are sharded); save at group ends: "
+               "ModelCheckpoint/BackupAndRestore(save_freq=a multiple of accumulate_grad_batches) or 'epoch'")
+    errors = [rank["error"] for rank in run_ranks(_fsdp_misuse, tmp_path / "out", case="mid-group").check()]
+    # The rank that failed first raises it; the other reports it as the peer's failure.
+    assert message in errors
+    assert any(error.startswith("PeerFailure: rank ") and message.split(": ", 1)[1] in error for error in errors)
+
+
+def test_without_torch_distributed_a_forced_strategy_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(distributed.dist, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"^strategy='ddp' needs torch.distributed, which this torch build lacks; "
+                                           r"use strategy='none'$"):
+        build(strategy="ddp")
+
+
+def test_validation_data_that_cannot_be_split_is_read_whole_on_every_rank() -> None:
+    info = distributed.DistInfo(rank=1, world_size=2, control_group=object())
+    batches = [(torch.zeros(2, 8), torch.zeros(2, dtype=torch.long))]
+    with pytest.warns(UserWarning, match=r"^validation data of type list cannot be sharded: every rank evaluates "
+                                         r"all of it and the means stay right"):
+        assert list(distributed.shard_eval(batches, info)) == batches
+    custom = DataLoader(make_data(), batch_sampler=[[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match=r"^validation data uses a custom batch_sampler \(list\) that fitkit cannot "
+                                         r"split across ranks; use batch_size= on the DataLoader$"):
+        distributed.shard_eval(custom, info)
