@@ -3,7 +3,9 @@
 Runs each loop in its own process (one CPU thread, ``torch.set_num_threads(1)``), in interleaved rounds
 so that a noisy neighbour slows every runner alike, and reports training steps per second: the
 train steps of a timed ``fit`` (3 epochs, each with a validation pass) over its wall time. A separate
-short warm-up run in the same process comes first and is not timed.
+short warm-up run in the same process comes first and is not timed; of the ``--repeats`` timed runs
+in a process the fastest counts; the table gives the median over rounds, and the median of the
+per-round ratios to ``loop`` (paired: the two ran minutes apart at most).
 
 Runners (``ratio`` is against ``loop``, measured in the same round):
 
@@ -262,7 +264,8 @@ def count_opcodes(run: Callable[..., Any], workload: Any, small: int = 20, large
 
 
 def child(args: argparse.Namespace) -> None:
-    """One measurement: a short warm-up fit, then the timed one. Prints ``RESULT <json>``."""
+    """One measurement: a short warm-up fit, then ``--repeats`` timed ones (fresh model each time); the
+    fastest counts, as the one least disturbed by other processes. Prints ``RESULT <json>``."""
     import torch
     from workloads import WORKLOADS, make_tensors
 
@@ -277,13 +280,16 @@ def child(args: argparse.Namespace) -> None:
                                       "opcodes_per_batch": count_opcodes(run, workload)}), flush=True)
         return
     tensors = make_tensors(workload)
-    torch.manual_seed(0)
-    wall, cpu = run(workload, tensors, args.epochs)
+    times = []
+    for _ in range(args.repeats):
+        torch.manual_seed(0)
+        times.append(run(workload, tensors, args.epochs))
+    wall, cpu = min(times)
     steps = args.epochs * workload.train_batches
     print("RESULT " + json.dumps({"runner": args.child, "workload": workload.name, "steps": steps,
                                   "wall_s": wall, "cpu_s": cpu, "steps_per_s": steps / wall,
-                                  "steps_per_cpu_s": steps / cpu, "threads": torch.get_num_threads()}),
-          flush=True)
+                                  "steps_per_cpu_s": steps / cpu, "all_wall_s": [t[0] for t in times],
+                                  "threads": torch.get_num_threads()}), flush=True)
 
 
 # -- the parent: rounds, medians, the table ------------------------------------------------------
@@ -296,7 +302,8 @@ def _installed(package: str) -> bool:
 def _measure(runner: str, workload: str, args: argparse.Namespace, opcodes: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", runner, "--workload", workload,
            "--epochs", str(args.epochs), "--train-batches", str(args.train_batches[workload]),
-           "--val-batches", str(args.val_batches[workload])] + (["--count-opcodes"] if opcodes else [])
+           "--val-batches", str(args.val_batches[workload]), "--repeats", str(args.repeats)]
+    cmd += ["--count-opcodes"] if opcodes else []
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", KERAS_BACKEND="torch")
     # stdout and stderr are pipes: progress bars see no terminal, as under a job scheduler.
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -369,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default="mlp,cnn", help="comma-separated: mlp, cnn (default both)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per run (default 3)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed runs per process, the fastest counts (default 2)")
     parser.add_argument("--train-batches", type=int, default=None,
                         help="training batches per epoch (default: 1000 for mlp, 40 for cnn)")
     parser.add_argument("--val-batches", type=int, default=None,
@@ -404,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         runners.insert(0, "loop")  # the reference every ratio needs
     missing = [r for r in runners if r in PEER_PACKAGES and not _installed(PEER_PACKAGES[r])]
     runners = [r for r in runners if r not in missing]
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     if args.rounds < 0 or (args.rounds == 0 and not args.opcodes):
         parser.error("--rounds must be >= 1 (or 0 with --opcodes, to count bytecodes only)")
     args.train_batches = {w: args.train_batches or WORKLOADS[w].train_batches for w in workloads}
@@ -439,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         table += ("\n\n" if table else "") + opcode_table(opcodes)
     info["loadavg_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     report = {"benchmark": "overhead", "command": " ".join([Path(sys.executable).name] + sys.argv),
-              "machine": info, "rounds": args.rounds, "epochs": args.epochs,
+              "machine": info, "rounds": args.rounds, "repeats": args.repeats, "epochs": args.epochs,
               "train_batches": args.train_batches, "val_batches": args.val_batches,
               "wall_s": time.time() - started, "rows": rows, "opcodes": opcodes, "import": imports, "markdown": table}
     args.json.parent.mkdir(parents=True, exist_ok=True)
