@@ -120,9 +120,8 @@ def setup(strategy: str, device: torch.device, timeout_s: float) -> DistInfo:
     if device.type == "cuda" and backend == "gloo":
         warnings.warn("the process group uses gloo on a CUDA run: gradient all-reduces go through the host; "
                       "initialise it with backend='nccl' (fitkit does when it creates the group)", stacklevel=3)
-    # fitkit's own host-side group: never the default one, so that closing it on a failure releases the
-    # other ranks without touching the user's group, and so that its messages never wait behind (or
-    # interleave with) DDP's gradient all-reduces.
+    # fitkit's own host-side group, never the default one: a failing rank closes it to release the others
+    # (see on_failure), and its messages never wait behind (or interleave with) DDP's gradient all-reduces.
     control = dist.new_group(backend="gloo", timeout=timeout)
     world_size = dist.get_world_size()
     info = DistInfo(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank, device=chosen_device,

@@ -805,3 +805,21 @@ def test_validation_data_that_cannot_be_split_is_read_whole_on_every_rank() -> N
     with pytest.raises(ValueError, match=r"^validation data uses a custom batch_sampler \(list\) that fitkit cannot "
                                          r"split across ranks; use batch_size= on the DataLoader$"):
         distributed.shard_eval(custom, info)
+
+
+def _own_group(rank: int, out: Path, user_group: bool) -> dict[str, Any]:
+    import datetime
+
+    if user_group:  # the user's own process group is used as it is, and left to the user to destroy
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    trainer = build()
+    trainer.fit(DataLoader(make_data(), batch_size=16), epochs=1)
+    created = trainer._dist.created_group
+    distributed._teardown()  # what runs at exit when fitkit created the group
+    return {"created": created, "initialized_after": torch.distributed.is_initialized(), "steps": trainer.global_step}
+
+
+@pytest.mark.parametrize("user_group", [False, True])
+def test_the_process_group_is_created_only_when_the_user_has_not(tmp_path: Path, user_group: bool) -> None:
+    for rank in run_ranks(_own_group, tmp_path, user_group=user_group).check():
+        assert rank == {"created": not user_group, "initialized_after": False, "steps": 3}
