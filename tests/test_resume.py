@@ -28,6 +28,14 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return checkpoint.load(folder / "final.pt")
 
 
+def _finish(folder: Path, **kwargs: Any) -> dict[str, Any]:
+    """Runs the job in ``folder`` to completion (resuming from its backup) and returns its final state."""
+    process = run_child(job, str(folder), **kwargs)
+    process.join(60)
+    assert process.exitcode == 0, process.exitcode
+    return checkpoint.load(folder / "final.pt")
+
+
 def _read_step(path: Path) -> int:
     try:
         return int(path.read_text() or 0)
