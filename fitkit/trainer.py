@@ -83,30 +83,64 @@ class TrainingInterrupted(Exception):
 
 
 class _Tracker:
-    """Sample-weighted sums of step logs and the metrics, kept on the device until ``compute``."""
+    """Sample-weighted sums of step logs and the metrics, kept on the device until ``compute``.
+
+    ``add`` appends each step's tensors to a list rather than adding them to the float64 sums one by
+    one: that mixed-precision ``add_`` per step was the largest single cost the loop added to a small
+    model's step (~8 us on a CPU; ``benchmarks/README.md``). A run of steps with one batch size goes
+    into the sums in one stacked float64 reduction per key, every ``FOLD`` steps, when the batch size
+    changes, and before the sums are read; so a logged tensor must not be modified in place after the
+    step returned it.
+    """
+
+    FOLD = 256
 
     def __init__(self, metrics: Sequence[Metric]) -> None:
         self.metrics = list(metrics)
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        self._pending: dict[str, list[torch.Tensor]] = {}  # step values not yet in the sums
+        self._pending_n = 0  # the batch size of every pending step
+        self._pending_steps = 0
 
     def reset(self) -> None:
         self.sums, self.count = {}, 0
+        self._pending, self._pending_n, self._pending_steps = {}, 0, 0
         for metric in self.metrics:
             metric.reset()
 
     def add(self, step_logs: dict[str, Any], n: int) -> None:
+        if n != self._pending_n or self._pending_steps == self.FOLD:
+            self._fold()
+            self._pending_n = n
+        pending = self._pending
         for key, value in step_logs.items():
             if isinstance(value, torch.Tensor):
-                total = self.sums.get(key)
-                if total is None:
-                    dtype = torch.float32 if value.device.type == "mps" else torch.float64
-                    self.sums[key] = total = torch.zeros((), dtype=dtype, device=value.device)
-                total.add_(value.detach(), alpha=n)
+                values = pending.get(key)
+                if values is None:
+                    pending[key] = values = []
+                values.append(value.detach() if value.requires_grad else value)
+        self._pending_steps += 1
         self.count += n
+
+    def _fold(self) -> None:
+        """Adds the pending steps to the sums, in float64 (float32 on MPS)."""
+        if not self._pending_steps:
+            return
+        for key, values in self._pending.items():
+            total = self.sums.get(key)
+            if total is None:
+                dtype = torch.float32 if values[0].device.type == "mps" else torch.float64
+                self.sums[key] = total = torch.zeros((), dtype=dtype, device=values[0].device)
+            if len(values) == 1:
+                total.add_(values[0], alpha=self._pending_n)
+            else:
+                total.add_(torch.stack(values).sum(dtype=total.dtype), alpha=self._pending_n)
+        self._pending, self._pending_steps = {}, 0
 
     def compute(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
         """One host sync for everything (and one all-reduce, in a distributed run)."""
+        self._fold()
         keys = list(self.sums)
         parts = [self.sums[k].double().cpu().reshape(1) for k in keys]
         sync_metrics = [m for m in self.metrics if m.sync_state()]
@@ -128,12 +162,14 @@ class _Tracker:
         return logs
 
     def state_dict(self) -> dict[str, Any]:
+        self._fold()
         return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()}, "count": self.count,
                 "metrics": [m.state_dict() for m in self.metrics]}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.sums = {k: v.to(device) for k, v in state["sums"].items()}
         self.count = int(state["count"])
+        self._pending, self._pending_n, self._pending_steps = {}, 0, 0
         for metric, metric_state in zip(self.metrics, state["metrics"]):
             metric.load_state_dict(metric_state, device)
 

@@ -391,3 +391,32 @@ def test_anything_around_the_step_takes_the_general_path(monkeypatch):
     monkeypatch.setattr(fitkit.Trainer, "optimizer_step", lambda self: (calls.append(1), original(self)))
     assert not plain()
     assert len(calls) == 2  # the patched method ran for both batches
+
+
+# -- the tracker's deferred sums -----------------------------------------------------------------
+def test_tracker_sums_equal_a_float64_running_sum_across_folds_and_batch_size_changes(monkeypatch):
+    monkeypatch.setattr(trainer_module._Tracker, "FOLD", 4)
+    g = torch.Generator().manual_seed(0)
+    tracker = trainer_module._Tracker([])
+    expected, count = 0.0, 0
+    sizes = [8] * 9 + [3] + [8] * 2 + [5]  # folds at 4 and 8 steps, and at every size change
+    for step, n in enumerate(sizes):
+        value = torch.rand((), generator=g) * 10
+        tracker.add({"loss": value, "note": "not a tensor"}, n)
+        expected, count = expected + value.item() * n, count + n
+        if step == 6:  # a checkpoint mid-run reads the sums so far
+            state = tracker.state_dict()
+            assert state["sums"]["loss"].item() == pytest.approx(expected, rel=1e-12)
+    assert tracker.compute() == {"loss": pytest.approx(expected / count, rel=1e-12)}
+    restored = trainer_module._Tracker([])
+    restored.load_state_dict(tracker.state_dict(), torch.device("cpu"))
+    assert restored.compute() == tracker.compute()
+
+
+def test_tracker_keeps_no_autograd_graph_alive():
+    weight = torch.ones(3, requires_grad=True)
+    tracker = trainer_module._Tracker([])
+    tracker.add({"loss": (weight * 2).sum()}, 4)  # a custom train_step that forgot .detach()
+    (kept,) = tracker._pending["loss"]
+    assert not kept.requires_grad and kept.grad_fn is None
+    assert tracker.compute()["loss"] == pytest.approx(6.0)
