@@ -293,6 +293,35 @@ def child(args: argparse.Namespace) -> None:
 
 
 # -- the parent: rounds, medians, the table ------------------------------------------------------
+def paired(runner: str, workload_name: str, train_batches: int, val_batches: int, rounds: int,
+           against: str = "loop") -> dict[str, Any]:
+    """``runner`` and ``against`` alternating in this one process (one thread), one epoch each time.
+
+    Sharper than separate processes for small differences: both see the same machine state within
+    seconds. Returns the median of the paired per-batch time differences (validation batches count).
+    """
+    import torch
+    from workloads import WORKLOADS, make_tensors
+
+    torch.set_num_threads(1)
+    workload = WORKLOADS[workload_name].scaled(train_batches, val_batches)
+    tensors = make_tensors(workload)
+    times: dict[str, list[float]] = {against: [], runner: []}
+    for index in range(rounds + 2):  # the first two of each are warm-up
+        order = [against, runner] if index % 2 else [runner, against]
+        for name in order:
+            torch.manual_seed(0)
+            times[name].append(RUNNERS[name](workload, tensors, 1)[0])
+    reference, measured = times[against][2:], times[runner][2:]
+    batches = train_batches + val_batches
+    diffs = sorted((m - r) / batches * 1e6 for r, m in zip(reference, measured))
+    return {"runner": runner, "against": against, "workload": workload_name, "rounds": rounds, "batches": batches,
+            "median_diff_us_per_batch": statistics.median(diffs),
+            "iqr_us_per_batch": [diffs[len(diffs) // 4], diffs[-(len(diffs) // 4) - 1]],
+            "ratio_of_medians": statistics.median(reference) / statistics.median(measured),
+            "reference_ms_per_batch": statistics.median(reference) / batches * 1e3}
+
+
 def _installed(package: str) -> bool:
     import importlib.util
 
@@ -389,12 +418,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opcodes", action="store_true",
                         help="also count the Python bytecodes each loop runs per training batch (deterministic)")
     parser.add_argument("--count-opcodes", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--paired", metavar="RUNNER",
+                        help="instead: alternate RUNNER and --against in one process (--rounds pairs of one epoch, "
+                             "500 + 100 batches unless --train-batches/--val-batches) and print the median "
+                             "per-batch difference")
+    parser.add_argument("--against", default="loop", help="the reference of --paired (default loop)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
         child(args)
+        return 0
+    if args.paired:
+        if args.paired not in RUNNERS or args.against not in RUNNERS:
+            parser.error(f"unknown runner in --paired/--against; choose from {sorted(RUNNERS)}")
+        for workload in args.workloads.split(","):
+            result = paired(args.paired, workload, args.train_batches or 500,
+                            100 if args.val_batches is None else args.val_batches, max(args.rounds, 4), args.against)
+            print(f"{workload}: {args.paired} - {args.against} = {result['median_diff_us_per_batch']:+.1f} us per "
+                  f"batch (median of {result['rounds']} pairs; IQR {result['iqr_us_per_batch'][0]:+.1f} .. "
+                  f"{result['iqr_us_per_batch'][1]:+.1f}); {args.against} {result['reference_ms_per_batch']:.3f} ms "
+                  f"per batch; ratio of medians {result['ratio_of_medians']:.3f}")
         return 0
 
     from workloads import WORKLOADS, machine_info

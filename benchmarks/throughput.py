@@ -198,6 +198,9 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
                 ax.annotate("n/a" if value == 0 else f"{value:,.0f}", (bar.get_x() + bar.get_width() / 2,
                             max(value, 1.0)), ha="center", va="bottom", fontsize=7, rotation=90)
         ax.set_yscale("log")
+        shown = [r["samples_per_s"] for r in rows if r["model"] == model and r.get("samples_per_s")]
+        if shown:
+            ax.set_ylim(min(shown) / 2, max(shown) * 6)  # room for the labels above the bars
         ax.set_xticks(range(len(settings)))
         ax.set_xticklabels(settings, rotation=30, ha="right", fontsize=8)
         ax.set_title(model)
@@ -267,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
               "markdown": table}
     (args.out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "throughput.md").write_text(table + "\n")
-    title = (f"fitkit training throughput - CPU: {info['cpu']} ({info['cpu_count']} cores)"
+    threads = next((r["threads"] for r in rows if r["device"] == "cpu" and "threads" in r), None)
+    title = (f"fitkit training throughput - CPU: {info['cpu']} ({info['cpu_count']} cores, "
+             f"{threads} thread{'s' if threads != 1 else ''})"
              + (f", GPU: {info['cuda']}" if info["cuda"] else ", no GPU"))
     drawn = chart(rows, args.out / "throughput.png", title)
     print(table)
