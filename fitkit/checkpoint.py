@@ -363,11 +363,16 @@ def resolve_resume(trainer: Trainer, resume: str | Path) -> Path | None:
     if not folders:
         raise ValueError("resume='auto' looks in the folders of the trainer's checkpoint callbacks "
                          "(ModelCheckpoint, BackupAndRestore), and this trainer has none; pass a path instead")
+    return newest_good(folders, "resume='auto': skipping bad checkpoint")
+
+
+def newest_good(folders: list[Path], warning: str) -> Path | None:
+    """The newest full checkpoint in ``folders`` that verifies; each bad newer one is reported with ``warning``."""
     for path in candidates(folders):
         try:
             verify(path)
         except CheckpointError as exc:
-            warnings.warn(f"resume='auto': skipping bad checkpoint: {exc}", stacklevel=3)
+            warnings.warn(f"{warning}: {exc}", stacklevel=4)
             continue
         return path
     return None

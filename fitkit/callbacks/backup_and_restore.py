@@ -8,7 +8,7 @@ from typing import Any
 
 from fitkit.callbacks.base import Callback, Logs
 from fitkit.callbacks.model_checkpoint import weights_are_finite
-from fitkit.checkpoint import CheckpointError, candidates, remove_checkpoint, save_trainer_checkpoint, verify
+from fitkit.checkpoint import newest_good, remove_checkpoint, save_trainer_checkpoint
 
 
 class BackupAndRestore(Callback):
@@ -42,14 +42,7 @@ class BackupAndRestore(Callback):
 
     def resume_path(self) -> Path | None:
         """The backup to resume from, or None (none yet, or it cannot be trusted: reported)."""
-        for path in candidates([self.checkpoint_dir]):
-            try:
-                verify(path)
-            except CheckpointError as exc:
-                warnings.warn(f"BackupAndRestore: ignoring a bad backup: {exc}", stacklevel=2)
-                continue
-            return path
-        return None
+        return newest_good([self.checkpoint_dir], "BackupAndRestore: ignoring a bad backup")
 
     def on_train_begin(self, logs: Logs | None = None) -> None:
         self._batches_since_save = 0
