@@ -20,9 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-import fitkit  # noqa: E402
-from fitkit import checkpoint  # noqa: E402
-from train_digits import build_model, load_digits  # noqa: E402
+from train_digits import build_model, load_digits
+
+import fitkit
+from fitkit import checkpoint
 
 
 def main() -> None:
@@ -33,8 +34,9 @@ def main() -> None:
     fitkit.seed_everything(0)
     x, y = load_digits()
     model = build_model()
-    trainer = fitkit.Trainer(model, torch.optim.Adam(model.parameters(), 1e-3), "cross_entropy",
-                             metrics=["accuracy"], verbose=0)
+    trainer = fitkit.Trainer(
+        model, torch.optim.Adam(model.parameters(), 1e-3), "cross_entropy", metrics=["accuracy"], verbose=0
+    )
     trainer.fit((x, y), validation_split=0.2, batch_size=64, epochs=1)
     with tempfile.TemporaryDirectory() as folder:
         times = []
@@ -46,10 +48,14 @@ def main() -> None:
         start = time.perf_counter()
         checkpoint.load(path)
         load_ms = 1e3 * (time.perf_counter() - start)
-        print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, Adam; "
-              f"checkpoint file {path.stat().st_size / 1e6:.2f} MB")
-        print(f"save: median {1e3 * statistics.median(times):.1f} ms, min {1e3 * min(times):.1f} ms, "
-              f"max {1e3 * max(times):.1f} ms over {args.saves} saves; verified load {load_ms:.1f} ms")
+        print(
+            f"model: {sum(p.numel() for p in model.parameters()):,} parameters, Adam; "
+            f"checkpoint file {path.stat().st_size / 1e6:.2f} MB"
+        )
+        print(
+            f"save: median {1e3 * statistics.median(times):.1f} ms, min {1e3 * min(times):.1f} ms, "
+            f"max {1e3 * max(times):.1f} ms over {args.saves} saves; verified load {load_ms:.1f} ms"
+        )
 
 
 if __name__ == "__main__":

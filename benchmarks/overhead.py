@@ -37,8 +37,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -83,8 +84,9 @@ class _Clock:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def _loop(workload: Any, tensors: tuple, epochs: int, sync_every_step: bool,
-          in_memory: bool = False) -> tuple[float, float]:
+def _loop(
+    workload: Any, tensors: tuple, epochs: int, sync_every_step: bool, in_memory: bool = False
+) -> tuple[float, float]:
     import torch
     from torch import nn
     from workloads import build_model, make_loaders
@@ -102,7 +104,7 @@ def _loop(workload: Any, tensors: tuple, epochs: int, sync_every_step: bool,
             return
         perm = torch.randperm(len(x_all))
         for start in range(0, len(x_all), bs):
-            index = perm[start:start + bs]
+            index = perm[start : start + bs]
             yield x_all[index], y_all[index]
 
     def val_batches():
@@ -110,7 +112,7 @@ def _loop(workload: Any, tensors: tuple, epochs: int, sync_every_step: bool,
             yield from val_loader
             return
         for start in range(0, len(x_val_all), bs):
-            yield x_val_all[start:start + bs], y_val_all[start:start + bs]
+            yield x_val_all[start : start + bs], y_val_all[start : start + bs]
 
     clock = _Clock()
     for _ in range(epochs):
@@ -138,8 +140,9 @@ def _loop(workload: Any, tensors: tuple, epochs: int, sync_every_step: bool,
     return clock.stop()
 
 
-def _fitkit(workload: Any, tensors: tuple, epochs: int, verbose: int = 1,
-            in_memory: bool = False) -> tuple[float, float]:
+def _fitkit(
+    workload: Any, tensors: tuple, epochs: int, verbose: int = 1, in_memory: bool = False
+) -> tuple[float, float]:
     import torch
     from workloads import build_model, make_loaders
 
@@ -183,9 +186,16 @@ def _lightning(workload: Any, tensors: tuple, epochs: int, progress_bar: bool = 
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
     warnings.filterwarnings("ignore")  # "does not have many workers", "GPU available but not used" ...
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False,
-                        enable_progress_bar=progress_bar, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress_bar,
+        num_sanity_val_steps=0,
+    )
     module = LitModel()
     train_loader, val_loader = make_loaders(workload, tensors)
     clock = _Clock()
@@ -200,18 +210,25 @@ def _keras(workload: Any, tensors: tuple, epochs: int) -> tuple[float, float]:
 
     layers = keras.layers
     if workload.name == "mlp":
-        model = keras.Sequential([keras.Input(workload.input_shape), layers.Dense(64, activation="relu"),
-                                  layers.Dense(10)])
+        model = keras.Sequential(
+            [keras.Input(workload.input_shape), layers.Dense(64, activation="relu"), layers.Dense(10)]
+        )
     else:
         conv = {"padding": "same", "activation": "relu", "data_format": "channels_first"}
-        model = keras.Sequential([
-            keras.Input(workload.input_shape),
-            layers.Conv2D(8, 3, **conv), layers.MaxPooling2D(2, data_format="channels_first"),
-            layers.Conv2D(16, 3, **conv), layers.MaxPooling2D(2, data_format="channels_first"),
-            layers.Flatten(), layers.Dense(10),
-        ])
-    model.compile(optimizer=keras.optimizers.SGD(0.01),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model = keras.Sequential(
+            [
+                keras.Input(workload.input_shape),
+                layers.Conv2D(8, 3, **conv),
+                layers.MaxPooling2D(2, data_format="channels_first"),
+                layers.Conv2D(16, 3, **conv),
+                layers.MaxPooling2D(2, data_format="channels_first"),
+                layers.Flatten(),
+                layers.Dense(10),
+            ]
+        )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     train_loader, val_loader = make_loaders(workload, tensors)
     clock = _Clock()
     model.fit(train_loader, validation_data=val_loader, epochs=epochs, verbose=0)
@@ -276,8 +293,13 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(1)
     run(warm, make_tensors(warm, seed=1), 1)
     if args.count_opcodes:
-        print("RESULT " + json.dumps({"runner": args.child, "workload": workload.name,
-                                      "opcodes_per_batch": count_opcodes(run, workload)}), flush=True)
+        print(
+            "RESULT "
+            + json.dumps(
+                {"runner": args.child, "workload": workload.name, "opcodes_per_batch": count_opcodes(run, workload)}
+            ),
+            flush=True,
+        )
         return
     tensors = make_tensors(workload)
     times = []
@@ -286,15 +308,29 @@ def child(args: argparse.Namespace) -> None:
         times.append(run(workload, tensors, args.epochs))
     wall, cpu = min(times)
     steps = args.epochs * workload.train_batches
-    print("RESULT " + json.dumps({"runner": args.child, "workload": workload.name, "steps": steps,
-                                  "wall_s": wall, "cpu_s": cpu, "steps_per_s": steps / wall,
-                                  "steps_per_cpu_s": steps / cpu, "all_wall_s": [t[0] for t in times],
-                                  "threads": torch.get_num_threads()}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "runner": args.child,
+                "workload": workload.name,
+                "steps": steps,
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "steps_per_s": steps / wall,
+                "steps_per_cpu_s": steps / cpu,
+                "all_wall_s": [t[0] for t in times],
+                "threads": torch.get_num_threads(),
+            }
+        ),
+        flush=True,
+    )
 
 
 # -- the parent: rounds, medians, the table ------------------------------------------------------
-def paired(runner: str, workload_name: str, train_batches: int, val_batches: int, rounds: int,
-           against: str = "loop") -> dict[str, Any]:
+def paired(
+    runner: str, workload_name: str, train_batches: int, val_batches: int, rounds: int, against: str = "loop"
+) -> dict[str, Any]:
     """``runner`` and ``against`` alternating in this one process (one thread), one epoch each time.
 
     Sharper than separate processes for small differences: both see the same machine state within
@@ -315,11 +351,17 @@ def paired(runner: str, workload_name: str, train_batches: int, val_batches: int
     reference, measured = times[against][2:], times[runner][2:]
     batches = train_batches + val_batches
     diffs = sorted((m - r) / batches * 1e6 for r, m in zip(reference, measured))
-    return {"runner": runner, "against": against, "workload": workload_name, "rounds": rounds, "batches": batches,
-            "median_diff_us_per_batch": statistics.median(diffs),
-            "iqr_us_per_batch": [diffs[len(diffs) // 4], diffs[-(len(diffs) // 4) - 1]],
-            "ratio_of_medians": statistics.median(reference) / statistics.median(measured),
-            "reference_ms_per_batch": statistics.median(reference) / batches * 1e3}
+    return {
+        "runner": runner,
+        "against": against,
+        "workload": workload_name,
+        "rounds": rounds,
+        "batches": batches,
+        "median_diff_us_per_batch": statistics.median(diffs),
+        "iqr_us_per_batch": [diffs[len(diffs) // 4], diffs[-(len(diffs) // 4) - 1]],
+        "ratio_of_medians": statistics.median(reference) / statistics.median(measured),
+        "reference_ms_per_batch": statistics.median(reference) / batches * 1e3,
+    }
 
 
 def _installed(package: str) -> bool:
@@ -329,9 +371,22 @@ def _installed(package: str) -> bool:
 
 
 def _measure(runner: str, workload: str, args: argparse.Namespace, opcodes: bool = False) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", runner, "--workload", workload,
-           "--epochs", str(args.epochs), "--train-batches", str(args.train_batches[workload]),
-           "--val-batches", str(args.val_batches[workload]), "--repeats", str(args.repeats)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        runner,
+        "--workload",
+        workload,
+        "--epochs",
+        str(args.epochs),
+        "--train-batches",
+        str(args.train_batches[workload]),
+        "--val-batches",
+        str(args.val_batches[workload]),
+        "--repeats",
+        str(args.repeats),
+    ]
     cmd += ["--count-opcodes"] if opcodes else []
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", KERAS_BACKEND="torch")
     # stdout and stderr are pipes: progress bars see no terminal, as under a job scheduler.
@@ -339,18 +394,20 @@ def _measure(runner: str, workload: str, args: argparse.Namespace, opcodes: bool
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{runner} on {workload} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _fmt(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
-def summarize(samples: dict[tuple[str, str], list[dict[str, Any]]], workloads: list[str],
-              runners: list[str], missing: list[str]) -> tuple[list[dict[str, Any]], str]:
+def summarize(
+    samples: dict[tuple[str, str], list[dict[str, Any]]], workloads: list[str], runners: list[str], missing: list[str]
+) -> tuple[list[dict[str, Any]], str]:
     rows, lines = [], []
-    lines.append("| workload | runner | steps/s (median) | min - max | ratio to `loop` | per-round ratios "
-                 "min - max | target |")
+    lines.append(
+        "| workload | runner | steps/s (median) | min - max | ratio to `loop` | per-round ratios min - max | target |"
+    )
     lines.append("|---|---|---:|---:|---:|---:|---|")
     for workload in workloads:
         reference = [s["steps_per_s"] for s in samples.get((workload, "loop"), [])]
@@ -366,17 +423,31 @@ def summarize(samples: dict[tuple[str, str], list[dict[str, Any]]], workloads: l
             ratio = statistics.median(ratios)
             target = TARGETS.get((workload, runner))
             verdict = "" if target is None else f">= {target}: {'met' if ratio >= target else 'MISSED'}"
-            lines.append(f"| {workload} | {runner} | {_fmt(med)} | {_fmt(min(values))} - {_fmt(max(values))} | "
-                         f"{ratio:.3f} | {min(ratios):.3f} - {max(ratios):.3f} | {verdict} |")
-            rows.append({"workload": workload, "runner": runner, "installed": True,
-                         "description": DESCRIPTIONS[runner], "steps_per_s": values, "median": med,
-                         "ratio_to_loop": ratio, "ratios": ratios, "target": target,
-                         "target_met": None if target is None else ratio >= target})
+            lines.append(
+                f"| {workload} | {runner} | {_fmt(med)} | {_fmt(min(values))} - {_fmt(max(values))} | "
+                f"{ratio:.3f} | {min(ratios):.3f} - {max(ratios):.3f} | {verdict} |"
+            )
+            rows.append(
+                {
+                    "workload": workload,
+                    "runner": runner,
+                    "installed": True,
+                    "description": DESCRIPTIONS[runner],
+                    "steps_per_s": values,
+                    "median": med,
+                    "ratio_to_loop": ratio,
+                    "ratios": ratios,
+                    "target": target,
+                    "target_met": None if target is None else ratio >= target,
+                }
+            )
     return rows, "\n".join(lines)
 
 
-_IMPORT_PROBE = ("import time; start = time.perf_counter(); import torch; middle = time.perf_counter(); "
-                 "import fitkit; print(middle - start, time.perf_counter() - middle)")
+_IMPORT_PROBE = (
+    "import time; start = time.perf_counter(); import torch; middle = time.perf_counter(); "
+    "import fitkit; print(middle - start, time.perf_counter() - middle)"
+)
 
 
 def import_cost(runs: int = 5) -> dict[str, float]:
@@ -400,28 +471,36 @@ def opcode_table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workloads", default="mlp,cnn", help="comma-separated: mlp, cnn (default both)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per run (default 3)")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="timed runs per process, the fastest counts (default 2)")
-    parser.add_argument("--train-batches", type=int, default=None,
-                        help="training batches per epoch (default: 1000 for mlp, 40 for cnn)")
-    parser.add_argument("--val-batches", type=int, default=None,
-                        help="validation batches per epoch (default: 200 for mlp, 8 for cnn)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per process, the fastest counts (default 2)")
+    parser.add_argument(
+        "--train-batches", type=int, default=None, help="training batches per epoch (default: 1000 for mlp, 40 for cnn)"
+    )
+    parser.add_argument(
+        "--val-batches", type=int, default=None, help="validation batches per epoch (default: 200 for mlp, 8 for cnn)"
+    )
     parser.add_argument("--runners", default=",".join(BASE_RUNNERS), help="comma-separated runner names")
     parser.add_argument("--peers", action="store_true", help="add Lightning and Keras rows when installed")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "overhead.json", help="output JSON path")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per child process")
-    parser.add_argument("--opcodes", action="store_true",
-                        help="also count the Python bytecodes each loop runs per training batch (deterministic)")
+    parser.add_argument(
+        "--opcodes",
+        action="store_true",
+        help="also count the Python bytecodes each loop runs per training batch (deterministic)",
+    )
     parser.add_argument("--count-opcodes", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--paired", metavar="RUNNER",
-                        help="instead: alternate RUNNER and --against in one process (--rounds pairs of one epoch, "
-                             "500 + 100 batches unless --train-batches/--val-batches) and print the median "
-                             "per-batch difference")
+    parser.add_argument(
+        "--paired",
+        metavar="RUNNER",
+        help="instead: alternate RUNNER and --against in one process (--rounds pairs of one epoch, "
+        "500 + 100 batches unless --train-batches/--val-batches) and print the median "
+        "per-batch difference",
+    )
     parser.add_argument("--against", default="loop", help="the reference of --paired (default loop)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
@@ -434,12 +513,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.paired not in RUNNERS or args.against not in RUNNERS:
             parser.error(f"unknown runner in --paired/--against; choose from {sorted(RUNNERS)}")
         for workload in args.workloads.split(","):
-            result = paired(args.paired, workload, args.train_batches or 500,
-                            100 if args.val_batches is None else args.val_batches, max(args.rounds, 4), args.against)
-            print(f"{workload}: {args.paired} - {args.against} = {result['median_diff_us_per_batch']:+.1f} us per "
-                  f"batch (median of {result['rounds']} pairs; IQR {result['iqr_us_per_batch'][0]:+.1f} .. "
-                  f"{result['iqr_us_per_batch'][1]:+.1f}); {args.against} {result['reference_ms_per_batch']:.3f} ms "
-                  f"per batch; ratio of medians {result['ratio_of_medians']:.3f}")
+            result = paired(
+                args.paired,
+                workload,
+                args.train_batches or 500,
+                100 if args.val_batches is None else args.val_batches,
+                max(args.rounds, 4),
+                args.against,
+            )
+            print(
+                f"{workload}: {args.paired} - {args.against} = {result['median_diff_us_per_batch']:+.1f} us per "
+                f"batch (median of {result['rounds']} pairs; IQR {result['iqr_us_per_batch'][0]:+.1f} .. "
+                f"{result['iqr_us_per_batch'][1]:+.1f}); {args.against} {result['reference_ms_per_batch']:.3f} ms "
+                f"per batch; ratio of medians {result['ratio_of_medians']:.3f}"
+            )
         return 0
 
     from workloads import WORKLOADS, machine_info
@@ -463,12 +550,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 0 or (args.rounds == 0 and not args.opcodes):
         parser.error("--rounds must be >= 1 (or 0 with --opcodes, to count bytecodes only)")
     args.train_batches = {w: args.train_batches or WORKLOADS[w].train_batches for w in workloads}
-    args.val_batches = {w: args.val_batches if args.val_batches is not None else WORKLOADS[w].val_batches
-                        for w in workloads}
+    args.val_batches = {
+        w: args.val_batches if args.val_batches is not None else WORKLOADS[w].val_batches for w in workloads
+    }
 
     info = machine_info()
-    print(f"# {info['cpu']}, {info['cpu_count']} cores, torch {info['torch']}, load {info.get('loadavg_1min')}",
-          file=sys.stderr)
+    print(
+        f"# {info['cpu']}, {info['cpu_count']} cores, torch {info['torch']}, load {info.get('loadavg_1min')}",
+        file=sys.stderr,
+    )
     samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
     started = time.time()
     for round_idx in range(args.rounds):
@@ -478,26 +568,45 @@ def main(argv: list[str] | None = None) -> int:
             for runner in runners[shift:] + runners[:shift]:
                 result = _measure(runner, workload, args)
                 samples.setdefault((workload, runner), []).append(result)
-                print(f"round {round_idx + 1}/{args.rounds} {workload:4s} {runner:14s} "
-                      f"{result['steps_per_s']:9.1f} steps/s", file=sys.stderr, flush=True)
+                print(
+                    f"round {round_idx + 1}/{args.rounds} {workload:4s} {runner:14s} "
+                    f"{result['steps_per_s']:9.1f} steps/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     rows, table = summarize(samples, workloads, runners, missing) if args.rounds else ([], "")
     imports = import_cost()
     table += ("\n\n" if table else "") + (
         f"`import fitkit` after `import torch`: {imports['fitkit_over_torch_s'] * 1e3:.0f} ms (target <= 100 ms; "
-        f"`import torch`: {imports['torch_s']:.2f} s; least of {imports['runs']} runs)")
+        f"`import torch`: {imports['torch_s']:.2f} s; least of {imports['runs']} runs)"
+    )
     opcodes: list[dict[str, Any]] = []
     if args.opcodes:
         for workload in workloads:
             for runner in runners:
                 opcodes.append(_measure(runner, workload, args, opcodes=True))
-                print(f"opcodes {workload:4s} {runner:14s} {opcodes[-1]['opcodes_per_batch']:9.1f} per batch",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"opcodes {workload:4s} {runner:14s} {opcodes[-1]['opcodes_per_batch']:9.1f} per batch",
+                    file=sys.stderr,
+                    flush=True,
+                )
         table += ("\n\n" if table else "") + opcode_table(opcodes)
     info["loadavg_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    report = {"benchmark": "overhead", "command": " ".join([Path(sys.executable).name] + sys.argv),
-              "machine": info, "rounds": args.rounds, "repeats": args.repeats, "epochs": args.epochs,
-              "train_batches": args.train_batches, "val_batches": args.val_batches,
-              "wall_s": time.time() - started, "rows": rows, "opcodes": opcodes, "import": imports, "markdown": table}
+    report = {
+        "benchmark": "overhead",
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "machine": info,
+        "rounds": args.rounds,
+        "repeats": args.repeats,
+        "epochs": args.epochs,
+        "train_batches": args.train_batches,
+        "val_batches": args.val_batches,
+        "wall_s": time.time() - started,
+        "rows": rows,
+        "opcodes": opcodes,
+        "import": imports,
+        "markdown": table,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(table)

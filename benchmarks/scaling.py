@@ -54,19 +54,27 @@ def worker(args: argparse.Namespace) -> None:
     if args.device == "cpu":
         torch.set_num_threads(1)
     from torch.utils.data import DataLoader, TensorDataset
+    from workloads import WORKLOADS, build_model, make_tensors
 
     import fitkit
     from fitkit import distributed
-    from workloads import WORKLOADS, build_model, make_tensors
 
     workload = WORKLOADS[args.workload]
     x, y, _, _ = make_tensors(workload)
     fitkit.seed_everything(0)
     model = build_model(args.workload)
-    trainer = fitkit.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), "cross_entropy",
-                             device=args.device, verbose=0)
-    warmup = DataLoader(TensorDataset(x[: workload.batch_size * 20], y[: workload.batch_size * 20]),
-                        batch_size=workload.batch_size, shuffle=True)
+    trainer = fitkit.Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+        "cross_entropy",
+        device=args.device,
+        verbose=0,
+    )
+    warmup = DataLoader(
+        TensorDataset(x[: workload.batch_size * 20], y[: workload.batch_size * 20]),
+        batch_size=workload.batch_size,
+        shuffle=True,
+    )
     trainer.fit(warmup, epochs=1)  # DDP's first buckets, allocator, kernels: not timed
     train = DataLoader(TensorDataset(x, y), batch_size=workload.batch_size, shuffle=True)
     steps_before = trainer.global_step
@@ -84,22 +92,44 @@ def worker(args: argparse.Namespace) -> None:
         distributed.any_rank(False, trainer._dist)
     flag_us = (time.perf_counter() - flag_start) / calls * 1e6 if trainer.world_size > 1 else 0.0
     share = len(trainer._train_loader.sampler) * args.epochs  # this rank's samples (its DistributedSampler's)
-    result = {"rank": trainer._dist.rank, "world_size": trainer.world_size, "seconds": seconds, "steps": steps,
-              "samples": share, "stop_flag_us": flag_us, "strategy": type(trainer._train_module).__name__}
+    result = {
+        "rank": trainer._dist.rank,
+        "world_size": trainer.world_size,
+        "seconds": seconds,
+        "steps": steps,
+        "samples": share,
+        "stop_flag_us": flag_us,
+        "strategy": type(trainer._train_module).__name__,
+    }
     Path(args.out, f"rank{trainer._dist.rank}.json").write_text(json.dumps(result))
 
 
 # -- the parent: launches torchrun, alternates process counts, reports -------------------------------
 def _launch(workload: str, nproc: int, device: str, epochs: int, out: str) -> subprocess.Popen[str]:
     env = dict(os.environ, OMP_NUM_THREADS="1") if device == "cpu" else dict(os.environ)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(Path(__file__).resolve()), "--worker", "--workload", workload, "--device", device,
-               "--epochs", str(epochs), "--out", out]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--workload",
+        workload,
+        "--device",
+        device,
+        "--epochs",
+        str(epochs),
+        "--out",
+        out,
+    ]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run_once(workload: str, nproc: int, device: str, epochs: int, timeout: float,
-             independent: int = 1) -> dict[str, Any]:
+def run_once(
+    workload: str, nproc: int, device: str, epochs: int, timeout: float, independent: int = 1
+) -> dict[str, Any]:
     """One torchrun launch of ``nproc`` processes; or, with ``independent=k``, k single-process launches at
     once (no communication: what the machine gives k processes, the ceiling for a k-process run)."""
     with tempfile.TemporaryDirectory() as root:
@@ -115,22 +145,34 @@ def run_once(workload: str, nproc: int, device: str, epochs: int, timeout: float
     seconds = max(r["seconds"] for r in ranks)  # the job ends when its slowest rank does
     samples = sum(r["samples"] for r in ranks)
     steps = ranks[0]["steps"]
-    return {"samples_per_s": samples / seconds, "step_ms": seconds / steps * 1e3, "seconds": seconds,
-            "samples": samples, "steps_per_rank": steps, "strategy": ranks[0]["strategy"],
-            "stop_flag_us": statistics.mean(r["stop_flag_us"] for r in ranks)}
+    return {
+        "samples_per_s": samples / seconds,
+        "step_ms": seconds / steps * 1e3,
+        "seconds": seconds,
+        "samples": samples,
+        "steps_per_rank": steps,
+        "strategy": ranks[0]["strategy"],
+        "stop_flag_us": statistics.mean(r["stop_flag_us"] for r in ranks),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="mlp,cnn")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--processes", default=None,
-                        help="comma-separated process counts (default: 1,2 on the CPU; 1 and every GPU on CUDA)")
+    parser.add_argument(
+        "--processes",
+        default=None,
+        help="comma-separated process counts (default: 1,2 on the CPU; 1 and every GPU on CUDA)",
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per torchrun launch")
-    parser.add_argument("--no-control", action="store_true",
-                        help="skip the control runs (N independent 1-process jobs at once, CPU only)")
+    parser.add_argument(
+        "--no-control",
+        action="store_true",
+        help="skip the control runs (N independent 1-process jobs at once, CPU only)",
+    )
     parser.add_argument("--json", default=str(HERE / "results" / "scaling.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
@@ -141,7 +183,6 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     import torch
-
     from workloads import machine_info
 
     if args.processes:
@@ -158,8 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = [(n, 1) for n in counts]
     if args.device == "cpu" and not args.no_control:
         configs += [(1, n) for n in counts if n > 1]
-    samples: dict[tuple[str, int, int], list[dict[str, Any]]] = {(w, n, k): [] for w in workloads
-                                                                  for n, k in configs}
+    samples: dict[tuple[str, int, int], list[dict[str, Any]]] = {(w, n, k): [] for w in workloads for n, k in configs}
     failures: list[str] = []
     for round_index in range(args.rounds):
         for workload in workloads:
@@ -172,8 +212,12 @@ def main(argv: list[str] | None = None) -> None:
                     result = run_once(workload, n, args.device, args.epochs, args.timeout, independent=k)
                 samples[(workload, n, k)].append(result)
                 label = f"x{n}" if k == 1 else f"{k} independent x1"
-                print(f"round {round_index + 1}/{args.rounds} {workload} {label}: {result['samples_per_s']:,.0f} "
-                      f"samples/s ({result['step_ms']:.2f} ms/step)", file=sys.stderr, flush=True)
+                print(
+                    f"round {round_index + 1}/{args.rounds} {workload} {label}: {result['samples_per_s']:,.0f} "
+                    f"samples/s ({result['step_ms']:.2f} ms/step)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     from workloads import WORKLOADS
 
@@ -186,30 +230,49 @@ def main(argv: list[str] | None = None) -> None:
             step_ms = statistics.median(r["step_ms"] for r in runs)
             flag_us = statistics.median(r["stop_flag_us"] for r in runs)
             ceiling = samples.get((workload, 1, n)) if k == 1 and n > 1 else None
-            rows.append({"workload": workload, "device": args.device, "processes": n * k,
-                         "run": f"{n}-process job" if k == 1 else f"{k} independent 1-process jobs (control)",
-                         "batch_per_process": WORKLOADS[workload].batch_size,
-                         "effective_batch": WORKLOADS[workload].batch_size * n, "strategy": runs[0]["strategy"],
-                         "samples_per_s": rate, "samples_per_s_runs": [r["samples_per_s"] for r in runs],
-                         "speedup": rate / base, "efficiency": rate / (base * n * k), "step_ms": step_ms,
-                         "of_control": rate / statistics.median(r["samples_per_s"] for r in ceiling) if ceiling
-                         else None,
-                         "stop_flag_us": flag_us, "stop_flag_share": flag_us / 1e3 / step_ms if n > 1 else 0.0})
-    report = {"machine": machine_info(), "epochs": args.epochs, "rounds": args.rounds, "rows": rows,
-              "failed_launches": failures,
-              "command": " ".join([Path(sys.executable).name, *sys.argv])}
+            rows.append(
+                {
+                    "workload": workload,
+                    "device": args.device,
+                    "processes": n * k,
+                    "run": f"{n}-process job" if k == 1 else f"{k} independent 1-process jobs (control)",
+                    "batch_per_process": WORKLOADS[workload].batch_size,
+                    "effective_batch": WORKLOADS[workload].batch_size * n,
+                    "strategy": runs[0]["strategy"],
+                    "samples_per_s": rate,
+                    "samples_per_s_runs": [r["samples_per_s"] for r in runs],
+                    "speedup": rate / base,
+                    "efficiency": rate / (base * n * k),
+                    "step_ms": step_ms,
+                    "of_control": rate / statistics.median(r["samples_per_s"] for r in ceiling) if ceiling else None,
+                    "stop_flag_us": flag_us,
+                    "stop_flag_share": flag_us / 1e3 / step_ms if n > 1 else 0.0,
+                }
+            )
+    report = {
+        "machine": machine_info(),
+        "epochs": args.epochs,
+        "rounds": args.rounds,
+        "rows": rows,
+        "failed_launches": failures,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
-    print(f"\n{report['machine']['cpu']}, {report['machine']['cpu_count']} cores, torch {report['machine']['torch']}, "
-          f"load {report['machine'].get('loadavg_1min', float('nan')):.2f}; median of {args.rounds} rounds\n")
+    print(
+        f"\n{report['machine']['cpu']}, {report['machine']['cpu_count']} cores, torch {report['machine']['torch']}, "
+        f"load {report['machine'].get('loadavg_1min', float('nan')):.2f}; median of {args.rounds} rounds\n"
+    )
     print("| workload | run | batch/process | samples/s | speed-up | of the control | ms/step | stop-flag all-reduce |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         distributed_run = row["processes"] > 1 and "control" not in row["run"]
         flag = f"{row['stop_flag_us']:.0f} µs ({row['stop_flag_share']:.1%})" if distributed_run else "-"
         control = f"{row['of_control']:.0%}" if row["of_control"] is not None else "-"
-        print(f"| {row['workload']} | {row['run']} ({row['device']}) | {row['batch_per_process']} | "
-              f"{row['samples_per_s']:,.0f} | {row['speedup']:.2f}x | {control} | {row['step_ms']:.2f} | {flag} |")
+        print(
+            f"| {row['workload']} | {row['run']} ({row['device']}) | {row['batch_per_process']} | "
+            f"{row['samples_per_s']:,.0f} | {row['speedup']:.2f}x | {control} | {row['step_ms']:.2f} | {flag} |"
+        )
     print(f"\nwritten: {args.json}")
 
 

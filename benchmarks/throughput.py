@@ -50,8 +50,10 @@ def _settings(model: str, device: str, grid: bool, compile_ok: bool) -> list[dic
     layouts = [False, True] if images else [False]
     compiles = [False, True] if compile_ok else [False]
     if grid:
-        return [{"precision": p, "channels_last": c, "compile": k}
-                for p, c, k in itertools.product(precisions, layouts, compiles)]
+        return [
+            {"precision": p, "channels_last": c, "compile": k}
+            for p, c, k in itertools.product(precisions, layouts, compiles)
+        ]
     base = {"precision": "32", "channels_last": False, "compile": False}
     out = [dict(base)]
     out += [dict(base, precision=p) for p in precisions[1:]]
@@ -104,9 +106,16 @@ def child(args: argparse.Namespace) -> None:
     x = torch.randn(batch_size, *shape, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    trainer = fitkit.Trainer(model, optimizer, "cross_entropy", device=device, verbose=0,
-                             precision=setting["precision"], channels_last=setting["channels_last"],
-                             compile=setting["compile"])
+    trainer = fitkit.Trainer(
+        model,
+        optimizer,
+        "cross_entropy",
+        device=device,
+        verbose=0,
+        precision=setting["precision"],
+        channels_last=setting["channels_last"],
+        compile=setting["compile"],
+    )
 
     def timed_fit(steps: int) -> float:
         batches = [(x, y)] * steps  # one batch on the device, again and again: no data loading
@@ -123,19 +132,46 @@ def child(args: argparse.Namespace) -> None:
     steps = int(min(max(args.seconds / probe, 5), 2000))
     times = [timed_fit(steps) for _ in range(args.repeats)]
     per_step = statistics.median(times) / steps
-    print("RESULT " + json.dumps({
-        "samples_per_s": batch_size / per_step, "step_ms": per_step * 1e3, "steps": steps,
-        "repeats": args.repeats, "batch_size": batch_size, "input_shape": list(shape),
-        "warmup_s": warmup_s, "threads": torch.get_num_threads(),
-        "samples_per_s_all": [batch_size * steps / t for t in times],
-    }), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "samples_per_s": batch_size / per_step,
+                "step_ms": per_step * 1e3,
+                "steps": steps,
+                "repeats": args.repeats,
+                "batch_size": batch_size,
+                "input_shape": list(shape),
+                "warmup_s": warmup_s,
+                "threads": torch.get_num_threads(),
+                "samples_per_s_all": [batch_size * steps / t for t in times],
+            }
+        ),
+        flush=True,
+    )
 
 
 # -- the parent ---------------------------------------------------------------------------------
 def _measure(args: argparse.Namespace, device: str, model: str, setting: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--device", device, "--model", model,
-           "--setting", json.dumps(setting), "--image-size", str(args.image_size), "--seconds", str(args.seconds),
-           "--repeats", str(args.repeats), "--warmup-steps", str(args.warmup_steps)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        "--device",
+        device,
+        "--model",
+        model,
+        "--setting",
+        json.dumps(setting),
+        "--image-size",
+        str(args.image_size),
+        "--seconds",
+        str(args.seconds),
+        "--repeats",
+        str(args.repeats),
+        "--warmup-steps",
+        str(args.warmup_steps),
+    ]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
     if args.threads:
@@ -147,7 +183,7 @@ def _measure(args: argparse.Namespace, device: str, model: str, setting: dict[st
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         row["error"] = tail[:300]
         return row
-    row.update(json.loads(lines[-1][len("RESULT "):]))
+    row.update(json.loads(lines[-1][len("RESULT ") :]))
     return row
 
 
@@ -156,8 +192,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         match = [r for r in rows if (r["device"], r["model"], r["setting"]) == (device, model, "fp32")]
         return match[0].get("samples_per_s") if match else None
 
-    lines = ["| device | model | setting | samples/s | ms/step | vs fp32 on this device | vs CPU fp32 | "
-             "warm-up s |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| device | model | setting | samples/s | ms/step | vs fp32 on this device | vs CPU fp32 | warm-up s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         head = f"| {r['device']} | {r['model']} | {r['setting']} |"
         if "samples_per_s" not in r:
@@ -166,8 +204,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         ratios = []
         for base in (baseline(r["device"], r["model"]), baseline("cpu", r["model"])):
             ratios.append("" if not base else f"{r['samples_per_s'] / base:.2f}x")
-        lines.append(f"{head} {r['samples_per_s']:,.0f} | {r['step_ms']:.2f} | {ratios[0]} | {ratios[1]} | "
-                     f"{r['warmup_s']:.1f} |")
+        lines.append(
+            f"{head} {r['samples_per_s']:,.0f} | {r['step_ms']:.2f} | {ratios[0]} | {ratios[1]} | {r['warmup_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -193,10 +232,16 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
                 match = [r for r in rows if r["model"] == model and r["device"] == device and r["setting"] == setting]
                 values.append(match[0].get("samples_per_s", 0.0) if match else 0.0)
             positions = [i + (d - (len(devices) - 1) / 2) * width for i in range(len(settings))]
-            bars = ax.bar(positions, values, width, label=device, color=colors.get(device, None))
+            bars = ax.bar(positions, values, width, label=device, color=colors.get(device))
             for bar, value in zip(bars, values):
-                ax.annotate("n/a" if value == 0 else f"{value:,.0f}", (bar.get_x() + bar.get_width() / 2,
-                            max(value, 1.0)), ha="center", va="bottom", fontsize=7, rotation=90)
+                ax.annotate(
+                    "n/a" if value == 0 else f"{value:,.0f}",
+                    (bar.get_x() + bar.get_width() / 2, max(value, 1.0)),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    rotation=90,
+                )
         ax.set_yscale("log")
         shown = [r["samples_per_s"] for r in rows if r["model"] == model and r.get("samples_per_s")]
         if shown:
@@ -214,10 +259,12 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--devices", default=None,
-                        help="comma-separated: cpu, cuda (default: cpu, plus cuda if present)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--devices", default=None, help="comma-separated: cpu, cuda (default: cpu, plus cuda if present)"
+    )
     parser.add_argument("--models", default="mlp,cnn,resnet18", help="comma-separated: mlp, cnn, resnet18")
     parser.add_argument("--grid", action="store_true", help="every combination instead of one change at a time")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile settings")
@@ -226,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="target length of each timed fit")
     parser.add_argument("--repeats", type=int, default=3, help="timed fits per measurement (median)")
     parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first (compilation included)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads per process (default: torch's, one per core)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads per process (default: torch's, one per core)"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON, table and chart")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement process")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -251,8 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
     compile_ok = not args.no_compile and hasattr(torch, "compile")
     info = machine_info()
-    print(f"# {info['cpu']}, {info['cpu_count']} cores, GPU: {info['cuda'] or 'none'}, torch {info['torch']}",
-          file=sys.stderr)
+    print(
+        f"# {info['cpu']}, {info['cpu_count']} cores, GPU: {info['cuda'] or 'none'}, torch {info['torch']}",
+        file=sys.stderr,
+    )
     rows = []
     started = time.time()
     for device in devices:
@@ -260,24 +310,33 @@ def main(argv: list[str] | None = None) -> int:
             for setting in _settings(model, device, args.grid, compile_ok):
                 row = _measure(args, device, model, setting)
                 rows.append(row)
-                shown = (f"{row['samples_per_s']:,.0f} samples/s" if "samples_per_s" in row
-                         else f"n/a ({row['error']})")
+                shown = f"{row['samples_per_s']:,.0f} samples/s" if "samples_per_s" in row else f"n/a ({row['error']})"
                 print(f"{device:5s} {model:9s} {row['setting']:32s} {shown}", file=sys.stderr, flush=True)
     table = markdown(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "throughput", "command": " ".join([Path(sys.executable).name] + sys.argv),
-              "machine": info, "image_size": args.image_size, "wall_s": time.time() - started, "rows": rows,
-              "markdown": table}
+    report = {
+        "benchmark": "throughput",
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "machine": info,
+        "image_size": args.image_size,
+        "wall_s": time.time() - started,
+        "rows": rows,
+        "markdown": table,
+    }
     (args.out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "throughput.md").write_text(table + "\n")
     threads = next((r["threads"] for r in rows if r["device"] == "cpu" and "threads" in r), None)
-    title = (f"fitkit training throughput - CPU: {info['cpu']} ({info['cpu_count']} cores, "
-             f"{threads} thread{'s' if threads != 1 else ''})"
-             + (f", GPU: {info['cuda']}" if info["cuda"] else ", no GPU"))
+    title = (
+        f"fitkit training throughput - CPU: {info['cpu']} ({info['cpu_count']} cores, "
+        f"{threads} thread{'s' if threads != 1 else ''})" + (f", GPU: {info['cuda']}" if info["cuda"] else ", no GPU")
+    )
     drawn = chart(rows, args.out / "throughput.png", title)
     print(table)
-    print(f"\nwrote {args.out / 'throughput.json'}, throughput.md{', throughput.png' if drawn else ''} "
-          f"({report['wall_s']:.0f} s)", file=sys.stderr)
+    print(
+        f"\nwrote {args.out / 'throughput.json'}, throughput.md{', throughput.png' if drawn else ''} "
+        f"({report['wall_s']:.0f} s)",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ The data are random tensors drawn from a fixed seed, so every process sees the s
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -56,9 +57,14 @@ def build_model(name: str) -> nn.Module:
         return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
     if name == "cnn":
         return nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(16 * 8 * 8, 10),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * 8 * 8, 10),
         )
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(WORKLOADS)}")
 
@@ -102,13 +108,10 @@ def machine_info() -> dict[str, object]:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    try:
+    with contextlib.suppress(OSError):
         info["loadavg_1min"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                            text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
     return info

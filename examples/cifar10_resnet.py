@@ -53,12 +53,14 @@ def build_datasets(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, 
     from torchvision import datasets, transforms
 
     normalize = transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)
-    train_transform = transforms.Compose([
-        transforms.RandomCrop(32, padding=4),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        normalize,
-    ])
+    train_transform = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
     val_transform = transforms.Compose([transforms.ToTensor(), normalize])
     if args.fake_data:
         val_size = max(1, args.fake_size // 5)
@@ -69,8 +71,10 @@ def build_datasets(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, 
         train = datasets.CIFAR10(args.data_dir, train=True, download=args.download, transform=train_transform)
         val = datasets.CIFAR10(args.data_dir, train=False, download=args.download, transform=val_transform)
     except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted."
-        raise SystemExit(f"CIFAR-10 is not in {args.data_dir!r} ({exc}). Pass --download to fetch it (~170 MB), "
-                         "--data-dir to point at a copy, or --fake-data to run without it.") from exc
+        raise SystemExit(
+            f"CIFAR-10 is not in {args.data_dir!r} ({exc}). Pass --download to fetch it (~170 MB), "
+            "--data-dir to point at a copy, or --fake-data to run without it."
+        ) from exc
     return train, val
 
 
@@ -100,8 +104,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-dir if missing")
     data.add_argument("--fake-data", action="store_true", help="torchvision FakeData instead of CIFAR-10 (offline)")
     data.add_argument("--fake-size", type=int, default=5000, help="FakeData training images (validation: 1/5)")
-    data.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                      help="DataLoader worker processes (default: min(8, CPU count))")
+    data.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="DataLoader worker processes (default: min(8, CPU count))",
+    )
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--batch-size", type=int, default=256)
@@ -109,8 +117,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train.add_argument("--weight-decay", type=float, default=5e-4)
     train.add_argument("--steps-per-epoch", type=int, default=None, help="cap the batches per epoch (smoke tests)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    train.add_argument("--precision", default=None, choices=["32", "bf16", "fp16"],
-                       help="default: bf16 on a GPU that has it, else 32")
+    train.add_argument(
+        "--precision", default=None, choices=["32", "bf16", "fp16"], help="default: bf16 on a GPU that has it, else 32"
+    )
     train.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
     train.add_argument("--channels-last", action="store_true", help="channels-last memory format (GPU convs)")
     train.add_argument("--seed", type=int, default=0)
@@ -123,18 +132,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     fitkit.seed_everything(args.seed)
     train_set, val_set = build_datasets(args)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     pin = device.type == "cuda"
-    loader_options = {"num_workers": args.workers, "pin_memory": pin, "persistent_workers": args.workers > 0,
-                      "prefetch_factor": 4 if args.workers > 0 else None}
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                              **loader_options)
+    loader_options = {
+        "num_workers": args.workers,
+        "pin_memory": pin,
+        "persistent_workers": args.workers > 0,
+        "prefetch_factor": 4 if args.workers > 0 else None,
+    }
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, **loader_options)
     val_loader = DataLoader(val_set, batch_size=2 * args.batch_size, **loader_options)
 
     model = build_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay
+    )
     steps = len(train_loader) if args.steps_per_epoch is None else min(args.steps_per_epoch, len(train_loader))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.epochs * steps))
     epochs_run: list[int] = []  # by this run: a resumed run restores the earlier epochs' history too
@@ -145,8 +163,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics=["accuracy"],
         callbacks=[
             LRScheduler(schedule, interval="step"),
-            ModelCheckpoint(f"{args.checkpoint_dir}/epoch{{epoch:02d}}-{{val_accuracy:.4f}}.pt",
-                            monitor="val_accuracy", save_top_k=2, save_last=True),
+            ModelCheckpoint(
+                f"{args.checkpoint_dir}/epoch{{epoch:02d}}-{{val_accuracy:.4f}}.pt",
+                monitor="val_accuracy",
+                save_top_k=2,
+                save_last=True,
+            ),
             TensorBoard(log_dir=args.log_dir),
             LambdaCallback(on_epoch_end=lambda epoch, logs: epochs_run.append(epoch)),
         ],
@@ -157,15 +179,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         verbose=args.verbose,
     )
     start = time.perf_counter()
-    history = trainer.fit(train_loader, val_loader, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                          resume=None if args.fresh else "auto")
+    history = trainer.fit(
+        train_loader,
+        val_loader,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        resume=None if args.fresh else "auto",
+    )
     elapsed = time.perf_counter() - start
     images = len(epochs_run) * steps * args.batch_size
     final = {key: values[-1] for key, values in history.history.items()} if epochs_run else {}
     summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "val_loss", "val_accuracy") if k in final)
-    print(f"trained {len(epochs_run)} epoch(s) on {trainer.device} ({trainer.precision}"
-          f"{', compiled' if args.compile else ''}) in {elapsed:.1f}s, {images / max(elapsed, 1e-9):,.0f} "
-          f"images/s including validation; {summary or 'nothing left to train (pass --fresh to start over)'}")
+    print(
+        f"trained {len(epochs_run)} epoch(s) on {trainer.device} ({trainer.precision}"
+        f"{', compiled' if args.compile else ''}) in {elapsed:.1f}s, {images / max(elapsed, 1e-9):,.0f} "
+        f"images/s including validation; {summary or 'nothing left to train (pass --fresh to start over)'}"
+    )
     return final
 
 

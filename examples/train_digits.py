@@ -22,10 +22,16 @@ from fitkit.callbacks import EarlyStopping, ModelCheckpoint, TensorBoard
 
 def build_model() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten(),
-        nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Dropout(0.5),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.25),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 128),
+        nn.ReLU(),
+        nn.Dropout(0.5),
         nn.Linear(128, 10),
     )
 
@@ -64,8 +70,12 @@ def main(argv: list[str] | None = None) -> float:
         metrics=["accuracy"],
         callbacks=[
             EarlyStopping(monitor="val_loss", patience=5, restore_best_weights=True),
-            ModelCheckpoint(f"{args.checkpoint_dir}/epoch{{epoch:02d}}-{{val_accuracy:.4f}}.pt",
-                            monitor="val_accuracy", save_top_k=2, save_last=True),
+            ModelCheckpoint(
+                f"{args.checkpoint_dir}/epoch{{epoch:02d}}-{{val_accuracy:.4f}}.pt",
+                monitor="val_accuracy",
+                save_top_k=2,
+                save_last=True,
+            ),
             TensorBoard(log_dir=args.log_dir),
         ],
         device=args.device,
@@ -73,15 +83,22 @@ def main(argv: list[str] | None = None) -> float:
         verbose=args.verbose,
     )
     start = time.perf_counter()
-    history = trainer.fit((x, y), validation_split=0.2, batch_size=args.batch_size, epochs=args.epochs,
-                          resume=None if args.fresh else "auto")
+    history = trainer.fit(
+        (x, y),
+        validation_split=0.2,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        resume=None if args.fresh else "auto",
+    )
     elapsed = time.perf_counter() - start
     # EarlyStopping restored the best epoch's weights: report the validation accuracy they reach.
-    x_val, y_val = x[int(len(x) * 0.8):], y[int(len(y) * 0.8):]
+    x_val, y_val = x[int(len(x) * 0.8) :], y[int(len(y) * 0.8) :]
     final = trainer.evaluate((x_val, y_val), batch_size=256)
     epochs_run = len(history.epoch)
-    print(f"trained {epochs_run} epoch(s) in {elapsed:.1f}s on {trainer.device} ({trainer.precision}); "
-          f"final validation accuracy: {final['accuracy']:.4f} (loss {final['loss']:.4f})")
+    print(
+        f"trained {epochs_run} epoch(s) in {elapsed:.1f}s on {trainer.device} ({trainer.precision}); "
+        f"final validation accuracy: {final['accuracy']:.4f} (loss {final['loss']:.4f})"
+    )
     return final["accuracy"]
 
 

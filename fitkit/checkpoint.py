@@ -10,6 +10,7 @@ Python values, so every file loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -145,9 +146,11 @@ def verify(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint file at {path}")
     entry = read_manifest(path.parent)["files"].get(path.name)
     if entry is None:
-        raise CheckpointError(f"{path} is not listed in {path.parent / MANIFEST}: fitkit did not finish writing it "
-                              "(a crash during the write?) or it was copied without its manifest. Copy the folder's "
-                              f"{MANIFEST} along, or load it with fitkit.checkpoint.load(path, verify=False) if you trust it.")
+        raise CheckpointError(
+            f"{path} is not listed in {path.parent / MANIFEST}: fitkit did not finish writing it "
+            "(a crash during the write?) or it was copied without its manifest. Copy the folder's "
+            f"{MANIFEST} along, or load it with fitkit.checkpoint.load(path, verify=False) if you trust it."
+        )
     size = path.stat().st_size
     digest = None
     for record in entry.get("versions", []):
@@ -156,9 +159,11 @@ def verify(path: str | Path) -> dict[str, Any]:
         digest = digest or _sha256(path)
         if record.get("sha256") == digest:
             return record
-    raise CheckpointError(f"{path} is corrupted or truncated: its size/SHA-256 ({size} bytes) match no record in "
-                          f"{path.parent / MANIFEST}. Resume from an earlier checkpoint (resume='auto' picks the "
-                          "newest good one).")
+    raise CheckpointError(
+        f"{path} is corrupted or truncated: its size/SHA-256 ({size} bytes) match no record in "
+        f"{path.parent / MANIFEST}. Resume from an earlier checkpoint (resume='auto' picks the "
+        "newest good one)."
+    )
 
 
 def load(path: str | Path, map_location: Any = "cpu", verify_file: bool = True) -> Any:
@@ -189,16 +194,12 @@ def _callback_states(trainer: Trainer) -> dict[str, Any]:
 
 def _data_signature(loader: Any) -> dict[str, Any]:
     signature: dict[str, Any] = {"num_batches": None, "num_samples": None}
-    try:
+    with contextlib.suppress(TypeError):
         signature["num_batches"] = len(loader)
-    except TypeError:
-        pass
     dataset = getattr(loader, "dataset", None)
     if dataset is not None:
-        try:
+        with contextlib.suppress(TypeError):
             signature["num_samples"] = len(dataset)
-        except TypeError:
-            pass
     elif hasattr(loader, "num_samples"):
         signature["num_samples"] = loader.num_samples
     elif hasattr(loader, "loader"):
@@ -222,10 +223,12 @@ def trainer_state_dict(trainer: Trainer) -> dict[str, Any]:
     grads = None
     if trainer._grads_pending:  # mid accumulation group: the partial sums decide the next step
         if distributed.is_fsdp(trainer._dist):
-            raise NotImplementedError("saving a checkpoint in the middle of an accumulation group is not supported "
-                                      "with strategy='fsdp' (the partial gradients are sharded); save at group "
-                                      "ends: ModelCheckpoint/BackupAndRestore(save_freq=a multiple of "
-                                      "accumulate_grad_batches) or 'epoch'")
+            raise NotImplementedError(
+                "saving a checkpoint in the middle of an accumulation group is not supported "
+                "with strategy='fsdp' (the partial gradients are sharded); save at group "
+                "ends: ModelCheckpoint/BackupAndRestore(save_freq=a multiple of "
+                "accumulate_grad_batches) or 'epoch'"
+            )
         grads = [None if p.grad is None else p.grad.detach().cpu() for p in trainer.model.parameters()]
     return {
         "fitkit": {"format": FORMAT_VERSION, "torch": str(torch.__version__), "kind": "full"},
@@ -253,8 +256,10 @@ def _mismatch(kind: str, saved: Any, now: Any, hint: str) -> CheckpointError:
 def load_trainer_state_dict(trainer: Trainer, state: dict[str, Any], strict: bool = True) -> None:
     """Restores what :func:`trainer_state_dict` returned, naming any mismatch before changing anything."""
     if not isinstance(state, dict) or state.get("fitkit", {}).get("kind") != "full":
-        raise CheckpointError("not a full fitkit checkpoint (a weights-only file?): load weights with "
-                              "model.load_state_dict(torch.load(path, weights_only=True))")
+        raise CheckpointError(
+            "not a full fitkit checkpoint (a weights-only file?): load weights with "
+            "model.load_state_dict(torch.load(path, weights_only=True))"
+        )
     if per_rank := state.get("per_rank"):  # this rank's own part (with strict=False, the world size may differ)
         state = {**state, **per_rank[trainer._dist.rank % len(per_rank)]}
     model_state = state["model"]
@@ -262,36 +267,53 @@ def load_trainer_state_dict(trainer: Trainer, state: dict[str, Any], strict: boo
     if strict:
         # First: another world size also changes the per-rank batch count, which would be reported instead.
         if state.get("world_size", 1) != trainer.world_size:
-            raise _mismatch("world size", state.get("world_size"), trainer.world_size,
-                            "Resume with the same number of processes, or pass strict=False to continue with "
-                            "another (the data order then differs from an uninterrupted run).")
+            raise _mismatch(
+                "world size",
+                state.get("world_size"),
+                trainer.world_size,
+                "Resume with the same number of processes, or pass strict=False to continue with "
+                "another (the data order then differs from an uninterrupted run).",
+            )
         missing = sorted(set(current) - set(model_state))
         unexpected = sorted(set(model_state) - set(current))
         if missing or unexpected:
-            raise _mismatch("model architecture", f"{state.get('model_class')} with unexpected keys {unexpected[:5]}",
-                            f"{type(trainer.model).__name__} with missing keys {missing[:5]}",
-                            "Build the same model as the run that wrote it, or pass strict=False to load what fits.")
-        shapes = [f"{k}: {tuple(model_state[k].shape)} vs {tuple(v.shape)}" for k, v in current.items()
-                  if tuple(model_state[k].shape) != tuple(v.shape)]
+            raise _mismatch(
+                "model architecture",
+                f"{state.get('model_class')} with unexpected keys {unexpected[:5]}",
+                f"{type(trainer.model).__name__} with missing keys {missing[:5]}",
+                "Build the same model as the run that wrote it, or pass strict=False to load what fits.",
+            )
+        shapes = [
+            f"{k}: {tuple(model_state[k].shape)} vs {tuple(v.shape)}"
+            for k, v in current.items()
+            if tuple(model_state[k].shape) != tuple(v.shape)
+        ]
         if shapes:
             raise _mismatch("model architecture", "other parameter shapes", "these", f"Differences: {shapes[:5]}")
         if state.get("optimizer_class") != type(trainer.optimizer).__name__:
-            raise _mismatch("optimizer type", state.get("optimizer_class"), type(trainer.optimizer).__name__,
-                            "Resume with the same optimizer class.")
+            raise _mismatch(
+                "optimizer type",
+                state.get("optimizer_class"),
+                type(trainer.optimizer).__name__,
+                "Resume with the same optimizer class.",
+            )
         data_now = _data_signature(trainer._train_loader)
         data_then = state.get("data", {})
         for key in ("num_samples", "num_batches"):
             if data_then.get(key) is not None and data_now.get(key) is not None and data_then[key] != data_now[key]:
-                raise _mismatch(f"training data size ({key})", data_then[key], data_now[key],
-                                "Resume with the same dataset and batch size, or pass strict=False.")
+                raise _mismatch(
+                    f"training data size ({key})",
+                    data_then[key],
+                    data_now[key],
+                    "Resume with the same dataset and batch size, or pass strict=False.",
+                )
     if strict:
         distributed.load_full_model_state_dict(trainer.model, model_state, trainer._dist, strict=True)
     else:
         fitting = {k: v for k, v in model_state.items() if k in current and tuple(v.shape) == tuple(current[k].shape)}
         distributed.load_full_model_state_dict(trainer.model, fitting, trainer._dist, strict=False)
     try:
-        distributed.load_full_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"],
-                                                   trainer._dist)
+        distributed.load_full_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"], trainer._dist)
     except (ValueError, KeyError) as exc:
         if strict:
             raise CheckpointError(f"checkpoint optimizer state does not fit this optimizer: {exc}") from exc
@@ -323,8 +345,13 @@ def save_trainer_checkpoint(trainer: Trainer, path: Path, meta: dict[str, Any] |
     if trainer.world_size > 1:
         state["per_rank"] = everyone
     if trainer.is_global_zero:
-        info = {"kind": "full", "epoch": trainer.state.epoch, "global_step": trainer.state.global_step,
-                "batch_in_epoch": trainer.state.batch_in_epoch, **(meta or {})}
+        info = {
+            "kind": "full",
+            "epoch": trainer.state.epoch,
+            "global_step": trainer.state.global_step,
+            "batch_in_epoch": trainer.state.batch_in_epoch,
+            **(meta or {}),
+        }
         atomic_save(state, path, info)
     distributed.barrier(trainer._dist)
     return path
@@ -342,8 +369,12 @@ def candidates(folders: list[Path]) -> list[Path]:
         for name, entry in read_manifest(folder)["files"].items():
             for record in entry.get("versions", [])[:1]:
                 if record.get("kind") == "full":
-                    key = (record.get("global_step", -1), record.get("epoch", -1), record.get("batch_in_epoch", -1),
-                           record.get("time", 0.0))
+                    key = (
+                        record.get("global_step", -1),
+                        record.get("epoch", -1),
+                        record.get("batch_in_epoch", -1),
+                        record.get("time", 0.0),
+                    )
                     found.append((key, folder / name))
     return [path for _, path in sorted(found, key=lambda item: item[0], reverse=True)]
 
@@ -361,8 +392,10 @@ def resolve_resume(trainer: Trainer, resume: str | Path) -> Path | None:
         if folder is not None:
             folders.append(Path(folder))
     if not folders:
-        raise ValueError("resume='auto' looks in the folders of the trainer's checkpoint callbacks "
-                         "(ModelCheckpoint, BackupAndRestore), and this trainer has none; pass a path instead")
+        raise ValueError(
+            "resume='auto' looks in the folders of the trainer's checkpoint callbacks "
+            "(ModelCheckpoint, BackupAndRestore), and this trainer has none; pass a path instead"
+        )
     return newest_good(folders, "resume='auto': skipping bad checkpoint")
 
 

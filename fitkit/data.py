@@ -50,14 +50,19 @@ def batch_size_of(batch: Any) -> int:
 
     Host metadata only: reading a shape never synchronises with the device.
     """
-    if isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor) \
-            and batch[1].ndim > 0:
+    if (
+        isinstance(batch, (list, tuple))
+        and len(batch) == 2
+        and isinstance(batch[1], torch.Tensor)
+        and batch[1].ndim > 0
+    ):
         return batch[1].shape[0]
     tensor = first_tensor(batch)
     if tensor is None or tensor.ndim == 0:
         raise ValueError(
             f"cannot tell the number of samples in a batch of type {type(batch).__name__}: it holds no tensor "
-            "with a batch dimension. Yield (inputs, targets) tensors, or override Trainer.train_step/eval_step.")
+            "with a batch dimension. Yield (inputs, targets) tensors, or override Trainer.train_step/eval_step."
+        )
     return tensor.shape[0]
 
 
@@ -80,7 +85,8 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     raise ValueError(
         f"expected each batch to be (inputs, targets), got {describe(batch)}. Make the dataset return "
         "(inputs, targets) pairs (inputs may be a tensor, a tuple of tensors or a dict), or subclass Trainer "
-        "and override train_step(batch) / eval_step(batch) for another batch layout.")
+        "and override train_step(batch) / eval_step(batch) for another batch layout."
+    )
 
 
 def to_tensor(array: Any, name: str) -> torch.Tensor:
@@ -106,15 +112,23 @@ class InMemoryLoader:
         device: where the tensors live; batches are cut there, so a GPU run copies the data once.
     """
 
-    def __init__(self, x: Any, y: Any, batch_size: int, shuffle: bool = True,
-                 device: torch.device | str | None = None, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        x: Any,
+        y: Any,
+        batch_size: int,
+        shuffle: bool = True,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.x = to_tensor(x, "x")
         self.y = to_tensor(y, "y")
         if self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(f"x and y must have the same number of samples, got {self.x.shape[0]} and "
-                             f"{self.y.shape[0]}")
+            raise ValueError(
+                f"x and y must have the same number of samples, got {self.x.shape[0]} and {self.y.shape[0]}"
+            )
         if device is not None:
             self.x, self.y = self.x.to(device), self.y.to(device)
         self.batch_size = batch_size
@@ -158,9 +172,9 @@ class InMemoryLoader:
     def _batches(self, perm: torch.Tensor | None, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(skip * self.batch_size, self.num_samples, self.batch_size):
             if perm is None:
-                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+                yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
             else:
-                index = perm[start:start + self.batch_size]
+                index = perm[start : start + self.batch_size]
                 yield self.x[index], self.y[index]
 
 
@@ -189,7 +203,7 @@ def resume_loader_iterator(loader: DataLoader, skip: int) -> Iterator[Any]:
     then the sampler's), from the same generators, so the remaining batches and the worker seeds match.
     Index lists are cheap: no sample is loaded for the skipped batches.
     """
-    base_state = (loader.generator.get_state() if loader.generator is not None else torch.get_rng_state())
+    base_state = loader.generator.get_state() if loader.generator is not None else torch.get_rng_state()
     torch.empty((), dtype=torch.int64).random_(generator=loader.generator)  # the iterator's base seed
     index_sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
     remaining = list(index_sampler)[skip:]
@@ -200,11 +214,18 @@ def resume_loader_iterator(loader: DataLoader, skip: int) -> Iterator[Any]:
     else:
         kwargs = {"sampler": remaining, "batch_size": None}
     clone = DataLoader(
-        loader.dataset, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context, generator=replay,
+        loader.dataset,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=replay,
         prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
-        persistent_workers=False, **kwargs)
+        persistent_workers=False,
+        **kwargs,
+    )
     return iter(clone)
 
 
@@ -212,4 +233,5 @@ def check_reiterable(data: Iterable[Any], name: str) -> None:
     if iter(data) is data:
         raise TypeError(
             f"{name} is a one-shot iterator ({type(data).__name__}); fit needs data it can iterate once per "
-            "epoch. Pass a DataLoader, a list of batches, or an (x, y) tuple of tensors with batch_size=.")
+            "epoch. Pass a DataLoader, a list of batches, or an (x, y) tuple of tensors with batch_size=."
+        )

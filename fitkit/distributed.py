@@ -19,9 +19,9 @@ import os
 import socket
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,14 +67,17 @@ class DistInfo:
 
 def resolve_strategy(strategy: str) -> str:
     if strategy not in _STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}: use 'auto' (DDP when launched by torchrun with several "
-                         "processes), 'ddp', 'fsdp' or 'none'")
+        raise ValueError(
+            f"unknown strategy {strategy!r}: use 'auto' (DDP when launched by torchrun with several "
+            "processes), 'ddp', 'fsdp' or 'none'"
+        )
     return strategy
 
 
 def _launched() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or (dist.is_available() and dist.is_initialized()
-                                                           and dist.get_world_size() > 1)
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
+        dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    )
 
 
 def setup(strategy: str, device: torch.device, timeout_s: float) -> DistInfo:
@@ -86,18 +89,27 @@ def setup(strategy: str, device: torch.device, timeout_s: float) -> DistInfo:
         device: the device the Trainer resolved; a CUDA device is replaced by ``cuda:LOCAL_RANK``.
         timeout_s: seconds a collective waits before failing, for the groups fitkit creates.
     """
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0 \
-            or math.isinf(timeout_s):
-        raise ValueError(f"process_group_timeout must be a finite number of seconds > 0, got {timeout_s!r}; it "
-                         "bounds how long a collective waits for a rank that stopped answering")
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, (int, float))
+        or not timeout_s > 0
+        or math.isinf(timeout_s)
+    ):
+        raise ValueError(
+            f"process_group_timeout must be a finite number of seconds > 0, got {timeout_s!r}; it "
+            "bounds how long a collective waits for a rank that stopped answering"
+        )
     if strategy == "none" or (strategy == "auto" and not _launched()):
         return DistInfo()
     if not dist.is_available():
-        raise RuntimeError(f"strategy={strategy!r} needs torch.distributed, which this torch build lacks; "
-                           "use strategy='none'")
+        raise RuntimeError(
+            f"strategy={strategy!r} needs torch.distributed, which this torch build lacks; use strategy='none'"
+        )
     if strategy == "fsdp" and not _has_fsdp2():
-        raise ValueError("strategy='fsdp' needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6), which "
-                         f"torch {torch.__version__} lacks; use strategy='ddp'")
+        raise ValueError(
+            "strategy='fsdp' needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6), which "
+            f"torch {torch.__version__} lacks; use strategy='ddp'"
+        )
     timeout = datetime.timedelta(seconds=float(timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen_device = None
@@ -108,25 +120,38 @@ def setup(strategy: str, device: torch.device, timeout_s: float) -> DistInfo:
     if not dist.is_initialized():
         missing = [var for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if var not in os.environ]
         if missing:
-            raise RuntimeError(f"strategy={strategy!r} needs a launcher: {', '.join(missing)} missing from the "
-                               "environment. Run the script with torchrun (torchrun --nproc_per_node=2 train.py), "
-                               "call torch.distributed.init_process_group first, or use strategy='auto'/'none' "
-                               "to train in one process")
+            raise RuntimeError(
+                f"strategy={strategy!r} needs a launcher: {', '.join(missing)} missing from the "
+                "environment. Run the script with torchrun (torchrun --nproc_per_node=2 train.py), "
+                "call torch.distributed.init_process_group first, or use strategy='auto'/'none' "
+                "to train in one process"
+            )
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timeout, device_id=chosen_device if backend == "nccl" else None)
         created = True
         atexit.register(_teardown)
     backend = dist.get_backend()
     if device.type == "cuda" and backend == "gloo":
-        warnings.warn("the process group uses gloo on a CUDA run: gradient all-reduces go through the host; "
-                      "initialise it with backend='nccl' (fitkit does when it creates the group)", stacklevel=3)
+        warnings.warn(
+            "the process group uses gloo on a CUDA run: gradient all-reduces go through the host; "
+            "initialise it with backend='nccl' (fitkit does when it creates the group)",
+            stacklevel=3,
+        )
     # fitkit's own host-side group, never the default one: a failing rank closes it to release the others
     # (see on_failure), and its messages never wait behind (or interleave with) DDP's gradient all-reduces.
     control = dist.new_group(backend="gloo", timeout=timeout)
     world_size = dist.get_world_size()
-    info = DistInfo(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank, device=chosen_device,
-                    strategy=strategy, backend=backend, created_group=created, control_group=control,
-                    failure_key=f"fitkit/failure/{next(_setups)}")
+    info = DistInfo(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        local_rank=local_rank,
+        device=chosen_device,
+        strategy=strategy,
+        backend=backend,
+        created_group=created,
+        control_group=control,
+        failure_key=f"fitkit/failure/{next(_setups)}",
+    )
     if world_size > 1:
         reduce_device = device if chosen_device is None else chosen_device
         info.reduce = lambda values: _all_reduce_sum(values, reduce_device)
@@ -158,8 +183,9 @@ def _all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 # -- the model ----------------------------------------------------------------------------------
-def wrap_model(model: nn.Module, strategy: str, info: DistInfo,
-               optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+def wrap_model(
+    model: nn.Module, strategy: str, info: DistInfo, optimizer: torch.optim.Optimizer | None = None
+) -> nn.Module:
     """The module that runs training forward passes: DDP around ``model``, or ``model`` sharded in place
     with FSDP2 (the optimizer's parameters are then swapped for the sharded ones, in place)."""
     if info.world_size == 1:
@@ -181,14 +207,17 @@ def wrap_model(model: nn.Module, strategy: str, info: DistInfo,
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def _swap_optimizer_params(optimizer: torch.optim.Optimizer, before: dict[str, nn.Parameter],
-                           after: dict[str, nn.Parameter]) -> None:
+def _swap_optimizer_params(
+    optimizer: torch.optim.Optimizer, before: dict[str, nn.Parameter], after: dict[str, nn.Parameter]
+) -> None:
     """FSDP2 registers new (sharded) Parameter objects; an optimizer built before must update those."""
     new_of = {id(p): after[name] for name, p in before.items() if name in after}
     if any(optimizer.state.values()):
-        raise ValueError("strategy='fsdp' shards the model after the optimizer was built, so the optimizer must "
-                         "not hold state yet (momentum buffers); build it fresh, or load its state after "
-                         "building the Trainer")
+        raise ValueError(
+            "strategy='fsdp' shards the model after the optimizer was built, so the optimizer must "
+            "not hold state yet (momentum buffers); build it fresh, or load its state after "
+            "building the Trainer"
+        )
     for group in optimizer.param_groups:
         group["params"] = [new_of.get(id(p), p) for p in group["params"]]
 
@@ -226,8 +255,7 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    state = get_optimizer_state_dict(model, optimizer,
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return _to_cpu_tensors(state)
 
 
@@ -240,8 +268,9 @@ def load_full_model_state_dict(model: nn.Module, state: dict[str, Any], info: Di
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
-def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                                   info: DistInfo) -> None:
+def load_full_optimizer_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], info: DistInfo
+) -> None:
     if not is_fsdp(info):
         optimizer.load_state_dict(state)
         return
@@ -266,9 +295,11 @@ def _to_cpu_tensors(obj: Any) -> Any:
 # -- control messages ---------------------------------------------------------------------------
 def _control(info: DistInfo) -> Any:
     if info.control_group is None:
-        raise RuntimeError(f"the distributed run already failed ({info.closed_by}); its control group is closed, "
-                           "so no rank can take part in a collective any more. Restart the job (resume from the "
-                           "last checkpoint)")
+        raise RuntimeError(
+            f"the distributed run already failed ({info.closed_by}); its control group is closed, "
+            "so no rank can take part in a collective any more. Restart the job (resume from the "
+            "last checkpoint)"
+        )
     return info.control_group
 
 
@@ -363,8 +394,10 @@ def on_failure(exc: BaseException, info: DistInfo) -> PeerFailure | None:
                 abort()
     if first == mine:
         return None
-    return PeerFailure(f"{first}; rank {info.rank} stopped too (the distributed run cannot go on without it). "
-                       "Fix that error and restart the job, resuming from the last checkpoint")
+    return PeerFailure(
+        f"{first}; rank {info.rank} stopped too (the distributed run cannot go on without it). "
+        "Fix that error and restart the job, resuming from the last checkpoint"
+    )
 
 
 def _text(value: Any) -> str:
@@ -409,12 +442,21 @@ def _shard_seed(info: DistInfo) -> int:
 
 
 def _rebuild(loader: DataLoader, sampler: Any) -> DataLoader:
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
-                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                      drop_last=loader.drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-                      multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
-                      prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
-                      persistent_workers=loader.persistent_workers)
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
+        persistent_workers=loader.persistent_workers,
+    )
 
 
 def _rank_aware(sampler: Any) -> bool:
@@ -430,27 +472,41 @@ def shard_train(loader: DataLoader, info: DistInfo) -> DataLoader:
     if info.world_size == 1:
         return loader
     if isinstance(loader.dataset, IterableDataset):
-        warnings.warn("an IterableDataset cannot be sharded by fitkit: make each rank yield its own part "
-                      "(torch.distributed.get_rank() / get_world_size()), with the same number of batches on "
-                      "every rank", stacklevel=4)
+        warnings.warn(
+            "an IterableDataset cannot be sharded by fitkit: make each rank yield its own part "
+            "(torch.distributed.get_rank() / get_world_size()), with the same number of batches on "
+            "every rank",
+            stacklevel=4,
+        )
         return loader
     if _rank_aware(loader.sampler) or _rank_aware(getattr(loader.batch_sampler, "sampler", None)):
         return loader  # the user's own per-rank sampler
     if loader.batch_sampler is None or type(loader.batch_sampler) is not BatchSampler:
-        raise ValueError(f"train_data uses a custom batch_sampler ({type(loader.batch_sampler).__name__}), which "
-                         "fitkit cannot split across ranks; give it a per-rank sampler (with num_replicas and "
-                         "rank attributes, as DistributedSampler has) or use batch_size= with shuffle=")
+        raise ValueError(
+            f"train_data uses a custom batch_sampler ({type(loader.batch_sampler).__name__}), which "
+            "fitkit cannot split across ranks; give it a per-rank sampler (with num_replicas and "
+            "rank attributes, as DistributedSampler has) or use batch_size= with shuffle="
+        )
     sampler = loader.sampler
     if type(sampler) is RandomSampler and (sampler.replacement or sampler._num_samples is not None):
-        raise ValueError("train_data's RandomSampler draws with replacement or a fixed num_samples, which a "
-                         "DistributedSampler cannot reproduce; shard it yourself per rank, or use shuffle=True")
+        raise ValueError(
+            "train_data's RandomSampler draws with replacement or a fixed num_samples, which a "
+            "DistributedSampler cannot reproduce; shard it yourself per rank, or use shuffle=True"
+        )
     if type(sampler) not in (RandomSampler, SequentialSampler):
-        raise ValueError(f"train_data uses a {type(sampler).__name__}, which fitkit cannot split across ranks "
-                         "without changing what it draws; pass a per-rank sampler of your own (one with "
-                         "num_replicas and rank attributes, such as a DistributedSampler) in its place")
-    distributed_sampler = DistributedSampler(loader.dataset, num_replicas=info.world_size, rank=info.rank,
-                                             shuffle=type(sampler) is RandomSampler, seed=_shard_seed(info),
-                                             drop_last=loader.drop_last)
+        raise ValueError(
+            f"train_data uses a {type(sampler).__name__}, which fitkit cannot split across ranks "
+            "without changing what it draws; pass a per-rank sampler of your own (one with "
+            "num_replicas and rank attributes, such as a DistributedSampler) in its place"
+        )
+    distributed_sampler = DistributedSampler(
+        loader.dataset,
+        num_replicas=info.world_size,
+        rank=info.rank,
+        shuffle=type(sampler) is RandomSampler,
+        seed=_shard_seed(info),
+        drop_last=loader.drop_last,
+    )
     return _rebuild(loader, distributed_sampler)
 
 
@@ -481,17 +537,26 @@ def shard_eval(loader: Any, info: DistInfo) -> Any:
     from fitkit.data import InMemoryLoader
 
     if isinstance(loader, InMemoryLoader):
-        sharded: Any = InMemoryLoader(loader.x[info.rank::info.world_size], loader.y[info.rank::info.world_size],
-                                      loader.batch_size, shuffle=False)
+        sharded: Any = InMemoryLoader(
+            loader.x[info.rank :: info.world_size],
+            loader.y[info.rank :: info.world_size],
+            loader.batch_size,
+            shuffle=False,
+        )
     elif isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
         if loader.batch_sampler is not None and type(loader.batch_sampler) is not BatchSampler:
-            raise ValueError(f"validation data uses a custom batch_sampler ({type(loader.batch_sampler).__name__}) "
-                             "that fitkit cannot split across ranks; use batch_size= on the DataLoader")
+            raise ValueError(
+                f"validation data uses a custom batch_sampler ({type(loader.batch_sampler).__name__}) "
+                "that fitkit cannot split across ranks; use batch_size= on the DataLoader"
+            )
         sharded = _rebuild(loader, _StridedSampler(len(loader.dataset), info.rank, info.world_size))
     else:
-        warnings.warn(f"validation data of type {type(loader).__name__} cannot be sharded: every rank evaluates "
-                      "all of it and the means stay right, at world_size times the work; pass a DataLoader over a "
-                      "map-style dataset or (x, y) tensors to split it", stacklevel=4)
+        warnings.warn(
+            f"validation data of type {type(loader).__name__} cannot be sharded: every rank evaluates "
+            "all of it and the means stay right, at world_size times the work; pass a DataLoader over a "
+            "map-style dataset or (x, y) tensors to split it",
+            stacklevel=4,
+        )
         sharded = _Replicated(loader, info.world_size)
     with contextlib.suppress(TypeError):
         info._sharded[loader] = sharded
@@ -556,11 +621,11 @@ class _ShardedInMemory:
             order = torch.arange(n)
         total = self.per_rank * world
         padded = order.repeat(-(-total // n))[:total]  # DistributedSampler's padding
-        mine = padded[self.info.rank::world].to(self.loader.x.device)
+        mine = padded[self.info.rank :: world].to(self.loader.x.device)
         skip, self._skip = self._skip, 0
         size = self.loader.batch_size
         for start in range(skip * size, len(mine), size):
-            index = mine[start:start + size]
+            index = mine[start : start + size]
             yield self.loader.x[index], self.loader.y[index]
 
 

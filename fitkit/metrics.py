@@ -7,7 +7,8 @@ Each metric says which way is better through ``higher_is_better``; monitoring ca
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -52,8 +53,10 @@ class Metric:
 
     # The state travels as tensors so a distributed run can all-reduce it (see fitkit.distributed).
     def sync_state(self) -> list[torch.Tensor]:
-        return [self._sum if self._sum is not None else torch.zeros((), dtype=torch.float64),
-                torch.tensor(float(self._count), dtype=torch.float64)]
+        return [
+            self._sum if self._sum is not None else torch.zeros((), dtype=torch.float64),
+            torch.tensor(float(self._count), dtype=torch.float64),
+        ]
 
     def load_sync_state(self, values: list[torch.Tensor]) -> None:
         self._sum, self._count = values[0], int(round(float(values[1])))
@@ -111,11 +114,13 @@ class Accuracy(Metric):
 
     def batch_sum(self, outputs: Any, targets: Any) -> tuple[torch.Tensor, int]:
         if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
-            raise TypeError(f"{self.name}: expected tensor outputs and targets, got {type(outputs).__name__} "
-                            f"and {type(targets).__name__}")
+            raise TypeError(
+                f"{self.name}: expected tensor outputs and targets, got {type(outputs).__name__} "
+                f"and {type(targets).__name__}"
+            )
         n = targets.shape[0]
         if outputs.ndim == 1 or (outputs.ndim == 2 and outputs.shape[1] == 1):
-            predicted = (outputs.reshape(-1) > self.threshold)
+            predicted = outputs.reshape(-1) > self.threshold
             correct = predicted == (targets.reshape(-1) > 0.5)
             return correct.sum(), n
         if targets.ndim == outputs.ndim and targets.shape[-1] == 1:  # (N, 1) class indices, as Keras allows
@@ -123,8 +128,10 @@ class Accuracy(Metric):
         elif targets.ndim == outputs.ndim:  # one-hot or probabilities
             targets = targets.argmax(dim=-1)
         if outputs.ndim != 2 or targets.ndim != 1:
-            raise ValueError(f"{self.name}: expected outputs (N, C) and targets (N,), got "
-                             f"{tuple(outputs.shape)} and {tuple(targets.shape)}")
+            raise ValueError(
+                f"{self.name}: expected outputs (N, C) and targets (N,), got "
+                f"{tuple(outputs.shape)} and {tuple(targets.shape)}"
+            )
         if self.top_k > outputs.shape[1]:
             raise ValueError(f"{self.name}: top_k={self.top_k} but the outputs have only {outputs.shape[1]} classes")
         if self.top_k == 1:
@@ -179,8 +186,10 @@ class _FunctionMetric(Metric):
     def batch_sum(self, outputs: Any, targets: Any) -> tuple[torch.Tensor, int]:
         value = self.fn(outputs, targets)
         if not isinstance(value, torch.Tensor) or value.ndim != 0:
-            raise TypeError(f"metric function {self.name!r} must return a 0-dim tensor (the batch mean), got "
-                            f"{type(value).__name__}{'' if not isinstance(value, torch.Tensor) else tuple(value.shape)}")
+            raise TypeError(
+                f"metric function {self.name!r} must return a 0-dim tensor (the batch mean), got "
+                f"{type(value).__name__}{'' if not isinstance(value, torch.Tensor) else tuple(value.shape)}"
+            )
         n = targets.shape[0] if isinstance(targets, torch.Tensor) and targets.ndim else 1
         return value * n, n
 
@@ -211,15 +220,19 @@ def get_metric(metric: Any) -> Metric:
         return metric
     if isinstance(metric, str):
         if metric not in _SHORTCUTS:
-            raise ValueError(f"unknown metric {metric!r}; known shortcuts: {sorted(_SHORTCUTS)}. Pass a "
-                             "fitkit.metrics.Metric, a torchmetrics.Metric or a function (outputs, targets) -> tensor.")
+            raise ValueError(
+                f"unknown metric {metric!r}; known shortcuts: {sorted(_SHORTCUTS)}. Pass a "
+                "fitkit.metrics.Metric, a torchmetrics.Metric or a function (outputs, targets) -> tensor."
+            )
         return _SHORTCUTS[metric]()
     if hasattr(metric, "update") and hasattr(metric, "compute") and hasattr(metric, "reset"):
         return _TorchmetricsAdapter(metric)
     if callable(metric):
         return _FunctionMetric(metric)
-    raise TypeError(f"cannot use {metric!r} as a metric: expected a string, a fitkit.metrics.Metric, a "
-                    "torchmetrics.Metric or a function (outputs, targets) -> tensor")
+    raise TypeError(
+        f"cannot use {metric!r} as a metric: expected a string, a fitkit.metrics.Metric, a "
+        "torchmetrics.Metric or a function (outputs, targets) -> tensor"
+    )
 
 
 __all__ = ["Metric", "Mean", "Accuracy", "get_metric"]

@@ -40,9 +40,18 @@ from fitkit.data import (
 from fitkit.metrics import Metric, get_metric
 from fitkit.state import TrainerState
 
-_PRECISIONS = {"32": "32", 32: "32", "fp32": "32", "32-true": "32",
-               "bf16": "bf16", "bf16-mixed": "bf16", "fp16": "fp16", "16": "fp16", 16: "fp16",
-               "16-mixed": "fp16"}
+_PRECISIONS = {
+    "32": "32",
+    32: "32",
+    "fp32": "32",
+    "32-true": "32",
+    "bf16": "bf16",
+    "bf16-mixed": "bf16",
+    "fp16": "fp16",
+    "16": "fp16",
+    16: "fp16",
+    "16-mixed": "fp16",
+}
 
 _LOSSES: dict[str, Callable[[], Callable[..., torch.Tensor]]] = {
     "cross_entropy": nn.CrossEntropyLoss,
@@ -155,7 +164,7 @@ class _Tracker:
         offset = len(keys)
         for metric in sync_metrics:
             n_state = len(metric.sync_state())
-            metric.load_sync_state([torch.tensor(v, dtype=torch.float64) for v in flat[offset:offset + n_state]])
+            metric.load_sync_state([torch.tensor(v, dtype=torch.float64) for v in flat[offset : offset + n_state]])
             offset += n_state
         for metric in self.metrics:
             logs[metric.name] = float(metric.compute())
@@ -163,8 +172,11 @@ class _Tracker:
 
     def state_dict(self) -> dict[str, Any]:
         self._fold()
-        return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()}, "count": self.count,
-                "metrics": [m.state_dict() for m in self.metrics]}
+        return {
+            "sums": {k: v.detach().cpu() for k, v in self.sums.items()},
+            "count": self.count,
+            "metrics": [m.state_dict() for m in self.metrics],
+        }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.sums = {k: v.to(device) for k, v in state["sums"].items()}
@@ -238,8 +250,9 @@ class _HookTimer:
         self.trainer._hooks_timed = True
         periods = [b - a for a, b in zip(self.marks, self.marks[1:])]
         batch_time = sorted(periods)[len(periods) // 2]  # medians: a preemption spoils one batch, not all
-        name, seconds = max(((name, sorted(times)[len(times) // 2]) for name, times in self.spent.items()),
-                            key=lambda item: item[1])
+        name, seconds = max(
+            ((name, sorted(times)[len(times) // 2]) for name, times in self.spent.items()), key=lambda item: item[1]
+        )
         share = seconds / batch_time if batch_time > 0 else 0.0
         if share >= self.SHARE and seconds >= self.MIN_SECONDS:
             hooks = "/".join(dict.fromkeys(self.hook_names[name]))
@@ -248,7 +261,9 @@ class _HookTimer:
                 f"{min(share, 1.0):.0%} of the {batch_time * 1e3:.3g} ms each batch takes (medians over batches "
                 f"{self.FIRST}-{self.STOP - 1}). Do its work less often (every N batches, or in on_epoch_end), "
                 "and avoid reading tensor values per batch (.item(), float(), .tolist()): that waits for the "
-                "device.", stacklevel=5)
+                "device.",
+                stacklevel=5,
+            )
 
 
 class Trainer:
@@ -312,18 +327,25 @@ class Trainer:
         self.precision = _resolve_precision(precision, self.device)
         self.grad_clip_norm = _positive_or_none(grad_clip_norm, "grad_clip_norm")
         self.grad_clip_value = _positive_or_none(grad_clip_value, "grad_clip_value")
-        if not isinstance(accumulate_grad_batches, int) or isinstance(accumulate_grad_batches, bool) \
-                or accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches must be an int >= 1 (batches per optimizer step), "
-                             f"got {accumulate_grad_batches!r}")
+        if (
+            not isinstance(accumulate_grad_batches, int)
+            or isinstance(accumulate_grad_batches, bool)
+            or accumulate_grad_batches < 1
+        ):
+            raise ValueError(
+                f"accumulate_grad_batches must be an int >= 1 (batches per optimizer step), "
+                f"got {accumulate_grad_batches!r}"
+            )
         self.accumulate_grad_batches = accumulate_grad_batches
         if verbose not in (0, 1, 2):
             raise ValueError(f"verbose must be 0 (silent), 1 (progress bar) or 2 (one line per epoch), got {verbose!r}")
         self.verbose = verbose
         if debug_sync not in (False, True, "warn", "error"):
-            raise ValueError(f"debug_sync must be False (off), True or 'warn' (torch warns at every host-device "
-                             f"synchronisation in the batch loop on CUDA) or 'error' (raises there instead), got "
-                             f"{debug_sync!r}")
+            raise ValueError(
+                f"debug_sync must be False (off), True or 'warn' (torch warns at every host-device "
+                f"synchronisation in the batch loop on CUDA) or 'error' (raises there instead), got "
+                f"{debug_sync!r}"
+            )
         self.debug_sync = debug_sync
         self.handle_signals = handle_signals
 
@@ -353,8 +375,10 @@ class Trainer:
         self.callbacks: list[Callback] = []
         for callback in callbacks or []:
             if not isinstance(callback, Callback):
-                raise TypeError(f"callbacks must be fitkit.Callback instances, got {type(callback).__name__}; "
-                                "subclass fitkit.Callback or use fitkit.callbacks.LambdaCallback")
+                raise TypeError(
+                    f"callbacks must be fitkit.Callback instances, got {type(callback).__name__}; "
+                    "subclass fitkit.Callback or use fitkit.callbacks.LambdaCallback"
+                )
             check_hook_names(callback)
             self.callbacks.append(callback)
 
@@ -363,7 +387,9 @@ class Trainer:
         self._eval_module: nn.Module = self.model
         if compile:
             self._train_module = torch.compile(self._train_module)
-            self._eval_module = torch.compile(self.model) if self._train_module is not self.model else self._train_module
+            self._eval_module = (
+                torch.compile(self.model) if self._train_module is not self.model else self._train_module
+            )
         self.compile = compile
 
         self._autocast_dtype = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
@@ -527,8 +553,10 @@ class Trainer:
         self.epochs_planned = epochs
         self.num_train_batches = _num_batches(train_loader, steps_per_epoch)
         if self.num_train_batches == 0:
-            raise ValueError("train_data yields no batches (an empty dataset, or drop_last=True with fewer "
-                             "samples than batch_size); fit has nothing to train on")
+            raise ValueError(
+                "train_data yields no batches (an empty dataset, or drop_last=True with fewer "
+                "samples than batch_size); fit has nothing to train on"
+            )
 
         self.history = History()
         extra: list[Callback] = [self.history]
@@ -550,14 +578,25 @@ class Trainer:
                 for fn in hooks["on_train_begin"]:
                     fn({})
                 if resume is None:  # a BackupAndRestore callback resumes the same script after a crash
-                    resume = next((p for cb in self._active if hasattr(cb, "resume_path")
-                                   for p in [cb.resume_path()] if p is not None), None)
+                    resume = next(
+                        (
+                            p
+                            for cb in self._active
+                            if hasattr(cb, "resume_path")
+                            for p in [cb.resume_path()]
+                            if p is not None
+                        ),
+                        None,
+                    )
                 resume = distributed.broadcast_object(resume, self._dist)  # every rank resumes as rank 0 does
                 if resume is not None:
                     self._resume(resume, train_loader)
                 if self.state.epoch >= epochs:
-                    warnings.warn(f"nothing to train: the run is at epoch {self.state.epoch} and epochs={epochs}; "
-                                  "pass a larger epochs= to train further", stacklevel=2)
+                    warnings.warn(
+                        f"nothing to train: the run is at epoch {self.state.epoch} and epochs={epochs}; "
+                        "pass a larger epochs= to train further",
+                        stacklevel=2,
+                    )
                 for epoch in range(self.state.epoch, epochs):
                     self.state.epoch = epoch
                     if self.state.batch_in_epoch == 0:  # a resumed epoch already ran on_epoch_begin
@@ -631,8 +670,10 @@ class Trainer:
                 break
         self._check_interrupt()
         if self.state.batch_in_epoch == 0:
-            raise ValueError(f"train_data yielded no batches in epoch {epoch}; check the dataset and "
-                             "steps_per_epoch (an iterable dataset may be exhausted)")
+            raise ValueError(
+                f"train_data yielded no batches in epoch {epoch}; check the dataset and "
+                "steps_per_epoch (an iterable dataset may be exhausted)"
+            )
         if self._grads_pending:
             if self.state.should_stop:  # stopped mid-group (TerminateOnNaN, say): drop the partial group
                 self.optimizer.zero_grad(set_to_none=True)
@@ -663,8 +704,11 @@ class Trainer:
             elif is_map_style(loader):
                 iterator = resume_loader_iterator(loader, skip)
             else:
-                warnings.warn(f"resuming mid-epoch on {type(loader).__name__} without random access: "
-                              f"re-reading {skip} batches to skip them (they do not reach the model)", stacklevel=3)
+                warnings.warn(
+                    f"resuming mid-epoch on {type(loader).__name__} without random access: "
+                    f"re-reading {skip} batches to skip them (they do not reach the model)",
+                    stacklevel=3,
+                )
                 iterator = iter(loader)
                 for _ in range(skip):
                     next(iterator)
@@ -718,11 +762,18 @@ class Trainer:
         """True when every batch is one optimizer step with nothing around it: no accumulation, loss
         scaling, clipping or backward/optimizer-step hooks, and none of the step methods overridden
         (in a subclass, on the instance, or patched on the class)."""
-        return (self.accumulate_grad_batches == 1 and self._scaler is None and self.grad_clip_norm is None
-                and self.grad_clip_value is None and not self._hooks["on_before_backward"]
-                and not self._hooks["on_before_optimizer_step"]
-                and all(getattr(getattr(self, name), "__func__", None) is function
-                        for name, function in _PLAIN_STEP_METHODS.items()))
+        return (
+            self.accumulate_grad_batches == 1
+            and self._scaler is None
+            and self.grad_clip_norm is None
+            and self.grad_clip_value is None
+            and not self._hooks["on_before_backward"]
+            and not self._hooks["on_before_optimizer_step"]
+            and all(
+                getattr(getattr(self, name), "__func__", None) is function
+                for name, function in _PLAIN_STEP_METHODS.items()
+            )
+        )
 
     def eval_step(self, batch: Any) -> dict[str, torch.Tensor]:
         """Forward and loss under ``no_grad`` in eval mode; override like :meth:`train_step`."""
@@ -832,8 +883,9 @@ class Trainer:
         return batch
 
     # -- evaluate / predict ---------------------------------------------------------------------
-    def evaluate(self, data: Any, *, batch_size: int | None = None,
-                 callbacks: Sequence[Callback] | None = None) -> dict[str, float]:
+    def evaluate(
+        self, data: Any, *, batch_size: int | None = None, callbacks: Sequence[Callback] | None = None
+    ) -> dict[str, float]:
         """Loss and metrics over ``data`` in eval mode under ``no_grad``, averaged over samples.
 
         As in Keras, only the ``callbacks`` given here see its ``on_validation_*`` events (the trainer's
@@ -848,7 +900,9 @@ class Trainer:
         return self._evaluate(loader, prefix="", hooks=hooks)
 
     @torch.no_grad()
-    def _evaluate(self, loader: Any, prefix: str, hooks: dict[str, list[Callable[..., Any]]] | None = None) -> dict[str, float]:
+    def _evaluate(
+        self, loader: Any, prefix: str, hooks: dict[str, list[Callable[..., Any]]] | None = None
+    ) -> dict[str, float]:
         hooks = self._hooks if hooks is None else hooks
         was_training = self._train_module.training
         self._eval_module.eval()
@@ -903,28 +957,43 @@ class Trainer:
         return _concat(outputs)
 
     # -- data -----------------------------------------------------------------------------------
-    def _as_loader(self, data: Any, batch_size: int | None, shuffle: bool, name: str, training: bool = False,
-                   targets_optional: bool = False) -> Any:
+    def _as_loader(
+        self,
+        data: Any,
+        batch_size: int | None,
+        shuffle: bool,
+        name: str,
+        training: bool = False,
+        targets_optional: bool = False,
+    ) -> Any:
         if isinstance(data, DataLoader):
             if batch_size is not None:
-                raise ValueError(f"batch_size is for in-memory data; {name} is a DataLoader with its own "
-                                 f"batch_size ({data.batch_size}). Drop batch_size= or pass (x, y) tensors.")
+                raise ValueError(
+                    f"batch_size is for in-memory data; {name} is a DataLoader with its own "
+                    f"batch_size ({data.batch_size}). Drop batch_size= or pass (x, y) tensors."
+                )
             if isinstance(data.dataset, IterableDataset):
                 pass
             elif len(data) == 0:
-                raise ValueError(f"{name} is an empty DataLoader (dataset of {len(data.dataset)} samples"
-                                 f"{', drop_last=True' if data.drop_last else ''}); there is nothing to iterate")
+                raise ValueError(
+                    f"{name} is an empty DataLoader (dataset of {len(data.dataset)} samples"
+                    f"{', drop_last=True' if data.drop_last else ''}); there is nothing to iterate"
+                )
             if self.device.type == "cuda":
                 self._non_blocking = bool(data.pin_memory)
                 if training and not data.pin_memory and data.num_workers == 0:
-                    warnings.warn(f"{name}: a CUDA run fed by a DataLoader with num_workers=0 and pin_memory=False "
-                                  "waits on the host for every batch; pass num_workers>0 and pin_memory=True",
-                                  stacklevel=3)
+                    warnings.warn(
+                        f"{name}: a CUDA run fed by a DataLoader with num_workers=0 and pin_memory=False "
+                        "waits on the host for every batch; pass num_workers>0 and pin_memory=True",
+                        stacklevel=3,
+                    )
             return distributed.shard_train(data, self._dist) if training else data
         if _is_array(data):  # x alone, as Keras's predict(x) takes it; iterating it would yield single rows
             if not targets_optional:
-                raise TypeError(f"{name} is a single {type(data).__name__} (inputs only); a loss needs targets: "
-                                "pass an (x, y) tuple with batch_size=, or a DataLoader of (inputs, targets)")
+                raise TypeError(
+                    f"{name} is a single {type(data).__name__} (inputs only); a loss needs targets: "
+                    "pass an (x, y) tuple with batch_size=, or a DataLoader of (inputs, targets)"
+                )
             data = (data,)
         if isinstance(data, tuple) and len(data) in (1, 2) and _is_array(data[0]):
             x = data[0]
@@ -936,21 +1005,30 @@ class Trainer:
             if len(x) == 0:
                 raise ValueError(f"{name} holds 0 samples")
             size = 32 if batch_size is None else batch_size
-            loader = InMemoryLoader(x, y, size, shuffle=shuffle and training,
-                                    device=self.device if _fits_on_device(x, y, self.device) else None)
+            loader = InMemoryLoader(
+                x,
+                y,
+                size,
+                shuffle=shuffle and training,
+                device=self.device if _fits_on_device(x, y, self.device) else None,
+            )
             if self._dist.world_size > 1:
                 return distributed.shard_in_memory(loader, self._dist, training)
             return loader
         if isinstance(data, (torch.utils.data.Dataset,)) and not isinstance(data, IterableDataset):
-            raise TypeError(f"{name} is a Dataset; wrap it in a DataLoader(dataset, batch_size=..., shuffle=...) "
-                            "or pass (x, y) tensors with batch_size=")
+            raise TypeError(
+                f"{name} is a Dataset; wrap it in a DataLoader(dataset, batch_size=..., shuffle=...) "
+                "or pass (x, y) tensors with batch_size="
+            )
         if isinstance(data, Iterable) and not isinstance(data, (str, bytes, dict)):
             check_reiterable(data, name)
             if hasattr(data, "__len__") and len(data) == 0:
                 raise ValueError(f"{name} is empty")
             return data
-        raise TypeError(f"{name} must be a DataLoader, a re-iterable of (inputs, targets) batches, or an (x, y) "
-                        f"tuple of tensors/arrays; got {type(data).__name__}")
+        raise TypeError(
+            f"{name} must be a DataLoader, a re-iterable of (inputs, targets) batches, or an (x, y) "
+            f"tuple of tensors/arrays; got {type(data).__name__}"
+        )
 
     # -- signals --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -1043,8 +1121,9 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:<index>', 'mps' or a "
-                         "torch.device") from exc
+        raise ValueError(
+            f"unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:<index>', 'mps' or a torch.device"
+        ) from exc
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but CUDA is not available here; use device='auto' or 'cpu'")
@@ -1059,15 +1138,20 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 def _resolve_precision(precision: str | int, device: torch.device) -> str:
     if precision not in _PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: use '32' (float32), 'bf16' (bfloat16 autocast) or "
-                         "'fp16' (float16 autocast with a GradScaler)")
+        raise ValueError(
+            f"unknown precision {precision!r}: use '32' (float32), 'bf16' (bfloat16 autocast) or "
+            "'fp16' (float16 autocast with a GradScaler)"
+        )
     resolved = _PRECISIONS[precision]
     if resolved == "fp16" and device.type == "cpu":
-        raise ValueError("precision='fp16' needs a CUDA or MPS device: float16 autocast with a GradScaler is "
-                         "not supported for training on the CPU. Use precision='bf16' on the CPU.")
+        raise ValueError(
+            "precision='fp16' needs a CUDA or MPS device: float16 autocast with a GradScaler is "
+            "not supported for training on the CPU. Use precision='bf16' on the CPU."
+        )
     if resolved == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"precision='bf16' but {torch.cuda.get_device_name(device)} has no bfloat16 support; "
-                         "use precision='fp16'")
+        raise ValueError(
+            f"precision='bf16' but {torch.cuda.get_device_name(device)} has no bfloat16 support; use precision='fp16'"
+        )
     return resolved
 
 
@@ -1090,8 +1174,10 @@ def _resolve_optimizer(optimizer: torch.optim.Optimizer | str, model: nn.Module)
     if isinstance(optimizer, str):
         key = optimizer.lower()
         if key not in _OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; names: {sorted(_OPTIMIZERS)}, or pass a "
-                             "torch.optim.Optimizer over model.parameters()")
+            raise ValueError(
+                f"unknown optimizer {optimizer!r}; names: {sorted(_OPTIMIZERS)}, or pass a "
+                "torch.optim.Optimizer over model.parameters()"
+            )
         cls, lr = _OPTIMIZERS[key]
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -1104,27 +1190,37 @@ def _check_optimizer_holds_model(optimizer: torch.optim.Optimizer, model: nn.Mod
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     model_params = {id(p) for p in model.parameters()}
     if not held & model_params:
-        raise ValueError("the optimizer holds none of the model's parameters: it was probably built for another "
-                         "model instance. Build it with the model you pass: torch.optim.Adam(model.parameters())")
+        raise ValueError(
+            "the optimizer holds none of the model's parameters: it was probably built for another "
+            "model instance. Build it with the model you pass: torch.optim.Adam(model.parameters())"
+        )
     strangers = held - model_params
     if strangers:
-        raise ValueError(f"the optimizer holds {len(strangers)} parameter(s) that are not in the model; build it "
-                         "with this model's parameters")
+        raise ValueError(
+            f"the optimizer holds {len(strangers)} parameter(s) that are not in the model; build it "
+            "with this model's parameters"
+        )
     missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in held]
     if missing:
-        warnings.warn(f"{len(missing)} trainable parameter(s) are not in the optimizer and will not be updated "
-                      f"(first: {missing[:3]}); set requires_grad=False on them if that is intended", stacklevel=3)
+        warnings.warn(
+            f"{len(missing)} trainable parameter(s) are not in the optimizer and will not be updated "
+            f"(first: {missing[:3]}); set requires_grad=False on them if that is intended",
+            stacklevel=3,
+        )
 
 
 def _resolve_loss(loss: Callable[[Any, Any], torch.Tensor] | str) -> Callable[[Any, Any], torch.Tensor]:
     if isinstance(loss, str):
         if loss not in _LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; names: {sorted(_LOSSES)}, or pass a callable "
-                             "(outputs, targets) -> scalar tensor")
+            raise ValueError(
+                f"unknown loss {loss!r}; names: {sorted(_LOSSES)}, or pass a callable "
+                "(outputs, targets) -> scalar tensor"
+            )
         return _LOSSES[loss]()
     if not callable(loss):
-        raise TypeError(f"loss must be a callable (outputs, targets) -> scalar tensor or a name, got "
-                        f"{type(loss).__name__}")
+        raise TypeError(
+            f"loss must be a callable (outputs, targets) -> scalar tensor or a name, got {type(loss).__name__}"
+        )
     return loss
 
 
@@ -1132,23 +1228,31 @@ def _check_loss(loss: Any) -> None:
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"the loss must return a tensor, got {type(loss).__name__}")
     if loss.ndim != 0:
-        raise ValueError(f"the loss must be a scalar (0-dim) tensor, got shape {tuple(loss.shape)}; use a mean- "
-                         "or sum-reduced loss (e.g. reduction='mean'), or reduce it in your loss function")
+        raise ValueError(
+            f"the loss must be a scalar (0-dim) tensor, got shape {tuple(loss.shape)}; use a mean- "
+            "or sum-reduced loss (e.g. reduction='mean'), or reduce it in your loss function"
+        )
     if not loss.requires_grad:
-        raise ValueError("the loss does not require grad: no model parameter took part in computing it (a "
-                         "detached output, or a model with all parameters frozen?)")
+        raise ValueError(
+            "the loss does not require grad: no model parameter took part in computing it (a "
+            "detached output, or a model with all parameters frozen?)"
+        )
 
 
 def _check_step_logs(step_logs: Any) -> None:
     if not isinstance(step_logs, dict) or "loss" not in step_logs:
-        raise TypeError(f"train_step/eval_step must return a dict of 0-dim tensors holding 'loss', got "
-                        f"{type(step_logs).__name__}{'' if not isinstance(step_logs, dict) else sorted(step_logs)}")
+        raise TypeError(
+            f"train_step/eval_step must return a dict of 0-dim tensors holding 'loss', got "
+            f"{type(step_logs).__name__}{'' if not isinstance(step_logs, dict) else sorted(step_logs)}"
+        )
 
 
 def _validation_schedule(validation_freq: int | Sequence[int]) -> Callable[[int], bool]:
     if isinstance(validation_freq, int) and not isinstance(validation_freq, bool):
         if validation_freq < 1:
-            raise ValueError(f"validation_freq must be an int >= 1 or a list of 1-based epochs, got {validation_freq!r}")
+            raise ValueError(
+                f"validation_freq must be an int >= 1 or a list of 1-based epochs, got {validation_freq!r}"
+            )
         return lambda epoch: (epoch + 1) % validation_freq == 0
     if isinstance(validation_freq, (list, tuple, set)) and all(isinstance(e, int) for e in validation_freq):
         epochs = set(validation_freq)
@@ -1234,7 +1338,9 @@ def _concat(outputs: list[Any]) -> Any:
 
 # The step methods as defined here: _plain_steps compares against them, so that a subclass, an instance
 # attribute or a monkeypatch on the class takes the general path.
-_PLAIN_STEP_METHODS = {name: Trainer.__dict__[name] for name in
-                       ("train_step", "forward", "autocast", "backward", "optimizer_step", "update_metrics")}
+_PLAIN_STEP_METHODS = {
+    name: Trainer.__dict__[name]
+    for name in ("train_step", "forward", "autocast", "backward", "optimizer_step", "update_metrics")
+}
 
 __all__ = ["Trainer", "TrainingInterrupted"]

@@ -16,12 +16,13 @@ import signal
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch._dynamo  # noqa: F401 - DistributedDataParallel imports it (3 s): once here, not in every child
+import torch._dynamo  # DistributedDataParallel imports it (3 s): once here, not in every child
 
 CTX = mp.get_context("fork")
 
@@ -32,17 +33,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _child(target: Callable[..., Any], rank: int, world_size: int, port: int, out: Path, args: tuple[Any, ...],
-           kwargs: dict[str, Any]) -> None:
+def _child(
+    target: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    out: Path,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
     # A forked child must not enter the OpenMP pool the parent already started (it can deadlock there).
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     code = 0
     try:
         result = target(rank, out, *args, **kwargs)
         torch.save(result, out / f"rank{rank}.pt")
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+    except BaseException as exc:
         (out / f"rank{rank}.err").write_text(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         code = 3
     # Skip the group's teardown and atexit handlers: a peer may be gone, and the parent only reads files.
@@ -62,8 +76,15 @@ class RankRun:
         return self.results
 
 
-def run_ranks(target: Callable[..., Any], out: Path, *args: Any, world_size: int = 2, timeout: float = 60.0,
-              on_start: Callable[[list[Any]], None] | None = None, **kwargs: Any) -> RankRun:
+def run_ranks(
+    target: Callable[..., Any],
+    out: Path,
+    *args: Any,
+    world_size: int = 2,
+    timeout: float = 60.0,
+    on_start: Callable[[list[Any]], None] | None = None,
+    **kwargs: Any,
+) -> RankRun:
     """Runs ``target(rank, out, *args, **kwargs)`` in ``world_size`` forked ranks; returns what they left.
 
     ``on_start(processes)`` runs in the parent once they started (to signal or kill one, say).
@@ -73,8 +94,9 @@ def run_ranks(target: Callable[..., Any], out: Path, *args: Any, world_size: int
         stale.unlink()
     port = free_port()
     start = time.monotonic()
-    processes = [CTX.Process(target=_child, args=(target, r, world_size, port, out, args, kwargs))
-                 for r in range(world_size)]
+    processes = [
+        CTX.Process(target=_child, args=(target, r, world_size, port, out, args, kwargs)) for r in range(world_size)
+    ]
     for process in processes:
         process.start()
     if on_start is not None:
@@ -92,15 +114,19 @@ def run_ranks(target: Callable[..., Any], out: Path, *args: Any, world_size: int
         os.kill(processes[r].pid, signal.SIGKILL)
         processes[r].join()
     exitcodes = [None if r in pending else processes[r].exitcode for r in range(world_size)]
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) if (out / f"rank{r}.pt").exists() else None
-               for r in range(world_size)]
-    errors = [(out / f"rank{r}.err").read_text() if (out / f"rank{r}.err").exists() else None
-              for r in range(world_size)]
+    results = [
+        torch.load(out / f"rank{r}.pt", weights_only=False) if (out / f"rank{r}.pt").exists() else None
+        for r in range(world_size)
+    ]
+    errors = [
+        (out / f"rank{r}.err").read_text() if (out / f"rank{r}.err").exists() else None for r in range(world_size)
+    ]
     return RankRun(exitcodes, seconds, results, errors)
 
 
 def run_single(target: Callable[..., Any], out: Path, *args: Any, **kwargs: Any) -> Any:
     """``target(0, out, ...)`` in one forked process without any distributed environment."""
+
     def body(rank: int, folder: Path) -> Any:
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(var, None)

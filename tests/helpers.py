@@ -16,8 +16,9 @@ from fitkit import Callback, Trainer
 from fitkit.callbacks.base import HOOKS
 
 
-def make_classification(n: int = 12, features: int = 4, classes: int = 3,
-                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_classification(
+    n: int = 12, features: int = 4, classes: int = 3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` samples of a linearly separable-ish toy task; drawn from a private generator."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=g)
@@ -59,8 +60,8 @@ def params_of(model: nn.Module) -> list[torch.Tensor]:
 class HookCall:
     name: str
     args: tuple[Any, ...]
-    training: bool       # model.training when the hook ran
-    grad_enabled: bool   # torch.is_grad_enabled() when the hook ran
+    training: bool  # model.training when the hook ran
+    grad_enabled: bool  # torch.is_grad_enabled() when the hook ran
 
 
 def _recording_hook(name: str):  # type: ignore[no-untyped-def]
@@ -112,9 +113,18 @@ class FakeTrainer:
     real ``TrainerState``, and the public handles callbacks use. Bind it with ``callback.set_trainer(fake)``.
     """
 
-    def __init__(self, model: nn.Module | None = None, *, lr: float = 0.1, metrics: list[Any] | None = None,
-                 has_validation: bool = True, precision: str = "32", num_train_batches: int | None = 4,
-                 epochs_planned: int = 10, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        lr: float = 0.1,
+        metrics: list[Any] | None = None,
+        has_validation: bool = True,
+        precision: str = "32",
+        num_train_batches: int | None = 4,
+        epochs_planned: int = 10,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         from fitkit.metrics import get_metric
         from fitkit.state import TrainerState
 
@@ -160,8 +170,9 @@ class FakeTrainer:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
 
-def drive_epochs(callback: Callback, values: list[float | None], key: str = "val_loss",
-                 trainer: FakeTrainer | None = None) -> tuple[FakeTrainer, int | None]:
+def drive_epochs(
+    callback: Callback, values: list[float | None], key: str = "val_loss", trainer: FakeTrainer | None = None
+) -> tuple[FakeTrainer, int | None]:
     """Binds ``callback`` to a FakeTrainer and calls ``on_epoch_end`` with ``{key: value}`` per epoch (None:
     an epoch without the key, as validation_freq makes), stopping when the callback stops training.
 
@@ -189,4 +200,4 @@ class UnsizedBatches:
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         for start in range(0, len(self.x), self.batch_size):
-            yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+            yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]

@@ -10,15 +10,16 @@ import multiprocessing as mp
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fitkit
-from fitkit.callbacks import BackupAndRestore, ModelCheckpoint
+from fitkit.callbacks import BackupAndRestore
 
 CTX = mp.get_context("fork")
 
@@ -34,23 +35,34 @@ def make_model(features: int = 8) -> nn.Module:
     return nn.Sequential(nn.Linear(features, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
 
 
-def build(seed: int = 0, workers: int = 0, accumulate: int = 1, callbacks: list[Any] | None = None,
-          batch_size: int = 16) -> tuple[fitkit.Trainer, DataLoader, DataLoader]:
+def build(
+    seed: int = 0, workers: int = 0, accumulate: int = 1, callbacks: list[Any] | None = None, batch_size: int = 16
+) -> tuple[fitkit.Trainer, DataLoader, DataLoader]:
     fitkit.seed_everything(seed)
     data = make_data()
     train = DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=workers)
     val = DataLoader(TensorDataset(*data[:40]), batch_size=16)
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    trainer = fitkit.Trainer(model, optimizer, "cross_entropy", metrics=["accuracy"], callbacks=callbacks or [],
-                             verbose=0, accumulate_grad_batches=accumulate)
+    trainer = fitkit.Trainer(
+        model,
+        optimizer,
+        "cross_entropy",
+        metrics=["accuracy"],
+        callbacks=callbacks or [],
+        verbose=0,
+        accumulate_grad_batches=accumulate,
+    )
     return trainer, train, val
 
 
 def final_state(trainer: fitkit.Trainer) -> dict[str, Any]:
-    return {"model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
-            "optimizer": trainer.optimizer.state_dict(), "history": trainer.history.history,
-            "global_step": trainer.global_step}
+    return {
+        "model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+        "optimizer": trainer.optimizer.state_dict(),
+        "history": trainer.history.history,
+        "global_step": trainer.global_step,
+    }
 
 
 def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -118,8 +130,16 @@ def crash_during_save(phase: str, save_index: int) -> None:
     checkpoint.os.replace = replace  # type: ignore[assignment]
 
 
-def job(folder: str, epochs: int = 3, seed: int = 0, step_delay: float = 0.0, sabotage: str | None = None,
-        crash: tuple[str, int] | None = None, workers: int = 0, progress: str | None = None) -> None:
+def job(
+    folder: str,
+    epochs: int = 3,
+    seed: int = 0,
+    step_delay: float = 0.0,
+    sabotage: str | None = None,
+    crash: tuple[str, int] | None = None,
+    workers: int = 0,
+    progress: str | None = None,
+) -> None:
     """The crash-restart job: BackupAndRestore after every batch; writes ``final.pt`` when done.
 
     ``sabotage="rng"`` disables restoring the random generators, for the negative control; ``crash``

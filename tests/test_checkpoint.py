@@ -10,14 +10,13 @@ from typing import Any
 
 import pytest
 import torch
+from resume_utils import assert_same_state, build, final_state
 from torch import nn
 
 import fitkit
 from fitkit import checkpoint
 from fitkit.callbacks import ModelCheckpoint
 from fitkit.checkpoint import CheckpointError
-
-from resume_utils import build, final_state, assert_same_state
 
 
 def _flip_byte(path: Path, offset_from_end: int = 100) -> None:
@@ -36,10 +35,12 @@ def test_atomic_save_records_size_and_sha_and_loads_weights_only(tmp_path: Path)
 
 
 def test_every_file_a_run_writes_loads_with_weights_only(tmp_path: Path) -> None:
-    trainer, train, val = build(callbacks=[
-        ModelCheckpoint(tmp_path / "full-{epoch}.pt", monitor=None, save_last=True),
-        ModelCheckpoint(tmp_path / "w" / "weights-{epoch}.pt", monitor=None, save_weights_only=True),
-    ])
+    trainer, train, val = build(
+        callbacks=[
+            ModelCheckpoint(tmp_path / "full-{epoch}.pt", monitor=None, save_last=True),
+            ModelCheckpoint(tmp_path / "w" / "weights-{epoch}.pt", monitor=None, save_weights_only=True),
+        ]
+    )
     trainer.fit(train, val, epochs=2)
     files = sorted(p for p in tmp_path.rglob("*.pt"))
     assert [p.name for p in files] == ["full-1.pt", "full-2.pt", "last.pt", "weights-1.pt", "weights-2.pt"]
@@ -107,8 +108,24 @@ def test_a_crafted_pickle_is_refused_and_runs_nothing(tmp_path: Path, monkeypatc
     path = tmp_path / "evil.pt"
     torch.save({"model": _Evil()}, path)
     # Even a manifest that vouches for it (an attacker controls both files) does not make it load.
-    checkpoint._write_manifest(tmp_path, {"version": 1, "files": {"evil.pt": {"versions": [
-        {"sha256": checkpoint._sha256(path), "size": path.stat().st_size, "kind": "full", "global_step": 99}]}}})
+    checkpoint._write_manifest(
+        tmp_path,
+        {
+            "version": 1,
+            "files": {
+                "evil.pt": {
+                    "versions": [
+                        {
+                            "sha256": checkpoint._sha256(path),
+                            "size": path.stat().st_size,
+                            "kind": "full",
+                            "global_step": 99,
+                        }
+                    ]
+                }
+            },
+        },
+    )
     checkpoint.verify(path)
     with pytest.raises(CheckpointError, match=r"refused to load .*evil.pt.*(posix.system|os.system|Unsupported)"):
         checkpoint.load(path)
@@ -132,8 +149,11 @@ def test_architecture_mismatch_names_the_keys(tmp_path: Path) -> None:
     path = _saved(tmp_path)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))  # no Dropout: indices shift
     trainer = fitkit.Trainer(model, torch.optim.Adam(model.parameters()), "cross_entropy", verbose=0)
-    with pytest.raises(CheckpointError, match=r"model architecture mismatch.*unexpected keys \['3.bias', '3.weight'\]"
-                                              r".*missing keys \['2.bias', '2.weight'\].*strict=False"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model architecture mismatch.*unexpected keys \['3.bias', '3.weight'\]"
+        r".*missing keys \['2.bias', '2.weight'\].*strict=False",
+    ):
         trainer.load_checkpoint(path)
 
 
@@ -186,7 +206,9 @@ def test_a_checkpoint_holds_the_state_after_every_callback_whatever_the_order(tm
     assert state["trainer"]["epoch"] == 1 and state["trainer"]["batch_in_epoch"] == 0
 
 
-def test_keep_last_n_deletes_only_after_the_successor_is_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keep_last_n_deletes_only_after_the_successor_is_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ckpt = ModelCheckpoint(tmp_path / "e{epoch}.pt", monitor=None, save_top_k=2)
     trainer, train, val = build(callbacks=[ckpt])
     trainer.fit(train, val, epochs=2)

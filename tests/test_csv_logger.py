@@ -7,9 +7,9 @@ import io
 
 import pytest
 import torch
+from helpers import FakeTrainer, make_classification, make_trainer
 
 from fitkit.callbacks import CSVLogger
-from helpers import FakeTrainer, make_classification, make_trainer
 
 
 def _read(path, delimiter=","):
@@ -122,10 +122,13 @@ def test_state_before_any_row_and_a_missing_file(tmp_path):
     assert _read(path) == [["epoch", "loss"], ["3", "1.0"]]
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(separator=", "), ValueError, r"separator must be a single character such as ',' or '\\t', got ', '"),
-    (dict(append="yes"), TypeError, r"append must be True or False, got 'yes'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(separator=", "), ValueError, r"separator must be a single character such as ',' or '\\t', got ', '"),
+        (dict(append="yes"), TypeError, r"append must be True or False, got 'yes'"),
+    ],
+)
 def test_arguments(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
         CSVLogger(tmp_path / "x.csv", **kwargs)

@@ -24,8 +24,10 @@ Pair = namedtuple("Pair", ["image", "mask"])
 
 # -- move_to_device ----------------------------------------------------------------------------------
 def test_move_to_device_moves_every_nested_tensor_and_keeps_the_containers():
-    batch = ({"image": torch.ones(2, 3), "pair": Pair(torch.zeros(2), [torch.ones(1), "label"]), "id": 7},
-             torch.arange(2))
+    batch = (
+        {"image": torch.ones(2, 3), "pair": Pair(torch.zeros(2), [torch.ones(1), "label"]), "id": 7},
+        torch.arange(2),
+    )
     moved = move_to_device(batch, META)
     inputs, targets = moved
     assert type(moved) is tuple and type(inputs) is dict and type(inputs["pair"]) is Pair
@@ -56,31 +58,44 @@ def test_split_batch_accepts_pairs(batch):
     assert inputs is batch[0] and targets is batch[1]
 
 
-@pytest.mark.parametrize("batch, shown", [
-    (torch.ones(4, 3), r"Tensor\(shape=\(4, 3\), dtype=torch.float32\)"),
-    ((torch.ones(4), torch.ones(4), torch.ones(4)), r"tuple\(Tensor\(shape=\(4,\), dtype=torch.float32\), Tensor"),
-    ({"x": torch.ones(4), "y": torch.ones(4)}, r"\{'x': Tensor\(shape=\(4,\), dtype=torch.float32\), 'y': Tensor"),
-    ([torch.ones(1)] * 8, r"\[Tensor\(shape=\(1,\), dtype=torch.float32\), .*, \.\.\.\]"),
-])
+@pytest.mark.parametrize(
+    "batch, shown",
+    [
+        (torch.ones(4, 3), r"Tensor\(shape=\(4, 3\), dtype=torch.float32\)"),
+        ((torch.ones(4), torch.ones(4), torch.ones(4)), r"tuple\(Tensor\(shape=\(4,\), dtype=torch.float32\), Tensor"),
+        ({"x": torch.ones(4), "y": torch.ones(4)}, r"\{'x': Tensor\(shape=\(4,\), dtype=torch.float32\), 'y': Tensor"),
+        ([torch.ones(1)] * 8, r"\[Tensor\(shape=\(1,\), dtype=torch.float32\), .*, \.\.\.\]"),
+    ],
+)
 def test_split_batch_says_what_it_got_and_how_to_fix_it(batch, shown):
-    with pytest.raises(ValueError, match=r"expected each batch to be \(inputs, targets\), got " + shown
-                       + r".*Make the dataset return \(inputs, targets\) pairs.*override train_step"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected each batch to be \(inputs, targets\), got "
+        + shown
+        + r".*Make the dataset return \(inputs, targets\) pairs.*override train_step",
+    ):
         split_batch(batch)
 
 
-@pytest.mark.parametrize("batch, expected", [
-    ((torch.ones(5, 3), torch.zeros(5)), 5),
-    (({"a": torch.ones(6, 2)}, torch.zeros(6)), 6),
-    ((torch.ones(4, 2), torch.tensor(1.0)), 4),  # 0-dim targets: the inputs tell
-    ({"nested": [torch.ones(3, 1)]}, 3),
-])
+@pytest.mark.parametrize(
+    "batch, expected",
+    [
+        ((torch.ones(5, 3), torch.zeros(5)), 5),
+        (({"a": torch.ones(6, 2)}, torch.zeros(6)), 6),
+        ((torch.ones(4, 2), torch.tensor(1.0)), 4),  # 0-dim targets: the inputs tell
+        ({"nested": [torch.ones(3, 1)]}, 3),
+    ],
+)
 def test_batch_size_of(batch, expected):
     assert batch_size_of(batch) == expected
 
 
 def test_batch_size_of_a_batch_without_tensors_is_an_error():
-    with pytest.raises(ValueError, match=r"cannot tell the number of samples in a batch of type dict: it holds no "
-                                         r"tensor with a batch dimension"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot tell the number of samples in a batch of type dict: it holds no "
+        r"tensor with a batch dimension",
+    ):
         batch_size_of({"ids": [1, 2, 3]})
 
 

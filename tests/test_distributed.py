@@ -18,14 +18,13 @@ from typing import Any
 
 import pytest
 import torch
+from dist_utils import run_ranks, run_single
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset, WeightedRandomSampler
 
 import fitkit
 from fitkit import distributed
 from fitkit.callbacks import BackupAndRestore, CSVLogger, EarlyStopping, ModelCheckpoint, TensorBoard
-
-from dist_utils import run_ranks, run_single
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 96  # samples: 2 ranks x 3 batches of 16, or 1 process x 3 batches of 32
@@ -50,8 +49,9 @@ def build(seed: int = 0, dropout: float = 0.0, callbacks: list[Any] | None = Non
     model = make_model(dropout)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     kwargs.setdefault("verbose", 0)
-    return fitkit.Trainer(model, optimizer, "cross_entropy", metrics=["accuracy"], callbacks=callbacks or [],
-                          device="cpu", **kwargs)
+    return fitkit.Trainer(
+        model, optimizer, "cross_entropy", metrics=["accuracy"], callbacks=callbacks or [], device="cpu", **kwargs
+    )
 
 
 def weights(trainer: fitkit.Trainer) -> dict[str, torch.Tensor]:
@@ -98,9 +98,14 @@ def _fit_dataloader(rank: int, out: Path, batch_size: int, accumulate: int = 1) 
 
         trainer._train_module.register_comm_hook(None, counting_hook)
     history = trainer.fit(train, DataLoader(TensorDataset(*make_data(50)[:]), batch_size=16), epochs=3)
-    return {"weights": weights(trainer), "history": history.history, "steps": trainer.global_step,
-            "sampler": type(trainer._train_loader.sampler).__name__, "batches": trainer.num_train_batches,
-            "all_reduces": all_reduces}
+    return {
+        "weights": weights(trainer),
+        "history": history.history,
+        "steps": trainer.global_step,
+        "sampler": type(trainer._train_loader.sampler).__name__,
+        "batches": trainer.num_train_batches,
+        "all_reduces": all_reduces,
+    }
 
 
 def test_two_ranks_of_16_end_with_the_weights_of_one_process_of_32(tmp_path: Path) -> None:
@@ -162,13 +167,17 @@ def _evaluate_99(rank: int, out: Path) -> dict[str, Any]:
 
     fitkit.seed_everything(0)
     model = nn.Linear(4, 99)
-    trainer = fitkit.Trainer(model, "sgd", "cross_entropy", metrics=["accuracy", "top5_accuracy", mean_target],
-                             device="cpu", verbose=0)
+    trainer = fitkit.Trainer(
+        model, "sgd", "cross_entropy", metrics=["accuracy", "top5_accuracy", mean_target], device="cpu", verbose=0
+    )
     x = torch.randn(99, 4, generator=torch.Generator().manual_seed(7))
     y = torch.arange(99)
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
-    return {"loader": trainer.evaluate(loader), "in_memory": trainer.evaluate((x, y), batch_size=16),
-            "again": trainer.evaluate(loader)}
+    return {
+        "loader": trainer.evaluate(loader),
+        "in_memory": trainer.evaluate((x, y), batch_size=16),
+        "again": trainer.evaluate(loader),
+    }
 
 
 def test_validation_on_99_samples_equals_the_single_process_values(tmp_path: Path) -> None:
@@ -177,8 +186,9 @@ def test_validation_on_99_samples_equals_the_single_process_values(tmp_path: Pat
     for rank in run_ranks(_evaluate_99, tmp_path / "two").check():
         for kind in ("loader", "in_memory", "again"):
             assert rank[kind]["mean_target"] == 49.0, kind
-            assert {k: v for k, v in rank[kind].items() if k != "loss"} == \
-                {k: v for k, v in one["loader"].items() if k != "loss"}, kind  # counts: exactly equal
+            assert {k: v for k, v in rank[kind].items() if k != "loss"} == {
+                k: v for k, v in one["loader"].items() if k != "loss"
+            }, kind  # counts: exactly equal
             assert rank[kind]["loss"] == pytest.approx(one["loader"]["loss"], rel=1e-6)  # float32 batch means
 
 
@@ -211,8 +221,14 @@ def _early_stopping_job(rank: int, out: Path) -> dict[str, Any]:
     model = nn.Linear(2, 2)
     local = LocalValLoss(xv, yv)
     stopper = EarlyStopping(monitor="val_loss", min_delta=0.01, patience=0)
-    trainer = fitkit.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), "cross_entropy",
-                             callbacks=[local, stopper], device="cpu", verbose=0)
+    trainer = fitkit.Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.5),
+        "cross_entropy",
+        callbacks=[local, stopper],
+        device="cpu",
+        verbose=0,
+    )
     batch = 16 // trainer.world_size
     history = trainer.fit((x, y), (xv, yv), epochs=8, batch_size=batch, shuffle=False)
     return {"epochs": len(history.epoch), "val_loss": history.history["val_loss"], "local": local.values}
@@ -250,8 +266,12 @@ class StopOnRank(fitkit.Callback):
 def _stop_on_rank_one(rank: int, out: Path) -> dict[str, Any]:
     trainer = build(callbacks=[StopOnRank(rank=1, step=4)])
     trainer.fit(DataLoader(make_data(), batch_size=16, shuffle=True), epochs=5)
-    return {"steps": trainer.global_step, "epochs": len(trainer.history.epoch), "reason": trainer.state.stop_reason,
-            "weights": weights(trainer)}
+    return {
+        "steps": trainer.global_step,
+        "epochs": len(trainer.history.epoch),
+        "reason": trainer.state.stop_reason,
+        "weights": weights(trainer),
+    }
 
 
 def test_stop_training_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
@@ -263,8 +283,9 @@ def test_stop_training_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: P
 
 
 def _batch_checkpoints(rank: int, out: Path) -> dict[str, Any]:
-    checkpoint = ModelCheckpoint(out.parent / "ckpt" / "step{step}.pt", monitor="loss", save_best_only=True,
-                                 save_freq=1)
+    checkpoint = ModelCheckpoint(
+        out.parent / "ckpt" / "step{step}.pt", monitor="loss", save_best_only=True, save_freq=1
+    )
     trainer = build(callbacks=[checkpoint])
     trainer.fit(DataLoader(make_data(), batch_size=16, shuffle=True), epochs=3)
     return {"kept": checkpoint.kept, "best": checkpoint.best}
@@ -288,8 +309,9 @@ def _record_writes(root: Path) -> list[str]:
     def hook(event: str, args: tuple[Any, ...]) -> None:
         if event == "open" and args and str(args[0]).startswith(prefix):
             mode, flags = args[1], args[2]
-            if (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
-                    (isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
+            if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            ):
                 writes.append(f"open {args[0]}")
         elif event in ("os.rename", "os.remove", "os.mkdir", "os.rmdir") and args and str(args[0]).startswith(prefix):
             writes.append(f"{event} {args[0]}")
@@ -310,8 +332,11 @@ def _all_writers(rank: int, out: Path) -> dict[str, Any]:
     ]
     trainer = build(callbacks=callbacks)
     data = make_data()
-    trainer.fit(DataLoader(data, batch_size=96 // 2 // trainer.world_size, shuffle=True),
-                DataLoader(TensorDataset(*data[:40]), batch_size=16), epochs=3)
+    trainer.fit(
+        DataLoader(data, batch_size=96 // 2 // trainer.world_size, shuffle=True),
+        DataLoader(TensorDataset(*data[:40]), batch_size=16),
+        epochs=3,
+    )
     return {"writes": writes}
 
 
@@ -364,12 +389,21 @@ def _torchmetrics_job(rank: int, out: Path) -> dict[str, Any]:
     fitkit.seed_everything(0)
     model = make_model()
     # The progress bar runs on rank 0 only and reads the running metrics after every batch.
-    trainer = fitkit.Trainer(model, "sgd", "cross_entropy", device="cpu", verbose=0,
-                             metrics=[torchmetrics.classification.MulticlassAccuracy(num_classes=2)],
-                             callbacks=[ProgressBar(log_every_seconds=1e-9, file=stream)])
+    trainer = fitkit.Trainer(
+        model,
+        "sgd",
+        "cross_entropy",
+        device="cpu",
+        verbose=0,
+        metrics=[torchmetrics.classification.MulticlassAccuracy(num_classes=2)],
+        callbacks=[ProgressBar(log_every_seconds=1e-9, file=stream)],
+    )
     batch_size = 32 // trainer.world_size
-    history = trainer.fit(DataLoader(make_data(), batch_size=batch_size),
-                          DataLoader(TensorDataset(*make_data(99)[:]), batch_size=16), epochs=2)
+    history = trainer.fit(
+        DataLoader(make_data(), batch_size=batch_size),
+        DataLoader(TensorDataset(*make_data(99)[:]), batch_size=16),
+        epochs=2,
+    )
     return {"history": history.history, "lines": stream.getvalue().count("batch")}
 
 
@@ -397,8 +431,12 @@ def _resume_job(rank: int, out: Path, kill_at: int | None = None) -> dict[str, A
     trainer = build(seed=rank, dropout=0.3, callbacks=[backup, Die()])
     train = DataLoader(AugmentedData(make_data()), batch_size=16, shuffle=True)
     history = trainer.fit(train, DataLoader(TensorDataset(*make_data(40)[:]), batch_size=16), epochs=3)
-    return {"weights": weights(trainer), "history": history.history, "steps": trainer.global_step,
-            "optimizer": trainer.optimizer.state_dict()}
+    return {
+        "weights": weights(trainer),
+        "history": history.history,
+        "steps": trainer.global_step,
+        "optimizer": trainer.optimizer.state_dict(),
+    }
 
 
 class AugmentedData(torch.utils.data.Dataset):
@@ -447,7 +485,8 @@ def test_resuming_a_two_rank_checkpoint_in_one_process_is_an_error_unless_allowe
     assert refused["error"] == (
         "checkpoint world size mismatch: the checkpoint has 2, this trainer has 1. Resume with the same number "
         "of processes, or pass strict=False to continue with another (the data order then differs from an "
-        "uninterrupted run).")
+        "uninterrupted run)."
+    )
     assert run_single(_resume_with_one_rank, tmp_path / "one", strict=False) == {"step": 4}
 
 
@@ -459,7 +498,7 @@ def _resume_auto_with_a_missing_folder(rank: int, out: Path) -> dict[str, Any]:
     train = DataLoader(make_data(), batch_size=16, shuffle=True)
     try:
         trainer.fit(train, epochs=3, resume="auto")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     return {"steps": trainer.global_step}
 
@@ -486,7 +525,7 @@ def _stalled_rank(rank: int, out: Path) -> dict[str, Any]:
     start = time.monotonic()
     try:
         trainer.fit(DataLoader(make_data(), batch_size=16, shuffle=True), epochs=2)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - start}
     return {"error": None}
 
@@ -523,14 +562,18 @@ def _failing_job(rank: int, out: Path, where: str, stay_alive: bool = False) -> 
 
     fitkit.seed_everything(0)
     model = BoomNet()
-    trainer = fitkit.Trainer(model, "sgd", "cross_entropy", callbacks=[Boom(), Slow()], device="cpu", verbose=0,
-                             process_group_timeout=120)
+    trainer = fitkit.Trainer(
+        model, "sgd", "cross_entropy", callbacks=[Boom(), Slow()], device="cpu", verbose=0, process_group_timeout=120
+    )
     start = time.monotonic()
     try:
         trainer.fit(DataLoader(make_data(), batch_size=16, shuffle=True), epochs=50)
-    except Exception as exc:  # noqa: BLE001
-        result = {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - start,
-                  "step": trainer.global_step}
+    except Exception as exc:
+        result = {
+            "error": f"{type(exc).__name__}: {exc}",
+            "seconds": time.monotonic() - start,
+            "step": trainer.global_step,
+        }
         if stay_alive:  # a process that catches the error and carries on: its sockets stay open
             torch.save(result, out / f"rank{rank}.pt")
             deadline = time.monotonic() + 30
@@ -541,15 +584,16 @@ def _failing_job(rank: int, out: Path, where: str, stay_alive: bool = False) -> 
 
 
 @pytest.mark.parametrize("where, stay_alive", [("callback", True), ("callback", False), ("forward", False)])
-def test_an_exception_on_one_rank_ends_every_rank_within_seconds(tmp_path: Path, where: str,
-                                                                 stay_alive: bool) -> None:
+def test_an_exception_on_one_rank_ends_every_rank_within_seconds(tmp_path: Path, where: str, stay_alive: bool) -> None:
     run = run_ranks(_failing_job, tmp_path, where=where, stay_alive=stay_alive, timeout=60)
     rank0, rank1 = run.check()
     assert rank1["error"] == f"ValueError: boom in {where}"
     assert rank0["seconds"] < 10  # the process-group timeout is 120 s
-    assert rank0["error"].startswith(f"PeerFailure: rank 1 on ")
-    assert f"raised ValueError: boom in {where}; rank 0 stopped too (the distributed run cannot go on without " \
-           "it). Fix that error and restart the job, resuming from the last checkpoint" in rank0["error"]
+    assert rank0["error"].startswith("PeerFailure: rank 1 on ")
+    assert (
+        f"raised ValueError: boom in {where}; rank 0 stopped too (the distributed run cannot go on without "
+        "it). Fix that error and restart the job, resuming from the last checkpoint" in rank0["error"]
+    )
 
 
 def test_a_killed_rank_ends_the_others_within_seconds(tmp_path: Path) -> None:
@@ -603,14 +647,29 @@ def test_predict_returns_every_sample_on_every_rank(tmp_path: Path) -> None:
 def test_the_example_script_runs_unchanged_under_torchrun(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-               str(ROOT / "examples" / "train_digits.py"), "--epochs", "2", "--device", "cpu", "--verbose", "2",
-               "--log-dir", str(tmp_path / "runs"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        str(ROOT / "examples" / "train_digits.py"),
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--verbose",
+        "2",
+        "--log-dir",
+        str(tmp_path / "runs"),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+    ]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     output = f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
     finals = [line for line in done.stdout.splitlines() if "final validation accuracy" in line]
-    assert len(finals) == 2 and len(set(line.split("accuracy: ")[1] for line in finals)) == 1, output
+    assert len(finals) == 2 and len({line.split("accuracy: ")[1] for line in finals}) == 1, output
     epoch_lines = [line for line in done.stderr.splitlines() + done.stdout.splitlines() if line.startswith("Epoch ")]
     assert len(epoch_lines) == 2, output  # one progress line per epoch: rank 0 only
     assert len(list((tmp_path / "runs").rglob("*tfevents*"))) == 1
@@ -619,8 +678,11 @@ def test_the_example_script_runs_unchanged_under_torchrun(tmp_path: Path) -> Non
 
 # -- arguments and messages -------------------------------------------------------------------------
 def test_unknown_strategy_is_an_error() -> None:
-    with pytest.raises(ValueError, match=r"^unknown strategy 'dp': use 'auto' \(DDP when launched by torchrun "
-                                         r"with several processes\), 'ddp', 'fsdp' or 'none'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^unknown strategy 'dp': use 'auto' \(DDP when launched by torchrun "
+        r"with several processes\), 'ddp', 'fsdp' or 'none'$",
+    ):
         build(strategy="dp")
 
 
@@ -633,8 +695,11 @@ def test_process_group_timeout_must_be_positive_seconds(timeout: Any) -> None:
 def test_forcing_ddp_without_a_launcher_says_how_to_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(RuntimeError, match=r"^strategy='ddp' needs a launcher: RANK, WORLD_SIZE, MASTER_ADDR, "
-                                           r"MASTER_PORT missing from the environment. Run the script with torchrun"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^strategy='ddp' needs a launcher: RANK, WORLD_SIZE, MASTER_ADDR, "
+        r"MASTER_PORT missing from the environment. Run the script with torchrun",
+    ):
         build(strategy="ddp")
 
 
@@ -646,8 +711,11 @@ def test_auto_strategy_without_a_launcher_trains_in_one_process() -> None:
 def test_fsdp_without_fsdp2_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(distributed, "_has_fsdp2", lambda: False)
-    with pytest.raises(ValueError, match=r"^strategy='fsdp' needs FSDP2 \(torch.distributed.fsdp.fully_shard, "
-                                         r"torch >= 2.6\), which torch .* lacks; use strategy='ddp'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^strategy='fsdp' needs FSDP2 \(torch.distributed.fsdp.fully_shard, "
+        r"torch >= 2.6\), which torch .* lacks; use strategy='ddp'$",
+    ):
         build(strategy="fsdp")
 
 
@@ -659,16 +727,25 @@ def _shard(loader: DataLoader) -> Any:
 def test_samplers_that_cannot_be_split_are_errors() -> None:
     data = make_data()
     weighted = DataLoader(data, batch_size=16, sampler=WeightedRandomSampler(torch.ones(N), N))
-    with pytest.raises(ValueError, match=r"^train_data uses a WeightedRandomSampler, which fitkit cannot split "
-                                         r"across ranks without changing what it draws; pass a per-rank sampler"):
+    with pytest.raises(
+        ValueError,
+        match=r"^train_data uses a WeightedRandomSampler, which fitkit cannot split "
+        r"across ranks without changing what it draws; pass a per-rank sampler",
+    ):
         _shard(weighted)
     replacement = DataLoader(data, batch_size=16, sampler=torch.utils.data.RandomSampler(data, replacement=True))
-    with pytest.raises(ValueError, match=r"^train_data's RandomSampler draws with replacement or a fixed "
-                                         r"num_samples, which a DistributedSampler cannot reproduce"):
+    with pytest.raises(
+        ValueError,
+        match=r"^train_data's RandomSampler draws with replacement or a fixed "
+        r"num_samples, which a DistributedSampler cannot reproduce",
+    ):
         _shard(replacement)
     batches = DataLoader(data, batch_sampler=[[0, 1], [2, 3]])
-    with pytest.raises(ValueError, match=r"^train_data uses a custom batch_sampler \(list\), which fitkit cannot "
-                                         r"split across ranks"):
+    with pytest.raises(
+        ValueError,
+        match=r"^train_data uses a custom batch_sampler \(list\), which fitkit cannot "
+        r"split across ranks",
+    ):
         _shard(batches)
 
 
@@ -685,24 +762,32 @@ def test_an_iterable_dataset_is_left_to_the_user_with_a_warning() -> None:
             return iter([])
 
     loader = DataLoader(Stream(), batch_size=4)
-    with pytest.warns(UserWarning, match=r"^an IterableDataset cannot be sharded by fitkit: make each rank yield "
-                                         r"its own part"):
+    with pytest.warns(
+        UserWarning,
+        match=r"^an IterableDataset cannot be sharded by fitkit: make each rank yield "
+        r"its own part",
+    ):
         assert _shard(loader) is loader
 
 
 def test_collectives_after_a_failure_say_the_run_failed() -> None:
     info = distributed.DistInfo(rank=0, world_size=2, control_group=None, closed_by="rank 1 on host raised X: y")
-    with pytest.raises(RuntimeError, match=r"^the distributed run already failed \(rank 1 on host raised X: y\); "
-                                           r"its control group is closed"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^the distributed run already failed \(rank 1 on host raised X: y\); "
+        r"its control group is closed",
+    ):
         distributed.any_rank(True, info)
 
 
 # -- FSDP2 (fully_shard) ------------------------------------------------------------------------------
 def _fsdp_job(rank: int, out: Path, dropout: float = 0.0, kill_at: int | None = None) -> dict[str, Any]:
     folder = out.parent
-    callbacks = [BackupAndRestore(folder / "backup", save_freq=1, delete_checkpoint=False),
-                 ModelCheckpoint(folder / "ckpt" / "best.pt", monitor="val_loss", save_best_only=True),
-                 ModelCheckpoint(folder / "weights" / "w{epoch}.pt", monitor=None, save_weights_only=True)]
+    callbacks = [
+        BackupAndRestore(folder / "backup", save_freq=1, delete_checkpoint=False),
+        ModelCheckpoint(folder / "ckpt" / "best.pt", monitor="val_loss", save_best_only=True),
+        ModelCheckpoint(folder / "weights" / "w{epoch}.pt", monitor=None, save_weights_only=True),
+    ]
 
     class Die(fitkit.Callback):
         def on_batch_end(self, batch: int, logs: Any = None) -> None:
@@ -718,9 +803,13 @@ def _fsdp_job(rank: int, out: Path, dropout: float = 0.0, kill_at: int | None = 
         train = DataLoader(data, batch_size=16, shuffle=True)
     val = DataLoader(TensorDataset(*make_data(99)[:]), batch_size=16)
     history = trainer.fit(train, val, epochs=3)
-    return {"weights": distributed.full_model_state_dict(trainer.model, trainer._dist), "steps": trainer.global_step,
-            "history": history.history, "sharded": type(next(trainer.model.parameters())).__name__,
-            "predict": trainer.predict(make_data(99).tensors[0], batch_size=16)}
+    return {
+        "weights": distributed.full_model_state_dict(trainer.model, trainer._dist),
+        "steps": trainer.global_step,
+        "history": history.history,
+        "sharded": type(next(trainer.model.parameters())).__name__,
+        "predict": trainer.predict(make_data(99).tensors[0], batch_size=16),
+    }
 
 
 def test_fsdp_two_ranks_of_16_match_one_process_of_32(tmp_path: Path) -> None:
@@ -762,11 +851,18 @@ def _fsdp_misuse(rank: int, out: Path, case: str) -> dict[str, Any]:
             optimizer.step()
             fitkit.Trainer(model, optimizer, "cross_entropy", device="cpu", strategy="fsdp", verbose=0)
         else:
-            trainer = fitkit.Trainer(model, optimizer, "cross_entropy", device="cpu", strategy="fsdp", verbose=0,
-                                     accumulate_grad_batches=2,
-                                     callbacks=[BackupAndRestore(out.parent / "backup", save_freq=1)])
+            trainer = fitkit.Trainer(
+                model,
+                optimizer,
+                "cross_entropy",
+                device="cpu",
+                strategy="fsdp",
+                verbose=0,
+                accumulate_grad_batches=2,
+                callbacks=[BackupAndRestore(out.parent / "backup", save_freq=1)],
+            )
             trainer.fit(DataLoader(make_data(), batch_size=16), epochs=1)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     return {"error": None}
 
@@ -775,13 +871,16 @@ def test_fsdp_refuses_an_optimizer_that_already_holds_state(tmp_path: Path) -> N
     for rank in run_ranks(_fsdp_misuse, tmp_path, case="optimizer with state").check():
         assert rank["error"] == (
             "ValueError: strategy='fsdp' shards the model after the optimizer was built, so the optimizer must not "
-            "hold state yet (momentum buffers); build it fresh, or load its state after building the Trainer")
+            "hold state yet (momentum buffers); build it fresh, or load its state after building the Trainer"
+        )
 
 
 def test_fsdp_checkpoint_in_the_middle_of_an_accumulation_group_is_not_supported(tmp_path: Path) -> None:
-    message = ("NotImplementedError: saving a checkpoint in the middle of an accumulation group is not supported "
-               "with strategy='fsdp' (the partial gradients are sharded); save at group ends: "
-               "ModelCheckpoint/BackupAndRestore(save_freq=a multiple of accumulate_grad_batches) or 'epoch'")
+    message = (
+        "NotImplementedError: saving a checkpoint in the middle of an accumulation group is not supported "
+        "with strategy='fsdp' (the partial gradients are sharded); save at group ends: "
+        "ModelCheckpoint/BackupAndRestore(save_freq=a multiple of accumulate_grad_batches) or 'epoch'"
+    )
     errors = [rank["error"] for rank in run_ranks(_fsdp_misuse, tmp_path / "out", case="mid-group").check()]
     # The rank that failed first raises it; the other reports it as the peer's failure.
     assert message in errors
@@ -790,20 +889,29 @@ def test_fsdp_checkpoint_in_the_middle_of_an_accumulation_group_is_not_supported
 
 def test_without_torch_distributed_a_forced_strategy_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(distributed.dist, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match=r"^strategy='ddp' needs torch.distributed, which this torch build lacks; "
-                                           r"use strategy='none'$"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^strategy='ddp' needs torch.distributed, which this torch build lacks; "
+        r"use strategy='none'$",
+    ):
         build(strategy="ddp")
 
 
 def test_validation_data_that_cannot_be_split_is_read_whole_on_every_rank() -> None:
     info = distributed.DistInfo(rank=1, world_size=2, control_group=object())
     batches = [(torch.zeros(2, 8), torch.zeros(2, dtype=torch.long))]
-    with pytest.warns(UserWarning, match=r"^validation data of type list cannot be sharded: every rank evaluates "
-                                         r"all of it and the means stay right"):
+    with pytest.warns(
+        UserWarning,
+        match=r"^validation data of type list cannot be sharded: every rank evaluates "
+        r"all of it and the means stay right",
+    ):
         assert list(distributed.shard_eval(batches, info)) == batches
     custom = DataLoader(make_data(), batch_sampler=[[0, 1], [2, 3]])
-    with pytest.raises(ValueError, match=r"^validation data uses a custom batch_sampler \(list\) that fitkit cannot "
-                                         r"split across ranks; use batch_size= on the DataLoader$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^validation data uses a custom batch_sampler \(list\) that fitkit cannot "
+        r"split across ranks; use batch_size= on the DataLoader$",
+    ):
         distributed.shard_eval(custom, info)
 
 

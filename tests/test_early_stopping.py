@@ -18,45 +18,48 @@ import math
 
 import pytest
 import torch
+from helpers import FakeTrainer, drive_epochs, make_classification, make_trainer
 from torch import nn
 
 from fitkit.callbacks import EarlyStopping, LambdaCallback
-from helpers import FakeTrainer, drive_epochs, make_classification, make_trainer
 
 NAN = math.nan
 
 
-@pytest.mark.parametrize("values, kwargs, stop_epoch", [
-    # K4 fails for 4 vs 4 (equal is no improvement): wait 1 at e2, 2 at e3 -> K7 with patience 2.
-    ([5, 4, 4, 4], dict(patience=2), 3),
-    ([3, 2, 1], dict(patience=1), None),
-    # patience=0: the first epoch that does not improve stops (K3 makes wait 1 >= 0).
-    ([1.0, 1.0], dict(patience=0), 1),
-    ([1.0, 0.9, 0.95], dict(patience=0), 2),
-    # min_delta is strict (K4): 0.75 + 0.25 < 1.0 is False, so exactly min_delta is no improvement.
-    ([1.0, 0.75], dict(min_delta=0.25), 1),
-    ([1.0, 0.5, 0.25], dict(min_delta=0.25), 2),
-    ([1.0, 0.5, 0.25], dict(min_delta=-0.25), 2),  # the sign is ignored (abs), as in Keras
-    ([0.5, 0.75, 1.0], dict(min_delta=0.25, mode="max"), 1),  # max: 0.75 - 0.25 > 0.5 is False
-    ([0.5, 0.8, 1.1], dict(min_delta=0.25, mode="max"), None),
-    # baseline never beaten, but every epoch improves on the best: K6 keeps wait counting, yet only a
-    # non-improving epoch reaches K7 (e3: wait 4 >= 2).
-    ([0.6, 0.55, 0.52, 0.53], dict(baseline=0.5, patience=2), 3),
-    # baseline beaten at e1 resets wait (K6); e2 does not improve, wait 1 >= 1 (K7).
-    ([0.6, 0.4, 0.45, 0.41], dict(baseline=0.5, patience=1), 2),
-    ([0.6, 0.7], dict(baseline=0.5), 1),
-    # baseline with min_delta: e1 0.25 + 0.25 < 0.5 is False (K4); e2 improves on best and baseline.
-    ([0.5, 0.25, 0.2], dict(baseline=0.5, min_delta=0.25, patience=3), None),
-    ([0.5, 0.25, 0.25], dict(baseline=0.5, min_delta=0.25, patience=2), 1),
-    # start_from_epoch: e0 and e1 are not monitored (K1); e2 is the first value, e3 does not improve.
-    ([1, 2, 3, 3], dict(start_from_epoch=2), 3),
-    ([1, 2, 3, 3], dict(start_from_epoch=0), 1),
-    # epochs that validation_freq skipped count for nothing (K1).
-    ([1.0, None, 1.0], dict(patience=0), 2),
-    ([1.0, None, None, 0.9, 1.0], dict(patience=1), 4),
-    # NaN never improves on a number (K4 compares False).
-    ([1.0, NAN, NAN], dict(patience=1), 1),
-])
+@pytest.mark.parametrize(
+    "values, kwargs, stop_epoch",
+    [
+        # K4 fails for 4 vs 4 (equal is no improvement): wait 1 at e2, 2 at e3 -> K7 with patience 2.
+        ([5, 4, 4, 4], dict(patience=2), 3),
+        ([3, 2, 1], dict(patience=1), None),
+        # patience=0: the first epoch that does not improve stops (K3 makes wait 1 >= 0).
+        ([1.0, 1.0], dict(patience=0), 1),
+        ([1.0, 0.9, 0.95], dict(patience=0), 2),
+        # min_delta is strict (K4): 0.75 + 0.25 < 1.0 is False, so exactly min_delta is no improvement.
+        ([1.0, 0.75], dict(min_delta=0.25), 1),
+        ([1.0, 0.5, 0.25], dict(min_delta=0.25), 2),
+        ([1.0, 0.5, 0.25], dict(min_delta=-0.25), 2),  # the sign is ignored (abs), as in Keras
+        ([0.5, 0.75, 1.0], dict(min_delta=0.25, mode="max"), 1),  # max: 0.75 - 0.25 > 0.5 is False
+        ([0.5, 0.8, 1.1], dict(min_delta=0.25, mode="max"), None),
+        # baseline never beaten, but every epoch improves on the best: K6 keeps wait counting, yet only a
+        # non-improving epoch reaches K7 (e3: wait 4 >= 2).
+        ([0.6, 0.55, 0.52, 0.53], dict(baseline=0.5, patience=2), 3),
+        # baseline beaten at e1 resets wait (K6); e2 does not improve, wait 1 >= 1 (K7).
+        ([0.6, 0.4, 0.45, 0.41], dict(baseline=0.5, patience=1), 2),
+        ([0.6, 0.7], dict(baseline=0.5), 1),
+        # baseline with min_delta: e1 0.25 + 0.25 < 0.5 is False (K4); e2 improves on best and baseline.
+        ([0.5, 0.25, 0.2], dict(baseline=0.5, min_delta=0.25, patience=3), None),
+        ([0.5, 0.25, 0.25], dict(baseline=0.5, min_delta=0.25, patience=2), 1),
+        # start_from_epoch: e0 and e1 are not monitored (K1); e2 is the first value, e3 does not improve.
+        ([1, 2, 3, 3], dict(start_from_epoch=2), 3),
+        ([1, 2, 3, 3], dict(start_from_epoch=0), 1),
+        # epochs that validation_freq skipped count for nothing (K1).
+        ([1.0, None, 1.0], dict(patience=0), 2),
+        ([1.0, None, None, 0.9, 1.0], dict(patience=1), 4),
+        # NaN never improves on a number (K4 compares False).
+        ([1.0, NAN, NAN], dict(patience=1), 1),
+    ],
+)
 def test_stop_epoch_matches_keras(values, kwargs, stop_epoch):
     callback = EarlyStopping(monitor="val_loss", **kwargs)
     trainer, stopped = drive_epochs(callback, values)
@@ -78,8 +81,11 @@ def test_mode_auto_raises_when_the_metric_cannot_tell():
 
     callback = EarlyStopping(monitor="val_f1")
     callback.set_trainer(FakeTrainer(metrics=[f1]))
-    with pytest.raises(ValueError, match=r"cannot tell whether 'val_f1' should go up or down.*"
-                                         r"mode='min' or mode='max'"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot tell whether 'val_f1' should go up or down.*"
+        r"mode='min' or mode='max'",
+    ):
         callback.on_train_begin()
 
 
@@ -99,8 +105,10 @@ def test_epoch_zero_never_stops():
 def test_stop_reason_names_monitor_best_and_epochs():
     trainer, stopped = drive_epochs(EarlyStopping(patience=1), [3.0, 2.0, 2.5])
     assert stopped == 2
-    assert trainer.state.stop_reason == ("EarlyStopping: val_loss did not improve by more than 0 for 1 monitored "
-                                         "epoch(s) (patience=1); best 2 at epoch 2; stopped after epoch 3")
+    assert trainer.state.stop_reason == (
+        "EarlyStopping: val_loss did not improve by more than 0 for 1 monitored "
+        "epoch(s) (patience=1); best 2 at epoch 2; stopped after epoch 3"
+    )
     trainer, _ = drive_epochs(EarlyStopping(patience=0, baseline=0.5), [0.6, 0.7])
     assert trainer.state.stop_reason.endswith("the baseline 0.5 was never beaten")
 
@@ -125,13 +133,16 @@ def _drive_with_weights(callback, values, **fake):
     return model.weight[0, 0].item(), stopped
 
 
-@pytest.mark.parametrize("values, kwargs, restored_epoch, stop_epoch", [
-    ([3, 1, 2, 2], dict(patience=1), 1, 2),               # early stop: back to the best epoch (K5)
-    ([3, 1, 2], dict(patience=5), 1, None),                # no early stop: Keras 3 restores anyway
-    ([5, 4, 3], dict(patience=5, start_from_epoch=2), 2, None),  # first monitored epoch (K2)
-    ([0.5, 0.4, 0.6, 0.7], dict(patience=2, baseline=0.1), 1, 2),  # best of the set that never beat the baseline
-    ([1.0, 1.0, 1.0], dict(patience=5), 0, None),          # nothing improved after e0: e0's weights (K2)
-])
+@pytest.mark.parametrize(
+    "values, kwargs, restored_epoch, stop_epoch",
+    [
+        ([3, 1, 2, 2], dict(patience=1), 1, 2),  # early stop: back to the best epoch (K5)
+        ([3, 1, 2], dict(patience=5), 1, None),  # no early stop: Keras 3 restores anyway
+        ([5, 4, 3], dict(patience=5, start_from_epoch=2), 2, None),  # first monitored epoch (K2)
+        ([0.5, 0.4, 0.6, 0.7], dict(patience=2, baseline=0.1), 1, 2),  # best of the set that never beat the baseline
+        ([1.0, 1.0, 1.0], dict(patience=5), 0, None),  # nothing improved after e0: e0's weights (K2)
+    ],
+)
 def test_restore_best_weights(values, kwargs, restored_epoch, stop_epoch):
     weight, stopped = _drive_with_weights(EarlyStopping(restore_best_weights=True, **kwargs), values)
     assert stopped == stop_epoch
@@ -211,15 +222,18 @@ def test_missing_key_is_an_error():
         callback.on_epoch_end(0, {"loss": 1.0})
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(patience=-1), ValueError, r"patience must be an int >= 0 .*got -1"),
-    (dict(patience=1.5), ValueError, r"patience must be an int >= 0 .*got 1.5"),
-    (dict(start_from_epoch=-2), ValueError, r"start_from_epoch must be an int >= 0 .*got -2"),
-    (dict(mode="lowest"), ValueError, r"mode='lowest'\): mode must be one of \('auto', 'min', 'max'\)"),
-    (dict(verbose=2), ValueError, r"verbose must be 0 \(silent\) or 1"),
-    (dict(restore_best_weights="yes"), TypeError, r"restore_best_weights must be True or False"),
-    (dict(min_delta="0.1"), TypeError, r"min_delta must be a number"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(patience=-1), ValueError, r"patience must be an int >= 0 .*got -1"),
+        (dict(patience=1.5), ValueError, r"patience must be an int >= 0 .*got 1.5"),
+        (dict(start_from_epoch=-2), ValueError, r"start_from_epoch must be an int >= 0 .*got -2"),
+        (dict(mode="lowest"), ValueError, r"mode='lowest'\): mode must be one of \('auto', 'min', 'max'\)"),
+        (dict(verbose=2), ValueError, r"verbose must be 0 \(silent\) or 1"),
+        (dict(restore_best_weights="yes"), TypeError, r"restore_best_weights must be True or False"),
+        (dict(min_delta="0.1"), TypeError, r"min_delta must be a number"),
+    ],
+)
 def test_arguments_are_checked(kwargs, error, match):
     with pytest.raises(error, match=match):
         EarlyStopping(**kwargs)
@@ -249,8 +263,12 @@ def test_resume_through_a_checkpoint_keeps_the_best_weights(tmp_path):
 
     def checkpoint_after_epoch_2(epoch, logs):
         if epoch == 2:  # as ModelCheckpoint does: after every callback has handled the epoch
-            trainer.after_callbacks(lambda: (trainer.save_checkpoint(path), at_checkpoint.update(
-                {k: v.clone() for k, v in trainer.model.state_dict().items()})))
+            trainer.after_callbacks(
+                lambda: (
+                    trainer.save_checkpoint(path),
+                    at_checkpoint.update({k: v.clone() for k, v in trainer.model.state_dict().items()}),
+                )
+            )
 
     def run(epochs, resume=None, extra=()):
         nonlocal trainer

@@ -15,9 +15,28 @@ SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "cifar10_resnet.py"
 
 
 def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, str(SCRIPT), "--fake-data", "--fake-size", "40", "--batch-size", "8",
-           "--steps-per-epoch", "2", "--workers", "1", "--device", "cpu", "--verbose", "2",
-           "--checkpoint-dir", str(tmp_path / "checkpoints"), "--log-dir", str(tmp_path / "runs"), *extra]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--fake-data",
+        "--fake-size",
+        "40",
+        "--batch-size",
+        "8",
+        "--steps-per-epoch",
+        "2",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--verbose",
+        "2",
+        "--checkpoint-dir",
+        str(tmp_path / "checkpoints"),
+        "--log-dir",
+        str(tmp_path / "runs"),
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
 
 
@@ -39,8 +58,13 @@ def test_cifar_example_trains_checkpoints_logs_and_resumes_on_fake_data(tmp_path
 
 
 def test_cifar_example_says_how_to_get_the_data_when_it_is_missing(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--data-dir", str(tmp_path / "nothing"), "--workers", "0"],
-                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--data-dir", str(tmp_path / "nothing"), "--workers", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     assert "CIFAR-10 is not in" in result.stderr
     assert "Pass --download to fetch it (~170 MB), --data-dir to point at a copy, or --fake-data" in result.stderr

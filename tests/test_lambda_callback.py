@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 
 import pytest
+from helpers import make_classification, make_trainer
 
 from fitkit.callbacks import LambdaCallback
 from fitkit.callbacks.base import HOOKS, check_hook_names, overrides
-from helpers import make_classification, make_trainer
 
 
 def test_functions_are_called_with_the_hook_arguments_in_fit():
@@ -26,9 +26,17 @@ def test_functions_are_called_with_the_hook_arguments_in_fit():
     trainer.fit((x, y), epochs=2, batch_size=4)
     assert calls == [
         ("train_begin", {}),
-        ("epoch_begin", 0), ("before_step",), ("batch_end", 0, ["loss"]), ("before_step",), ("batch_end", 1, ["loss"]),
+        ("epoch_begin", 0),
+        ("before_step",),
+        ("batch_end", 0, ["loss"]),
+        ("before_step",),
+        ("batch_end", 1, ["loss"]),
         ("epoch_end", 0, ["loss", "lr"]),
-        ("epoch_begin", 1), ("before_step",), ("batch_end", 0, ["loss"]), ("before_step",), ("batch_end", 1, ["loss"]),
+        ("epoch_begin", 1),
+        ("before_step",),
+        ("batch_end", 0, ["loss"]),
+        ("before_step",),
+        ("batch_end", 1, ["loss"]),
         ("epoch_end", 1, ["loss", "lr"]),
         ("train_end",),
     ]
@@ -53,11 +61,14 @@ def test_the_function_gets_the_arguments_positionally_as_in_keras():
     assert seen == [(3, {"loss": 0.5})]
 
 
-@pytest.mark.parametrize("name, match", [
-    ("on_train_batch_end", r"unknown hook 'on_train_batch_end': fitkit calls this hook 'on_batch_end'"),
-    ("on_epoch_ends", r"unknown hook 'on_epoch_ends': did you mean 'on_epoch_end'\? The hooks are: on_train_begin"),
-    ("logger", r"unknown hook 'logger': the hooks are: on_train_begin, on_train_end, on_epoch_begin"),
-])
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("on_train_batch_end", r"unknown hook 'on_train_batch_end': fitkit calls this hook 'on_batch_end'"),
+        ("on_epoch_ends", r"unknown hook 'on_epoch_ends': did you mean 'on_epoch_end'\? The hooks are: on_train_begin"),
+        ("logger", r"unknown hook 'logger': the hooks are: on_train_begin, on_train_end, on_epoch_begin"),
+    ],
+)
 def test_unknown_hook_names_are_a_type_error(name, match):
     with pytest.raises(TypeError, match=match):
         LambdaCallback(**{name: lambda *args: None})

@@ -15,11 +15,11 @@ import math
 
 import pytest
 import torch
+from helpers import FakeTrainer, TinyNet, UnsizedBatches, make_classification, make_trainer
 from torch import nn
 from torch.optim import lr_scheduler as torch_sched
 
 from fitkit.callbacks import LambdaCallback, LearningRateScheduler, LRScheduler, ReduceLROnPlateau
-from helpers import FakeTrainer, TinyNet, UnsizedBatches, make_classification, make_trainer
 
 NAN = math.nan
 
@@ -38,25 +38,28 @@ def _lrs_per_epoch(callback, values, key="val_loss", trainer=None):
 
 
 # -- ReduceLROnPlateau ------------------------------------------------------------------------------
-@pytest.mark.parametrize("values, kwargs, expected", [
-    # e0 improves on +inf (R2); e1, e2 do not: wait 2 >= 2 reduces at e2 (R4). torch's own
-    # ReduceLROnPlateau(patience=2) waits for 3 bad epochs and would reduce at e3 instead.
-    ([1, 1, 1, 1, 1], dict(patience=2), [1, 1, 0.5, 0.5, 0.25]),
-    # patience=0: every epoch that does not improve reduces.
-    ([1, 1, 1], dict(patience=0), [1, 0.5, 0.25]),
-    # cooldown=2: after a reduction R1 zeroes wait for two epochs, and R3 does not count during them.
-    ([1] * 7, dict(patience=1, cooldown=2), [1, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125]),
-    # min_lr: max(0.25, 0.3) = 0.3, then 0.3 > float32(0.3) is False: no more reductions (R4).
-    ([1] * 5, dict(patience=1, min_lr=0.3), [1, 0.5, 0.3, 0.3, 0.3]),
-    # min_delta is strict: 0.75 < 1.0 - 0.25 is False (R2), so e1 reduces; e2 improves on 1.0 by 0.5.
-    ([1.0, 0.75, 0.5, 0.5], dict(patience=1, min_delta=0.25), [1, 0.5, 0.5, 0.25]),
-    # the default min_delta=1e-4: a smaller drop is no improvement.
-    ([1.0, 0.99995], dict(patience=0), [1, 0.5]),
-    # epochs that validation_freq skipped count for nothing.
-    ([1, None, 1], dict(patience=1), [1, 1, 0.5]),
-    # NaN never beats +inf (R2 compares False), so the first NaN epoch already counts.
-    ([NAN, NAN], dict(patience=1), [0.5, 0.25]),
-])
+@pytest.mark.parametrize(
+    "values, kwargs, expected",
+    [
+        # e0 improves on +inf (R2); e1, e2 do not: wait 2 >= 2 reduces at e2 (R4). torch's own
+        # ReduceLROnPlateau(patience=2) waits for 3 bad epochs and would reduce at e3 instead.
+        ([1, 1, 1, 1, 1], dict(patience=2), [1, 1, 0.5, 0.5, 0.25]),
+        # patience=0: every epoch that does not improve reduces.
+        ([1, 1, 1], dict(patience=0), [1, 0.5, 0.25]),
+        # cooldown=2: after a reduction R1 zeroes wait for two epochs, and R3 does not count during them.
+        ([1] * 7, dict(patience=1, cooldown=2), [1, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125]),
+        # min_lr: max(0.25, 0.3) = 0.3, then 0.3 > float32(0.3) is False: no more reductions (R4).
+        ([1] * 5, dict(patience=1, min_lr=0.3), [1, 0.5, 0.3, 0.3, 0.3]),
+        # min_delta is strict: 0.75 < 1.0 - 0.25 is False (R2), so e1 reduces; e2 improves on 1.0 by 0.5.
+        ([1.0, 0.75, 0.5, 0.5], dict(patience=1, min_delta=0.25), [1, 0.5, 0.5, 0.25]),
+        # the default min_delta=1e-4: a smaller drop is no improvement.
+        ([1.0, 0.99995], dict(patience=0), [1, 0.5]),
+        # epochs that validation_freq skipped count for nothing.
+        ([1, None, 1], dict(patience=1), [1, 1, 0.5]),
+        # NaN never beats +inf (R2 compares False), so the first NaN epoch already counts.
+        ([NAN, NAN], dict(patience=1), [0.5, 0.25]),
+    ],
+)
 def test_reduce_lr_on_plateau_matches_keras(values, kwargs, expected):
     callback = ReduceLROnPlateau(monitor="val_loss", factor=0.5, **kwargs)
     assert _lrs_per_epoch(callback, values) == pytest.approx(expected, rel=1e-12)
@@ -122,17 +125,20 @@ def test_reduce_lr_on_plateau_state_round_trip_and_reuse():
     assert _lrs_per_epoch(reused, values) == uninterrupted  # counters and best reset by on_train_begin
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(factor=1.0), r"factor must be a number with 0 < factor < 1 .*got 1.0"),
-    (dict(factor=0), r"factor must be a number with 0 < factor < 1 .*got 0"),
-    (dict(factor=-0.5), r"factor must be a number with 0 < factor < 1 .*got -0.5"),
-    (dict(patience=-1), r"patience must be an int >= 0 .*got -1"),
-    (dict(cooldown=-1), r"cooldown must be an int >= 0 .*got -1"),
-    (dict(min_lr=-1e-3), r"min_lr must be a finite number >= 0, or a sequence of them .*got -0.001"),
-    (dict(min_lr=[0.0, -1.0]), r"min_lr must be a finite number >= 0, or a sequence .*got \[0.0, -1.0\]"),
-    (dict(mode="down"), r"mode='down'\): mode must be one of"),
-    (dict(verbose=3), r"verbose must be 0 \(silent\) or 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(factor=1.0), r"factor must be a number with 0 < factor < 1 .*got 1.0"),
+        (dict(factor=0), r"factor must be a number with 0 < factor < 1 .*got 0"),
+        (dict(factor=-0.5), r"factor must be a number with 0 < factor < 1 .*got -0.5"),
+        (dict(patience=-1), r"patience must be an int >= 0 .*got -1"),
+        (dict(cooldown=-1), r"cooldown must be an int >= 0 .*got -1"),
+        (dict(min_lr=-1e-3), r"min_lr must be a finite number >= 0, or a sequence of them .*got -0.001"),
+        (dict(min_lr=[0.0, -1.0]), r"min_lr must be a finite number >= 0, or a sequence .*got \[0.0, -1.0\]"),
+        (dict(mode="down"), r"mode='down'\): mode must be one of"),
+        (dict(verbose=3), r"verbose must be 0 \(silent\) or 1"),
+    ],
+)
 def test_reduce_lr_on_plateau_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ReduceLROnPlateau(**kwargs)
@@ -166,7 +172,7 @@ def test_learning_rate_scheduler_in_fit():
 
     def schedule(epoch, lr):
         seen.append((epoch, lr))
-        return 0.1 * 0.5 ** epoch
+        return 0.1 * 0.5**epoch
 
     trainer = make_trainer(lr=1.0, callbacks=[LearningRateScheduler(schedule)])
     history = trainer.fit((x, y), epochs=3, batch_size=8)
@@ -188,14 +194,20 @@ def test_learning_rate_scheduler_old_api_and_groups():
     assert trainer.lrs() == [pytest.approx(0.03)] * 2
 
 
-@pytest.mark.parametrize("returned, match", [
-    ("0.1", r"schedule\(epoch=0, lr=0.1\) returned '0.1'; it must return the new learning rate as a finite "
-            r"number >= 0$"),
-    (-0.1, r"returned -0.1; it must return the new learning rate as a finite number >= 0"),
-    (math.inf, r"returned inf"),
-    (True, r"returned True"),
-    (torch.tensor(0.1), r"returned tensor\(0.1000\).*\(e.g. with .item\(\)\)"),
-])
+@pytest.mark.parametrize(
+    "returned, match",
+    [
+        (
+            "0.1",
+            r"schedule\(epoch=0, lr=0.1\) returned '0.1'; it must return the new learning rate as a finite "
+            r"number >= 0$",
+        ),
+        (-0.1, r"returned -0.1; it must return the new learning rate as a finite number >= 0"),
+        (math.inf, r"returned inf"),
+        (True, r"returned True"),
+        (torch.tensor(0.1), r"returned tensor\(0.1000\).*\(e.g. with .item\(\)\)"),
+    ],
+)
 def test_learning_rate_scheduler_checks_what_the_schedule_returns(returned, match):
     callback = LearningRateScheduler(lambda epoch, lr: returned)
     callback.set_trainer(FakeTrainer(lr=0.1))
@@ -238,8 +250,12 @@ def _fit_recording_step_lrs(make_scheduler, accumulate, epochs=2, n=20, batch_si
     scheduler = make_scheduler(optimizer)
     used = []
     recorder = LambdaCallback(on_before_optimizer_step=lambda: used.append(optimizer.param_groups[0]["lr"]))
-    trainer = make_trainer(model, optimizer=optimizer, accumulate_grad_batches=accumulate,
-                           callbacks=[LRScheduler(scheduler, interval="step"), recorder])
+    trainer = make_trainer(
+        model,
+        optimizer=optimizer,
+        accumulate_grad_batches=accumulate,
+        callbacks=[LRScheduler(scheduler, interval="step"), recorder],
+    )
     x, y = make_classification(n=n)
     if sized:
         trainer.fit((x, y), epochs=epochs, batch_size=batch_size)
@@ -253,8 +269,10 @@ def _fit_recording_step_lrs(make_scheduler, accumulate, epochs=2, n=20, batch_si
 @pytest.mark.parametrize("accumulate, steps, sized", [(1, 10, True), (2, 6, True), (2, 6, False)])
 def test_per_step_one_cycle_matches_the_formula(accumulate, steps, sized):
     used, trainer, scheduler = _fit_recording_step_lrs(
-        lambda opt: torch_sched.OneCycleLR(opt, max_lr=1.0, total_steps=steps, cycle_momentum=False), accumulate,
-        sized=sized)
+        lambda opt: torch_sched.OneCycleLR(opt, max_lr=1.0, total_steps=steps, cycle_momentum=False),
+        accumulate,
+        sized=sized,
+    )
     assert trainer.global_step == steps
     assert scheduler.last_epoch == steps  # one scheduler step per optimizer step, the short groups' included
     assert used == pytest.approx([_one_cycle(i, steps, 1.0) for i in range(steps)], rel=1e-12)
@@ -262,7 +280,8 @@ def test_per_step_one_cycle_matches_the_formula(accumulate, steps, sized):
 
 def test_per_step_lambda_warmup_with_accumulation():
     used, trainer, _ = _fit_recording_step_lrs(
-        lambda opt: torch_sched.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4)), accumulate=2)
+        lambda opt: torch_sched.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4)), accumulate=2
+    )
     assert used == pytest.approx([0.5 * min(1.0, (i + 1) / 4) for i in range(6)])
 
 
@@ -292,8 +311,12 @@ def test_per_step_schedule_resumes_exactly(tmp_path):
         scheduler = torch_sched.OneCycleLR(optimizer, max_lr=1.0, total_steps=6, cycle_momentum=False)
         used = []
         recorder = LambdaCallback(on_before_optimizer_step=lambda: used.append(optimizer.param_groups[0]["lr"]))
-        trainer = make_trainer(model, optimizer=optimizer, accumulate_grad_batches=2,
-                               callbacks=[LRScheduler(scheduler, interval="step"), recorder])
+        trainer = make_trainer(
+            model,
+            optimizer=optimizer,
+            accumulate_grad_batches=2,
+            callbacks=[LRScheduler(scheduler, interval="step"), recorder],
+        )
         return trainer, used
 
     x, y = make_classification(n=20)
@@ -352,8 +375,9 @@ def test_lr_scheduler_state_dict_is_weights_only_loadable():
     torch.save(callback.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    other = LRScheduler(torch_sched.OneCycleLR(trainer.optimizer, max_lr=1.0, total_steps=10, cycle_momentum=False),
-                        interval="step")
+    other = LRScheduler(
+        torch_sched.OneCycleLR(trainer.optimizer, max_lr=1.0, total_steps=10, cycle_momentum=False), interval="step"
+    )
     other.load_state_dict(state)
     assert other.scheduler.last_epoch == 3 and other._seen_step == 3
 

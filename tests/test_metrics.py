@@ -10,11 +10,15 @@ import torch
 from fitkit.metrics import Accuracy, Mean, Metric, get_metric
 
 # Four samples, three classes; no ties. Per sample: top-1 class, classes ranked 1-2.
-LOGITS = torch.tensor([[0.1, 0.9, 0.0],    # top-1: 1, top-2: {1, 0}
-                       [0.8, 0.1, 0.05],   # top-1: 0, top-2: {0, 1}
-                       [0.2, 0.3, 0.5],    # top-1: 2, top-2: {2, 1}
-                       [0.3, 0.45, 0.25]])  # top-1: 1, top-2: {1, 0}
-TARGETS = torch.tensor([1, 0, 1, 2])       # top-1 right: samples 0, 1; top-2 right: 0, 1, 2
+LOGITS = torch.tensor(
+    [
+        [0.1, 0.9, 0.0],  # top-1: 1, top-2: {1, 0}
+        [0.8, 0.1, 0.05],  # top-1: 0, top-2: {0, 1}
+        [0.2, 0.3, 0.5],  # top-1: 2, top-2: {2, 1}
+        [0.3, 0.45, 0.25],
+    ]
+)  # top-1: 1, top-2: {1, 0}
+TARGETS = torch.tensor([1, 0, 1, 2])  # top-1 right: samples 0, 1; top-2 right: 0, 1, 2
 
 
 def computed(metric: Metric) -> float:
@@ -67,9 +71,9 @@ def test_binary_accuracy_with_probabilities_and_threshold():
 
 def test_accuracy_is_weighted_by_samples_across_updates():
     metric = Accuracy()
-    metric.update(LOGITS, TARGETS)          # 2 of 4
+    metric.update(LOGITS, TARGETS)  # 2 of 4
     metric.update(LOGITS[:2], TARGETS[:2])  # 2 of 2
-    assert computed(metric) == 4 / 6        # not (0.5 + 1.0) / 2
+    assert computed(metric) == 4 / 6  # not (0.5 + 1.0) / 2
 
 
 def test_compute_without_updates_is_nan_and_reset_clears():
@@ -89,8 +93,11 @@ def test_accuracy_top_k_must_be_a_positive_int(top_k):
 
 
 def test_accuracy_rejects_shapes_it_cannot_read():
-    with pytest.raises(ValueError, match=r"accuracy: expected outputs \(N, C\) and targets \(N,\), got \(2, 3, 5\) "
-                                         r"and \(2, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"accuracy: expected outputs \(N, C\) and targets \(N,\), got \(2, 3, 5\) "
+        r"and \(2, 5\)",
+    ):
         Accuracy().update(torch.zeros(2, 3, 5), torch.zeros(2, 5, dtype=torch.long))
 
 
@@ -176,13 +183,16 @@ def max_error(outputs, targets):
     return (outputs - targets).abs().max()
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("accuracy", True),
-    (Mean(), None),
-    (max_error, None),
-    (DuckMetric(higher_is_better=False), False),
-    (DuckMetric(), None),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("accuracy", True),
+        (Mean(), None),
+        (max_error, None),
+        (DuckMetric(higher_is_better=False), False),
+        (DuckMetric(), None),
+    ],
+)
 def test_higher_is_better(spec, expected):
     assert get_metric(spec).higher_is_better is expected
 
@@ -198,7 +208,7 @@ def test_get_metric_names_and_passthrough():
 def test_function_metric_is_a_sample_weighted_mean_of_batch_values():
     metric = get_metric(max_error)
     metric.update(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 1.0, 1.0]))  # max error 2, 3 samples
-    metric.update(torch.tensor([5.0]), torch.tensor([0.0]))                     # max error 5, 1 sample
+    metric.update(torch.tensor([5.0]), torch.tensor([0.0]))  # max error 5, 1 sample
     assert computed(metric) == (2.0 * 3 + 5.0 * 1) / 4
 
 
@@ -212,8 +222,11 @@ def test_duck_typed_metric_delegates_to_the_object():
 
 
 def test_unknown_metric_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown metric 'f1'; known shortcuts: \['acc', 'accuracy', "
-                                         r"'top5_accuracy'\]. Pass a fitkit.metrics.Metric"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown metric 'f1'; known shortcuts: \['acc', 'accuracy', "
+        r"'top5_accuracy'\]. Pass a fitkit.metrics.Metric",
+    ):
         get_metric("f1")
 
 
@@ -224,8 +237,11 @@ def test_a_metric_that_is_nothing_usable_is_a_type_error():
 
 def test_a_metric_function_must_return_a_0_dim_tensor():
     metric = get_metric(lambda outputs, targets: (outputs - targets).abs())
-    with pytest.raises(TypeError, match=r"metric function '<lambda>' must return a 0-dim tensor \(the batch mean\), "
-                                         r"got Tensor\(2,\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"metric function '<lambda>' must return a 0-dim tensor \(the batch mean\), "
+        r"got Tensor\(2,\)",
+    ):
         metric.update(torch.ones(2), torch.zeros(2))
     with pytest.raises(TypeError, match=r"must return a 0-dim tensor \(the batch mean\), got float"):
         get_metric(lambda outputs, targets: 1.0).update(torch.ones(2), torch.zeros(2))

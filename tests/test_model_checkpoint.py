@@ -8,12 +8,11 @@ from typing import Any
 
 import pytest
 import torch
+from resume_utils import build
 
 import fitkit
 from fitkit import checkpoint
 from fitkit.callbacks import ModelCheckpoint
-
-from resume_utils import build
 
 
 class Script(fitkit.Callback):
@@ -68,10 +67,13 @@ def test_rendered_names_cannot_leave_the_folder(tmp_path: Path) -> None:
     assert not list(tmp_path.parent.parent.glob("escaped*"))
 
 
-@pytest.mark.parametrize("mode, values, saved", [
-    ("min", [3.0, 2.0, 2.5, 1.0], ["e1.pt", "e2.pt", "e4.pt"]),
-    ("max", [3.0, 2.0, 2.5, 4.0], ["e1.pt", "e4.pt"]),
-])
+@pytest.mark.parametrize(
+    "mode, values, saved",
+    [
+        ("min", [3.0, 2.0, 2.5, 1.0], ["e1.pt", "e2.pt", "e4.pt"]),
+        ("max", [3.0, 2.0, 2.5, 4.0], ["e1.pt", "e4.pt"]),
+    ],
+)
 def test_save_best_only(tmp_path: Path, mode: str, values: list[float], saved: list[str]) -> None:
     ckpt = _fit(tmp_path, values, save_best_only=True, mode=mode)
     assert _names(tmp_path) == saved
@@ -145,13 +147,16 @@ def test_an_exception_saves_crash_pt_without_touching_good_checkpoints(tmp_path:
     assert checkpoint.candidates([tmp_path])[0].name == "last.pt"  # resume='auto' never picks crash.pt
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"save_freq": 0}, "save_freq must be 'epoch' or an int >= 1"),
-    ({"save_freq": "batch"}, "save_freq must be 'epoch' or an int >= 1"),
-    ({"save_top_k": 0}, "save_top_k must be None"),
-    ({"save_best_only": True, "monitor": None}, "save_best_only=True needs a monitor"),
-    ({"mode": "up"}, "mode must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"save_freq": 0}, "save_freq must be 'epoch' or an int >= 1"),
+        ({"save_freq": "batch"}, "save_freq must be 'epoch' or an int >= 1"),
+        ({"save_top_k": 0}, "save_top_k must be None"),
+        ({"save_best_only": True, "monitor": None}, "save_best_only=True needs a monitor"),
+        ({"mode": "up"}, "mode must be one of"),
+    ],
+)
 def test_arguments_are_checked(tmp_path: Path, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ModelCheckpoint(tmp_path / "x.pt", **kwargs)

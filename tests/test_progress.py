@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 
 import pytest
+from helpers import FakeTrainer, make_classification, make_trainer
 
 from fitkit.callbacks import ProgressBar
 from fitkit.callbacks.progress import format_logs
-from helpers import FakeTrainer, make_classification, make_trainer
 
 
 class FakeTTY(io.StringIO):
@@ -82,11 +82,14 @@ def test_format_logs():
     assert format_logs({"loss": 0.123456, "val_loss": 2.0, "note": "x"}) == "loss: 0.1235 - val_loss: 2 - note: x"
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(mode="tqdm"), r"mode must be 'bar' or 'epoch', got 'tqdm'"),
-    (dict(refresh_interval=0), r"refresh_interval must be > 0 seconds, got 0"),
-    (dict(log_every_seconds=-1), r"log_every_seconds must be None or > 0 seconds, got -1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mode="tqdm"), r"mode must be 'bar' or 'epoch', got 'tqdm'"),
+        (dict(refresh_interval=0), r"refresh_interval must be > 0 seconds, got 0"),
+        (dict(log_every_seconds=-1), r"log_every_seconds must be None or > 0 seconds, got -1"),
+    ],
+)
 def test_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ProgressBar(**kwargs)

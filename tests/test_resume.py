@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 import torch
+from resume_utils import assert_same_state, build, final_state, job, kill_after, run_child
 
 import fitkit
 from fitkit import checkpoint
 from fitkit.callbacks import BackupAndRestore, ModelCheckpoint
-
-from resume_utils import assert_same_state, build, final_state, job, kill_after, run_child
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +75,7 @@ def test_sigkill_at_random_moments_resumes_bit_for_bit(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("phase", ["torch.save", "before-manifest", "before-rename", "after-rename"])
-def test_crash_during_checkpoint_write_keeps_a_good_checkpoint(tmp_path: Path, phase: str,
-                                                               reference_run: Any) -> None:
+def test_crash_during_checkpoint_write_keeps_a_good_checkpoint(tmp_path: Path, phase: str, reference_run: Any) -> None:
     reference = reference_run
     folder = tmp_path / "run"
     process = run_child(job, str(folder), crash=(phase, 7))
@@ -184,14 +182,18 @@ def _sigterm_job(folder: str) -> None:
             time.sleep(0.02)
 
         def on_exception(self, exception: BaseException) -> None:
-            marks.write_text(marks.read_text() + f"exception:{type(exception).__name__}\n" if marks.exists()
-                             else f"exception:{type(exception).__name__}\n")
+            marks.write_text(
+                marks.read_text() + f"exception:{type(exception).__name__}\n"
+                if marks.exists()
+                else f"exception:{type(exception).__name__}\n"
+            )
 
         def on_train_end(self, logs: Any = None) -> None:
             marks.write_text((marks.read_text() if marks.exists() else "") + "train_end\n")
 
-    trainer, train, val = build(callbacks=[Mark(), ModelCheckpoint(Path(folder) / "ckpt" / "e{epoch}.pt",
-                                                                   monitor=None)])
+    trainer, train, val = build(
+        callbacks=[Mark(), ModelCheckpoint(Path(folder) / "ckpt" / "e{epoch}.pt", monitor=None)]
+    )
     trainer.fit(train, val, epochs=3)
 
 

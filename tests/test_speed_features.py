@@ -14,13 +14,13 @@ import warnings
 
 import pytest
 import torch
+from helpers import TinyNet, make_classification, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fitkit
 import fitkit.trainer as trainer_module
 from fitkit import Callback
-from helpers import TinyNet, make_classification, make_trainer
 
 CUDA = torch.cuda.is_available()
 
@@ -39,8 +39,7 @@ _OPTIONAL = ("torchvision", "tensorboard", "torch.utils.tensorboard", "matplotli
 
 
 def _import_probe() -> dict:
-    out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, timeout=120,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -80,8 +79,11 @@ def test_compile_trains_like_eager_and_checkpoints_keep_the_plain_keys(tmp_path)
 
     eager, compiled = run(False), run(True)
     assert compiled._train_module is not compiled.model  # the compiled wrapper runs the steps ...
-    assert list(compiled.model.state_dict()) == list(eager.model.state_dict()) == ["0.weight", "0.bias",
-                                                                                    "2.weight", "2.bias"]
+    assert (
+        list(compiled.model.state_dict())
+        == list(eager.model.state_dict())
+        == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    )
     for (name, a), b in zip(eager.model.named_parameters(), compiled.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)  # ... and trains the same model
     assert eager.history.history["loss"] == pytest.approx(compiled.history.history["loss"], rel=1e-4)
@@ -223,9 +225,12 @@ def test_no_timing_at_all_without_per_batch_hooks(monkeypatch):
 # -- debug_sync ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", ["loud", "raise", 2, None])
 def test_debug_sync_rejects_unknown_values(value):
-    with pytest.raises(ValueError, match=r"debug_sync must be False \(off\), True or 'warn' \(torch warns at every "
-                                         r"host-device synchronisation in the batch loop on CUDA\) or 'error' "
-                                         r"\(raises there instead\), got " + re.escape(repr(value))):
+    with pytest.raises(
+        ValueError,
+        match=r"debug_sync must be False \(off\), True or 'warn' \(torch warns at every "
+        r"host-device synchronisation in the batch loop on CUDA\) or 'error' "
+        r"\(raises there instead\), got " + re.escape(repr(value)),
+    ):
         make_trainer(debug_sync=value)
 
 
@@ -280,8 +285,15 @@ def test_debug_sync_window_covers_batches_not_deliberate_syncs(monkeypatch):
     monkeypatch.setattr(trainer_module, "_fits_on_device", lambda x, y, device: False)
     monkeypatch.setattr(trainer, "_to_device", lambda batch: (setattr(trainer, "_current_n", len(batch[1])), batch)[1])
     trainer.fit((x, y), (x, y), batch_size=4, epochs=1)
-    assert fake.seen == [("epoch_begin", 0), ("batch_end", "error"), ("batch_end", "error"), ("allowed", 0),
-                         ("val_batch_end", "error"), ("val_batch_end", "error"), ("epoch_end", 0)]
+    assert fake.seen == [
+        ("epoch_begin", 0),
+        ("batch_end", "error"),
+        ("batch_end", "error"),
+        ("allowed", 0),
+        ("val_batch_end", "error"),
+        ("val_batch_end", "error"),
+        ("epoch_end", 0),
+    ]
     assert fake.mode == 0  # restored
 
 
@@ -293,8 +305,16 @@ def test_cuda_epoch_makes_no_per_batch_sync(precision):
         pytest.skip("no bfloat16 on this GPU")
     x, y = make_classification(256)
     model = TinyNet()
-    trainer = fitkit.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), "cross_entropy", device="cuda",
-                             precision=precision, verbose=0, debug_sync="error", metrics=["accuracy"])
+    trainer = fitkit.Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        "cross_entropy",
+        device="cuda",
+        precision=precision,
+        verbose=0,
+        debug_sync="error",
+        metrics=["accuracy"],
+    )
     history = trainer.fit((x, y), (x, y), batch_size=16, epochs=2)  # in-memory: the data live on the GPU
     assert len(history.history["loss"]) == 2
 
@@ -321,8 +341,11 @@ def test_cuda_pinned_training_loader_is_copied_without_blocking_even_with_an_unp
             seen.append(("val", self.trainer._non_blocking))
 
     trainer = fitkit.Trainer(TinyNet(), "sgd", "cross_entropy", device="cuda", verbose=0, callbacks=[Probe()])
-    trainer.fit(DataLoader(TensorDataset(x, y), batch_size=32, pin_memory=True),
-                DataLoader(TensorDataset(x, y), batch_size=32, num_workers=1), epochs=1)
+    trainer.fit(
+        DataLoader(TensorDataset(x, y), batch_size=32, pin_memory=True),
+        DataLoader(TensorDataset(x, y), batch_size=32, num_workers=1),
+        epochs=1,
+    )
     assert seen == [("train", True), ("train", True), ("val", False), ("val", False)]
 
 
@@ -382,8 +405,9 @@ def test_anything_around_the_step_takes_the_general_path(monkeypatch):
     assert not plain(callbacks=[_NoOpBeforeBackward()])
     assert not plain(callbacks=[BeforeStep()])
     model = TinyNet()
-    subclassed = OwnBackward(model, torch.optim.SGD(model.parameters(), lr=0.1), "cross_entropy", device="cpu",
-                             verbose=0)
+    subclassed = OwnBackward(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), "cross_entropy", device="cpu", verbose=0
+    )
     subclassed.fit(make_classification(8), batch_size=4, epochs=1)
     assert not subclassed._plain_steps()
     on_instance = make_trainer()

@@ -8,10 +8,10 @@ import warnings
 
 import pytest
 import torch
+from helpers import FakeTrainer, UnsizedBatches, make_classification, make_trainer
 from torch import nn
 
 from fitkit.callbacks import TensorBoard
-from helpers import FakeTrainer, UnsizedBatches, make_classification, make_trainer
 
 EventAccumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
 
@@ -41,10 +41,12 @@ def _hparams(events):
 
 
 def test_import_fitkit_does_not_import_tensorboard():
-    code = ("import sys, fitkit, fitkit.callbacks; "
-            "bad = [m for m in sys.modules "
-            "       if m.split('.')[0] == 'tensorboard' or m.startswith('torch.utils.tensorboard')]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, fitkit, fitkit.callbacks; "
+        "bad = [m for m in sys.modules "
+        "       if m.split('.')[0] == 'tensorboard' or m.startswith('torch.utils.tensorboard')]; "
+        "assert not bad, bad"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
@@ -57,8 +59,9 @@ def test_a_missing_package_names_the_pip_install(monkeypatch):
 
 def test_fit_writes_epoch_step_histogram_graph_and_hparams(tmp_path):
     x, y = make_classification(n=16)
-    trainer = make_trainer(metrics=["accuracy"],
-                           callbacks=[TensorBoard(tmp_path, update_freq=1, histogram_freq=1, write_graph=True)])
+    trainer = make_trainer(
+        metrics=["accuracy"], callbacks=[TensorBoard(tmp_path, update_freq=1, histogram_freq=1, write_graph=True)]
+    )
     history = trainer.fit((x, y), (x, y), epochs=2, batch_size=8)  # 2 optimizer steps per epoch
     events = _read(tmp_path)
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
@@ -70,8 +73,15 @@ def test_fit_writes_epoch_step_histogram_graph_and_hparams(tmp_path):
     assert [len(events.Histograms(f"weights/{n}")) for n, _ in trainer.model.named_parameters()] == [2, 2, 2, 2]
     assert events.Tags()["graph"]
     hparams, metrics = _hparams(events)
-    assert hparams == {"optimizer": "SGD", "lr": pytest.approx(0.1), "weight_decay": 0.0, "batch_size": 8.0,
-                       "precision": "32", "accumulate_grad_batches": 1.0, "epochs": 2.0}
+    assert hparams == {
+        "optimizer": "SGD",
+        "lr": pytest.approx(0.1),
+        "weight_decay": 0.0,
+        "batch_size": 8.0,
+        "precision": "32",
+        "accumulate_grad_batches": 1.0,
+        "epochs": 2.0,
+    }
     assert metrics == ["epoch/accuracy", "epoch/loss", "epoch/lr", "epoch/val_accuracy", "epoch/val_loss"]
 
 
@@ -83,8 +93,9 @@ class _DrawsRandomNumbers(nn.Module):
 def test_write_graph_leaves_training_unchanged(tmp_path):
     def run(write_graph):
         torch.manual_seed(0)
-        model = nn.Sequential(_DrawsRandomNumbers(), nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5),
-                              nn.Linear(8, 3))
+        model = nn.Sequential(
+            _DrawsRandomNumbers(), nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)
+        )
         callbacks = [TensorBoard(tmp_path / str(write_graph), write_graph=write_graph)]
         trainer = make_trainer(model, callbacks=callbacks)
         x, y = make_classification(n=16)
@@ -146,8 +157,15 @@ def test_resume_hides_what_the_crashed_run_wrote_after_the_checkpoint(tmp_path):
     run(resumed, trainer, range(6, 8), 100)
     resumed.on_train_end()
     crashed.on_train_end()
-    assert _scalars(_read(tmp_path), "step/loss") == [(0, 1.0), (1, 2.0), (2, 3.0), (3, 4.0), (4, 5.0),
-                                                       (5, 106.0), (6, 107.0)]
+    assert _scalars(_read(tmp_path), "step/loss") == [
+        (0, 1.0),
+        (1, 2.0),
+        (2, 3.0),
+        (3, 4.0),
+        (4, 5.0),
+        (5, 106.0),
+        (6, 107.0),
+    ]
 
 
 def test_a_graph_that_cannot_be_traced_is_a_warning(tmp_path, monkeypatch):
@@ -164,12 +182,15 @@ def test_a_graph_that_cannot_be_traced_is_a_warning(tmp_path, monkeypatch):
     assert trainer.model.training
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(update_freq=0), ValueError, r"update_freq must be 'epoch', 'batch' or an int >= 1 .*got 0"),
-    (dict(update_freq="step"), ValueError, r"update_freq must be 'epoch', 'batch' or an int >= 1 .*got 'step'"),
-    (dict(histogram_freq=-1), ValueError, r"histogram_freq must be an int >= 0 .*got -1"),
-    (dict(write_graph="yes"), TypeError, r"write_graph must be True or False, got 'yes'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(update_freq=0), ValueError, r"update_freq must be 'epoch', 'batch' or an int >= 1 .*got 0"),
+        (dict(update_freq="step"), ValueError, r"update_freq must be 'epoch', 'batch' or an int >= 1 .*got 'step'"),
+        (dict(histogram_freq=-1), ValueError, r"histogram_freq must be an int >= 0 .*got -1"),
+        (dict(write_graph="yes"), TypeError, r"write_graph must be True or False, got 'yes'"),
+    ],
+)
 def test_arguments(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
         TensorBoard(tmp_path, **kwargs)

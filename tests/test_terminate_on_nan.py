@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from helpers import FakeTrainer, make_classification, make_trainer
 from torch.nn import functional as F
 
 from fitkit.callbacks import TerminateOnNaN
-from helpers import FakeTrainer, make_classification, make_trainer
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -21,12 +21,16 @@ def test_stops_at_the_first_non_finite_loss(bad):
     callback.on_batch_end(0, {"loss": torch.tensor(1.5)})
     callback.on_batch_end(1, {})  # a batch without a loss is not judged
     assert not trainer.stop_training
-    with pytest.warns(RuntimeWarning, match=rf"TerminateOnNaN: the training loss is {bad} at epoch 2, batch 3/4 "
-                                            r"\(batch index 2\), after 6 optimizer step\(s\); stopping training"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=rf"TerminateOnNaN: the training loss is {bad} at epoch 2, batch 3/4 "
+        r"\(batch index 2\), after 6 optimizer step\(s\); stopping training",
+    ):
         callback.on_batch_end(2, {"loss": torch.tensor(bad)})
     assert trainer.stop_training
-    assert trainer.state.stop_reason == (f"TerminateOnNaN: the training loss is {bad} at epoch 2, batch 3/4 "
-                                         "(batch index 2), after 6 optimizer step(s)")
+    assert trainer.state.stop_reason == (
+        f"TerminateOnNaN: the training loss is {bad} at epoch 2, batch 3/4 (batch index 2), after 6 optimizer step(s)"
+    )
 
 
 def test_python_float_losses_and_unknown_batch_count():

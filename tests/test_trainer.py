@@ -10,10 +10,6 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
-from fitkit import Callback, History, Trainer
 from helpers import (
     CountingDataset,
     RecordingCallback,
@@ -22,6 +18,10 @@ from helpers import (
     make_trainer,
     params_of,
 )
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fitkit import Callback, History, Trainer
 
 TRAIN_BATCH = ["on_batch_begin", "on_before_backward", "on_before_optimizer_step", "on_batch_end"]
 
@@ -42,8 +42,14 @@ def test_hook_order_of_a_fit_with_validation():
     trainer = make_trainer(metrics=["accuracy"], callbacks=[recorder])
     trainer.fit(loader(x, y, 4), loader(x[:8], y[:8], 4), epochs=2)  # 3 train, 2 val batches
 
-    epoch = ["on_epoch_begin", *TRAIN_BATCH * 3, "on_validation_begin",
-             *["on_validation_batch_begin", "on_validation_batch_end"] * 2, "on_validation_end", "on_epoch_end"]
+    epoch = [
+        "on_epoch_begin",
+        *TRAIN_BATCH * 3,
+        "on_validation_begin",
+        *["on_validation_batch_begin", "on_validation_batch_end"] * 2,
+        "on_validation_end",
+        "on_epoch_end",
+    ]
     assert recorder.names() == ["on_train_begin", *epoch * 2, "on_train_end"]
     assert [c.args[0] for c in recorder.of("on_epoch_begin")] == [0, 1]
     assert [c.args[0] for c in recorder.of("on_batch_end")] == [0, 1, 2, 0, 1, 2]
@@ -112,8 +118,7 @@ def test_train_mode_in_batch_hooks_eval_and_no_grad_in_validation():
 
     for name in ("on_batch_begin", "on_before_backward", "on_before_optimizer_step", "on_batch_end"):
         assert all(c.training and c.grad_enabled for c in recorder.of(name)), name
-    for name in ("on_validation_begin", "on_validation_batch_begin", "on_validation_batch_end",
-                 "on_validation_end"):
+    for name in ("on_validation_begin", "on_validation_batch_begin", "on_validation_batch_end", "on_validation_end"):
         assert not any(c.training or c.grad_enabled for c in recorder.of(name)), name
     train, val = (True, True), (False, False)
     assert model.forward_calls == [train] * 3 + [val] * 2 + [train] * 3 + [val] * 2
@@ -144,7 +149,7 @@ def test_training_logs_are_sample_weighted_over_an_uneven_last_batch():
     optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.5)
     loss_sum, correct, batch_means = 0.0, 0, []
     for start in (0, 4, 8):  # batches of 4, 4, 2
-        xb, yb = x[start:start + 4], y[start:start + 4]
+        xb, yb = x[start : start + 4], y[start : start + 4]
         outputs = by_hand(xb)
         loss_sum += F.cross_entropy(outputs, yb, reduction="sum").item()
         batch_means.append(F.cross_entropy(outputs, yb).item())
@@ -172,8 +177,7 @@ def test_evaluate_is_sample_weighted_over_an_uneven_last_batch(as_loader):
         outputs = model(x)
         expected_loss = F.cross_entropy(outputs, y, reduction="sum").item() / 10
         expected_accuracy = (outputs.argmax(dim=1) == y).sum().item() / 10
-    assert results == {"loss": pytest.approx(expected_loss, rel=1e-6),
-                       "accuracy": pytest.approx(expected_accuracy)}
+    assert results == {"loss": pytest.approx(expected_loss, rel=1e-6), "accuracy": pytest.approx(expected_accuracy)}
     assert all(type(v) is float for v in results.values())
 
 
@@ -244,8 +248,9 @@ def test_in_memory_fit_equals_a_shuffled_dataloader_bit_for_bit(as_numpy):
 def test_validation_split_holds_out_the_last_fraction(fraction, n_train):
     x, y = make_classification(10)
     split_model, split_history = fit_seeded((x, y), batch_size=4, validation_split=fraction)
-    explicit_model, explicit_history = fit_seeded((x[:n_train], y[:n_train]), batch_size=4,
-                                                  val_data=(x[n_train:], y[n_train:]))
+    explicit_model, explicit_history = fit_seeded(
+        (x[:n_train], y[:n_train]), batch_size=4, val_data=(x[n_train:], y[n_train:])
+    )
     assert_same_weights(split_model, explicit_model)
     assert split_history == explicit_history
     evaluated = make_trainer(split_model).evaluate((x[n_train:], y[n_train:]))
@@ -270,10 +275,13 @@ def test_accumulating_two_batches_of_4_equals_batches_of_8():
         assert not torch.allclose(p, r, atol=1e-4)  # the comparison can tell the two apart
 
 
-@pytest.mark.parametrize("n, batch_size, k, groups", [
-    (10, 2, 3, [6, 4]),     # the last group has fewer batches
-    (14, 4, 2, [8, 6]),     # the last group ends with a short batch
-])
+@pytest.mark.parametrize(
+    "n, batch_size, k, groups",
+    [
+        (10, 2, 3, [6, 4]),  # the last group has fewer batches
+        (14, 4, 2, [8, 6]),  # the last group ends with a short batch
+    ],
+)
 def test_accumulation_with_a_short_last_group_weights_samples_equally(n, batch_size, k, groups):
     x, y = make_classification(n)
     torch.manual_seed(0)
@@ -582,30 +590,42 @@ class LightningName(Callback):
         pass
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"precision": "fp8"}, ValueError, r"unknown precision 'fp8': use '32' \(float32\), 'bf16'"),
-    ({"precision": "fp16"}, ValueError, r"precision='fp16' needs a CUDA or MPS device"),
-    ({"device": "tpu"}, ValueError, r"unknown device 'tpu': use 'auto', 'cpu', 'cuda'"),
-    ({"callbacks": [OnEpochEnds()]}, TypeError,
-     r"OnEpochEnds.on_epoch_ends is not a fitkit callback hook.*did you mean 'on_epoch_end'\?"),
-    ({"callbacks": [KerasName()]}, TypeError,
-     r"KerasName.on_train_batch_end is not a fitkit callback hook.*fitkit calls this hook 'on_batch_end'"),
-    ({"callbacks": [LightningName()]}, TypeError, r"fitkit calls this hook 'on_epoch_end'"),
-    ({"callbacks": [lambda logs: None]}, TypeError,
-     r"callbacks must be fitkit.Callback instances, got function; subclass fitkit.Callback"),
-    ({"grad_clip_norm": 0}, ValueError, r"grad_clip_norm must be None or a finite number > 0, got 0"),
-    ({"grad_clip_norm": -1.0}, ValueError, r"grad_clip_norm must be None or a finite number > 0, got -1.0"),
-    ({"grad_clip_norm": float("inf")}, ValueError, r"grad_clip_norm must be None or a finite number > 0, got inf"),
-    ({"grad_clip_norm": "1"}, ValueError, r"grad_clip_norm must be None or a finite number > 0, got '1'"),
-    ({"grad_clip_value": True}, ValueError, r"grad_clip_value must be None or a finite number > 0, got True"),
-    ({"accumulate_grad_batches": 0}, ValueError, r"accumulate_grad_batches must be an int >= 1 .*got 0"),
-    ({"accumulate_grad_batches": 2.0}, ValueError, r"accumulate_grad_batches must be an int >= 1 .*got 2.0"),
-    ({"verbose": 3}, ValueError, r"verbose must be 0 \(silent\), 1 \(progress bar\) or 2 .*got 3"),
-    ({"optimizer": "adamax"}, ValueError, r"unknown optimizer 'adamax'; names: \['adagrad', 'adam'"),
-    ({"loss": "hinge"}, ValueError, r"unknown loss 'hinge'; names: \["),
-    ({"metrics": ["f1"]}, ValueError, r"unknown metric 'f1'; known shortcuts"),
-    ({"metrics": ["accuracy", "acc"]}, ValueError, r"metric names must be unique and not 'loss'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"precision": "fp8"}, ValueError, r"unknown precision 'fp8': use '32' \(float32\), 'bf16'"),
+        ({"precision": "fp16"}, ValueError, r"precision='fp16' needs a CUDA or MPS device"),
+        ({"device": "tpu"}, ValueError, r"unknown device 'tpu': use 'auto', 'cpu', 'cuda'"),
+        (
+            {"callbacks": [OnEpochEnds()]},
+            TypeError,
+            r"OnEpochEnds.on_epoch_ends is not a fitkit callback hook.*did you mean 'on_epoch_end'\?",
+        ),
+        (
+            {"callbacks": [KerasName()]},
+            TypeError,
+            r"KerasName.on_train_batch_end is not a fitkit callback hook.*fitkit calls this hook 'on_batch_end'",
+        ),
+        ({"callbacks": [LightningName()]}, TypeError, r"fitkit calls this hook 'on_epoch_end'"),
+        (
+            {"callbacks": [lambda logs: None]},
+            TypeError,
+            r"callbacks must be fitkit.Callback instances, got function; subclass fitkit.Callback",
+        ),
+        ({"grad_clip_norm": 0}, ValueError, r"grad_clip_norm must be None or a finite number > 0, got 0"),
+        ({"grad_clip_norm": -1.0}, ValueError, r"grad_clip_norm must be None or a finite number > 0, got -1.0"),
+        ({"grad_clip_norm": float("inf")}, ValueError, r"grad_clip_norm must be None or a finite number > 0, got inf"),
+        ({"grad_clip_norm": "1"}, ValueError, r"grad_clip_norm must be None or a finite number > 0, got '1'"),
+        ({"grad_clip_value": True}, ValueError, r"grad_clip_value must be None or a finite number > 0, got True"),
+        ({"accumulate_grad_batches": 0}, ValueError, r"accumulate_grad_batches must be an int >= 1 .*got 0"),
+        ({"accumulate_grad_batches": 2.0}, ValueError, r"accumulate_grad_batches must be an int >= 1 .*got 2.0"),
+        ({"verbose": 3}, ValueError, r"verbose must be 0 \(silent\), 1 \(progress bar\) or 2 .*got 3"),
+        ({"optimizer": "adamax"}, ValueError, r"unknown optimizer 'adamax'; names: \['adagrad', 'adam'"),
+        ({"loss": "hinge"}, ValueError, r"unknown loss 'hinge'; names: \["),
+        ({"metrics": ["f1"]}, ValueError, r"unknown metric 'f1'; known shortcuts"),
+        ({"metrics": ["accuracy", "acc"]}, ValueError, r"metric names must be unique and not 'loss'"),
+    ],
+)
 def test_bad_trainer_arguments_are_clear_errors(kwargs, error, message):
     with pytest.raises(error, match=message):
         make_trainer(**kwargs)
@@ -619,8 +639,11 @@ def test_cuda_device_without_cuda_is_an_error():
 
 def test_an_optimizer_built_for_another_model_instance_is_an_error():
     model, other = TinyNet(), TinyNet()
-    with pytest.raises(ValueError, match=r"the optimizer holds none of the model's parameters: it was probably "
-                                         r"built for another model instance"):
+    with pytest.raises(
+        ValueError,
+        match=r"the optimizer holds none of the model's parameters: it was probably "
+        r"built for another model instance",
+    ):
         Trainer(model, torch.optim.SGD(other.parameters(), lr=0.1), "cross_entropy", device="cpu", verbose=0)
 
 
@@ -629,25 +652,59 @@ def one_shot():
     return (batch for batch in [(x[:4], y[:4]), (x[4:], y[4:])])
 
 
-@pytest.mark.parametrize("make_data, fit_kwargs, error, message", [
-    (lambda x, y: loader(x[:0], y[:0]), {}, ValueError,
-     r"train_data is an empty DataLoader \(dataset of 0 samples\); there is nothing to iterate"),
-    (lambda x, y: loader(x[:3], y[:3], 4, drop_last=True), {}, ValueError,
-     r"train_data is an empty DataLoader \(dataset of 3 samples, drop_last=True\)"),
-    (lambda x, y: one_shot(), {}, TypeError, r"train_data is a one-shot iterator \(generator\); fit needs data it "
-                                             r"can iterate once per epoch"),
-    (lambda x, y: TensorDataset(x, y), {}, TypeError,
-     r"train_data is a Dataset; wrap it in a DataLoader\(dataset, batch_size=..., shuffle=...\)"),
-    (lambda x, y: loader(x, y), {"batch_size": 4}, ValueError,
-     r"batch_size is for in-memory data; train_data is a DataLoader with its own batch_size \(4\)"),
-    (lambda x, y: (x, y), {"validation_freq": 0}, ValueError, r"validation_freq must be an int >= 1 or a list"),
-    (lambda x, y: (x, y), {"validation_split": 1.0}, ValueError, r"validation_split must be in \[0, 1\), got 1.0"),
-    (lambda x, y: (x, y), {"epochs": -1}, ValueError, r"epochs must be an int >= 0, got -1"),
-    (lambda x, y: (x[:0], y[:0]), {}, ValueError, r"train_data holds 0 samples"),
-    (lambda x, y: x, {}, TypeError, r"train_data is a single Tensor \(inputs only\); a loss needs targets: pass an "
-                                    r"\(x, y\) tuple"),
-    (lambda x, y: "data.csv", {}, TypeError, r"train_data must be a DataLoader, a re-iterable of \(inputs, targets\)"),
-])
+@pytest.mark.parametrize(
+    "make_data, fit_kwargs, error, message",
+    [
+        (
+            lambda x, y: loader(x[:0], y[:0]),
+            {},
+            ValueError,
+            r"train_data is an empty DataLoader \(dataset of 0 samples\); there is nothing to iterate",
+        ),
+        (
+            lambda x, y: loader(x[:3], y[:3], 4, drop_last=True),
+            {},
+            ValueError,
+            r"train_data is an empty DataLoader \(dataset of 3 samples, drop_last=True\)",
+        ),
+        (
+            lambda x, y: one_shot(),
+            {},
+            TypeError,
+            r"train_data is a one-shot iterator \(generator\); fit needs data it "
+            r"can iterate once per epoch",
+        ),
+        (
+            lambda x, y: TensorDataset(x, y),
+            {},
+            TypeError,
+            r"train_data is a Dataset; wrap it in a DataLoader\(dataset, batch_size=..., shuffle=...\)",
+        ),
+        (
+            lambda x, y: loader(x, y),
+            {"batch_size": 4},
+            ValueError,
+            r"batch_size is for in-memory data; train_data is a DataLoader with its own batch_size \(4\)",
+        ),
+        (lambda x, y: (x, y), {"validation_freq": 0}, ValueError, r"validation_freq must be an int >= 1 or a list"),
+        (lambda x, y: (x, y), {"validation_split": 1.0}, ValueError, r"validation_split must be in \[0, 1\), got 1.0"),
+        (lambda x, y: (x, y), {"epochs": -1}, ValueError, r"epochs must be an int >= 0, got -1"),
+        (lambda x, y: (x[:0], y[:0]), {}, ValueError, r"train_data holds 0 samples"),
+        (
+            lambda x, y: x,
+            {},
+            TypeError,
+            r"train_data is a single Tensor \(inputs only\); a loss needs targets: pass an "
+            r"\(x, y\) tuple",
+        ),
+        (
+            lambda x, y: "data.csv",
+            {},
+            TypeError,
+            r"train_data must be a DataLoader, a re-iterable of \(inputs, targets\)",
+        ),
+    ],
+)
 def test_bad_fit_arguments_are_clear_errors(make_data, fit_kwargs, error, message):
     x, y = make_classification(8)
     trainer = make_trainer()
@@ -670,8 +727,11 @@ def test_a_loss_that_is_not_a_scalar_fails_on_the_first_batch():
     x, y = make_classification(12)
     dataset = CountingDataset(x, y)
     trainer = make_trainer(loss=nn.CrossEntropyLoss(reduction="none"))
-    with pytest.raises(ValueError, match=r"the loss must be a scalar \(0-dim\) tensor, got shape \(4,\); use a "
-                                         r"mean- or sum-reduced loss"):
+    with pytest.raises(
+        ValueError,
+        match=r"the loss must be a scalar \(0-dim\) tensor, got shape \(4,\); use a "
+        r"mean- or sum-reduced loss",
+    ):
         trainer.fit(DataLoader(dataset, batch_size=4))
     assert dataset.calls == 4
     assert trainer.global_step == 0
@@ -703,10 +763,13 @@ def test_optimizer_names_build_over_the_model_with_keras_defaults(name, cls, lr)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("name, reference", [
-    ("cross_entropy", lambda out, y: F.cross_entropy(out, y)),
-    ("mse", lambda out, y: F.mse_loss(out, F.one_hot(y, 3).float())),
-])
+@pytest.mark.parametrize(
+    "name, reference",
+    [
+        ("cross_entropy", lambda out, y: F.cross_entropy(out, y)),
+        ("mse", lambda out, y: F.mse_loss(out, F.one_hot(y, 3).float())),
+    ],
+)
 def test_loss_names(name, reference):
     x, y = make_classification(10)
     targets = y if name == "cross_entropy" else F.one_hot(y, 3).float()
@@ -829,6 +892,7 @@ def count_syncs(monkeypatch, run) -> int:
             nonlocal count
             count += 1
             return original(self, *args, **kwargs)
+
         return wrapper
 
     with monkeypatch.context() as patch:

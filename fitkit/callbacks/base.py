@@ -13,11 +13,18 @@ if TYPE_CHECKING:
 Logs = dict[str, Any]
 
 HOOKS = (
-    "on_train_begin", "on_train_end",
-    "on_epoch_begin", "on_epoch_end",
-    "on_batch_begin", "on_batch_end",
-    "on_validation_begin", "on_validation_batch_begin", "on_validation_batch_end", "on_validation_end",
-    "on_before_backward", "on_before_optimizer_step",
+    "on_train_begin",
+    "on_train_end",
+    "on_epoch_begin",
+    "on_epoch_end",
+    "on_batch_begin",
+    "on_batch_end",
+    "on_validation_begin",
+    "on_validation_batch_begin",
+    "on_validation_batch_end",
+    "on_validation_end",
+    "on_before_backward",
+    "on_before_optimizer_step",
     "on_exception",
 )
 
@@ -145,5 +152,7 @@ def check_hook_names(callback: Callback) -> None:
             else:
                 close = difflib.get_close_matches(name, HOOKS, n=1, cutoff=0.6)
                 hint = f"did you mean {close[0]!r}?" if close else f"the hooks are: {', '.join(HOOKS)}"
-            raise TypeError(f"{cls.__name__}.{name} is not a fitkit callback hook and would never be called; "
-                            f"{hint}. (Name helpers without the 'on_' prefix.)")
+            raise TypeError(
+                f"{cls.__name__}.{name} is not a fitkit callback hook and would never be called; "
+                f"{hint}. (Name helpers without the 'on_' prefix.)"
+            )

@@ -89,17 +89,19 @@ class CSVLogger(Callback):
         if self._resumed or self.append:
             size = self.filename.stat().st_size if self.filename.exists() else 0
             if size < keep:
-                warnings.warn(f"CSVLogger: {self.filename} holds {size} bytes but this run had written {keep}; "
-                              "rows are missing from it (was the file replaced?). Appending after what is there.",
-                              stacklevel=3)
+                warnings.warn(
+                    f"CSVLogger: {self.filename} holds {size} bytes but this run had written {keep}; "
+                    "rows are missing from it (was the file replaced?). Appending after what is there.",
+                    stacklevel=3,
+                )
                 keep = size
             elif size > keep:
                 # Rows written after the checkpoint by the run that crashed: that run's future was discarded.
                 with open(self.filename, "r+", newline="") as f:
                     f.truncate(keep)
-            self._file = open(self.filename, "a", newline="")
+            self._file = open(self.filename, "a", newline="")  # noqa: SIM115 - open until on_train_end
         else:
-            self._file = open(self.filename, "w", newline="")
+            self._file = open(self.filename, "w", newline="")  # noqa: SIM115 - open until on_train_end
             keep = 0
 
         class Dialect(csv.excel):

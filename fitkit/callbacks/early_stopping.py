@@ -73,10 +73,13 @@ class EarlyStopping(MonitorCallback):
     ) -> None:
         super().__init__(monitor=monitor, mode=mode, min_delta=min_delta, baseline=baseline)
         self.patience = check_non_negative_int(
-            patience, "patience", "monitored epochs without improvement before stopping; 0 stops at the "
-            "first epoch that does not improve")
+            patience,
+            "patience",
+            "monitored epochs without improvement before stopping; 0 stops at the first epoch that does not improve",
+        )
         self.start_from_epoch = check_non_negative_int(
-            start_from_epoch, "start_from_epoch", "0-based epochs to skip before monitoring starts")
+            start_from_epoch, "start_from_epoch", "0-based epochs to skip before monitoring starts"
+        )
         if verbose not in (0, 1):
             raise ValueError(f"verbose must be 0 (silent) or 1 (print when stopping and restoring), got {verbose!r}")
         if not isinstance(restore_best_weights, bool):
@@ -130,9 +133,11 @@ class EarlyStopping(MonitorCallback):
     # -- helpers --------------------------------------------------------------------------------
     def _stop_reason(self, epoch: int) -> str:
         best = "none" if self.best is None else f"{self.best:.6g}"
-        reason = (f"EarlyStopping: {self.monitor} did not improve by more than {self.min_delta:g} for "
-                  f"{self.wait} monitored epoch(s) (patience={self.patience}); best {best} at epoch "
-                  f"{self.best_epoch + 1}; stopped after epoch {epoch + 1}")
+        reason = (
+            f"EarlyStopping: {self.monitor} did not improve by more than {self.min_delta:g} for "
+            f"{self.wait} monitored epoch(s) (patience={self.patience}); best {best} at epoch "
+            f"{self.best_epoch + 1}; stopped after epoch {epoch + 1}"
+        )
         if self.baseline is not None and self.best is not None and not self.is_improvement(self.best, self.baseline):
             reason += f"; the baseline {self.baseline:g} was never beaten"
         return reason
@@ -144,8 +149,13 @@ class EarlyStopping(MonitorCallback):
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "wait": self.wait, "stopped_epoch": self.stopped_epoch,
-                "best_epoch": self.best_epoch, "best_weights": self.best_weights}
+        return {
+            "best": self.best,
+            "wait": self.wait,
+            "stopped_epoch": self.stopped_epoch,
+            "best_epoch": self.best_epoch,
+            "best_weights": self.best_weights,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state["best"]

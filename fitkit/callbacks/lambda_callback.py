@@ -40,8 +40,9 @@ class LambdaCallback(Callback):
         given = {name: staticmethod(fn) for name, fn in hooks.items() if fn is not None}
         # A per-instance subclass: the trainer sees exactly these hooks as overridden.
         cls = type(self)
-        self.__class__ = type(cls.__name__, (cls,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                                                     **given})
+        self.__class__ = type(
+            cls.__name__, (cls,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__, **given}
+        )
         self.hooks: dict[str, Callable[..., Any]] = {name: fn for name, fn in hooks.items() if fn is not None}
 
     def __repr__(self) -> str:

@@ -77,8 +77,10 @@ class ReduceLROnPlateau(MonitorCallback):
     ) -> None:
         super().__init__(monitor=monitor, mode=mode, min_delta=min_delta)
         if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not 0.0 < factor < 1.0:
-            raise ValueError(f"factor must be a number with 0 < factor < 1 (new_lr = lr * factor), got {factor!r}; "
-                             "use e.g. factor=0.5 to halve the learning rate")
+            raise ValueError(
+                f"factor must be a number with 0 < factor < 1 (new_lr = lr * factor), got {factor!r}; "
+                "use e.g. factor=0.5 to halve the learning rate"
+            )
         self.factor = float(factor)
         self.patience = check_non_negative_int(patience, "patience", "epochs without improvement before a reduction")
         self.cooldown = check_non_negative_int(cooldown, "cooldown", "epochs after a reduction before counting again")
@@ -89,8 +91,9 @@ class ReduceLROnPlateau(MonitorCallback):
         bounds = list(min_lr) if per_group else [min_lr]  # type: ignore[arg-type]
         for bound in bounds:
             if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not 0 <= bound < math.inf:
-                raise ValueError(f"min_lr must be a finite number >= 0, or a sequence of them (one per param "
-                                 f"group), got {min_lr!r}")
+                raise ValueError(
+                    f"min_lr must be a finite number >= 0, or a sequence of them (one per param group), got {min_lr!r}"
+                )
         self.min_lr: float | list[float] = [float(b) for b in bounds] if per_group else float(bounds[0])
         self.wait = 0
         self.cooldown_counter = 0
@@ -110,8 +113,10 @@ class ReduceLROnPlateau(MonitorCallback):
         groups = self.trainer.optimizer.param_groups
         if isinstance(self.min_lr, list):
             if len(self.min_lr) != len(groups):
-                raise ValueError(f"ReduceLROnPlateau: min_lr holds {len(self.min_lr)} values but the optimizer "
-                                 f"has {len(groups)} param groups; pass one value per group, or a single float")
+                raise ValueError(
+                    f"ReduceLROnPlateau: min_lr holds {len(self.min_lr)} values but the optimizer "
+                    f"has {len(groups)} param groups; pass one value per group, or a single float"
+                )
             return self.min_lr
         return [self.min_lr] * len(groups)
 
@@ -174,8 +179,10 @@ def _schedule_arity(schedule: Callable[..., Any]) -> int:
         except TypeError:
             continue
         return arity
-    raise TypeError(f"schedule must be a function (epoch, lr) -> new_lr (or epoch -> new_lr); "
-                    f"{schedule!r} has the signature {signature}")
+    raise TypeError(
+        f"schedule must be a function (epoch, lr) -> new_lr (or epoch -> new_lr); "
+        f"{schedule!r} has the signature {signature}"
+    )
 
 
 class LearningRateScheduler(Callback):
@@ -208,11 +215,17 @@ class LearningRateScheduler(Callback):
         for index, group in enumerate(groups):
             lr = float(group["lr"])
             new_lr = self.schedule(epoch, lr) if self._arity == 2 else self.schedule(epoch)
-            if isinstance(new_lr, bool) or not isinstance(new_lr, numbers.Real) or not new_lr >= 0 \
-                    or math.isinf(new_lr):
+            if (
+                isinstance(new_lr, bool)
+                or not isinstance(new_lr, numbers.Real)
+                or not new_lr >= 0
+                or math.isinf(new_lr)
+            ):
                 hint = "; return a Python float (e.g. with .item())" if isinstance(new_lr, torch.Tensor) else ""
-                raise ValueError(f"LearningRateScheduler: schedule(epoch={epoch}, lr={lr}) returned {new_lr!r}; it "
-                                 f"must return the new learning rate as a finite number >= 0{hint}")
+                raise ValueError(
+                    f"LearningRateScheduler: schedule(epoch={epoch}, lr={lr}) returned {new_lr!r}; it "
+                    f"must return the new learning rate as a finite number >= 0{hint}"
+                )
             set_lr(group, float(new_lr))
             if self.verbose:
                 which = "" if len(groups) == 1 else f" of param group {index}"
@@ -245,21 +258,29 @@ class LRScheduler(Callback):
 
     def __init__(self, scheduler: Any, interval: str = "epoch", monitor: str | None = None) -> None:
         if not isinstance(scheduler, torch_lr_scheduler.LRScheduler):
-            raise TypeError(f"scheduler must be a torch.optim.lr_scheduler object (e.g. "
-                            f"torch.optim.lr_scheduler.OneCycleLR(optimizer, ...)), got {type(scheduler).__name__}; "
-                            "for a function of the epoch use LearningRateScheduler(schedule)")
+            raise TypeError(
+                f"scheduler must be a torch.optim.lr_scheduler object (e.g. "
+                f"torch.optim.lr_scheduler.OneCycleLR(optimizer, ...)), got {type(scheduler).__name__}; "
+                "for a function of the epoch use LearningRateScheduler(schedule)"
+            )
         if interval not in _INTERVALS:
-            raise ValueError(f"interval must be 'epoch' (step the scheduler at each epoch's end) or 'step' (after "
-                             f"every optimizer step), got {interval!r}")
+            raise ValueError(
+                f"interval must be 'epoch' (step the scheduler at each epoch's end) or 'step' (after "
+                f"every optimizer step), got {interval!r}"
+            )
         plateau = isinstance(scheduler, torch_lr_scheduler.ReduceLROnPlateau)
         if plateau and monitor is None:
-            raise ValueError("torch's ReduceLROnPlateau steps on a monitored value: pass monitor= an epoch-log "
-                             "key, e.g. LRScheduler(scheduler, monitor='val_loss')")
+            raise ValueError(
+                "torch's ReduceLROnPlateau steps on a monitored value: pass monitor= an epoch-log "
+                "key, e.g. LRScheduler(scheduler, monitor='val_loss')"
+            )
         if plateau and interval != "epoch":
             raise ValueError("torch's ReduceLROnPlateau steps on an epoch-log value: use interval='epoch'")
         if not plateau and monitor is not None:
-            raise ValueError(f"monitor={monitor!r} is only for torch's ReduceLROnPlateau; "
-                             f"{type(scheduler).__name__}.step() takes no value. Drop monitor=")
+            raise ValueError(
+                f"monitor={monitor!r} is only for torch's ReduceLROnPlateau; "
+                f"{type(scheduler).__name__}.step() takes no value. Drop monitor="
+            )
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
             raise ValueError(f"monitor must be a non-empty epoch-log key such as 'val_loss', got {monitor!r}")
         self.scheduler = scheduler
@@ -271,8 +292,10 @@ class LRScheduler(Callback):
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
         if self.scheduler.optimizer is not self.trainer.optimizer:
-            raise ValueError("LRScheduler: the scheduler was built for another optimizer than the trainer's; build "
-                             "it on trainer.optimizer (the optimizer you passed to Trainer)")
+            raise ValueError(
+                "LRScheduler: the scheduler was built for another optimizer than the trainer's; build "
+                "it on trainer.optimizer (the optimizer you passed to Trainer)"
+            )
         self._seen_step = self.trainer.state.global_step
 
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:

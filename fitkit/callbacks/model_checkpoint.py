@@ -108,7 +108,7 @@ class ModelCheckpoint(MonitorCallback):
         self.reset_monitor()
         self._batches_since_save = 0
         if self.monitor_key is not None and (self.save_best_only or self.save_top_k):
-            self.resolved_mode  # fail before training when mode='auto' cannot tell the direction
+            _ = self.resolved_mode  # fail before training when mode='auto' cannot tell the direction
 
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if self.save_freq == "epoch":
@@ -139,8 +139,9 @@ class ModelCheckpoint(MonitorCallback):
         try:
             save_trainer_checkpoint(self.trainer, path, meta=None if interrupted else {"kind": "crash"})
         except Exception as exc:  # the original exception matters more than this one
-            warnings.warn(f"ModelCheckpoint: could not save {path} after {type(exception).__name__}: {exc}",
-                          stacklevel=2)
+            warnings.warn(
+                f"ModelCheckpoint: could not save {path} after {type(exception).__name__}: {exc}", stacklevel=2
+            )
             return
         if self.verbose:
             print(f"ModelCheckpoint: saved {'interrupted' if interrupted else 'crashed'} run to {path}")
@@ -165,12 +166,18 @@ class ModelCheckpoint(MonitorCallback):
         self.trainer.after_callbacks(lambda: self._write(path, score, step))
 
     def _render(self, epoch: int, logs: dict[str, Any], batch: int | None) -> Path:
-        values = {"epoch": epoch + 1, "step": self.trainer.state.global_step,
-                  "batch": batch if batch is not None else 0, **logs}
+        values = {
+            "epoch": epoch + 1,
+            "step": self.trainer.state.global_step,
+            "batch": batch if batch is not None else 0,
+            **logs,
+        }
         missing = [f for f in self._fields if f not in values]
         if missing:
-            raise KeyError(f"ModelCheckpoint(filepath={self.filepath!r}) names {missing} but the logs hold only "
-                           f"{sorted(values)}; fix the template or log those keys (val_ keys need val_data)")
+            raise KeyError(
+                f"ModelCheckpoint(filepath={self.filepath!r}) names {missing} but the logs hold only "
+                f"{sorted(values)}; fix the template or log those keys (val_ keys need val_data)"
+            )
         try:
             rendered = Path(self.filepath.format(**values))
         except (ValueError, IndexError, KeyError, AttributeError) as exc:
@@ -178,8 +185,10 @@ class ModelCheckpoint(MonitorCallback):
         root = self.checkpoint_dir.resolve()
         target = rendered.resolve()
         if root != target.parent and root not in target.parents:
-            raise ValueError(f"ModelCheckpoint: the rendered path {rendered} leaves the checkpoint folder {root}; "
-                             "a logged value must not contain path separators or '..'")
+            raise ValueError(
+                f"ModelCheckpoint: the rendered path {rendered} leaves the checkpoint folder {root}; "
+                "a logged value must not contain path separators or '..'"
+            )
         return rendered
 
     def _better(self, a: float, b: float | None) -> bool:
@@ -223,8 +232,11 @@ class ModelCheckpoint(MonitorCallback):
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "kept": [list(item) for item in self.kept],
-                "batches_since_save": self._batches_since_save}
+        return {
+            "best": self.best,
+            "kept": [list(item) for item in self.kept],
+            "batches_since_save": self._batches_since_save,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state["best"]

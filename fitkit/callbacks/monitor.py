@@ -26,8 +26,9 @@ class MonitorCallback(Callback):
         baseline: a value the monitored key must beat before anything counts as an improvement (None: off).
     """
 
-    def __init__(self, monitor: str = "val_loss", mode: str = "auto", min_delta: float = 0.0,
-                 baseline: float | None = None) -> None:
+    def __init__(
+        self, monitor: str = "val_loss", mode: str = "auto", min_delta: float = 0.0, baseline: float | None = None
+    ) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"monitor must be a non-empty epoch-log key such as 'val_loss', got {monitor!r}")
         if mode not in _MODES:
@@ -62,7 +63,8 @@ class MonitorCallback(Callback):
         raise ValueError(
             f"{type(self).__name__}(monitor={self.monitor!r}, mode='auto') cannot tell whether {self.monitor!r} "
             "should go up or down: it is neither the loss nor a metric that states higher_is_better. Pass "
-            "mode='min' or mode='max'.")
+            "mode='min' or mode='max'."
+        )
 
     def is_improvement(self, value: float, reference: float | None) -> bool:
         """True when ``value`` beats ``reference`` by more than ``min_delta`` (always, if no reference)."""
@@ -82,14 +84,19 @@ class MonitorCallback(Callback):
         if self.monitor in logs:
             return float(logs[self.monitor])
         trainer = getattr(self, "trainer", None)
-        if self.monitor.startswith("val_") and getattr(trainer, "has_validation", False) \
-                and not any(k.startswith("val_") for k in logs):
+        if (
+            self.monitor.startswith("val_")
+            and getattr(trainer, "has_validation", False)
+            and not any(k.startswith("val_") for k in logs)
+        ):
             return None  # validation_freq skipped this epoch
         hint = ""
         if self.monitor.startswith("val_") and not any(k.startswith("val_") for k in logs):
             hint = " Pass val_data (or validation_split) to fit to get val_ keys,"
-        raise KeyError(f"{type(self).__name__}(monitor={self.monitor!r}): no such key in the epoch logs; "
-                       f"available: {sorted(logs)}.{hint} or choose one of the available keys.")
+        raise KeyError(
+            f"{type(self).__name__}(monitor={self.monitor!r}): no such key in the epoch logs; "
+            f"available: {sorted(logs)}.{hint} or choose one of the available keys."
+        )
 
     # -- state ----------------------------------------------------------------------------------
     def reset_monitor(self) -> None:

@@ -38,8 +38,13 @@ class ProgressBar(Callback):
 
     rank_zero_only = True
 
-    def __init__(self, mode: str = "bar", refresh_interval: float = 0.25,
-                 log_every_seconds: float | None = None, file: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        mode: str = "bar",
+        refresh_interval: float = 0.25,
+        log_every_seconds: float | None = None,
+        file: IO[str] | None = None,
+    ) -> None:
         if mode not in ("bar", "epoch"):
             raise ValueError(f"mode must be 'bar' or 'epoch', got {mode!r}")
         if refresh_interval <= 0:
@@ -68,8 +73,15 @@ class ProgressBar(Callback):
         from tqdm.auto import tqdm
 
         total = self.trainer.num_train_batches
-        self._bar = tqdm(total=total, desc=f"Epoch {epoch + 1}/{self._epochs}", file=self._stream(),
-                         leave=True, dynamic_ncols=True, unit="batch", mininterval=self.refresh_interval)
+        self._bar = tqdm(
+            total=total,
+            desc=f"Epoch {epoch + 1}/{self._epochs}",
+            file=self._stream(),
+            leave=True,
+            dynamic_ncols=True,
+            unit="batch",
+            mininterval=self.refresh_interval,
+        )
         self._shown = 0
 
     # -- hooks ----------------------------------------------------------------------------------
@@ -83,8 +95,9 @@ class ProgressBar(Callback):
 
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
         self._epoch_start = time.monotonic()
-        self._next = self._epoch_start + (self.refresh_interval if self._is_bar else
-                                          (self.log_every_seconds or float("inf")))
+        self._next = self._epoch_start + (
+            self.refresh_interval if self._is_bar else (self.log_every_seconds or float("inf"))
+        )
         if self._is_bar:
             self._open_bar(epoch)
 
@@ -106,8 +119,11 @@ class ProgressBar(Callback):
         else:
             total = self.trainer.num_train_batches
             where = f"{batch + 1}/{total}" if total else f"{batch + 1}"
-            print(f"Epoch {self.trainer.epoch + 1}/{self._epochs} - batch {where} - {format_logs(running)}",
-                  file=self._stream(), flush=True)
+            print(
+                f"Epoch {self.trainer.epoch + 1}/{self._epochs} - batch {where} - {format_logs(running)}",
+                file=self._stream(),
+                flush=True,
+            )
             self._next = now + (self.log_every_seconds or float("inf"))
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:

@@ -21,8 +21,10 @@ def _summary_writer_class() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        raise ImportError("fitkit.callbacks.TensorBoard writes event files with the tensorboard package, which "
-                          "is not installed: pip install tensorboard") from exc
+        raise ImportError(
+            "fitkit.callbacks.TensorBoard writes event files with the tensorboard package, which "
+            "is not installed: pip install tensorboard"
+        ) from exc
     return SummaryWriter
 
 
@@ -65,17 +67,27 @@ class TensorBoard(Callback):
 
     rank_zero_only = True
 
-    def __init__(self, log_dir: str | os.PathLike[str] = "runs", update_freq: str | int = "epoch",
-                 histogram_freq: int = 0, write_graph: bool = False) -> None:
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str] = "runs",
+        update_freq: str | int = "epoch",
+        histogram_freq: int = 0,
+        write_graph: bool = False,
+    ) -> None:
         if update_freq == "batch":
             update_freq = 1
-        if update_freq != "epoch" and (isinstance(update_freq, bool) or not isinstance(update_freq, int)
-                                       or update_freq < 1):
-            raise ValueError(f"update_freq must be 'epoch', 'batch' or an int >= 1 (optimizer steps between "
-                             f"per-step points), got {update_freq!r}")
+        if update_freq != "epoch" and (
+            isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1
+        ):
+            raise ValueError(
+                f"update_freq must be 'epoch', 'batch' or an int >= 1 (optimizer steps between "
+                f"per-step points), got {update_freq!r}"
+            )
         if isinstance(histogram_freq, bool) or not isinstance(histogram_freq, int) or histogram_freq < 0:
-            raise ValueError(f"histogram_freq must be an int >= 0 (epochs between weight histograms; 0: never), "
-                             f"got {histogram_freq!r}")
+            raise ValueError(
+                f"histogram_freq must be an int >= 0 (epochs between weight histograms; 0: never), "
+                f"got {histogram_freq!r}"
+            )
         if not isinstance(write_graph, bool):
             raise TypeError(f"write_graph must be True or False, got {write_graph!r}")
         self._summary_writer = _summary_writer_class()  # fail here, not after the first epoch
@@ -142,8 +154,7 @@ class TensorBoard(Callback):
             # Data of unknown length: the epoch's last, shorter group stepped after the last on_batch_end.
             self._step_done(self._last_batch_logs)
         x = max(step - 1, 0)
-        numbers_only = {k: float(v) for k, v in logs.items()
-                        if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+        numbers_only = {k: float(v) for k, v in logs.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
         for key, value in numbers_only.items():
             self.writer.add_scalar(f"epoch/{key}", value, x)
         if self.histogram_freq and (epoch + 1) % self.histogram_freq == 0:
@@ -196,8 +207,11 @@ class TensorBoard(Callback):
         self._graph_inputs = None
         self._graph_written = True
         if kwargs:
-            warnings.warn("TensorBoard(write_graph=True): the model takes keyword inputs, which the graph tracer "
-                          "cannot feed; no graph written", stacklevel=2)
+            warnings.warn(
+                "TensorBoard(write_graph=True): the model takes keyword inputs, which the graph tracer "
+                "cannot feed; no graph written",
+                stacklevel=2,
+            )
             return
         model = self.model
         was_training = model.training
@@ -213,8 +227,11 @@ class TensorBoard(Callback):
                 model.eval()
                 self.writer.add_graph(model, args[0] if len(args) == 1 else args)
         except Exception as exc:  # a model the tracer cannot handle must not stop training
-            warnings.warn(f"TensorBoard(write_graph=True): could not trace {type(model).__name__} "
-                          f"({type(exc).__name__}: {exc}); no graph written", stacklevel=2)
+            warnings.warn(
+                f"TensorBoard(write_graph=True): could not trace {type(model).__name__} "
+                f"({type(exc).__name__}: {exc}); no graph written",
+                stacklevel=2,
+            )
         finally:
             model.train(was_training)
 
@@ -223,8 +240,7 @@ class TensorBoard(Callback):
         trainer = self.trainer
         group = trainer.optimizer.param_groups[0]
         loader = getattr(trainer, "train_loader", None)  # DataLoader and in-memory batches both say it
-        batch_size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "loader", None), "batch_size",
-                                                                    None)
+        batch_size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "loader", None), "batch_size", None)
         candidates = {
             "optimizer": type(trainer.optimizer).__name__,
             "lr": group.get("initial_lr", group["lr"]),
@@ -255,8 +271,11 @@ class TensorBoard(Callback):
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"global_step": self.trainer.state.global_step, "seen_step": self._seen_step,
-                "graph_written": self._graph_written}
+        return {
+            "global_step": self.trainer.state.global_step,
+            "seen_step": self._seen_step,
+            "graph_written": self._graph_written,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._close()

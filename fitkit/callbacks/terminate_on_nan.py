@@ -32,8 +32,10 @@ class TerminateOnNaN(Callback):
             return
         state = self.trainer.state
         total = self.trainer.num_train_batches
-        where = f"epoch {state.epoch + 1}, batch {batch + 1}{f'/{total}' if total else ''} (batch index {batch}), " \
-                f"after {state.global_step} optimizer step(s)"
+        where = (
+            f"epoch {state.epoch + 1}, batch {batch + 1}{f'/{total}' if total else ''} (batch index {batch}), "
+            f"after {state.global_step} optimizer step(s)"
+        )
         reason = f"TerminateOnNaN: the training loss is {value} at {where}"
         warnings.warn(f"{reason}; stopping training", RuntimeWarning, stacklevel=2)
         self.trainer.stop(reason)
