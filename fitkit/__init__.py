@@ -8,6 +8,8 @@ from fitkit.rng import seed_everything
 from fitkit.state import TrainerState
 from fitkit.trainer import Trainer, TrainingInterrupted
 
+# The one place the version is set: pyproject.toml reads it ([tool.setuptools.dynamic]) without importing
+# fitkit, so it stays a plain string literal.
 __version__ = "0.1.0"
 
 __all__ = [
