@@ -22,8 +22,9 @@ def move_to_device(obj: Any, device: torch.device, non_blocking: bool = False) -
         moved = {k: move_to_device(v, device, non_blocking) for k, v in obj.items()}
         if type(obj) is dict:
             return moved
+        mapping_type: Any = type(obj)  # a Mapping subclass: most are built from a dict
         try:
-            return type(obj)(moved)
+            return mapping_type(moved)
         except TypeError:  # a mapping whose constructor takes other arguments (defaultdict): a plain dict
             return moved
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
@@ -95,9 +96,10 @@ def to_tensor(array: Any, name: str) -> torch.Tensor:
     try:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy ships with tensorboard
-        np = None
-    if np is not None and isinstance(array, np.ndarray):
-        return torch.from_numpy(array)
+        pass
+    else:
+        if isinstance(array, np.ndarray):
+            return torch.from_numpy(array)
     raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got {type(array).__name__}")
 
 

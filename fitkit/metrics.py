@@ -83,7 +83,7 @@ class Mean(Metric):
     higher_is_better = None
 
     @torch.no_grad()
-    def update(self, value: torch.Tensor, weight: int | None = None) -> None:  # type: ignore[override]
+    def update(self, value: torch.Tensor, weight: int | None = None) -> None:
         value = value.detach()
         if value.ndim == 0:
             n = 1 if weight is None else weight

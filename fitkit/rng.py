@@ -61,7 +61,9 @@ def capture(loader: Any = None) -> dict[str, Any]:
     """Every global generator's state, plus the private generators of ``loader``."""
     state: dict[str, Any] = {"python": _python_state(), "torch": torch.get_rng_state()}
     if np is not None:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        numpy_state = np.random.get_state(legacy=True)
+        assert isinstance(numpy_state, tuple)  # the global RandomState is an MT19937: the legacy tuple form
+        kind, keys, pos, has_gauss, cached = numpy_state
         state["numpy"] = {
             "kind": kind,
             "keys": torch.from_numpy(keys.astype("int64")),

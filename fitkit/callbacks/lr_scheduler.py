@@ -81,22 +81,26 @@ class ReduceLROnPlateau(MonitorCallback):
                 f"factor must be a number with 0 < factor < 1 (new_lr = lr * factor), got {factor!r}; "
                 "use e.g. factor=0.5 to halve the learning rate"
             )
-        self.factor = float(factor)
-        self.patience = check_non_negative_int(patience, "patience", "epochs without improvement before a reduction")
-        self.cooldown = check_non_negative_int(cooldown, "cooldown", "epochs after a reduction before counting again")
+        self.factor: float = float(factor)
+        self.patience: int = check_non_negative_int(
+            patience, "patience", "epochs without improvement before a reduction"
+        )
+        self.cooldown: int = check_non_negative_int(
+            cooldown, "cooldown", "epochs after a reduction before counting again"
+        )
         if verbose not in (0, 1):
             raise ValueError(f"verbose must be 0 (silent) or 1 (print each reduction), got {verbose!r}")
-        self.verbose = verbose
+        self.verbose: int = verbose
         per_group = isinstance(min_lr, Sequence) and not isinstance(min_lr, str)
-        bounds = list(min_lr) if per_group else [min_lr]  # type: ignore[arg-type]
+        bounds = list(min_lr) if per_group else [min_lr]
         for bound in bounds:
             if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not 0 <= bound < math.inf:
                 raise ValueError(
                     f"min_lr must be a finite number >= 0, or a sequence of them (one per param group), got {min_lr!r}"
                 )
         self.min_lr: float | list[float] = [float(b) for b in bounds] if per_group else float(bounds[0])
-        self.wait = 0
-        self.cooldown_counter = 0
+        self.wait: int = 0
+        self.cooldown_counter: int = 0
 
     # -- decisions ------------------------------------------------------------------------------
     def is_improvement(self, value: float, reference: float | None) -> bool:
@@ -309,7 +313,9 @@ class LRScheduler(Callback):
         elif self._plateau:
             value = MonitorCallback.get_monitor_value(self, logs)  # type: ignore[arg-type]  # same rules, this name
             if value is not None:
-                self.scheduler.step(value)
+                plateau = self.scheduler
+                assert isinstance(plateau, torch_lr_scheduler.ReduceLROnPlateau)  # checked in __init__
+                plateau.step(value)
         else:
             self.scheduler.step()
 

@@ -111,7 +111,7 @@ class ModelCheckpoint(MonitorCallback):
             _ = self.resolved_mode  # fail before training when mode='auto' cannot tell the direction
 
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        if self.save_freq == "epoch":
+        if isinstance(self.save_freq, str):  # "epoch"
             return
         self._batches_since_save += 1
         if self._batches_since_save >= self.save_freq:
@@ -202,7 +202,8 @@ class ModelCheckpoint(MonitorCallback):
         if self.monitor_key is None or self.kept[0][0] is None:
             return min(self.kept, key=lambda item: item[1])  # the oldest
         reverse = self.resolved_mode == "min"
-        return sorted(self.kept, key=lambda item: item[0], reverse=reverse)[0]
+        unscored = math.inf if reverse else -math.inf  # a file without a score goes first
+        return sorted(self.kept, key=lambda item: unscored if item[0] is None else item[0], reverse=reverse)[0]
 
     def _write(self, path: Path, score: float | None, step: int) -> None:
         trainer = self.trainer
