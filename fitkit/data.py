@@ -197,6 +197,64 @@ def is_map_style(loader: Any) -> bool:
     return isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset)
 
 
+# What rebuild_loader carries over as it is; ``dataset`` and the way indices are drawn (``batch_size``,
+# ``shuffle``, ``sampler``, ``batch_sampler``, ``drop_last``) are handled apart. tests/test_data.py checks this
+# against DataLoader's signature, so an argument a new torch adds is not silently dropped.
+LOADER_SETTINGS = (
+    "num_workers",
+    "collate_fn",
+    "pin_memory",
+    "timeout",
+    "worker_init_fn",
+    "multiprocessing_context",
+    "generator",
+    "prefetch_factor",
+    "persistent_workers",
+    "pin_memory_device",
+    "in_order",
+)
+
+
+def rebuild_loader(
+    loader: DataLoader, *, sampler: Any = None, batch_sampler: Any = None, **overrides: Any
+) -> DataLoader:
+    """A new DataLoader over ``loader``'s dataset that carries every one of its constructor arguments.
+
+    Args:
+        loader: the DataLoader to copy.
+        sampler: the indices to draw instead of ``loader.sampler``, batched as ``loader`` batches them
+            (``batch_size``, ``drop_last``). Not with a loader that has a batch_sampler of its own.
+        batch_sampler: batches of indices to draw instead of the loader's (``batch_size`` and ``drop_last``
+            then no longer apply).
+        overrides: other DataLoader arguments to change, e.g. ``generator=`` or ``persistent_workers=``.
+
+    With neither sampler, the copy draws from the loader's own sampler or batch sampler (the very objects).
+    ``shuffle`` is not an argument to carry: it chose ``loader.sampler``, which is.
+    """
+    if sampler is not None and batch_sampler is not None:
+        raise ValueError("rebuild_loader: pass a sampler or a batch_sampler, not both")
+    own_batch_sampler = loader.batch_size is None and loader.batch_sampler is not None  # the user's, not torch's
+    if sampler is not None and own_batch_sampler:
+        raise ValueError(
+            f"rebuild_loader: the loader draws its batches from its own batch_sampler "
+            f"({type(loader.batch_sampler).__name__}), so a new sampler cannot replace its indices; pass "
+            "batch_sampler= instead"
+        )
+    kwargs: dict[str, Any] = {name: getattr(loader, name) for name in LOADER_SETTINGS}
+    if loader.num_workers == 0:
+        kwargs["prefetch_factor"] = None  # DataLoader refuses a prefetch_factor without workers
+    if batch_sampler is None and sampler is None and own_batch_sampler:
+        batch_sampler = loader.batch_sampler
+    if batch_sampler is not None:
+        kwargs["batch_sampler"] = batch_sampler
+    else:
+        kwargs["batch_size"], kwargs["drop_last"] = loader.batch_size, loader.drop_last
+        if not isinstance(loader.dataset, IterableDataset):  # an iterable dataset takes no sampler
+            kwargs["sampler"] = sampler if sampler is not None else loader.sampler
+    kwargs.update(overrides)
+    return DataLoader(loader.dataset, **kwargs)
+
+
 def resume_loader_iterator(loader: DataLoader, skip: int) -> Iterator[Any]:
     """An iterator over ``loader`` that starts at batch ``skip`` without loading the skipped batches.
 
@@ -211,23 +269,13 @@ def resume_loader_iterator(loader: DataLoader, skip: int) -> Iterator[Any]:
     remaining = list(index_sampler)[skip:]
     replay = torch.Generator()
     replay.set_state(base_state)  # makes the new iterator draw the very same base seed
+    # One pass over the rest of the epoch: workers that persist would outlive it for nothing.
     if loader.batch_sampler is not None:
-        kwargs: dict[str, Any] = {"batch_sampler": _ListBatchSampler(remaining)}
-    else:
-        kwargs = {"sampler": remaining, "batch_size": None}
-    clone = DataLoader(
-        loader.dataset,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-        generator=replay,
-        prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
-        persistent_workers=False,
-        **kwargs,
-    )
+        clone = rebuild_loader(
+            loader, batch_sampler=_ListBatchSampler(remaining), generator=replay, persistent_workers=False
+        )
+    else:  # no automatic batching (batch_size=None): each index is a batch
+        clone = rebuild_loader(loader, sampler=remaining, generator=replay, persistent_workers=False)
     return iter(clone)
 
 

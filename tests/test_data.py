@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict, namedtuple
 
 import numpy as np
@@ -10,10 +11,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, get_worker_info
 
 from fitkit.data import (
+    LOADER_SETTINGS,
     InMemoryLoader,
     batch_size_of,
     check_reiterable,
     move_to_device,
+    rebuild_loader,
     resume_loader_iterator,
     split_batch,
 )
@@ -239,3 +242,112 @@ def test_move_to_device_turns_a_defaultdict_into_a_plain_dict():
     batch = collections.defaultdict(list, {"x": torch.ones(2)})
     moved = move_to_device(batch, torch.device("cpu"))
     assert type(moved) is dict and list(moved) == ["x"] and torch.equal(moved["x"], batch["x"])
+
+
+# -- rebuild_loader ------------------------------------------------------------------------------------
+def _collate(batch):
+    return batch
+
+
+def _worker_init(worker_id):
+    pass
+
+
+def _every_argument_changed(**kwargs):
+    """A DataLoader with a non-default value for every constructor argument that can take one at once."""
+    dataset = TensorDataset(torch.arange(10.0))
+    sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(3))
+    arguments = dict(
+        batch_size=3,
+        sampler=sampler,
+        num_workers=2,
+        collate_fn=_collate,
+        pin_memory=True,
+        drop_last=True,
+        timeout=7.5,
+        worker_init_fn=_worker_init,
+        multiprocessing_context=torch.multiprocessing.get_context("spawn"),
+        generator=torch.Generator().manual_seed(4),
+        prefetch_factor=5,
+        persistent_workers=True,
+        pin_memory_device="cpu",
+        in_order=False,
+    )
+    arguments.update(kwargs)
+    return DataLoader(dataset, **arguments), arguments
+
+
+def test_rebuild_loader_handles_every_dataloader_argument():
+    # shuffle only picks the sampler, which is carried; every other argument a torch release adds must be
+    # carried (LOADER_SETTINGS) or handled by name, not silently dropped.
+    parameters = set(inspect.signature(DataLoader.__init__).parameters) - {"self"}
+    handled = set(LOADER_SETTINGS) | {"dataset", "batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"}
+    assert parameters == handled, f"DataLoader's arguments changed: {sorted(parameters ^ handled)}"
+
+
+def test_rebuild_loader_carries_every_argument():
+    loader, arguments = _every_argument_changed()
+    assert set(arguments) | {"dataset", "shuffle", "batch_sampler"} == set(
+        inspect.signature(DataLoader.__init__).parameters
+    ) - {"self"}
+    rebuilt = rebuild_loader(loader)
+    assert rebuilt is not loader and rebuilt.dataset is loader.dataset
+    for name, value in arguments.items():
+        assert getattr(rebuilt, name) is value or getattr(rebuilt, name) == value, name
+    assert type(rebuilt.batch_sampler) is torch.utils.data.BatchSampler
+    assert rebuilt.batch_sampler.sampler is loader.sampler and rebuilt.batch_sampler.drop_last
+
+
+def test_rebuild_loader_with_a_new_sampler_keeps_everything_else():
+    loader, arguments = _every_argument_changed()
+    indices = [9, 1, 5, 3]
+    rebuilt = rebuild_loader(loader, sampler=indices)
+    assert rebuilt.sampler is indices and rebuilt.batch_sampler.sampler is indices
+    for name, value in arguments.items():
+        if name != "sampler":
+            assert getattr(rebuilt, name) is value or getattr(rebuilt, name) == value, name
+
+
+def test_rebuild_loader_with_a_batch_sampler_and_overrides():
+    loader, arguments = _every_argument_changed()
+    batches = [[0, 1], [5]]
+    replay = torch.Generator()
+    rebuilt = rebuild_loader(loader, batch_sampler=batches, generator=replay, persistent_workers=False)
+    assert rebuilt.batch_sampler is batches and rebuilt.batch_size is None and not rebuilt.drop_last
+    assert rebuilt.generator is replay and rebuilt.persistent_workers is False
+    for name in ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn", "prefetch_factor"):
+        assert getattr(rebuilt, name) == arguments[name], name
+    assert rebuilt.multiprocessing_context is arguments["multiprocessing_context"]
+    assert (rebuilt.pin_memory_device, rebuilt.in_order) == ("cpu", False)
+
+
+def test_rebuild_loader_without_workers_keeps_prefetch_factor_unset():
+    loader = DataLoader(TensorDataset(torch.arange(6.0)), batch_size=2, shuffle=True, drop_last=True)
+    rebuilt = rebuild_loader(loader)
+    assert rebuilt.prefetch_factor is None and rebuilt.num_workers == 0
+    assert rebuilt.sampler is loader.sampler and rebuilt.drop_last and rebuilt.batch_size == 2
+    torch.manual_seed(0)
+    expected = [b[0].tolist() for b in loader]
+    torch.manual_seed(0)
+    assert [b[0].tolist() for b in rebuilt] == expected
+
+
+def test_rebuild_loader_keeps_a_users_batch_sampler_and_refuses_a_sampler_under_it():
+    dataset = TensorDataset(torch.arange(6.0))
+    batches = [[0, 2], [4]]
+    loader = DataLoader(dataset, batch_sampler=batches)
+    assert rebuild_loader(loader).batch_sampler is batches
+    with pytest.raises(ValueError, match=r"draws its batches from its own batch_sampler \(list\).*pass batch_sampler="):
+        rebuild_loader(loader, sampler=[0, 1])
+    with pytest.raises(ValueError, match="pass a sampler or a batch_sampler, not both"):
+        rebuild_loader(loader, sampler=[0], batch_sampler=[[0]])
+
+
+def test_rebuild_loader_of_an_iterable_dataset_passes_no_sampler():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(torch.arange(5.0))
+
+    loader = DataLoader(Stream(), batch_size=2, drop_last=True)
+    rebuilt = rebuild_loader(loader)
+    assert [b.tolist() for b in rebuilt] == [[0.0, 1.0], [2.0, 3.0]]
