@@ -19,7 +19,7 @@ import os
 import socket
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,9 @@ from torch.utils.data import (
     RandomSampler,
     SequentialSampler,
 )
+
+from fitkit import _compat
+from fitkit.data import rebuild_loader
 
 _STRATEGIES = ("auto", "ddp", "fsdp", "none")
 _setups = itertools.count()  # numbers each setup() in this process: every rank builds its Trainers in order
@@ -231,11 +234,13 @@ def set_grad_sync(module: nn.Module, enabled: bool) -> None:
     batches of a group). DDP reads the flag in ``forward``, so it is set before the forward, not
     around ``backward`` only. The Trainer keeps it on for epochs of unknown length, whose last group
     ends after the loop."""
-    module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper
-    if hasattr(module, "require_backward_grad_sync"):  # DistributedDataParallel
-        module.require_backward_grad_sync = enabled
-    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
-        module.set_requires_gradient_sync(enabled)
+    wrapper: Any = _compat.compiled_module_inner(module)  # under torch.compile's wrapper: DDP or FSDP2
+    if hasattr(wrapper, "require_backward_grad_sync"):  # DistributedDataParallel
+        wrapper.require_backward_grad_sync = enabled
+        return
+    set_requires_gradient_sync = getattr(wrapper, "set_requires_gradient_sync", None)  # FSDP2
+    if set_requires_gradient_sync is not None:
+        set_requires_gradient_sync(enabled)
 
 
 def full_model_state_dict(model: nn.Module, info: DistInfo) -> dict[str, Any]:
@@ -356,7 +361,7 @@ def barrier(info: DistInfo) -> None:
 
 def _store() -> Any:
     try:
-        return dist.distributed_c10d._get_default_store()
+        return _compat.default_store()
     except Exception:  # a process group without a store (a fake or custom backend): no messages
         return None
 
@@ -388,10 +393,8 @@ def on_failure(exc: BaseException, info: DistInfo) -> PeerFailure | None:
         dist.destroy_process_group(group)
     del group
     if info.backend == "nccl":
-        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-        if abort is not None:
-            with contextlib.suppress(Exception):
-                abort()
+        with contextlib.suppress(Exception):
+            _compat.abort_process_group()
     if first == mine:
         return None
     return PeerFailure(
@@ -409,15 +412,9 @@ def local_metric_values(metrics: list[Any]) -> Iterator[None]:
     """Inside it, torchmetrics metrics compute this rank's own value, without their cross-process sync (a
     collective): for readers that run on one rank only, such as the progress bar's running logs. Their
     cached value is left as it was, so the epoch's synced ``compute`` is not served a local one."""
-    inner = [m.metric for m in metrics if hasattr(getattr(m, "metric", None), "_to_sync")]
-    saved = [(metric._to_sync, metric._computed) for metric in inner]
-    for metric in inner:
-        metric._to_sync, metric._computed = False, None
-    try:
+    inner = [m.metric for m in metrics if _compat.is_torchmetrics_metric(getattr(m, "metric", None))]
+    with _compat.torchmetrics_without_sync(inner):
         yield
-    finally:
-        for metric, (to_sync, computed) in zip(inner, saved):
-            metric._to_sync, metric._computed = to_sync, computed
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -425,11 +422,11 @@ def set_epoch(loader: Any, epoch: int) -> None:
     """Tells a distributed sampler (or the sharded in-memory batcher) which epoch's order to draw."""
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
-    sampler = getattr(loader, "sampler", None)
+    sampler: Any = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     batch_sampler = getattr(loader, "batch_sampler", None)
-    inner = getattr(batch_sampler, "sampler", None)
+    inner: Any = getattr(batch_sampler, "sampler", None)
     if hasattr(inner, "set_epoch") and inner is not sampler:
         inner.set_epoch(epoch)
 
@@ -439,24 +436,6 @@ def _shard_seed(info: DistInfo) -> int:
     from fitkit import rng
 
     return int(broadcast_object(rng.last_seed() or 0, info))
-
-
-def _rebuild(loader: DataLoader, sampler: Any) -> DataLoader:
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator,
-        prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
-        persistent_workers=loader.persistent_workers,
-    )
 
 
 def _rank_aware(sampler: Any) -> bool:
@@ -488,7 +467,9 @@ def shard_train(loader: DataLoader, info: DistInfo) -> DataLoader:
             "rank attributes, as DistributedSampler has) or use batch_size= with shuffle="
         )
     sampler = loader.sampler
-    if type(sampler) is RandomSampler and (sampler.replacement or sampler._num_samples is not None):
+    if type(sampler) is RandomSampler and (
+        sampler.replacement or _compat.random_sampler_num_samples(sampler) is not None
+    ):
         raise ValueError(
             "train_data's RandomSampler draws with replacement or a fixed num_samples, which a "
             "DistributedSampler cannot reproduce; shard it yourself per rank, or use shuffle=True"
@@ -499,7 +480,7 @@ def shard_train(loader: DataLoader, info: DistInfo) -> DataLoader:
             "without changing what it draws; pass a per-rank sampler of your own (one with "
             "num_replicas and rank attributes, such as a DistributedSampler) in its place"
         )
-    distributed_sampler = DistributedSampler(
+    distributed_sampler: DistributedSampler[int] = DistributedSampler(
         loader.dataset,
         num_replicas=info.world_size,
         rank=info.rank,
@@ -507,7 +488,7 @@ def shard_train(loader: DataLoader, info: DistInfo) -> DataLoader:
         seed=_shard_seed(info),
         drop_last=loader.drop_last,
     )
-    return _rebuild(loader, distributed_sampler)
+    return rebuild_loader(loader, sampler=distributed_sampler)
 
 
 class _StridedSampler:
@@ -543,13 +524,17 @@ def shard_eval(loader: Any, info: DistInfo) -> Any:
             loader.batch_size,
             shuffle=False,
         )
-    elif isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
+    elif (
+        isinstance(loader, DataLoader)
+        and isinstance(loader.dataset, Sized)  # a map-style dataset that says its length
+        and not isinstance(loader.dataset, IterableDataset)
+    ):
         if loader.batch_sampler is not None and type(loader.batch_sampler) is not BatchSampler:
             raise ValueError(
                 f"validation data uses a custom batch_sampler ({type(loader.batch_sampler).__name__}) "
                 "that fitkit cannot split across ranks; use batch_size= on the DataLoader"
             )
-        sharded = _rebuild(loader, _StridedSampler(len(loader.dataset), info.rank, info.world_size))
+        sharded = rebuild_loader(loader, sampler=_StridedSampler(len(loader.dataset), info.rank, info.world_size))
     else:
         warnings.warn(
             f"validation data of type {type(loader).__name__} cannot be sharded: every rank evaluates "
@@ -627,17 +612,3 @@ class _ShardedInMemory:
         for start in range(skip * size, len(mine), size):
             index = mine[start : start + size]
             yield self.loader.x[index], self.loader.y[index]
-
-
-@contextlib.contextmanager
-def debug_sync_mode(mode: bool | str, device: torch.device) -> Iterator[None]:
-    """torch.cuda.set_sync_debug_mode for the duration of ``fit`` (CUDA only)."""
-    if not mode or device.type != "cuda":
-        yield
-        return
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error" if mode == "error" else "warn")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
