@@ -26,6 +26,8 @@ import fitkit
 from fitkit import distributed
 from fitkit.callbacks import BackupAndRestore, CSVLogger, EarlyStopping, ModelCheckpoint, TensorBoard
 
+pytestmark = pytest.mark.distributed  # every test starts ranks (forked gloo processes or torchrun)
+
 ROOT = Path(__file__).resolve().parents[1]
 N = 96  # samples: 2 ranks x 3 batches of 16, or 1 process x 3 batches of 32
 
@@ -530,6 +532,7 @@ def _stalled_rank(rank: int, out: Path) -> dict[str, Any]:
     return {"error": None}
 
 
+@pytest.mark.slow
 def test_the_process_group_timeout_is_configurable(tmp_path: Path) -> None:
     rank0, rank1 = run_ranks(_stalled_rank, tmp_path, timeout=30).check()
     assert 1.5 <= rank0["seconds"] < 5  # waited for the 1.5 s timeout, not the 30 minutes of the default
@@ -596,6 +599,7 @@ def test_an_exception_on_one_rank_ends_every_rank_within_seconds(tmp_path: Path,
     )
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_others_within_seconds(tmp_path: Path) -> None:
     def kill_rank_one(processes: list[Any]) -> None:
         time.sleep(1.0)  # mid-training: 50 epochs take 1.5 s or more
@@ -644,6 +648,7 @@ def test_predict_returns_every_sample_on_every_rank(tmp_path: Path) -> None:
 
 
 # -- the same script under torchrun ---------------------------------------------------------------
+@pytest.mark.slow
 def test_the_example_script_runs_unchanged_under_torchrun(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
@@ -812,6 +817,7 @@ def _fsdp_job(rank: int, out: Path, dropout: float = 0.0, kill_at: int | None = 
     }
 
 
+@pytest.mark.slow
 def test_fsdp_two_ranks_of_16_match_one_process_of_32(tmp_path: Path) -> None:
     one = run_single(_fsdp_job, tmp_path / "one" / "out")
     ranks = run_ranks(_fsdp_job, tmp_path / "two" / "out").check()
@@ -824,6 +830,7 @@ def test_fsdp_two_ranks_of_16_match_one_process_of_32(tmp_path: Path) -> None:
         assert torch.allclose(rank["predict"], one["predict"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoints_hold_the_full_state_and_resume_exactly(tmp_path: Path) -> None:
     whole = run_ranks(_fsdp_job, tmp_path / "whole" / "out", dropout=0.3).check()
     # Plain, unsharded tensors: a plain model loads the weights file, and the full checkpoint loads safely.

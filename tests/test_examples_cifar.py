@@ -11,6 +11,8 @@ import pytest
 
 pytest.importorskip("torchvision")
 
+pytestmark = pytest.mark.slow  # each test runs the example script in a subprocess
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "cifar10_resnet.py"
 
 

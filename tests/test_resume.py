@@ -42,6 +42,7 @@ def _read_step(path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # kills a child process
 def test_sigkill_at_random_moments_resumes_bit_for_bit(tmp_path: Path) -> None:
     epochs, batches = 10, 60  # 6 batches an epoch, a backup after every batch
     reference_folder = tmp_path / "reference"
@@ -74,6 +75,7 @@ def test_sigkill_at_random_moments_resumes_bit_for_bit(tmp_path: Path) -> None:
     assert_same_state(checkpoint.load(folder / "final.pt"), reference)
 
 
+@pytest.mark.slow  # crashes a child process mid-write
 @pytest.mark.parametrize("phase", ["torch.save", "before-manifest", "before-rename", "after-rename"])
 def test_crash_during_checkpoint_write_keeps_a_good_checkpoint(tmp_path: Path, phase: str, reference_run: Any) -> None:
     reference = reference_run
@@ -90,6 +92,7 @@ def test_crash_during_checkpoint_write_keeps_a_good_checkpoint(tmp_path: Path, p
     assert not list((folder / "backup").glob("*.tmp")) and not list((folder / "backup").glob(".*.tmp"))
 
 
+@pytest.mark.slow  # runs the job in child processes
 def test_negative_control_without_rng_state_the_comparison_fails(tmp_path: Path, reference_run: Any) -> None:
     reference = reference_run
     folder = tmp_path / "run"
@@ -197,6 +200,7 @@ def _sigterm_job(folder: str) -> None:
     trainer.fit(train, val, epochs=3)
 
 
+@pytest.mark.slow  # terminates a child process
 def test_sigterm_stops_at_a_batch_boundary_saves_and_exits_143(tmp_path: Path) -> None:
     trainer, train, val = build()
     trainer.fit(train, val, epochs=3)

@@ -43,6 +43,7 @@ def _import_probe() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # fresh interpreters import torch, up to 5 times
 def test_import_fitkit_adds_at_most_100ms_over_torch_and_no_optional_package():
     # The least of a few runs: a busy machine can only make a run slower, never faster.
     runs = []
@@ -65,6 +66,7 @@ def _compile_unavailable() -> str | None:
     return None
 
 
+@pytest.mark.slow  # torch.compile builds C++ kernels
 @pytest.mark.skipif(_compile_unavailable() is not None, reason=str(_compile_unavailable()))
 @pytest.mark.timeout(600)
 def test_compile_trains_like_eager_and_checkpoints_keep_the_plain_keys(tmp_path):
@@ -298,6 +300,7 @@ def test_debug_sync_window_covers_batches_not_deliberate_syncs(monkeypatch):
 
 
 # -- CUDA: run where a GPU is present ------------------------------------------------------------
+@pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ["32", "bf16"])
 def test_cuda_epoch_makes_no_per_batch_sync(precision):
@@ -328,6 +331,7 @@ def test_non_blocking_copies_follow_the_loader_being_iterated():
     assert not trainer_module._pinned(pinned, cpu) and not trainer_module._pinned((x, y), cuda)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_pinned_training_loader_is_copied_without_blocking_even_with_an_unpinned_validation_one():
     x, y = make_classification(64)
@@ -349,6 +353,7 @@ def test_cuda_pinned_training_loader_is_copied_without_blocking_even_with_an_unp
     assert seen == [("train", True), ("train", True), ("val", False), ("val", False)]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_pinned_loader_copies_without_blocking_and_unpinned_one_warns():
     x, y = make_classification(64)

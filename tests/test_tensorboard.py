@@ -40,6 +40,7 @@ def _hparams(events):
     return values, sorted(m.name.tag for m in experiment.metric_infos)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch
 def test_import_fitkit_does_not_import_tensorboard():
     code = (
         "import sys, fitkit, fitkit.callbacks; "
