@@ -5,6 +5,9 @@ Additive: add helpers, do not change the behaviour of existing ones (other test 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,6 +169,9 @@ class FakeTrainer:
     def running_logs(self) -> dict[str, float]:
         return {"loss": 0.5}
 
+    def allow_sync(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
     def lrs(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
@@ -201,3 +207,76 @@ class UnsizedBatches:
     def __iter__(self):  # type: ignore[no-untyped-def]
         for start in range(0, len(self.x), self.batch_size):
             yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
+
+
+# -- torch's CUDA sync debug mode, faked on the CPU --------------------------------------------------------
+class FakeSyncMode:
+    """Stands in for ``torch.cuda``'s sync debug mode on the CPU and records what CUDA would flag.
+
+    ``install(monkeypatch)`` puts ``get``/``set`` in place of ``torch.cuda.get_sync_debug_mode`` /
+    ``set_sync_debug_mode``; ``mode`` is then the mode in force (0 outside the Trainer's debug window and
+    inside ``allow_sync()``). With ``record_reads=True`` it also wraps the ``torch.Tensor`` methods that read
+    a value back to the host (``item``, ``tolist``, ``numpy``, ``cpu``, ``float()``, ``int()``, ``bool()``,
+    ``index()``) and appends to ``reads`` each one made while the mode is not 0, naming the first caller
+    outside torch: on a GPU, each is a host-device synchronisation ``debug_sync`` would report. Reads made
+    by ``torch.utils.data`` are not recorded: the data pipeline works on host tensors.
+    """
+
+    _READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__")
+
+    def __init__(self) -> None:
+        self.mode: int | str = 0
+        self.seen: list[tuple[str, int | str]] = []
+        self.reads: list[str] = []
+
+    def get(self) -> int | str:
+        return self.mode
+
+    def set(self, mode: int | str) -> None:
+        self.mode = mode
+
+    def install(self, monkeypatch: Any, record_reads: bool = False) -> FakeSyncMode:
+        monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", self.get)
+        monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", self.set)
+        if record_reads:
+            for name in self._READS:
+                monkeypatch.setattr(torch.Tensor, name, self._recording(name, getattr(torch.Tensor, name)))
+        return self
+
+    def _recording(self, name: str, method: Any) -> Any:
+        def read(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            # The data pipeline (samplers, worker seeds, collation) reads host tensors: never a sync on a GPU.
+            if self.mode != 0 and not sys._getframe(1).f_code.co_filename.startswith(_TORCH_DATA_DIR):
+                self.reads.append(f"Tensor.{name} in {_first_caller_outside_torch()}")
+            return method(tensor, *args, **kwargs)
+
+        return read
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_TORCH_DATA_DIR = os.path.join(_TORCH_DIR, "utils", "data")
+
+
+def _first_caller_outside_torch() -> str:
+    frame = sys._getframe(2)
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_TORCH_DIR) or frame.f_code.co_filename == __file__
+    ):
+        frame = frame.f_back
+    if frame is None:
+        return "torch"
+    return f"{os.path.relpath(frame.f_code.co_filename)}:{frame.f_lineno} ({frame.f_code.co_name})"
+
+
+def pretend_cuda(trainer: Trainer, monkeypatch: Any) -> Trainer:
+    """Makes ``trainer`` take its CUDA code paths for the debug window while the model and the data stay on
+    the CPU: the device says "cuda" and batches are not moved. Pass DataLoaders (the in-memory path would ask
+    CUDA how much memory is free)."""
+    trainer.device = torch.device("cuda")
+
+    def to_device(batch: Any) -> Any:
+        trainer._current_n = len(batch[1])
+        return batch
+
+    monkeypatch.setattr(trainer, "_to_device", to_device)
+    return trainer

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+import types
 import warnings
 
 import pytest
@@ -135,7 +137,7 @@ def test_epoch_only_by_default_and_reuse_across_fits(tmp_path):
     assert [s for s, _ in _scalars(events, "epoch/loss")] == [1, 3, 5]
 
 
-def test_resume_hides_what_the_crashed_run_wrote_after_the_checkpoint(tmp_path):
+def test_resume_hides_what_the_crashed_run_wrote_after_the_checkpoint(tmp_path, monkeypatch):
     def run(callback, trainer, steps, offset):
         for step in steps:
             trainer.state.global_step = step
@@ -150,6 +152,12 @@ def test_resume_hides_what_the_crashed_run_wrote_after_the_checkpoint(tmp_path):
     run(crashed, trainer, range(6, 10), 0)  # written, then lost with the crash
     crashed.writer.flush()
 
+    # A resumed run is a later process, so its event file sorts after the crashed run's. In one process the
+    # names can share their second and differ only by a counter that sorts as text (10 before 9, once other
+    # tests have opened writers): date the resumed file later, as a restart would.
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: time.time() + 2.0))
     resumed, trainer = TensorBoard(tmp_path, update_freq=1), FakeTrainer()
     resumed.set_trainer(trainer)
     resumed.on_train_begin()

@@ -322,8 +322,11 @@ class LRScheduler(Callback):
     def _catch_up(self) -> None:
         step = self.trainer.state.global_step
         steps, self._seen_step = step - self._seen_step, step
-        if getattr(self.trainer, "precision", "32") == "fp16" and self.trainer.last_step_skipped:
-            steps -= 1  # the GradScaler skipped the optimizer step: the schedule must not move either
+        if getattr(self.trainer, "precision", "32") == "fp16":
+            with self.trainer.allow_sync():  # reads the GradScaler's scale back: fp16's per-step price
+                skipped = self.trainer.last_step_skipped
+            if skipped:
+                steps -= 1  # the GradScaler skipped the optimizer step: the schedule must not move either
         for _ in range(steps):
             self.scheduler.step()
 

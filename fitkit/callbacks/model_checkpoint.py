@@ -116,7 +116,8 @@ class ModelCheckpoint(MonitorCallback):
         self._batches_since_save += 1
         if self._batches_since_save >= self.save_freq:
             self._batches_since_save = 0
-            values = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, torch.Tensor) and v.ndim == 0}
+            with self.trainer.allow_sync():  # the batch's values, read back every save_freq batches
+                values = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, torch.Tensor) and v.ndim == 0}
             # A batch's values differ between ranks: decide on their mean, so every rank saves (collectively) or none.
             values = distributed.mean_over_ranks(values, getattr(self.trainer, "_dist", None))
             self._consider(self.trainer.state.epoch, values, batch=batch)

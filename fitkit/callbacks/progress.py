@@ -108,7 +108,8 @@ class ProgressBar(Callback):
         if not hasattr(self, "_epoch_start"):  # resumed mid-epoch: on_epoch_begin ran before the restart
             self.on_epoch_begin(self.trainer.epoch)
             return
-        running = self.trainer.running_logs()  # host sync, a few times a second at most
+        with self.trainer.allow_sync():  # reads the running values back, a few times a second at most
+            running = self.trainer.running_logs()
         if self._is_bar:
             if self._bar is None:
                 self._open_bar(self.trainer.epoch)

@@ -136,11 +136,16 @@ class TensorBoard(Callback):
 
     def on_before_optimizer_step(self) -> None:
         if self._step_freq is not None:
-            self._step_lr = float(self.trainer.optimizer.param_groups[0]["lr"])
+            lr = self.trainer.optimizer.param_groups[0]["lr"]
+            if isinstance(lr, torch.Tensor):  # a capturable optimizer's rate lives on the device
+                with self.trainer.allow_sync():
+                    lr = float(lr)
+            self._step_lr = float(lr)
 
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if self._graph_inputs is not None:
-            self._add_graph()
+            with self.trainer.allow_sync():  # tracing the graph runs the model once, on purpose
+                self._add_graph()
         if self._step_freq is None:
             return
         self._last_batch_logs = logs
@@ -183,12 +188,16 @@ class TensorBoard(Callback):
         if not due:
             return
         values = {k: v for k, v in (logs or {}).items() if isinstance(v, torch.Tensor) and v.numel() == 1}
-        # One host sync for all the batch's values, on logging steps only.
-        floats = torch.stack([v.detach().reshape(()).float() for v in values.values()]).tolist() if values else []
+        with self.trainer.allow_sync():  # one host sync for all the batch's values, on logging steps only
+            floats = torch.stack([v.detach().reshape(()).float() for v in values.values()]).tolist() if values else []
         x = due[-1] - 1
         for key, value in zip(values, floats):
             self.writer.add_scalar(f"step/{key}", value, x)
-        lr = self._step_lr if self._step_lr is not None else float(self.trainer.optimizer.param_groups[0]["lr"])
+        if self._step_lr is not None:
+            lr = self._step_lr
+        else:
+            with self.trainer.allow_sync():  # a device-side rate (capturable optimizers) is read back
+                lr = float(self.trainer.optimizer.param_groups[0]["lr"])
         self.writer.add_scalar("step/lr", lr, x)
 
     # -- graph ----------------------------------------------------------------------------------

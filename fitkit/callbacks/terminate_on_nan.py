@@ -26,8 +26,8 @@ class TerminateOnNaN(Callback):
         loss = (logs or {}).get("loss")
         if loss is None:
             return
-        # The per-batch host sync this callback pays for (a 0-dim tensor, possibly on the GPU).
-        value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
+        with self.trainer.allow_sync():  # the per-batch host sync this callback pays for (a 0-dim device tensor)
+            value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
         if math.isfinite(value):
             return
         state = self.trainer.state
