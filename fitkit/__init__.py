@@ -5,8 +5,9 @@ from fitkit.callbacks.base import Callback
 from fitkit.callbacks.history import History
 from fitkit.checkpoint import CheckpointError
 from fitkit.rng import seed_everything
+from fitkit.signals import TrainingInterrupted
 from fitkit.state import TrainerState
-from fitkit.trainer import Trainer, TrainingInterrupted
+from fitkit.trainer import Trainer
 
 # The one place the version is set: pyproject.toml reads it ([tool.setuptools.dynamic]) without importing
 # fitkit, so it stays a plain string literal.

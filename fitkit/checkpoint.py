@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, a manifest of verified files, safe loading, the trainer's full state.
+"""Checkpoint files: atomic writes, a manifest of verified files, safe loading, and the checks that a
+full checkpoint fits the trainer it is loaded into (the trainer assembles its state: ``Trainer.state_dict``).
 
 A write goes to a temporary file in the same folder, is flushed and fsynced, and renamed into place; the
 folder's manifest (``fitkit-manifest.json``, itself replaced atomically) then records the file's size and
@@ -10,7 +11,6 @@ Python values, so every file loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -18,14 +18,9 @@ import pickle
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, Any, cast
 
 import torch
-
-from fitkit import distributed, rng
-
-if TYPE_CHECKING:
-    from fitkit.trainer import Trainer
 
 MANIFEST = "fitkit-manifest.json"
 FORMAT_VERSION = 1
@@ -100,7 +95,7 @@ def atomic_save(obj: Any, path: str | Path, meta: dict[str, Any] | None = None) 
     try:
         with open(tmp, "wb") as raw:
             writer = _HashingWriter(raw)
-            torch.save(obj, writer)
+            torch.save(obj, cast(IO[bytes], writer))  # it only writes and flushes
             raw.flush()
             os.fsync(raw.fileno())
         record = {"sha256": writer.sha.hexdigest(), "size": writer.size, "time": time.time(), **(meta or {})}
@@ -149,7 +144,7 @@ def verify(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is not listed in {path.parent / MANIFEST}: fitkit did not finish writing it "
             "(a crash during the write?) or it was copied without its manifest. Copy the folder's "
-            f"{MANIFEST} along, or load it with fitkit.checkpoint.load(path, verify=False) if you trust it."
+            f"{MANIFEST} along, or load it with fitkit.checkpoint.load(path, verify_file=False) if you trust it."
         )
     size = path.stat().st_size
     digest = None
@@ -187,179 +182,68 @@ def load(path: str | Path, map_location: Any = "cpu", verify_file: bool = True) 
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
 
 
-# -- the trainer's state ------------------------------------------------------------------------
-def _callback_states(trainer: Trainer) -> dict[str, Any]:
-    return {key: cb.state_dict() for key, cb in trainer._callback_keys()}
-
-
-def _data_signature(loader: Any) -> dict[str, Any]:
-    signature: dict[str, Any] = {"num_batches": None, "num_samples": None}
-    with contextlib.suppress(TypeError):
-        signature["num_batches"] = len(loader)
-    dataset = getattr(loader, "dataset", None)
-    if dataset is not None:
-        with contextlib.suppress(TypeError):
-            signature["num_samples"] = len(dataset)
-    elif hasattr(loader, "num_samples"):
-        signature["num_samples"] = loader.num_samples
-    elif hasattr(loader, "loader"):
-        signature["num_samples"] = getattr(loader.loader, "num_samples", None)
-    return signature
-
-
-# What differs between the ranks of a distributed run: each rank's generators (dropout, its DataLoader
-# workers' seeds), its share of the epoch's running sums, and its not yet all-reduced gradients.
-_PER_RANK = ("rng", "epoch_rng", "train_tracker", "accumulation")
-
-
-def trainer_state_dict(trainer: Trainer) -> dict[str, Any]:
-    """The full training state of ``trainer``: plain values and tensors only.
-
-    Under FSDP the model and optimizer states are gathered unsharded (a collective: every rank calls
-    this) and only rank 0, which writes checkpoints, receives them.
-    """
-    state = trainer.state
-    mid_epoch = state.batch_in_epoch > 0
-    grads = None
-    if trainer._grads_pending:  # mid accumulation group: the partial sums decide the next step
-        if distributed.is_fsdp(trainer._dist):
-            raise NotImplementedError(
-                "saving a checkpoint in the middle of an accumulation group is not supported "
-                "with strategy='fsdp' (the partial gradients are sharded); save at group "
-                "ends: ModelCheckpoint/BackupAndRestore(save_freq=a multiple of "
-                "accumulate_grad_batches) or 'epoch'"
-            )
-        grads = [None if p.grad is None else p.grad.detach().cpu() for p in trainer.model.parameters()]
-    return {
-        "fitkit": {"format": FORMAT_VERSION, "torch": str(torch.__version__), "kind": "full"},
-        "model": distributed.full_model_state_dict(trainer.model, trainer._dist),  # unsharded under FSDP
-        "model_class": type(trainer.model).__name__,
-        "optimizer": distributed.full_optimizer_state_dict(trainer.model, trainer.optimizer, trainer._dist),
-        "optimizer_class": type(trainer.optimizer).__name__,
-        "scaler": trainer._scaler.state_dict() if trainer._scaler is not None else None,
-        "trainer": state.state_dict(),
-        "callbacks": _callback_states(trainer),
-        "rng": rng.capture(trainer._train_loader),
-        "epoch_rng": trainer._epoch_rng if mid_epoch else None,
-        "train_tracker": trainer._train_tracker.state_dict(),
-        "accumulation": {"grads": grads, "units": trainer._group_units, "first_n": trainer._group_first_n},
-        "data": _data_signature(trainer._train_loader),
-        "world_size": trainer.world_size,
-        "precision": trainer.precision,
-    }
+# -- what a full checkpoint holds ---------------------------------------------------------------
+def header(kind: str) -> dict[str, Any]:
+    """The ``"fitkit"`` entry of a checkpoint: its format version, the torch that wrote it, its kind."""
+    return {"format": FORMAT_VERSION, "torch": str(torch.__version__), "kind": kind}
 
 
 def _mismatch(kind: str, saved: Any, now: Any, hint: str) -> CheckpointError:
     return CheckpointError(f"checkpoint {kind} mismatch: the checkpoint has {saved}, this trainer has {now}. {hint}")
 
 
-def load_trainer_state_dict(trainer: Trainer, state: dict[str, Any], strict: bool = True) -> None:
-    """Restores what :func:`trainer_state_dict` returned, naming any mismatch before changing anything."""
-    if not isinstance(state, dict) or state.get("fitkit", {}).get("kind") != "full":
-        raise CheckpointError(
-            "not a full fitkit checkpoint (a weights-only file?): load weights with "
-            "model.load_state_dict(torch.load(path, weights_only=True))"
+def check_fits(
+    state: dict[str, Any],
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    world_size: int,
+    data: dict[str, Any],
+) -> None:
+    """Raises a :class:`CheckpointError` naming the first way a full checkpoint's ``state`` does not fit
+    a trainer with this ``model``, ``optimizer``, ``world_size`` and training ``data`` signature."""
+    # First: another world size also changes the per-rank batch count, which would be reported instead.
+    if state.get("world_size", 1) != world_size:
+        raise _mismatch(
+            "world size",
+            state.get("world_size"),
+            world_size,
+            "Resume with the same number of processes, or pass strict=False to continue with "
+            "another (the data order then differs from an uninterrupted run).",
         )
-    if per_rank := state.get("per_rank"):  # this rank's own part (with strict=False, the world size may differ)
-        state = {**state, **per_rank[trainer._dist.rank % len(per_rank)]}
-    model_state = state["model"]
-    current = trainer.model.state_dict()
-    if strict:
-        # First: another world size also changes the per-rank batch count, which would be reported instead.
-        if state.get("world_size", 1) != trainer.world_size:
+    model_state, current = state["model"], model.state_dict()
+    missing = sorted(set(current) - set(model_state))
+    unexpected = sorted(set(model_state) - set(current))
+    if missing or unexpected:
+        raise _mismatch(
+            "model architecture",
+            f"{state.get('model_class')} with unexpected keys {unexpected[:5]}",
+            f"{type(model).__name__} with missing keys {missing[:5]}",
+            "Build the same model as the run that wrote it, or pass strict=False to load what fits.",
+        )
+    shapes = [
+        f"{k}: {tuple(model_state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in current.items()
+        if tuple(model_state[k].shape) != tuple(v.shape)
+    ]
+    if shapes:
+        raise _mismatch("model architecture", "other parameter shapes", "these", f"Differences: {shapes[:5]}")
+    if state.get("optimizer_class") != type(optimizer).__name__:
+        raise _mismatch(
+            "optimizer type",
+            state.get("optimizer_class"),
+            type(optimizer).__name__,
+            "Resume with the same optimizer class.",
+        )
+    saved = state.get("data", {})
+    for key in ("num_samples", "num_batches"):
+        if saved.get(key) is not None and data.get(key) is not None and saved[key] != data[key]:
             raise _mismatch(
-                "world size",
-                state.get("world_size"),
-                trainer.world_size,
-                "Resume with the same number of processes, or pass strict=False to continue with "
-                "another (the data order then differs from an uninterrupted run).",
+                f"training data size ({key})",
+                saved[key],
+                data[key],
+                "Resume with the same dataset and batch size, or pass strict=False.",
             )
-        missing = sorted(set(current) - set(model_state))
-        unexpected = sorted(set(model_state) - set(current))
-        if missing or unexpected:
-            raise _mismatch(
-                "model architecture",
-                f"{state.get('model_class')} with unexpected keys {unexpected[:5]}",
-                f"{type(trainer.model).__name__} with missing keys {missing[:5]}",
-                "Build the same model as the run that wrote it, or pass strict=False to load what fits.",
-            )
-        shapes = [
-            f"{k}: {tuple(model_state[k].shape)} vs {tuple(v.shape)}"
-            for k, v in current.items()
-            if tuple(model_state[k].shape) != tuple(v.shape)
-        ]
-        if shapes:
-            raise _mismatch("model architecture", "other parameter shapes", "these", f"Differences: {shapes[:5]}")
-        if state.get("optimizer_class") != type(trainer.optimizer).__name__:
-            raise _mismatch(
-                "optimizer type",
-                state.get("optimizer_class"),
-                type(trainer.optimizer).__name__,
-                "Resume with the same optimizer class.",
-            )
-        data_now = _data_signature(trainer._train_loader)
-        data_then = state.get("data", {})
-        for key in ("num_samples", "num_batches"):
-            if data_then.get(key) is not None and data_now.get(key) is not None and data_then[key] != data_now[key]:
-                raise _mismatch(
-                    f"training data size ({key})",
-                    data_then[key],
-                    data_now[key],
-                    "Resume with the same dataset and batch size, or pass strict=False.",
-                )
-    if strict:
-        distributed.load_full_model_state_dict(trainer.model, model_state, trainer._dist, strict=True)
-    else:
-        fitting = {k: v for k, v in model_state.items() if k in current and tuple(v.shape) == tuple(current[k].shape)}
-        distributed.load_full_model_state_dict(trainer.model, fitting, trainer._dist, strict=False)
-    try:
-        distributed.load_full_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"], trainer._dist)
-    except (ValueError, KeyError) as exc:
-        if strict:
-            raise CheckpointError(f"checkpoint optimizer state does not fit this optimizer: {exc}") from exc
-    if trainer._scaler is not None and state.get("scaler"):
-        trainer._scaler.load_state_dict(state["scaler"])
-    trainer.state.load_state_dict(state["trainer"])
-    trainer.state.should_stop, trainer.state.stop_reason = False, None
-    saved_callbacks = state.get("callbacks", {})
-    for key, callback in trainer._callback_keys():
-        if key in saved_callbacks:
-            callback.load_state_dict(saved_callbacks[key])
-        elif strict and callback.state_dict():
-            warnings.warn(f"the checkpoint holds no state for callback {key}; it starts fresh", stacklevel=3)
-    trainer._train_tracker.load_state_dict(state["train_tracker"], trainer.device)
-    acc = state.get("accumulation") or {}
-    if acc.get("grads") is not None:
-        for p, g in zip(trainer.model.parameters(), acc["grads"]):
-            p.grad = None if g is None else g.to(p.device)
-        trainer._grads_pending = True
-        trainer._group_units, trainer._group_first_n = acc["units"], acc["first_n"]
-    trainer._epoch_rng = state.get("epoch_rng")
-    rng.restore(state["rng"], trainer._train_loader)
-
-
-def save_trainer_checkpoint(trainer: Trainer, path: Path, meta: dict[str, Any] | None = None) -> Path:
-    """Writes the full state atomically; in a distributed run every rank's own part goes in, rank 0 writes."""
-    state = trainer_state_dict(trainer)
-    everyone = distributed.gather_object({key: state[key] for key in _PER_RANK}, trainer._dist)
-    if trainer.world_size > 1:
-        state["per_rank"] = everyone
-    if trainer.is_global_zero:
-        info = {
-            "kind": "full",
-            "epoch": trainer.state.epoch,
-            "global_step": trainer.state.global_step,
-            "batch_in_epoch": trainer.state.batch_in_epoch,
-            **(meta or {}),
-        }
-        atomic_save(state, path, info)
-    distributed.barrier(trainer._dist)
-    return path
-
-
-def load_trainer_checkpoint(trainer: Trainer, path: Path, strict: bool = True) -> None:
-    state = load(path, map_location="cpu")
-    load_trainer_state_dict(trainer, state, strict=strict)
 
 
 def candidates(folders: list[Path]) -> list[Path]:
@@ -377,26 +261,6 @@ def candidates(folders: list[Path]) -> list[Path]:
                     )
                     found.append((key, folder / name))
     return [path for _, path in sorted(found, key=lambda item: item[0], reverse=True)]
-
-
-def resolve_resume(trainer: Trainer, resume: str | Path) -> Path | None:
-    """The checkpoint to resume from: an explicit (verified) path, or for ``"auto"`` the newest good one
-    in the folders of the trainer's checkpoint callbacks (None when there is none yet)."""
-    if str(resume) != "auto":
-        path = Path(resume)
-        verify(path)
-        return path
-    folders = []
-    for _, callback in trainer._callback_keys():
-        folder = getattr(callback, "checkpoint_dir", None)
-        if folder is not None:
-            folders.append(Path(folder))
-    if not folders:
-        raise ValueError(
-            "resume='auto' looks in the folders of the trainer's checkpoint callbacks "
-            "(ModelCheckpoint, BackupAndRestore), and this trainer has none; pass a path instead"
-        )
-    return newest_good(folders, "resume='auto': skipping bad checkpoint")
 
 
 def newest_good(folders: list[Path], warning: str) -> Path | None:

@@ -1,4 +1,4 @@
-"""The trainer's documented, resumable progress counters."""
+"""The trainer's documented, resumable state objects: progress counters and gradient accumulation."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ class TrainerState:
         epoch: the current (or next) epoch, 0-based as in Keras; messages print ``epoch + 1``.
         global_step: optimizer steps taken since the first ``fit`` (accumulation groups count once).
         batch_in_epoch: training batches consumed in the current epoch; 0 at an epoch boundary.
-        epoch_finished: True once the current epoch's training batches are done (between the last batch
-            and ``on_epoch_end``), so a checkpoint taken there resumes with validation, not with training.
         should_stop: set by ``trainer.stop()`` or ``trainer.stop_training = True``.
         stop_reason: a short human-readable reason, set by whoever stopped training.
     """
@@ -23,7 +21,6 @@ class TrainerState:
     epoch: int = 0
     global_step: int = 0
     batch_in_epoch: int = 0
-    epoch_finished: bool = False
     should_stop: bool = False
     stop_reason: str | None = None
 
@@ -37,3 +34,33 @@ class TrainerState:
             raise KeyError(f"TrainerState.load_state_dict: unknown keys {sorted(unknown)}; expected {sorted(names)}")
         for key, value in state.items():
             setattr(self, key, value)
+
+
+@dataclass
+class GradientAccumulation:
+    """Where the current accumulation group stands (``accumulate_grad_batches > 1``, or a custom step that
+    calls ``backward`` without ``optimizer_step``).
+
+    Attributes:
+        pending: gradients have been accumulated since the last optimizer step.
+        units: the group's weight so far: each batch counts its size over the group's first batch size,
+            so a short last batch weighs less; ``optimizer_step`` divides the summed gradients by it.
+        first_n: the size of the group's first batch.
+        step_now: the current batch ends a group (set by the loop before each step; not saved).
+    """
+
+    pending: bool = False
+    units: float = 0.0
+    first_n: int = 0
+    step_now: bool = True
+
+    def reset(self) -> None:
+        """After an optimizer step (or a dropped partial group): nothing pending."""
+        self.pending, self.units = False, 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pending": self.pending, "units": self.units, "first_n": self.first_n}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pending = bool(state.get("pending", state.get("grads") is not None))
+        self.units, self.first_n = float(state["units"]), int(state["first_n"])

@@ -157,11 +157,9 @@ def job(
                 time.sleep(step_delay)
 
     if sabotage == "rng":
-        import fitkit.checkpoint as checkpoint
+        from fitkit import rng
 
-        original = checkpoint.rng.restore
-        checkpoint.rng.restore = lambda state, loader=None: None  # type: ignore[assignment]
-        del original
+        rng.restore = lambda state, loader=None: None  # type: ignore[assignment]
     backup = BackupAndRestore(folder_path / "backup", save_freq=1, delete_checkpoint=False)
     trainer, train, val = build(seed=seed, callbacks=[Slow(), backup], workers=workers)
     trainer.fit(train, val, epochs=epochs)

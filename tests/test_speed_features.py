@@ -19,8 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fitkit
+import fitkit.loaders
 import fitkit.trainer as trainer_module
 from fitkit import Callback
+from fitkit.devices import pinned as loader_is_pinned
 
 CUDA = torch.cuda.is_available()
 
@@ -196,8 +198,8 @@ def test_a_slow_callback_is_named_once_with_its_time_per_batch(one_thread):
     assert "every N batches, or in on_epoch_end" in messages[0]
     assert slow.calls == cheap.calls == 60  # timed or not, every hook ran on every batch
     # The timers are gone: the loop calls the callbacks' own bound methods again.
-    assert trainer._hooks["on_batch_end"] == [slow.on_batch_end]
-    assert trainer._hooks["on_batch_begin"] == [cheap.on_batch_begin]
+    assert trainer._callbacks.hooks["on_batch_end"] == [slow.on_batch_end]
+    assert trainer._callbacks.hooks["on_batch_begin"] == [cheap.on_batch_begin]
     assert _fit_recording_warnings(trainer, n_batches=30) == []  # once per Trainer
 
 
@@ -212,7 +214,7 @@ def test_cheap_callbacks_and_short_epochs_raise_no_warning(one_thread):
 
 def test_no_timing_at_all_without_per_batch_hooks(monkeypatch):
     built = []
-    monkeypatch.setattr(trainer_module, "_HookTimer", lambda trainer, hooks: built.append(hooks))
+    monkeypatch.setattr(trainer_module, "HookTimer", lambda callbacks, on_measured: built.append(callbacks))
 
     class EpochOnly(Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -284,7 +286,7 @@ def test_debug_sync_window_covers_batches_not_deliberate_syncs(monkeypatch):
     trainer = make_trainer(callbacks=[Probe()], debug_sync="error")
     # Only the window logic sees CUDA: the model and the data stay on the CPU.
     trainer.device = torch.device("cuda")
-    monkeypatch.setattr(trainer_module, "_fits_on_device", lambda x, y, device: False)
+    monkeypatch.setattr(fitkit.loaders, "fits_on_device", lambda tensors, device: False)
     monkeypatch.setattr(trainer, "_to_device", lambda batch: (setattr(trainer, "_current_n", len(batch[1])), batch)[1])
     trainer.fit((x, y), (x, y), batch_size=4, epochs=1)
     assert fake.seen == [
@@ -327,8 +329,8 @@ def test_non_blocking_copies_follow_the_loader_being_iterated():
     pinned = DataLoader(TensorDataset(x, y), batch_size=4, pin_memory=True)
     plain = DataLoader(TensorDataset(x, y), batch_size=4)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert trainer_module._pinned(pinned, cuda) and not trainer_module._pinned(plain, cuda)
-    assert not trainer_module._pinned(pinned, cpu) and not trainer_module._pinned((x, y), cuda)
+    assert loader_is_pinned(pinned, cuda) and not loader_is_pinned(plain, cuda)
+    assert not loader_is_pinned(pinned, cpu) and not loader_is_pinned((x, y), cuda)
 
 
 @pytest.mark.cuda
@@ -365,91 +367,31 @@ def test_cuda_pinned_loader_copies_without_blocking_and_unpinned_one_warns():
         trainer.fit(DataLoader(TensorDataset(x, y), batch_size=16), epochs=1)
 
 
-# -- the plain-step path -------------------------------------------------------------------------
-class _NoOpBeforeBackward(Callback):
-    def on_before_backward(self, loss: torch.Tensor) -> None:
-        pass
-
-
-def test_plain_step_path_trains_exactly_like_the_general_one():
-    x, y = make_classification(40, seed=5)
-    runs = {}
-    for general in (False, True):
-        torch.manual_seed(0)
-        model = TinyNet()
-        trainer = make_trainer(model, metrics=["accuracy"], callbacks=[_NoOpBeforeBackward()] if general else [])
-        history = trainer.fit(DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True), (x, y), epochs=3)
-        runs[general] = (trainer, model, history.history)
-    (plain, plain_model, plain_logs), (general, general_model, general_logs) = runs[False], runs[True]
-    assert plain._plain_steps() and not general._plain_steps()
-    for a, b in zip(plain_model.parameters(), general_model.parameters()):
-        assert torch.equal(a, b)
-    assert plain_logs == general_logs
-    assert plain.global_step == general.global_step == 15
-    assert not plain._grads_pending and all(p.grad is None for p in plain_model.parameters())
-
-
-def test_anything_around_the_step_takes_the_general_path(monkeypatch):
-    def plain(**kwargs) -> bool:
-        trainer = make_trainer(**kwargs)
-        trainer.fit(make_classification(8), batch_size=4, epochs=1)
-        return trainer._plain_steps()
+# -- the step methods ----------------------------------------------------------------------------
+def test_overridden_step_methods_are_called_however_they_are_overridden(monkeypatch):
+    """The loop calls train_step/backward/optimizer_step through the instance every batch, so an
+    override in a subclass, on the instance or patched on the class takes effect."""
+    calls = []
 
     class OwnBackward(fitkit.Trainer):
         def backward(self, loss):
+            calls.append("subclass backward")
             super().backward(loss)
 
-    class BeforeStep(Callback):
-        def on_before_optimizer_step(self) -> None:
-            pass
-
-    assert plain() and plain(precision="bf16") and plain(metrics=["accuracy"])
-    assert not plain(accumulate_grad_batches=2)
-    assert not plain(grad_clip_norm=1.0)
-    assert not plain(grad_clip_value=1.0)
-    assert not plain(callbacks=[_NoOpBeforeBackward()])
-    assert not plain(callbacks=[BeforeStep()])
     model = TinyNet()
     subclassed = OwnBackward(
         model, torch.optim.SGD(model.parameters(), lr=0.1), "cross_entropy", device="cpu", verbose=0
     )
     subclassed.fit(make_classification(8), batch_size=4, epochs=1)
-    assert not subclassed._plain_steps()
+    assert calls == ["subclass backward"] * 2
     on_instance = make_trainer()
-    on_instance.train_step = lambda batch: fitkit.Trainer.train_step(on_instance, batch)
+    on_instance.train_step = lambda batch: (
+        calls.append("instance step"),
+        fitkit.Trainer.train_step(on_instance, batch),
+    )[1]
     on_instance.fit(make_classification(8), batch_size=4, epochs=1)
-    assert not on_instance._plain_steps()
-    calls = []
+    assert calls[2:] == ["instance step"] * 2
     original = fitkit.Trainer.optimizer_step
-    monkeypatch.setattr(fitkit.Trainer, "optimizer_step", lambda self: (calls.append(1), original(self)))
-    assert not plain()
-    assert len(calls) == 2  # the patched method ran for both batches
-
-
-# -- the tracker's deferred sums -----------------------------------------------------------------
-def test_tracker_sums_equal_a_float64_running_sum_across_folds_and_batch_size_changes(monkeypatch):
-    monkeypatch.setattr(trainer_module._Tracker, "FOLD", 4)
-    g = torch.Generator().manual_seed(0)
-    tracker = trainer_module._Tracker([])
-    expected, count = 0.0, 0
-    sizes = [8] * 9 + [3] + [8] * 2 + [5]  # folds at 4 and 8 steps, and at every size change
-    for step, n in enumerate(sizes):
-        value = torch.rand((), generator=g) * 10
-        tracker.add({"loss": value, "note": "not a tensor"}, n)
-        expected, count = expected + value.item() * n, count + n
-        if step == 6:  # a checkpoint mid-run reads the sums so far
-            state = tracker.state_dict()
-            assert state["sums"]["loss"].item() == pytest.approx(expected, rel=1e-12)
-    assert tracker.compute() == {"loss": pytest.approx(expected / count, rel=1e-12)}
-    restored = trainer_module._Tracker([])
-    restored.load_state_dict(tracker.state_dict(), torch.device("cpu"))
-    assert restored.compute() == tracker.compute()
-
-
-def test_tracker_keeps_no_autograd_graph_alive():
-    weight = torch.ones(3, requires_grad=True)
-    tracker = trainer_module._Tracker([])
-    tracker.add({"loss": (weight * 2).sum()}, 4)  # a custom train_step that forgot .detach()
-    (kept,) = tracker._pending["loss"]
-    assert not kept.requires_grad and kept.grad_fn is None
-    assert tracker.compute()["loss"] == pytest.approx(6.0)
+    monkeypatch.setattr(fitkit.Trainer, "optimizer_step", lambda self: (calls.append("patched step"), original(self)))
+    make_trainer().fit(make_classification(8), batch_size=4, epochs=1)
+    assert calls[4:] == ["patched step"] * 2

@@ -8,7 +8,8 @@ from typing import Any
 
 from fitkit.callbacks.base import Callback, Logs
 from fitkit.callbacks.model_checkpoint import weights_are_finite
-from fitkit.checkpoint import newest_good, remove_checkpoint, save_trainer_checkpoint
+from fitkit.checkpoint import newest_good, remove_checkpoint
+from fitkit.signals import TrainingInterrupted
 
 
 class BackupAndRestore(Callback):
@@ -50,12 +51,12 @@ class BackupAndRestore(Callback):
 
     def _backup(self) -> None:
         if weights_are_finite(self.model):
-            save_trainer_checkpoint(self.trainer, self.path)
+            self.trainer.save_checkpoint(self.path)
         else:
             warnings.warn("BackupAndRestore: not backing up non-finite weights", stacklevel=2)
 
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        if self.save_freq == "epoch":
+        if not isinstance(self.save_freq, int):  # "epoch"
             return
         self._batches_since_save += 1
         if self._batches_since_save >= self.save_freq:
@@ -67,8 +68,6 @@ class BackupAndRestore(Callback):
             self.trainer.after_callbacks(self._backup)
 
     def on_exception(self, exception: BaseException) -> None:
-        from fitkit.trainer import TrainingInterrupted
-
         self._failed = True
         if isinstance(exception, TrainingInterrupted):  # a batch boundary: a consistent state
             self._backup()

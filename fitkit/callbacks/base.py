@@ -134,25 +134,49 @@ class Callback:
 
 
 def overrides(callback: Callback, hook: str) -> bool:
-    """True when ``callback``'s class replaces the base no-op for ``hook``."""
+    """True when ``callback`` replaces the base no-op for ``hook``: in its class, or as an instance
+    attribute (``cb.on_epoch_end = fn``, as Keras's LambdaCallback does)."""
+    if hook in getattr(callback, "__dict__", ()):
+        return True
     return getattr(type(callback), hook, None) is not getattr(Callback, hook)
 
 
 def check_hook_names(callback: Callback) -> None:
-    """Raises when a callback defines an ``on_*`` method that is no fitkit hook (a typo or a Keras or
-    Lightning name), so that it is not silently never called."""
+    """Raises when a callback defines an ``on_*`` method or instance attribute that is no fitkit hook (a
+    typo or a Keras or Lightning name), so that it is not silently never called; and when an instance
+    attribute named like a hook is not callable."""
+    for name, value in getattr(callback, "__dict__", {}).items():
+        if not name.startswith("on_"):
+            continue
+        if name in HOOKS and not callable(value):
+            raise TypeError(
+                f"{type(callback).__name__} instance attribute {name} is a {type(value).__name__}, not a "
+                f"function; a hook set on an instance must be callable with the hook's arguments"
+            )
+        if name not in HOOKS and callable(value):
+            raise TypeError(
+                f"{type(callback).__name__} instance attribute {name} is not a fitkit callback hook and would "
+                f"never be called; {hook_hint(name)}."
+            )
     for cls in type(callback).__mro__:
         if cls is Callback or cls is object:
             break
         for name in vars(cls):
             if not name.startswith("on_") or name in HOOKS or not callable(getattr(cls, name)):
                 continue
-            if name in _KNOWN_ALIASES:
-                hint = f"fitkit calls this hook {_KNOWN_ALIASES[name]!r}"
-            else:
-                close = difflib.get_close_matches(name, HOOKS, n=1, cutoff=0.6)
-                hint = f"did you mean {close[0]!r}?" if close else f"the hooks are: {', '.join(HOOKS)}"
             raise TypeError(
                 f"{cls.__name__}.{name} is not a fitkit callback hook and would never be called; "
-                f"{hint}. (Name helpers without the 'on_' prefix.)"
+                f"{hook_hint(name)}. (Name helpers without the 'on_' prefix.)"
             )
+
+
+def hook_hint(name: str, list_hooks: bool = False) -> str:
+    """What to use instead of ``name``, which is no fitkit hook: the fitkit name of a Keras or Lightning
+    hook, the closest fitkit hook (and, with ``list_hooks``, every hook), or the list of hooks."""
+    if name in _KNOWN_ALIASES:
+        return f"fitkit calls this hook {_KNOWN_ALIASES[name]!r}"
+    every = f"the hooks are: {', '.join(HOOKS)}"
+    close = difflib.get_close_matches(name, HOOKS, n=1, cutoff=0.6)
+    if not close:
+        return every
+    return f"did you mean {close[0]!r}?" + (f" T{every[1:]}" if list_hooks else "")

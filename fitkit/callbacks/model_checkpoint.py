@@ -14,7 +14,8 @@ import torch
 from fitkit import distributed
 from fitkit.callbacks.base import Logs
 from fitkit.callbacks.monitor import MonitorCallback
-from fitkit.checkpoint import atomic_save, remove_checkpoint, save_trainer_checkpoint
+from fitkit.checkpoint import atomic_save, remove_checkpoint
+from fitkit.signals import TrainingInterrupted
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:
@@ -119,7 +120,7 @@ class ModelCheckpoint(MonitorCallback):
             with self.trainer.allow_sync():  # the batch's values, read back every save_freq batches
                 values = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, torch.Tensor) and v.ndim == 0}
             # A batch's values differ between ranks: decide on their mean, so every rank saves (collectively) or none.
-            values = distributed.mean_over_ranks(values, getattr(self.trainer, "_dist", None))
+            values = distributed.mean_over_ranks(values, getattr(self.trainer, "dist", None))
             self._consider(self.trainer.state.epoch, values, batch=batch)
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
@@ -127,8 +128,6 @@ class ModelCheckpoint(MonitorCallback):
             self._consider(epoch, dict(logs or {}), batch=None)
 
     def on_exception(self, exception: BaseException) -> None:
-        from fitkit.trainer import TrainingInterrupted
-
         interrupted = isinstance(exception, TrainingInterrupted)
         if not interrupted and self.trainer.world_size > 1:
             return  # a save is collective, and the other ranks are not here to join it
@@ -138,7 +137,7 @@ class ModelCheckpoint(MonitorCallback):
             return
         path = self.checkpoint_dir / name
         try:
-            save_trainer_checkpoint(self.trainer, path, meta=None if interrupted else {"kind": "crash"})
+            self.trainer.save_checkpoint(path, meta=None if interrupted else {"kind": "crash"})
         except Exception as exc:  # the original exception matters more than this one
             warnings.warn(
                 f"ModelCheckpoint: could not save {path} after {type(exception).__name__}: {exc}", stacklevel=2
@@ -212,13 +211,13 @@ class ModelCheckpoint(MonitorCallback):
             warnings.warn(f"ModelCheckpoint: skipped {path}: the model holds non-finite weights", stacklevel=2)
             return
         if self.save_weights_only:
-            weights = distributed.full_model_state_dict(self.model, trainer._dist)  # unsharded: FSDP gathers
+            weights = trainer.model_state_dict()  # unsharded: FSDP gathers
             if trainer.is_global_zero:
                 atomic_save(weights, path, {"kind": "weights", "epoch": trainer.state.epoch, "global_step": step})
         else:
-            save_trainer_checkpoint(trainer, path)
+            trainer.save_checkpoint(path)
         if self.save_last and path.name != "last.pt":
-            save_trainer_checkpoint(trainer, self.checkpoint_dir / "last.pt")
+            trainer.save_checkpoint(self.checkpoint_dir / "last.pt")
         self.last_saved = path
         self.kept = [item for item in self.kept if item[2] != str(path)] + [(score, step, str(path))]
         if self.save_top_k is not None:

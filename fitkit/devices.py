@@ -1,0 +1,73 @@
+"""Devices: choosing one, what each supports, and the batch layouts that depend on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` (CUDA, then MPS, then CPU), a name such as ``"cuda:1"``, or a ``torch.device``."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:<index>', 'mps' or a torch.device"
+        ) from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available here; use device='auto' or 'cpu'")
+        index = resolved.index if resolved.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return torch.device("cuda", index)
+    if resolved.type == "mps" and not _mps_available():
+        raise ValueError(f"device={device!r} but MPS is not available here; use device='auto' or 'cpu'")
+    return resolved
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype for running sums on ``device``: float64, or float32 where the device has no float64 (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def to_host_float64(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the CPU as float64: copied first, converted there (MPS cannot hold float64)."""
+    return tensor.detach().cpu().double()
+
+
+def pinned(loader: Any, device: torch.device) -> bool:
+    """True when ``loader`` yields pinned batches for a CUDA device: copy them with ``non_blocking=True``."""
+    return device.type == "cuda" and bool(getattr(loader, "pin_memory", False))
+
+
+def fits_on_device(tensors: list[torch.Tensor], device: torch.device) -> bool:
+    """True when ``tensors`` take under half of ``device``'s free memory (always on CPU and MPS)."""
+    if device.type != "cuda":
+        return True
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    free, _ = torch.cuda.mem_get_info(device)
+    return size < 0.5 * free
+
+
+def channels_last(batch: Any) -> Any:
+    """Every 4-D tensor nested in ``batch`` in the channels-last memory format."""
+    if isinstance(batch, torch.Tensor):
+        return batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 else batch
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(channels_last(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: channels_last(v) for k, v in batch.items()}
+    return batch

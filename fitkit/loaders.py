@@ -1,0 +1,172 @@
+"""Turning what users pass to ``fit``/``evaluate``/``predict`` into the loaders the loop iterates.
+
+A DataLoader is used as it is (with a DistributedSampler under DDP); ``(x, y)`` tensors or NumPy arrays
+become an :class:`~fitkit.data.InMemoryLoader`; any other re-iterable of batches is used as it is.
+Everything else is an error that says what to pass instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterable, Iterator, Sized
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from fitkit import distributed
+from fitkit.data import InMemoryLoader, check_reiterable, to_tensor
+from fitkit.devices import fits_on_device
+
+
+@runtime_checkable
+class SkippableLoader(Protocol):
+    """A loader that can start its next epoch at a given batch without producing the skipped ones (the
+    in-memory batchers): a mid-epoch resume re-draws the epoch's order and starts there."""
+
+    def skip_next(self, num_batches: int) -> None: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+def is_array(obj: Any) -> bool:
+    """True for a tensor or a NumPy array."""
+    return isinstance(obj, torch.Tensor) or (type(obj).__module__ == "numpy" and hasattr(obj, "shape"))
+
+
+def as_loader(
+    data: Any,
+    *,
+    batch_size: int | None,
+    shuffle: bool,
+    name: str,
+    device: torch.device,
+    dist: distributed.DistInfo,
+    training: bool = False,
+    targets_optional: bool = False,
+) -> Any:
+    """The loader to iterate for ``data`` (the argument called ``name`` in messages).
+
+    Args:
+        batch_size: for in-memory data (default 32, as in Keras); an error with a DataLoader.
+        shuffle: shuffle in-memory training data every epoch.
+        training: shard a DataLoader with a DistributedSampler under DDP (validation data is sharded
+            by the loop, without padding).
+        targets_optional: accept inputs without targets (``predict``).
+    """
+    if isinstance(data, DataLoader):
+        if batch_size is not None:
+            raise ValueError(
+                f"batch_size is for in-memory data; {name} is a DataLoader with its own "
+                f"batch_size ({data.batch_size}). Drop batch_size= or pass (x, y) tensors."
+            )
+        if not isinstance(data.dataset, IterableDataset) and len(data) == 0:
+            raise ValueError(
+                f"{name} is an empty DataLoader (dataset of {len(data.dataset)} samples"  # type: ignore[arg-type]
+                f"{', drop_last=True' if data.drop_last else ''}); there is nothing to iterate"
+            )
+        if device.type == "cuda" and training and not data.pin_memory and data.num_workers == 0:
+            warnings.warn(
+                f"{name}: a CUDA run fed by a DataLoader with num_workers=0 and pin_memory=False "
+                "waits on the host for every batch; pass num_workers>0 and pin_memory=True",
+                stacklevel=4,
+            )
+        return distributed.shard_train(data, dist) if training else data
+    if is_array(data):  # x alone, as Keras's predict(x) takes it; iterating it would yield single rows
+        if not targets_optional:
+            raise TypeError(
+                f"{name} is a single {type(data).__name__} (inputs only); a loss needs targets: "
+                "pass an (x, y) tuple with batch_size=, or a DataLoader of (inputs, targets)"
+            )
+        data = (data,)
+    if isinstance(data, tuple) and len(data) in (1, 2) and is_array(data[0]):
+        return _in_memory(data, batch_size, shuffle, name, device, dist, training, targets_optional)
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, IterableDataset):
+        raise TypeError(
+            f"{name} is a Dataset; wrap it in a DataLoader(dataset, batch_size=..., shuffle=...) "
+            "or pass (x, y) tensors with batch_size="
+        )
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes, dict)):
+        check_reiterable(data, name)
+        if isinstance(data, Sized) and len(data) == 0:
+            raise ValueError(f"{name} is empty")
+        return data
+    raise TypeError(
+        f"{name} must be a DataLoader, a re-iterable of (inputs, targets) batches, or an (x, y) "
+        f"tuple of tensors/arrays; got {type(data).__name__}"
+    )
+
+
+def _in_memory(
+    data: tuple[Any, ...],
+    batch_size: int | None,
+    shuffle: bool,
+    name: str,
+    device: torch.device,
+    dist: distributed.DistInfo,
+    training: bool,
+    targets_optional: bool,
+) -> Any:
+    x = data[0]
+    y = data[1] if len(data) == 2 else None
+    if y is None:
+        if not targets_optional:
+            raise ValueError(f"{name} must be (x, y) to compute a loss; got (x,) only")
+        y = torch.zeros(len(x))
+    if len(x) == 0:
+        raise ValueError(f"{name} holds 0 samples")
+    size = 32 if batch_size is None else batch_size
+    on_device = fits_on_device([to_tensor(x, "x"), to_tensor(y, "y")], device)
+    loader = InMemoryLoader(x, y, size, shuffle=shuffle and training, device=device if on_device else None)
+    if dist.world_size > 1:
+        return distributed.shard_in_memory(loader, dist, training)
+    return loader
+
+
+def split_in_memory(data: Any, fraction: float) -> tuple[Any, Any]:
+    """``validation_split``: the last ``fraction`` of in-memory ``(x, y)`` held out, before shuffling (Keras)."""
+    if not (isinstance(data, tuple) and len(data) == 2 and is_array(data[0])):
+        raise ValueError("validation_split works with in-memory (x, y) data only; for a DataLoader pass val_data")
+    x, y = to_tensor(data[0], "x"), to_tensor(data[1], "y")
+    split = int(len(x) * (1.0 - fraction))
+    if split == 0 or split == len(x):
+        raise ValueError(f"validation_split={fraction} leaves an empty training or validation set for {len(x)} samples")
+    return (x[:split], y[:split]), (x[split:], y[split:])
+
+
+def num_batches(loader: Any, steps: int | None) -> int | None:
+    """Batches per epoch: the loader's length capped at ``steps``; ``steps`` (or None) when it has none."""
+    try:
+        total = len(loader)
+    except TypeError:
+        return steps
+    return total if steps is None else min(total, steps)
+
+
+def concat_outputs(outputs: list[Any]) -> Any:
+    """``predict``'s per-batch outputs joined along dim 0 (tuples and dicts element-wise)."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)
+    if isinstance(first, (list, tuple)):
+        return type(first)(concat_outputs([o[i] for o in outputs]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: concat_outputs([o[k] for o in outputs]) for k in first}
+    raise TypeError(f"predict: cannot concatenate outputs of type {type(first).__name__}")
+
+
+def data_signature(loader: Any) -> dict[str, Any]:
+    """The training data's size (batches, samples), as far as the loader tells: a resume checks it."""
+    signature: dict[str, Any] = {"num_batches": None, "num_samples": None}
+    with contextlib.suppress(TypeError):
+        signature["num_batches"] = len(loader)
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None:
+        with contextlib.suppress(TypeError):
+            signature["num_samples"] = len(dataset)
+    elif hasattr(loader, "num_samples"):
+        signature["num_samples"] = loader.num_samples
+    elif hasattr(loader, "loader"):
+        signature["num_samples"] = getattr(loader.loader, "num_samples", None)
+    return signature

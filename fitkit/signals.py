@@ -1,0 +1,67 @@
+"""SIGINT/SIGTERM during ``fit``: stop at the next batch boundary, let checkpoints save, then exit."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import Any
+
+
+class TrainingInterrupted(Exception):
+    """Raised inside ``fit`` at the batch boundary after SIGINT or SIGTERM arrived.
+
+    Checkpoint callbacks see it in ``on_exception``: the state is consistent (a batch boundary), so it is
+    safe to save. ``fit`` turns it into ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(128 + signum)``.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"training interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    def exit_exception(self) -> BaseException:
+        """What ``fit`` raises in the end: the conventional outcome of the signal."""
+        if self.signum == signal.SIGINT:
+            return KeyboardInterrupt()
+        return SystemExit(128 + self.signum)
+
+
+class SignalGuard:
+    """A context that turns SIGINT/SIGTERM into a recorded ``signum`` and a call to ``on_signal``.
+
+    Installed in the main thread only (Python delivers signals there); the previous handlers are put
+    back on exit, and after the first signal, so that a second one is not graceful.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, on_signal: Callable[[int], None], enabled: bool = True) -> None:
+        self.on_signal = on_signal
+        self.enabled = enabled
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalGuard:
+        self.signum = None
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return self
+        self._previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        self._put_back()
+        self.on_signal(signum)
+
+    def _put_back(self) -> None:
+        for sig, old in self._previous.items():
+            signal.signal(sig, old)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._put_back()
+        self._previous = {}
