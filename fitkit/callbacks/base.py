@@ -150,8 +150,8 @@ def check_hook_names(callback: Callback) -> None:
             continue
         if name in HOOKS and not callable(value):
             raise TypeError(
-                f"{type(callback).__name__} instance attribute {name} is a {type(value).__name__}, not a "
-                f"function; a hook set on an instance must be callable with the hook's arguments"
+                f"{type(callback).__name__} instance attribute {name} holds a {type(value).__name__} value, not "
+                "a function; a hook set on an instance must be callable with the hook's arguments"
             )
         if name not in HOOKS and callable(value):
             raise TypeError(
