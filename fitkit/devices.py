@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,8 +50,28 @@ def to_host_float64(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def pinned(loader: Any, device: torch.device) -> bool:
-    """True when ``loader`` yields pinned batches for a CUDA device: copy them with ``non_blocking=True``."""
-    return device.type == "cuda" and bool(getattr(loader, "pin_memory", False))
+    """True when ``loader`` yields pinned batches for a CUDA device: copy them with ``non_blocking=True``.
+
+    A DataLoader (or the in-memory batcher) says so with ``pin_memory``; a list of batches the user made
+    counts as pinned when every tensor of its first batch is pinned (or already on the GPU).
+    """
+    if device.type != "cuda":
+        return False
+    if isinstance(loader, list) and loader:
+        tensors = list(_tensors(loader[0]))
+        return bool(tensors) and all(t.device.type == "cuda" or t.is_pinned() for t in tensors)
+    return bool(getattr(loader, "pin_memory", False))
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
 
 
 def fits_on_device(tensors: list[torch.Tensor], device: torch.device) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ except ImportError:  # pragma: no cover - numpy ships with tensorboard
     np = None  # type: ignore[assignment]
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> int:
+def seed_everything(seed: int, deterministic: bool = False, per_rank: bool = True) -> int:
     """Seeds Python, NumPy and torch (CPU and every CUDA device) with ``seed``.
 
     DataLoader workers then get distinct, reproducible seeds: PyTorch derives each worker's torch,
@@ -26,11 +27,21 @@ def seed_everything(seed: int, deterministic: bool = False) -> int:
     worker id. With ``deterministic=True`` torch's deterministic algorithms are turned on (an op with no
     deterministic implementation then raises) and cuDNN autotuning is off; CUBLAS_WORKSPACE_CONFIG is
     set for deterministic cuBLAS. Returns the seed.
+
+    In a distributed run (``RANK`` set by torchrun), rank ``r`` seeds its generators with ``seed + r``
+    (``per_rank=True``, the default): each rank draws its own dropout masks, augmentations and DataLoader
+    worker seeds instead of the same ones as every other rank. What must agree across ranks does not
+    depend on it: DDP/FSDP start every rank from rank 0's initial weights, and the shuffling order of the
+    DistributedSampler (or of fitkit's sharded in-memory batches) uses ``seed`` itself, shared. So a run
+    without randomness in the step (no dropout) on 2 ranks equals one process on the whole batch, and one
+    with dropout is as exact to resume as before. ``per_rank=False`` gives every rank the same streams.
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     global _LAST_SEED
     _LAST_SEED = seed
+    if per_rank:
+        seed = (seed + int(os.environ.get("RANK", "0"))) % 2**32
     random.seed(seed)
     if np is not None:
         np.random.seed(seed)
@@ -72,7 +83,11 @@ def capture(loader: Any = None) -> dict[str, Any]:
             "cached_gaussian": float(cached),
         }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # The current device's generator only (the Trainer's: it selects it), so that a resume where
+        # CUDA_VISIBLE_DEVICES shows other or fewer GPUs still restores the stream its dropout draws from.
+        device = torch.cuda.current_device()
+        state["cuda"] = torch.cuda.get_rng_state(device)
+        _warn_other_devices(device)
     if loader is not None:
         state["loader"] = {role: g.get_state() for role, g in _generators(loader).items()}
     return state
@@ -89,14 +104,48 @@ def restore(state: dict[str, Any], loader: Any = None) -> None:
             (s["kind"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["cached_gaussian"])
         )
     if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
+        cuda_state = state["cuda"]
+        if isinstance(cuda_state, torch.Tensor):
+            torch.cuda.set_rng_state(cuda_state, torch.cuda.current_device())
+        elif len(cuda_state) == torch.cuda.device_count():  # a checkpoint of fitkit <= 0.1: every GPU's
+            torch.cuda.set_rng_state_all(cuda_state)
     if loader is not None:
         generators = _generators(loader)
         for role, g_state in state.get("loader", {}).items():
             if role in generators:
                 generators[role].set_state(g_state)
+
+
+_WARNED_DEVICES: set[int] = set()
+
+
+def _warn_other_devices(device: int) -> None:
+    """Says once when code drew random numbers on a GPU other than the Trainer's: that stream is not saved."""
+    for index in range(torch.cuda.device_count()):
+        if index == device or index in _WARNED_DEVICES:
+            continue
+        generator = torch.cuda.default_generators[index]
+        if generator.get_offset() > 0:
+            _WARNED_DEVICES.add(index)
+            warnings.warn(
+                f"random numbers were drawn on cuda:{index}, but checkpoints save the generator of the "
+                f"trainer's device (cuda:{device}) only: a resume does not restore cuda:{index}'s stream. "
+                "Draw on the trainer's device, or save that generator yourself in a callback's state_dict",
+                stacklevel=3,
+            )
+
+
+def capture_loader(loader: Any) -> dict[str, torch.Tensor]:
+    """The states of ``loader``'s own generators (its ``generator``, its sampler's), by role."""
+    return {role: g.get_state() for role, g in _generators(loader).items()}
+
+
+def restore_loader(states: dict[str, torch.Tensor], loader: Any) -> None:
+    """Puts ``loader``'s own generators back in the states :func:`capture_loader` recorded."""
+    generators = _generators(loader)
+    for role, g_state in states.items():
+        if role in generators:
+            generators[role].set_state(g_state)
 
 
 def _python_state() -> tuple[int, list[int], float | None]:
