@@ -34,10 +34,14 @@ class EpochTracker:
         self._pending: dict[str, list[torch.Tensor]] = {}  # step values not yet in the sums
         self._pending_n = 0  # the batch size of every pending step
         self._pending_steps = 0
+        # The folded steps' losses, kept (on the device) so that a non-finite epoch can name its first
+        # bad batch without a per-batch check: see first_non_finite.
+        self._losses: list[torch.Tensor] = []
 
     def reset(self) -> None:
         self.sums, self.count = {}, 0
         self._pending, self._pending_n, self._pending_steps = {}, 0, 0
+        self._losses = []
         for metric in self.metrics:
             metric.reset()
 
@@ -67,15 +71,40 @@ class EpochTracker:
                 self.sums[key] = total = torch.zeros((), dtype=sum_dtype(device), device=device)
             if len(values) == 1:
                 total.add_(values[0], alpha=self._pending_n)
+                stacked = values[0].reshape(1)
             else:
-                total.add_(torch.stack(values).sum(dtype=total.dtype), alpha=self._pending_n)
+                stacked = torch.stack(values)
+                total.add_(stacked.sum(dtype=total.dtype), alpha=self._pending_n)
+            if key == "loss" and len(values) == self._pending_steps:
+                self._losses.append(stacked)
         self._pending, self._pending_steps = {}, 0
 
+    def first_non_finite(self) -> tuple[int, int] | None:
+        """``(index, steps)``: the index of the first step whose ``"loss"`` was non-finite among the ``steps``
+        steps added since the last reset or load, or None. One host read: call it only when the epoch's
+        loss is non-finite."""
+        self._fold()
+        if not self._losses:
+            return None
+        losses = torch.cat([v.float().reshape(-1) for v in self._losses])
+        bad = (~torch.isfinite(losses)).nonzero()
+        return (int(bad[0, 0]), losses.numel()) if bad.numel() else None
+
     def compute(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-        """The means so far: one host sync for everything (and one all-reduce, in a distributed run)."""
+        """The means so far: one host sync for everything (and one all-reduce, in a distributed run).
+
+        ``reduce`` sums the flat tensor over the ranks. Every rank must pass the same layout, also a rank
+        that saw no batch (validation data smaller than the world size): when ``reduce`` has a
+        ``common_keys`` method, the ranks first agree on the union of their keys, and a key this rank
+        never logged counts as a zero sum.
+        """
         self._fold()
         keys = list(self.sums)
-        parts = [to_host_float64(self.sums[k]).reshape(1) for k in keys]
+        common_keys = getattr(reduce, "common_keys", None)
+        if common_keys is not None:
+            keys = common_keys(keys)
+        zero = torch.zeros(1, dtype=torch.float64)
+        parts = [to_host_float64(self.sums[k]).reshape(1) if k in self.sums else zero for k in keys]
         sync_metrics = [m for m in self.metrics if m.sync_state()]
         for metric in sync_metrics:
             parts.extend(to_host_float64(s).reshape(1) for s in metric.sync_state())
@@ -107,5 +136,6 @@ class EpochTracker:
         self.sums = {k: v.to(device) for k, v in state["sums"].items()}
         self.count = int(state["count"])
         self._pending, self._pending_n, self._pending_steps = {}, 0, 0
+        self._losses = []
         for metric, metric_state in zip(self.metrics, state["metrics"]):
             metric.load_state_dict(metric_state, device)

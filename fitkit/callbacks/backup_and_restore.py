@@ -8,7 +8,7 @@ from typing import Any
 
 from fitkit.callbacks.base import Callback, Logs
 from fitkit.callbacks.model_checkpoint import weights_are_finite
-from fitkit.checkpoint import newest_good, remove_checkpoint
+from fitkit.checkpoint import newest_good, read_manifest, remove_checkpoint
 from fitkit.signals import TrainingInterrupted
 
 
@@ -36,6 +36,11 @@ class BackupAndRestore(Callback):
         self.delete_checkpoint = delete_checkpoint
         self._batches_since_save = 0
         self._failed = False
+        self._wrote = False  # this fit wrote (or resumed from) the backup: only then may it delete it
+
+    def file_templates(self) -> list[str]:
+        """The one file this callback writes (and deletes after a successful fit)."""
+        return [str(self.path)]
 
     @property
     def path(self) -> Path:
@@ -48,10 +53,12 @@ class BackupAndRestore(Callback):
     def on_train_begin(self, logs: Logs | None = None) -> None:
         self._batches_since_save = 0
         self._failed = False
+        self._wrote = False
 
     def _backup(self) -> None:
         if weights_are_finite(self.model):
             self.trainer.save_checkpoint(self.path)
+            self._wrote = True
         else:
             warnings.warn("BackupAndRestore: not backing up non-finite weights", stacklevel=2)
 
@@ -73,7 +80,10 @@ class BackupAndRestore(Callback):
             self._backup()
 
     def on_train_end(self, logs: Logs | None = None) -> None:
-        if self.delete_checkpoint and not self._failed and self.trainer.is_global_zero:
+        resumed = getattr(self.trainer, "resumed_from", None)
+        ours = self._wrote or (resumed is not None and Path(resumed).resolve() == self.path.resolve())
+        vouched = self.path.name in read_manifest(self.checkpoint_dir)["files"]  # never a file fitkit did not write
+        if self.delete_checkpoint and not self._failed and ours and vouched and self.trainer.is_global_zero:
             remove_checkpoint(self.path)
 
     def state_dict(self) -> dict[str, Any]:

@@ -12,9 +12,11 @@ from typing import Any
 import torch
 
 from fitkit import distributed
+from fitkit.callbacks import files
 from fitkit.callbacks.base import Logs
-from fitkit.callbacks.monitor import MonitorCallback
-from fitkit.checkpoint import atomic_save, remove_checkpoint
+from fitkit.callbacks.monitor import MonitorCallback, check_key_can_exist
+from fitkit.checkpoint import atomic_save, read_manifest, remove_checkpoint
+from fitkit.data import move_to_device
 from fitkit.signals import TrainingInterrupted
 
 
@@ -58,7 +60,10 @@ class ModelCheckpoint(MonitorCallback):
         verbose: print a line per save.
 
     Every write is atomic (temporary file, fsync, rename, manifest with SHA-256). Non-finite weights are
-    never written. On SIGINT/SIGTERM the full state goes to ``last.pt`` (the run can resume from it); on
+    never written; a non-finite monitored value is never the best. Only files that this callback wrote
+    are deleted (inside its folder, matching its template, listed in the manifest): a resumed checkpoint's
+    list of kept files is checked, not trusted. A fit that did not resume from this folder never
+    overwrites files it finds there: it raises before the first epoch (resume, or use another folder). On SIGINT/SIGTERM the full state goes to ``last.pt`` (the run can resume from it); on
     any other exception the state goes to ``crash.pt``, never over a good checkpoint, and ``resume="auto"``
     does not pick it (it may be mid-step).
     """
@@ -95,6 +100,16 @@ class ModelCheckpoint(MonitorCallback):
         self.kept: list[tuple[float | None, int, str]] = []  # (score, global_step, path)
         self._batches_since_save = 0
         self.last_saved: Path | None = None
+        # Files this callback wrote (this instance, any fit) and top-k removals a kill may have interrupted.
+        self._written: set[str] = set()
+        self._written_this_fit: set[str] = set()  # a name may be rewritten within one fit (best.pt, last.pt)
+        self._pending_removal: list[str] = []
+        self._folder_checked = False
+
+    def file_templates(self) -> list[str]:
+        """The path templates this callback writes (``last.pt``/``crash.pt`` excepted: every checkpoint
+        callback writes the same full state there)."""
+        return [self.filepath]
 
     @staticmethod
     def _template_fields(template: str) -> list[str]:
@@ -108,8 +123,20 @@ class ModelCheckpoint(MonitorCallback):
     def on_train_begin(self, logs: Logs | None = None) -> None:
         self.reset_monitor()
         self._batches_since_save = 0
+        self._folder_checked = False
+        self._written_this_fit = set()
+        for field in self._fields:  # a typo in the template is an error now, not at the first save
+            if field not in ("epoch", "step", "batch"):
+                check_key_can_exist(field, self.trainer, f"ModelCheckpoint(filepath={self.filepath!r})")
         if self.monitor_key is not None and (self.save_best_only or self.save_top_k):
+            self.check_monitor_key()
             _ = self.resolved_mode  # fail before training when mode='auto' cannot tell the direction
+
+    def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
+        if not self._folder_checked:  # once per fit, after fit's resume has loaded (or not) a checkpoint
+            self._folder_checked = True
+            self._check_folder()
+            self._remove_pending()
 
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if isinstance(self.save_freq, str):  # "epoch"
@@ -124,8 +151,21 @@ class ModelCheckpoint(MonitorCallback):
             self._consider(self.trainer.state.epoch, values, batch=batch)
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
-        if self.save_freq == "epoch":
+        if self.save_freq == "epoch" and not self._on_validations():
             self._consider(epoch, dict(logs or {}), batch=None)
+
+    def on_validation_end(self, logs: Logs | None = None) -> None:
+        # validate_every_n_steps with a val_ monitor that decides what is kept: consider every validation.
+        if self.save_freq == "epoch" and self._on_validations() and self.decides_on_validations(logs):
+            assert logs is not None
+            self._consider(int(logs["epoch"]), dict(logs), batch=None)
+
+    def _on_validations(self) -> bool:
+        return (
+            self.monitor_key is not None
+            and bool(self.save_best_only or self.save_top_k)
+            and self.decides_on_validations()
+        )
 
     def on_exception(self, exception: BaseException) -> None:
         interrupted = isinstance(exception, TrainingInterrupted)
@@ -192,54 +232,155 @@ class ModelCheckpoint(MonitorCallback):
         return rendered
 
     def _better(self, a: float, b: float | None) -> bool:
-        if b is None:
+        if not math.isfinite(a):
+            return False  # NaN/inf never enters a full top k
+        if b is None or not math.isfinite(b):
             return True
         return a < b if self.resolved_mode == "min" else a > b
 
-    def _worst(self) -> tuple[float | None, int, str] | None:
-        if not self.kept:
+    def _worst(self, kept: list[tuple[float | None, int, str]] | None = None) -> tuple[float | None, int, str] | None:
+        kept = self.kept if kept is None else kept
+        if not kept:
             return None
-        if self.monitor_key is None or self.kept[0][0] is None:
-            return min(self.kept, key=lambda item: item[1])  # the oldest
+        if self.monitor_key is None or all(item[0] is None for item in kept):
+            return min(kept, key=lambda item: item[1])  # the oldest
         reverse = self.resolved_mode == "min"
-        unscored = math.inf if reverse else -math.inf  # a file without a score goes first
-        return sorted(self.kept, key=lambda item: unscored if item[0] is None else item[0], reverse=reverse)[0]
+        unscored = math.inf if reverse else -math.inf  # a file without a finite score goes first
+
+        def rank(item: tuple[float | None, int, str]) -> float:
+            return unscored if item[0] is None or not math.isfinite(item[0]) else item[0]
+
+        return sorted(kept, key=rank, reverse=reverse)[0]
+
+    # -- files ----------------------------------------------------------------------------------
+    def _continues_here(self) -> bool:
+        """True when this fit resumed from a checkpoint inside this callback's folder (its own run)."""
+        resumed = getattr(self.trainer, "resumed_from", None)
+        return resumed is not None and files.inside(self.checkpoint_dir, resumed)
+
+    def _check_folder(self) -> None:
+        """Refuses to start writing into a folder that holds files of another run (matching this template,
+        or ``last.pt``) unless this fit continues that run: they would be overwritten or mixed in."""
+        if self.checkpoint_dir.is_dir():
+            read_manifest(self.checkpoint_dir, strict=True)  # an unreadable manifest: an error now, not at the save
+        if self._continues_here() or not self.checkpoint_dir.is_dir():
+            return
+        pattern = files.template_regex(files.absolute_template(self.filepath))
+        ours = self._written | {item[2] for item in self.kept}
+        found = []
+        for path in sorted(self.checkpoint_dir.rglob("*")):
+            if not path.is_file() or path.name.startswith(".") or str(path) in ours:
+                continue
+            last = self.save_last and path.parent == self.checkpoint_dir and path.name == "last.pt"
+            if last or pattern.fullmatch(str(path.resolve())):
+                found.append(path)
+        if found and self.trainer.is_global_zero:
+            shown = ", ".join(str(f) for f in found[:5]) + (" ..." if len(found) > 5 else "")
+            raise ValueError(
+                f"ModelCheckpoint({self.filepath!r}): {self.checkpoint_dir} already holds {len(found)} checkpoint "
+                f"file(s) this fit did not write ({shown}); writing here would overwrite or mix with them. Pass "
+                "resume='auto' (or a checkpoint path in this folder) to continue that run, or write to another "
+                "folder, or move those files away to start over."
+            )
+
+    def _check_overwrite(self, path: Path) -> None:
+        if path.exists() and str(path) not in self._written_this_fit and not self._continues_here():
+            raise ValueError(
+                f"ModelCheckpoint: {path} exists and was not written by this run; refusing to overwrite it. "
+                "Calling fit again with the same trainer renders the same names from epoch 1: pass "
+                "initial_epoch= to continue the numbering, resume='auto' to continue from the checkpoint, "
+                "or another filepath."
+            )
+
+    def _remove_pending(self) -> None:
+        """Completes top-k removals that a killed process did not finish (recorded in the checkpoint)."""
+        pending, self._pending_removal = self._pending_removal, []
+        for name in pending:
+            if self.trainer.is_global_zero and files.owns(self.filepath, self.checkpoint_dir, name):
+                remove_checkpoint(name)
 
     def _write(self, path: Path, score: float | None, step: int) -> None:
         trainer = self.trainer
         if not weights_are_finite(self.model):
             warnings.warn(f"ModelCheckpoint: skipped {path}: the model holds non-finite weights", stacklevel=2)
             return
+        self._remove_pending()
+        self._check_overwrite(path)
+        if self.save_last:
+            self._check_overwrite(self.checkpoint_dir / "last.pt")
+        # The checkpoint records the top k as it is after this write, and the files this write makes
+        # redundant: a kill before they are removed leaves them to the resumed run (_remove_pending).
+        before = self.kept
+        kept = [item for item in self.kept if item[2] != str(path)] + [(score, step, str(path))]
+        removals = []
+        if self.save_top_k is not None:
+            while len(kept) > self.save_top_k:
+                worst = self._worst(kept)
+                assert worst is not None
+                kept.remove(worst)
+                if worst[2] != str(path):
+                    removals.append(worst[2])
+        self.kept, self._pending_removal = kept, removals
+        try:
+            self._save(path, step)
+        except BaseException:
+            self.kept, self._pending_removal = before, []
+            raise
+        self.last_saved = path
+        self._remove_pending()  # only now that their replacement is complete
+        if self.verbose and trainer.is_global_zero:
+            shown = "" if score is None or math.isnan(score) else f" ({self.monitor_key}={score:.4g})"
+            print(f"ModelCheckpoint: saved {path}{shown}")
+
+    def _save(self, path: Path, step: int) -> None:
+        trainer = self.trainer
         if self.save_weights_only:
-            weights = trainer.model_state_dict()  # unsharded: FSDP gathers
+            # Unsharded (FSDP gathers) and on the CPU, so torch.load(path, weights_only=True) works on a
+            # machine without the GPU it was trained on.
+            weights = move_to_device(trainer.model_state_dict(), torch.device("cpu"))
             if trainer.is_global_zero:
                 atomic_save(weights, path, {"kind": "weights", "epoch": trainer.state.epoch, "global_step": step})
         else:
             trainer.save_checkpoint(path)
+        self._written.add(str(path))
+        self._written_this_fit.add(str(path))
         if self.save_last and path.name != "last.pt":
             trainer.save_checkpoint(self.checkpoint_dir / "last.pt")
-        self.last_saved = path
-        self.kept = [item for item in self.kept if item[2] != str(path)] + [(score, step, str(path))]
-        if self.save_top_k is not None:
-            while len(self.kept) > self.save_top_k:
-                worst = self._worst()
-                assert worst is not None
-                self.kept.remove(worst)
-                if trainer.is_global_zero and worst[2] != str(path):
-                    remove_checkpoint(worst[2])  # only now that its replacement is complete
-        if self.verbose and trainer.is_global_zero:
-            shown = "" if score is None or math.isnan(score) else f" ({self.monitor_key}={score:.4g})"
-            print(f"ModelCheckpoint: saved {path}{shown}")
+            self._written.add(str(self.checkpoint_dir / "last.pt"))
+            self._written_this_fit.add(str(self.checkpoint_dir / "last.pt"))
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "best": self.best,
             "kept": [list(item) for item in self.kept],
+            "pending_removal": list(self._pending_removal),
             "batches_since_save": self._batches_since_save,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = state["best"]
-        self.kept = [(item[0], int(item[1]), str(item[2])) for item in state["kept"]]
+        """Restores the best value and the top k. A loaded checkpoint is data from outside: kept files
+        outside this callback's folder or template (another run's folder, an absolute path, ``..``) are
+        dropped with a warning, never deleted later; files are deleted only if a manifest lists them."""
+        best = state["best"]
+        self.best = float(best) if isinstance(best, (int, float)) and math.isfinite(best) else None
+        kept, dropped = [], []
+        for item in state["kept"]:
+            score, step, name = item[0], int(item[1]), str(item[2])
+            if files.inside(self.checkpoint_dir, name) and files.template_regex(
+                files.absolute_template(self.filepath)
+            ).fullmatch(str(Path(name).resolve())):
+                kept.append((None if score is None else float(score), step, name))
+            else:
+                dropped.append(name)
+        if dropped:
+            warnings.warn(
+                f"ModelCheckpoint({self.filepath!r}): the loaded checkpoint lists {len(dropped)} kept file(s) outside "
+                f"this callback's folder or template ({dropped[:3]}); they are ignored and will never be deleted",
+                stacklevel=2,
+            )
+        self.kept = kept
+        self._pending_removal = [
+            str(n) for n in state.get("pending_removal", []) if files.inside(self.checkpoint_dir, n)
+        ]
         self._batches_since_save = int(state["batches_since_save"])

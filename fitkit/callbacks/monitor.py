@@ -7,6 +7,9 @@ mode when ``value - min_delta > best`` (strictly, so a change of exactly ``min_d
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import math
 from typing import Any
 
 from fitkit.callbacks.base import Callback, Logs
@@ -54,11 +57,12 @@ class MonitorCallback(Callback):
 
     def _infer_mode(self) -> str:
         name = self.monitor[4:] if self.monitor.startswith("val_") else self.monitor
-        if name == "loss":
+        if name == "loss" or (self.monitor.startswith("val_") and name.endswith("_loss")):  # val_<set>_loss
             return "min"
         trainer = getattr(self, "trainer", None)
         for metric in getattr(trainer, "metrics", None) or []:
-            if metric.name == name and metric.higher_is_better is not None:
+            named_set = self.monitor.startswith("val_") and name.endswith("_" + metric.name)  # val_<set>_<metric>
+            if (metric.name == name or named_set) and metric.higher_is_better is not None:
                 return "max" if metric.higher_is_better else "min"
         raise ValueError(
             f"{type(self).__name__}(monitor={self.monitor!r}, mode='auto') cannot tell whether {self.monitor!r} "
@@ -67,7 +71,12 @@ class MonitorCallback(Callback):
         )
 
     def is_improvement(self, value: float, reference: float | None) -> bool:
-        """True when ``value`` beats ``reference`` by more than ``min_delta`` (always, if no reference)."""
+        """True when ``value`` beats ``reference`` by more than ``min_delta`` (always, if no reference).
+
+        A non-finite value (NaN, inf) is never an improvement, as in Keras 3 (which starts ``best`` at
+        +/-inf): a diverged epoch must not become the best one for ever."""
+        if not math.isfinite(value):
+            return False
         if reference is None:
             return True
         if self.resolved_mode == "min":
@@ -75,6 +84,10 @@ class MonitorCallback(Callback):
         return value - self.min_delta > reference
 
     # -- reading the logs -----------------------------------------------------------------------
+    def check_monitor_key(self) -> None:
+        """Raises before the first epoch when ``monitor`` cannot appear in this fit's epoch logs."""
+        check_key_can_exist(self.monitor, getattr(self, "trainer", None), f"{type(self).__name__}(monitor=...)")
+
     def get_monitor_value(self, logs: Logs | None) -> float | None:
         """The monitored value, or None on an epoch that ``validation_freq`` did not validate.
 
@@ -98,6 +111,15 @@ class MonitorCallback(Callback):
             f"available: {sorted(logs)}.{hint} or choose one of the available keys."
         )
 
+    def decides_on_validations(self, logs: Logs | None = None) -> bool:
+        """True when this fit validates by steps (``validate_every_n_steps``) and the key is a validation
+        key: decisions are then taken after every validation in ``fit`` (``on_validation_end``, whose logs
+        hold ``"step"``), not at epoch ends; patience and the like count validations. With ``logs``, also
+        that they are a validation's in ``fit`` (``evaluate``'s carry no ``"step"``)."""
+        trainer = getattr(self, "trainer", None)
+        by_steps = getattr(trainer, "validate_every_n_steps", None) is not None and self.monitor.startswith("val_")
+        return by_steps and (logs is None or "step" in logs)
+
     # -- state ----------------------------------------------------------------------------------
     def reset_monitor(self) -> None:
         """Forgets the best value and, for ``mode="auto"``, the direction (the next fit may have other metrics)."""
@@ -109,3 +131,42 @@ class MonitorCallback(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state["best"]
+
+
+def check_key_can_exist(key: str, trainer: Any, who: str) -> None:
+    """Raises a ``ValueError`` when ``key`` cannot be in the epoch logs of ``trainer``'s current fit: a
+    ``val_`` key without validation data, or (with the default steps, whose keys are known) a key that is
+    neither the loss, a metric, a learning rate nor their ``val_`` forms; names the closest key."""
+    trainer_cls = importlib.import_module("fitkit.trainer").Trainer
+    if not isinstance(trainer, trainer_cls):
+        return  # a fake or partial trainer: nothing to check against
+    if any(_may_add_keys(cb) for cb in trainer.active_callbacks):
+        return  # a callback of the user's may write this key into the logs itself (Keras allows it)
+    if key.startswith("val_") and not trainer.has_validation:
+        raise ValueError(
+            f"{who}: {key!r} is a validation key but this fit has no validation data; pass val_data (or "
+            f"validation_split) to fit, or monitor a training key such as {key[4:]!r}"
+        )
+    custom = any(
+        getattr(type(trainer), name, None) is not getattr(trainer_cls, name, None)
+        for name in ("train_step", "eval_step")
+    )
+    if custom:
+        return  # an overridden step may log any key
+    known = ["loss"] + [m.name for m in trainer.metrics]
+    name = key[4:] if key.startswith("val_") else key
+    if name.startswith("lr") or any(name == k or name.endswith("_" + k) for k in known):
+        return  # named validation sets log val_<set>_<key>
+    keys = known + ["lr"] + ([f"val_{k}" for k in known] if trainer.has_validation else [])
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"{who}: {key!r} will never be in the epoch logs; {hint}this fit logs {keys}")
+
+
+def _may_add_keys(callback: Callback) -> bool:
+    """True for a callback that is not one of fitkit's own logging-neutral ones and has an
+    ``on_epoch_end``: it may add keys to the epoch logs."""
+    from fitkit.callbacks.base import overrides
+
+    builtin = type(callback).__module__.startswith("fitkit.") and type(callback).__name__ != "LambdaCallback"
+    return not builtin and overrides(callback, "on_epoch_end")

@@ -1,0 +1,100 @@
+"""Which files a checkpoint callback may write and delete: its path templates as patterns.
+
+A template such as ``"ckpt/{epoch:02d}-{val_loss:.3f}.pt"`` is filled from numbers only (the epoch, the
+step, epoch-log values), so each placeholder matches a number. Two callbacks whose patterns can name the
+same file are refused when the Trainer is built (one would overwrite or delete the other's files), and a
+callback deletes only files that match its own pattern, inside its own folder, that a manifest lists.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from fitkit.checkpoint import read_manifest
+
+# What a placeholder renders to: an int or a float in any format (nan/inf included).
+_NUMBER = r"(?:[-+]?(?:[0-9][0-9_,.]*(?:[eE][-+]?[0-9]+)?|\.[0-9]+|nan|inf|NaN|Infinity)%?)"
+
+
+@runtime_checkable
+class FileWriter(Protocol):
+    """A callback that writes files from path templates (ModelCheckpoint, BackupAndRestore)."""
+
+    def file_templates(self) -> list[str]: ...
+
+
+def template_regex(template: str) -> re.Pattern[str]:
+    """A regex matching every path ``template`` can render to (placeholders render numbers)."""
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if field is not None:
+            parts.append(_NUMBER)
+    return re.compile("".join(parts))
+
+
+def _sample(template: str) -> str:
+    return "".join(
+        literal + ("1" if field is not None else "") for literal, field, _, _ in string.Formatter().parse(template)
+    )
+
+
+def absolute_template(template: str) -> str:
+    """The template with its folder made absolute (placeholders kept), in POSIX form."""
+    path = Path(template)
+    static = []
+    for part in path.parts:
+        if "{" in part:
+            break
+        static.append(part)
+    root = Path(*static).resolve() if static else Path.cwd()
+    rest = path.parts[len(static) :]
+    return str(root.joinpath(*rest)) if rest else str(root)
+
+
+def collide(a: str, b: str) -> bool:
+    """True when the templates ``a`` and ``b`` can render the same path."""
+    a, b = absolute_template(a), absolute_template(b)
+    return bool(template_regex(a).fullmatch(_sample(b)) or template_regex(b).fullmatch(_sample(a)))
+
+
+def check_file_collisions(callbacks: Sequence[Any]) -> None:
+    """Raises a ``ValueError`` naming two callbacks whose path templates can name the same file."""
+    owners = [(cb, t) for cb in callbacks if isinstance(cb, FileWriter) for t in cb.file_templates()]
+    for i, (cb_a, a) in enumerate(owners):
+        for cb_b, b in owners[i + 1 :]:
+            if cb_a is cb_b or not collide(a, b):
+                continue
+            raise ValueError(
+                f"{type(cb_a).__name__} writes {a!r} and {type(cb_b).__name__} writes {b!r}: both can name the same "
+                "file, so one would overwrite or delete the other's checkpoints. Give each callback its own folder "
+                "or file names (e.g. ModelCheckpoint('ckpt/{epoch:02d}.pt') with BackupAndRestore('ckpt/backup'))"
+            )
+
+
+def owns(template: str, folder: Path, path: str | Path) -> bool:
+    """True when ``path`` lies inside ``folder``, matches ``template`` and its folder's manifest lists it:
+    the only files a callback may delete (a loaded checkpoint's list of files is data from outside)."""
+    path = Path(path)
+    try:
+        target = path.resolve()
+        root = folder.resolve()
+    except OSError:
+        return False
+    if root not in target.parents:
+        return False
+    if not template_regex(absolute_template(template)).fullmatch(str(target)):
+        return False
+    return target.name in read_manifest(target.parent)["files"]
+
+
+def inside(folder: Path, path: str | Path) -> bool:
+    """True when ``path`` resolves to a location strictly inside ``folder``."""
+    try:
+        return folder.resolve() in Path(path).resolve().parents
+    except OSError:
+        return False

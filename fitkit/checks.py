@@ -1,0 +1,218 @@
+"""Checks that need a batch: targets, dtypes and output structures against the loss and the model.
+
+Pure functions, run once on the first batch of a fit (never per batch: no host sync in the loop but the
+one deliberate read of the first batch's label range), plus :func:`explain_loss_error`, which turns a later
+raw torch error from the loss (an ``IndexError`` for a label out of range, a CUDA device-side assert, a
+shape or dtype ``RuntimeError``) into the same message. Each message says what was received, what is
+allowed, and how to fix it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Losses whose targets are class indices ``(N,)`` (or ``(N, d1, ...)``) in ``[0, num_classes)``.
+CLASSIFICATION_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
+#: Losses that compare outputs and targets element-wise and broadcast silently when their shapes differ.
+ELEMENTWISE_LOSSES = (
+    nn.MSELoss,
+    nn.L1Loss,
+    nn.HuberLoss,
+    nn.SmoothL1Loss,
+    nn.BCEWithLogitsLoss,
+    nn.BCELoss,
+)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, dict):
+        return f"a dict with keys {sorted(map(str, value))}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(type(v).__name__ for v in value[:4])})"
+    return f"a {type(value).__name__}"
+
+
+def _loss_name(loss_fn: Any) -> str:
+    return type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", "the loss")
+
+
+def check_loss_inputs(loss_fn: Any, outputs: Any, targets: Any) -> None:
+    """Raises a ``TypeError``/``ValueError`` when ``outputs`` and ``targets`` do not fit a built-in torch
+    loss: a tuple/dict of outputs, float or int32 class labels, ``(N, 1)`` labels, labels outside
+    ``[0, num_classes)`` (one host read of the batch's label range), or shapes an element-wise loss would
+    broadcast. Custom loss functions are not second-guessed."""
+    if not isinstance(loss_fn, CLASSIFICATION_LOSSES + ELEMENTWISE_LOSSES):
+        return
+    name = _loss_name(loss_fn)
+    if not isinstance(outputs, torch.Tensor):
+        raise TypeError(
+            f"{name} expects the model's output to be a tensor, but the model returned {_describe(outputs)}. "
+            "Return the logits tensor from forward, or compute the loss from the structure yourself: override "
+            "Trainer.compute_loss(inputs, targets, outputs) (e.g. return self.loss(outputs[0], targets))"
+        )
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{name} expects the targets to be a tensor, got {_describe(targets)}")
+    if isinstance(loss_fn, CLASSIFICATION_LOSSES):
+        _check_class_targets(loss_fn, name, outputs, targets)
+    elif outputs.shape != targets.shape:
+        fix = (
+            "targets.unsqueeze(1) (or y.reshape(-1, 1))"
+            if outputs.ndim == targets.ndim + 1 and outputs.shape[-1] == 1
+            else "targets of the outputs' shape"
+        )
+        raise ValueError(
+            f"{name}: the outputs have shape {tuple(outputs.shape)} but the targets {tuple(targets.shape)}; torch "
+            f"would broadcast them to {_broadcast(outputs, targets)} and train on a wrong loss. Pass {fix}, or "
+            "squeeze the model's output"
+        )
+
+
+def _broadcast(a: torch.Tensor, b: torch.Tensor) -> str:
+    try:
+        return str(tuple(torch.broadcast_shapes(a.shape, b.shape)))
+    except RuntimeError:
+        return "an error"
+
+
+def _check_class_targets(loss_fn: Any, name: str, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    if targets.is_floating_point():
+        if targets.shape == outputs.shape:
+            return  # class probabilities (soft labels): CrossEntropyLoss accepts them
+        raise TypeError(
+            f"{name} got {_describe(targets)} as targets: class labels must be integers (int64). Cast them: "
+            "y.long() (NumPy: y.astype('int64')); for class probabilities, pass targets of the outputs' shape "
+            f"{tuple(outputs.shape)}"
+        )
+    if targets.dtype not in (torch.int64, torch.uint8):
+        raise TypeError(
+            f"{name} got {targets.dtype} class labels but needs int64 (torch.long): cast them with y.long() "
+            "(NumPy: y.astype('int64')). Keras casts silently; fitkit says so to keep every batch free of casts"
+        )
+    if outputs.ndim >= 2 and targets.ndim == outputs.ndim and targets.shape[1] == 1 and outputs.shape[1] != 1:
+        raise ValueError(
+            f"{name}: the targets have shape {tuple(targets.shape)} but class labels must be {(outputs.shape[0],)} "
+            f"for outputs {tuple(outputs.shape)}: squeeze them with y.squeeze(1) (NumPy: y.ravel())"
+        )
+    if targets.numel() == 0 or outputs.ndim < 1:
+        return
+    num_classes = outputs.shape[1] if outputs.ndim >= 2 else outputs.shape[0]
+    ignore = getattr(loss_fn, "ignore_index", -100)
+    valid = targets[targets != ignore]
+    if valid.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.stack([valid.min(), valid.max()]).tolist())  # the one deliberate read
+    if low < 0 or high >= num_classes:
+        raise ValueError(_label_message(name, low if low < 0 else high, num_classes))
+
+
+def _label_message(name: str, label: int | None, num_classes: int | None) -> str:
+    which = f"the label {label}" if label is not None else "a label"
+    classes = f"{num_classes} classes" if num_classes is not None else "the model's number of classes"
+    allowed = f"[0, {num_classes})" if num_classes is not None else "[0, num_classes)"
+    return (
+        f"{name}: {which} is outside {allowed}: the model outputs {classes}. Make the last layer output as many "
+        "classes as the labels need (max label + 1), or remap the labels to 0..num_classes-1 (1-based labels: "
+        "y - 1)"
+    )
+
+
+def explain_loss_error(exc: BaseException, loss_fn: Any, outputs: Any, targets: Any) -> Exception | None:
+    """The fitkit error for a raw torch error the loss raised on a later batch, or None when it is not
+    one fitkit recognises. Reads no tensor value when the device is CUDA (after a device-side assert the
+    context is unusable)."""
+    text = str(exc)
+    name = _loss_name(loss_fn)
+    if "device-side assert" in text:
+        return RuntimeError(
+            f"a CUDA device-side assert fired while computing {name}: most often a class label outside "
+            "[0, num_classes) (the first batch's labels were checked; a later batch has one). "
+            + _label_message(name, None, None)
+            + ". Run on the CPU, or with CUDA_LAUNCH_BLOCKING=1, to see the batch"
+        )
+    if isinstance(exc, IndexError) and "out of bounds" in text and isinstance(outputs, torch.Tensor):
+        num_classes = outputs.shape[1] if outputs.ndim >= 2 else None
+        label = None
+        if isinstance(targets, torch.Tensor) and targets.device.type == "cpu" and num_classes is not None:
+            bad = targets[(targets < 0) | (targets >= num_classes)]
+            ignore = getattr(loss_fn, "ignore_index", -100)
+            bad = bad[bad != ignore]
+            label = int(bad[0]) if bad.numel() else None
+        return ValueError(_label_message(name, label, num_classes))
+    try:
+        check_loss_inputs(loss_fn, outputs, targets)
+    except (TypeError, ValueError) as explained:
+        return explained
+    return None
+
+
+def check_input_dtypes(inputs: Any, model: nn.Module, name: str = "the data") -> None:
+    """Raises a ``TypeError`` when floating inputs and the model's floating parameters differ in dtype
+    (float64 NumPy data for a float32 model, or the reverse); Keras would cast, fitkit says so (a cast on
+    every batch would cost time the user did not ask for)."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return
+    for tensor in _tensors(inputs):
+        if tensor.is_floating_point() and tensor.dtype != param.dtype:
+            data, model_dtype = str(tensor.dtype).replace("torch.", ""), str(param.dtype).replace("torch.", "")
+            raise TypeError(
+                f"{name}: the inputs are {data} but the model's parameters are {model_dtype}. Cast the data once "
+                f"(x.to(torch.{model_dtype}); NumPy: x.astype('{model_dtype}')), or the model "
+                f"(model.to(torch.{data})) before building the Trainer"
+            )
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def check_last_batch(model: nn.Module, loader: Any, steps_per_epoch: int | None) -> None:
+    """Raises a ``ValueError`` when the model has ``BatchNorm1d`` layers and the training data's last
+    batch holds a single sample (BatchNorm cannot compute batch statistics from one value per channel;
+    torch would fail at the end of the first epoch)."""
+    if not any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+        return
+    batch_size = getattr(loader, "batch_size", None)
+    if not isinstance(batch_size, int) or batch_size < 2 or getattr(loader, "drop_last", False):
+        return
+    sampler = getattr(loader, "sampler", None)
+    try:
+        samples = len(sampler) if sampler is not None else int(loader.num_samples)
+        batches = len(loader)
+    except (TypeError, AttributeError):
+        return
+    if samples % batch_size != 1 or (steps_per_epoch is not None and steps_per_epoch < batches):
+        return
+    fix = (
+        "DataLoader(..., drop_last=True)"
+        if sampler is not None
+        else "fit(..., drop_last=True) (or a batch_size that does not leave one sample)"
+    )
+    raise ValueError(
+        f"the training data's last batch (batch {batches - 1} of each epoch) holds 1 sample ({samples} samples, "
+        f"batch_size={batch_size}), and the model has BatchNorm1d layers, which need more than one value per "
+        f"channel in training. Drop the short batch with {fix}, or change batch_size"
+    )
+
+
+def warn_non_finite_loss(epoch: int, batch: int | None) -> None:
+    """The one report of a non-finite training loss in a fit (without TerminateOnNaN training goes on)."""
+    where = f"epoch {epoch + 1}" + (f", batch {batch}" if batch is not None else "")
+    warnings.warn(
+        f"the training loss became non-finite (NaN or inf) in {where}; the weights are probably ruined from "
+        "there on. Lower the learning rate, clip gradients (grad_clip_norm=1.0), check the data for NaN/inf, or "
+        "add fitkit.callbacks.TerminateOnNaN() to stop at the first such batch. (Reported once per fit.)",
+        stacklevel=3,
+    )
