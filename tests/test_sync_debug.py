@@ -26,6 +26,7 @@ from fitkit.callbacks import (
     LambdaCallback,
     LearningRateScheduler,
     LRScheduler,
+    MLflowLogger,
     ModelCheckpoint,
     ProgressBar,
     ReduceLROnPlateau,
@@ -51,6 +52,7 @@ def _every_builtin_callback(tmp_path: Path, optimizer: torch.optim.Optimizer) ->
         ReduceLROnPlateau(monitor="val_loss", patience=1),
         EarlyStopping(monitor="val_loss", patience=5),
         CSVLogger(tmp_path / "log.csv"),
+        MLflowLogger(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", log_every_n_steps=1),
         ProgressBar(refresh_interval=1e-9, file=_Terminal()),  # a refresh (a read) on every batch
         ProgressBar(mode="epoch", log_every_seconds=1e-9, file=io.StringIO()),  # a line on every batch
         LambdaCallback(on_batch_end=lambda batch, logs: None),
@@ -74,7 +76,8 @@ def _fit_under_recorder(tmp_path: Path, monkeypatch: Any, extra: tuple[Callback,
 def test_the_callbacks_here_are_every_builtin_one(tmp_path: Path):
     optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
     used = _every_builtin_callback(tmp_path, optimizer)
-    builtin = {getattr(callbacks, name) for name in callbacks.__all__} - {Callback, callbacks.MonitorCallback}
+    bases = {Callback, callbacks.MonitorCallback, callbacks.ExperimentLogger}
+    builtin = {getattr(callbacks, name) for name in callbacks.__all__} - bases
     builtin.discard(callbacks.History)  # every fit has one: the Trainer adds it
     missing = {cls.__name__ for cls in builtin if not any(isinstance(cb, cls) for cb in used)}
     assert not missing, f"add these to _every_builtin_callback, with their per-batch options on: {sorted(missing)}"

@@ -1,4 +1,5 @@
-"""fitkit's built-in callbacks. Optional dependencies (tensorboard) are imported when a callback is built."""
+"""fitkit's built-in callbacks. Optional dependencies (tensorboard, mlflow, optuna) are imported when a callback is
+built."""
 
 from fitkit.callbacks.backup_and_restore import BackupAndRestore
 from fitkit.callbacks.base import Callback
@@ -6,7 +7,9 @@ from fitkit.callbacks.csv_logger import CSVLogger
 from fitkit.callbacks.early_stopping import EarlyStopping
 from fitkit.callbacks.history import History
 from fitkit.callbacks.lambda_callback import LambdaCallback
+from fitkit.callbacks.logger import ExperimentLogger
 from fitkit.callbacks.lr_scheduler import LearningRateScheduler, LRScheduler, ReduceLROnPlateau
+from fitkit.callbacks.mlflow_logger import MLflowLogger
 from fitkit.callbacks.model_checkpoint import ModelCheckpoint
 from fitkit.callbacks.monitor import MonitorCallback
 from fitkit.callbacks.progress import ProgressBar
@@ -18,10 +21,12 @@ __all__ = [
     "CSVLogger",
     "Callback",
     "EarlyStopping",
+    "ExperimentLogger",
     "History",
     "LRScheduler",
     "LambdaCallback",
     "LearningRateScheduler",
+    "MLflowLogger",
     "ModelCheckpoint",
     "MonitorCallback",
     "ProgressBar",

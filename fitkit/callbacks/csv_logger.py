@@ -8,11 +8,13 @@ import warnings
 from pathlib import Path
 from typing import IO, Any
 
-from fitkit.callbacks.base import Callback, Logs
+from fitkit.callbacks.base import Logs
+from fitkit.callbacks.logger import ExperimentLogger
 
 
-class CSVLogger(Callback):
-    """Streams the epoch logs to a CSV file, as Keras's CSVLogger.
+class CSVLogger(ExperimentLogger):
+    """Streams the epoch logs to a CSV file, as Keras's CSVLogger (an
+    :class:`~fitkit.callbacks.logger.ExperimentLogger` that writes the epoch logs only).
 
     The columns are ``epoch`` (0-based, as Keras writes it) and the epoch-log keys of the first epoch,
     sorted; with validation data the ``val_`` columns are there from the start, also when
@@ -34,13 +36,12 @@ class CSVLogger(Callback):
     Runs on rank 0 only in a distributed run.
     """
 
-    rank_zero_only = True
-
     def __init__(self, filename: str | os.PathLike[str], separator: str = ",", append: bool = False) -> None:
         if not isinstance(separator, str) or len(separator) != 1:
             raise ValueError(f"separator must be a single character such as ',' or '\\t', got {separator!r}")
         if not isinstance(append, bool):
             raise TypeError(f"append must be True or False, got {append!r}")
+        super().__init__(log_every_n_steps=None)
         self.filename = Path(filename)
         self.sep = separator
         self.append = append
@@ -59,9 +60,9 @@ class CSVLogger(Callback):
         self._resumed = False
         # The part of the file that is ours to keep: with append, whatever is there already.
         self._bytes = self.filename.stat().st_size if self.append and self.filename.exists() else 0
+        super().on_train_begin(logs)
 
-    def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
-        logs = logs or {}
+    def log_epoch(self, epoch: int, logs: dict[str, float]) -> None:
         if self.keys is None:
             keys = set(logs)
             if getattr(self.trainer, "has_validation", False):
@@ -71,7 +72,7 @@ class CSVLogger(Callback):
             self.keys = sorted(keys)
         if self._writer is None:
             self._open()
-        row = {"epoch": epoch}
+        row: dict[str, Any] = {"epoch": epoch}
         row.update((key, logs.get(key, "NA")) for key in self.keys)
         self._writer.writerow(row)
         assert self._file is not None
@@ -79,7 +80,7 @@ class CSVLogger(Callback):
         self._bytes = os.fstat(self._file.fileno()).st_size  # a byte count (a text file's tell() is opaque)
         self.rows += 1
 
-    def on_train_end(self, logs: Logs | None = None) -> None:
+    def end_run(self, status: str) -> None:
         self._close()
 
     # -- file -----------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ class CSVLogger(Callback):
         self._file, self._writer = None, None
 
     # -- state ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:  # no step-level points: no seen_step to keep
         return {"rows": self.rows, "bytes": self._bytes, "keys": None if self.keys is None else list(self.keys)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -6,7 +6,6 @@ and the run's hyperparameters.
 
 from __future__ import annotations
 
-import numbers
 import os
 import warnings
 from pathlib import Path
@@ -14,7 +13,8 @@ from typing import Any
 
 import torch
 
-from fitkit.callbacks.base import Callback, Logs
+from fitkit.callbacks.base import Logs
+from fitkit.callbacks.logger import FINISHED, ExperimentLogger
 
 
 def _summary_writer_class() -> type:
@@ -32,15 +32,17 @@ def _detached(value: Any) -> Any:
     return value.detach() if isinstance(value, torch.Tensor) else value
 
 
-class TensorBoard(Callback):
+class TensorBoard(ExperimentLogger):
     """Writes TensorBoard event files with ``torch.utils.tensorboard.SummaryWriter``.
 
-    What is written, all in one run folder ``log_dir``:
+    What is written when follows the rule all loggers share (:class:`~fitkit.callbacks.logger.ExperimentLogger`),
+    all in one run folder ``log_dir``:
 
     * ``epoch/<key>`` for every number in the epoch logs (``loss``, metrics, ``val_*``, ``lr``);
     * with ``update_freq=N``, ``step/<key>`` every N optimizer steps for the batch logs (``loss``: the
       loss of the batch that completed the step) and ``step/lr``, the learning rate of param group 0
       that step used. Reading the loss is a host sync, made on those steps only;
+    * ``step/val_<key>`` for each step-level validation (``fit(validate_every_n_steps=N)``) at its step;
     * ``weights/<parameter name>`` histograms every ``histogram_freq`` epochs;
     * the model graph (``write_graph=True``): a forward pre-hook captures the first real input of the
       first training batch and removes itself; the graph is traced from that input, in eval mode, without
@@ -65,8 +67,6 @@ class TensorBoard(Callback):
     Runs on rank 0 only in a distributed run.
     """
 
-    rank_zero_only = True
-
     def __init__(
         self,
         log_dir: str | os.PathLike[str] = "runs",
@@ -90,23 +90,19 @@ class TensorBoard(Callback):
             )
         if not isinstance(write_graph, bool):
             raise TypeError(f"write_graph must be True or False, got {write_graph!r}")
+        super().__init__(None if update_freq == "epoch" else int(update_freq))
         self._summary_writer = _summary_writer_class()  # fail here, not after the first epoch
         self.log_dir = Path(log_dir)
         self.update_freq = update_freq
         self.histogram_freq = histogram_freq
         self.write_graph = write_graph
-        self._step_freq: int | None = None if update_freq == "epoch" else int(update_freq)
+        self._step_freq = self.log_every_n_steps
         self._writer: Any = None
         self._purge_step: int | None = None
         self._graph_written = False
         self._graph_hook: Any = None
         self._graph_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-        self._seen_step = 0
-        self._step_lr: float | None = None
-        self._last_batch_logs: Logs | None = None
-        self._final_logs: dict[str, float] | None = None
         self._hparams: dict[str, Any] = {}
-        self._failed = False
 
     # -- writer ---------------------------------------------------------------------------------
     @property
@@ -125,80 +121,41 @@ class TensorBoard(Callback):
     def on_train_begin(self, logs: Logs | None = None) -> None:
         self._close()
         self._purge_step = None
-        self._failed = False
-        self._final_logs = None
-        self._last_batch_logs = None
-        self._step_lr = None
-        self._seen_step = self.trainer.state.global_step
-        self._hparams = self._collect_hparams()
+        super().on_train_begin(logs)
+        self._hparams = self.trainer_params()
         if self.write_graph and not self._graph_written and self._graph_hook is None:
             self._graph_hook = self.model.register_forward_pre_hook(self._capture_input, with_kwargs=True)
-
-    def on_before_optimizer_step(self) -> None:
-        if self._step_freq is not None:
-            lr = self.trainer.optimizer.param_groups[0]["lr"]
-            if isinstance(lr, torch.Tensor):  # a capturable optimizer's rate lives on the device
-                with self.trainer.allow_sync():
-                    lr = float(lr)
-            self._step_lr = float(lr)
 
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if self._graph_inputs is not None:
             with self.trainer.allow_sync():  # tracing the graph runs the model once, on purpose
                 self._add_graph()
-        if self._step_freq is None:
-            return
-        self._last_batch_logs = logs
-        if self.trainer.state.global_step != self._seen_step:
-            self._step_done(logs)
-
-    def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
-        logs = logs or {}
-        step = self.trainer.state.global_step
-        if self._step_freq is not None and step != self._seen_step:
-            # Data of unknown length: the epoch's last, shorter group stepped after the last on_batch_end.
-            self._step_done(self._last_batch_logs)
-        x = max(step - 1, 0)
-        numbers_only = {k: float(v) for k, v in logs.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
-        for key, value in numbers_only.items():
-            self.writer.add_scalar(f"epoch/{key}", value, x)
-        if self.histogram_freq and (epoch + 1) % self.histogram_freq == 0:
-            for name, param in self.model.named_parameters():
-                self.writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), x)
-        self._final_logs = numbers_only
-        self.writer.flush()  # an epoch is worth seeing now, not in flush_secs
-
-    def on_exception(self, exception: BaseException) -> None:
-        self._failed = True
+        if self._step_freq is not None:
+            self.log_batch_steps(batch, logs)
 
     def on_train_end(self, logs: Logs | None = None) -> None:
         self._remove_graph_hook()
         self._graph_inputs = None
-        if not self._failed and self._final_logs:
-            self._add_hparams(self._final_logs)
-        self._close()
+        super().on_train_end(logs)
 
-    # -- per-step values ------------------------------------------------------------------------
-    def _step_done(self, logs: Logs | None) -> None:
-        step = self.trainer.state.global_step
-        assert self._step_freq is not None
-        # Every step in between counts, so that "every N steps" holds also when one batch makes several.
-        due = [s for s in range(self._seen_step + 1, step + 1) if s % self._step_freq == 0]
-        self._seen_step = step
-        if not due:
-            return
-        values = {k: v for k, v in (logs or {}).items() if isinstance(v, torch.Tensor) and v.numel() == 1}
-        with self.trainer.allow_sync():  # one host sync for all the batch's values, on logging steps only
-            floats = torch.stack([v.detach().reshape(()).float() for v in values.values()]).tolist() if values else []
-        x = due[-1] - 1
-        for key, value in zip(values, floats):
-            self.writer.add_scalar(f"step/{key}", value, x)
-        if self._step_lr is not None:
-            lr = self._step_lr
-        else:
-            with self.trainer.allow_sync():  # a device-side rate (capturable optimizers) is read back
-                lr = float(self.trainer.optimizer.param_groups[0]["lr"])
-        self.writer.add_scalar("step/lr", lr, x)
+    # -- writing (ExperimentLogger) -------------------------------------------------------------
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        x = max(self.trainer.state.global_step - 1, 0)
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"epoch/{key}", value, x)
+        if self.histogram_freq and (epoch + 1) % self.histogram_freq == 0:
+            for name, param in self.model.named_parameters():
+                self.writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), x)
+        self.writer.flush()  # an epoch is worth seeing now, not in flush_secs
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"step/{key}", value, step - 1)  # x: the 0-based index of the step
+
+    def end_run(self, status: str) -> None:
+        if status == FINISHED and self.final_logs:
+            self._add_hparams(self.final_logs)
+        self._close()
 
     # -- graph ----------------------------------------------------------------------------------
     def _capture_input(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -245,30 +202,6 @@ class TensorBoard(Callback):
             model.train(was_training)
 
     # -- hyperparameters ------------------------------------------------------------------------
-    def _collect_hparams(self) -> dict[str, Any]:
-        trainer = self.trainer
-        group = trainer.optimizer.param_groups[0]
-        loader = getattr(trainer, "train_loader", None)  # DataLoader and in-memory batches both say it
-        batch_size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "loader", None), "batch_size", None)
-        candidates = {
-            "optimizer": type(trainer.optimizer).__name__,
-            "lr": group.get("initial_lr", group["lr"]),
-            "weight_decay": group.get("weight_decay"),
-            "batch_size": batch_size,
-            "precision": getattr(trainer, "precision", None),
-            "accumulate_grad_batches": getattr(trainer, "accumulate_grad_batches", None),
-            "grad_clip_norm": getattr(trainer, "grad_clip_norm", None),
-            "grad_clip_value": getattr(trainer, "grad_clip_value", None),
-            "epochs": getattr(trainer, "epochs_planned", None),
-        }
-        hparams: dict[str, Any] = {}
-        for key, value in candidates.items():
-            if isinstance(value, torch.Tensor):
-                value = float(value)
-            if isinstance(value, (str, bool, int, float)):
-                hparams[key] = value
-        return hparams
-
     def _add_hparams(self, final_logs: dict[str, float]) -> None:
         from torch.utils.tensorboard.summary import hparams
 
@@ -281,15 +214,15 @@ class TensorBoard(Callback):
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
+            **super().state_dict(),  # seen_step
             "global_step": self.trainer.state.global_step,
-            "seen_step": self._seen_step,
             "graph_written": self._graph_written,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._close()
+        super().load_state_dict(state)
         self._purge_step = int(state["global_step"])
-        self._seen_step = int(state["seen_step"])
         if state["graph_written"]:
             self._graph_written = True
             self._remove_graph_hook()
