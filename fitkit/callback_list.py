@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fitkit.callbacks.base import HOOKS, Callback, Logs, check_hook_names, overrides
+from fitkit.callbacks.base import HOOKS, Callback, Logs, bound_hook, check_hook_names, hook_hint
 
 if TYPE_CHECKING:
     from fitkit.trainer import Trainer
@@ -33,9 +33,12 @@ class CallbackList:
         for callback in self.callbacks:
             check_hook_names(callback)
             callback.set_trainer(trainer)
+        # A Keras 3 name (on_train_batch_end, on_test_end, ...) is bound in the list of the fitkit hook it aliases.
         self.hooks: dict[str, list[Hook]] = {
-            name: [getattr(cb, name) for cb in self.callbacks if overrides(cb, name)] for name in HOOKS
+            name: [fn for cb in self.callbacks if (fn := bound_hook(cb, name)) is not None] for name in HOOKS
         }
+        for name, fn in trainer_hooks(trainer).items():  # a Trainer subclass's own hooks run first
+            self.hooks[name].insert(0, fn)
 
     def fire(self, hook: str, *args: Any) -> None:
         """Calls ``hook`` on every callback that overrides it, in list order."""
@@ -80,6 +83,27 @@ class CallbackList:
                 callback.load_state_dict(states[key])
             elif strict and callback.state_dict():
                 warnings.warn(f"the checkpoint holds no state for callback {key}; it starts fresh", stacklevel=4)
+
+
+def trainer_hooks(trainer: Trainer) -> dict[str, Hook]:
+    """The callback hooks a Trainer subclass defines (same names and signatures as :class:`Callback`'s),
+    bound to it: they run before the callbacks' in ``fit``, ``evaluate`` and ``predict``, so state such
+    as an RNN's hidden state is reset wherever batches run. An ``on_*`` method that is no hook is an error,
+    as in a callback."""
+    hooks: dict[str, Hook] = {}
+    for cls in type(trainer).__mro__:
+        if cls.__module__ == "fitkit.trainer" or cls is object:
+            break
+        for name, value in vars(cls).items():
+            if not name.startswith("on_") or not callable(value):
+                continue
+            if name not in HOOKS:
+                raise TypeError(
+                    f"{cls.__name__}.{name} is not a fitkit callback hook and would never be called; "
+                    f"{hook_hint(name)}. (Name helpers without the 'on_' prefix.)"
+                )
+            hooks.setdefault(name, getattr(trainer, name))
+    return hooks
 
 
 class HookTimer:

@@ -19,7 +19,7 @@ import os
 import socket
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,10 +35,10 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from fitkit import _compat
+from fitkit import _compat, strategies
 from fitkit.data import rebuild_loader
+from fitkit.strategies import DDPStrategy, FSDPStrategy, Strategy
 
-_STRATEGIES = ("auto", "ddp", "fsdp", "none")
 _setups = itertools.count()  # numbers each setup() in this process: every rank builds its Trainers in order
 
 
@@ -65,16 +65,14 @@ class DistInfo:
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     failure_key: str = ""
     closed_by: str | None = None
+    options: DDPStrategy | FSDPStrategy | None = None  # the strategy's settings (see fitkit.strategies)
     _sharded: weakref.WeakKeyDictionary[Any, Any] = field(default_factory=weakref.WeakKeyDictionary)
 
 
-def resolve_strategy(strategy: str) -> str:
-    if strategy not in _STRATEGIES:
-        raise ValueError(
-            f"unknown strategy {strategy!r}: use 'auto' (DDP when launched by torchrun with several "
-            "processes), 'ddp', 'fsdp' or 'none'"
-        )
-    return strategy
+def resolve_strategy(strategy: Strategy) -> str:
+    """The strategy's name: ``"auto"``, ``"ddp"``, ``"fsdp"`` or ``"none"`` (a DDPStrategy/FSDPStrategy
+    gives its own)."""
+    return strategies.resolve(strategy)[0]
 
 
 def _launched() -> bool:
@@ -83,12 +81,13 @@ def _launched() -> bool:
     )
 
 
-def setup(strategy: str, device: torch.device, timeout_s: float) -> DistInfo:
+def setup(strategy: Strategy, device: torch.device, timeout_s: float) -> DistInfo:
     """Joins (or starts) the process group when the strategy asks for it.
 
     Args:
         strategy: ``"auto"`` (distributed when launched with WORLD_SIZE > 1 or when the user initialised a
-            process group of several ranks), ``"ddp"``, ``"fsdp"`` or ``"none"``.
+            process group of several ranks), ``"ddp"``, ``"fsdp"``, ``"none"``, or a
+            :class:`~fitkit.strategies.DDPStrategy` / :class:`~fitkit.strategies.FSDPStrategy` with options.
         device: the device the Trainer resolved; a CUDA device is replaced by ``cuda:LOCAL_RANK``.
         timeout_s: seconds a collective waits before failing, for the groups fitkit creates.
     """
@@ -102,6 +101,7 @@ def setup(strategy: str, device: torch.device, timeout_s: float) -> DistInfo:
             f"process_group_timeout must be a finite number of seconds > 0, got {timeout_s!r}; it "
             "bounds how long a collective waits for a rank that stopped answering"
         )
+    strategy, options = strategies.resolve(strategy)
     if strategy == "none" or (strategy == "auto" and not _launched()):
         return DistInfo()
     if not dist.is_available():
@@ -154,10 +154,10 @@ def setup(strategy: str, device: torch.device, timeout_s: float) -> DistInfo:
         created_group=created,
         control_group=control,
         failure_key=f"fitkit/failure/{next(_setups)}",
+        options=options if options is not None else DDPStrategy(),  # "auto" under a launcher: DDP
     )
     if world_size > 1:
-        reduce_device = device if chosen_device is None else chosen_device
-        info.reduce = lambda values: _all_reduce_sum(values, reduce_device)
+        info.reduce = _SumOverRanks(device if chosen_device is None else chosen_device, info)
     return info
 
 
@@ -174,6 +174,21 @@ def _has_fsdp2() -> bool:
     return True
 
 
+class _SumOverRanks:
+    """``info.reduce``: sums the epoch's flat sums over the ranks; ``common_keys`` first agrees on their layout."""
+
+    def __init__(self, device: torch.device, info: DistInfo) -> None:
+        self.device, self.info = device, info
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        return _all_reduce_sum(values, self.device)
+
+    def common_keys(self, keys: list[str]) -> list[str]:
+        """The union of every rank's keys, in rank order (a host-side gather): a rank that saw no batch has
+        none, and its all-reduce must still have the length of the others' (a shorter one hangs nccl)."""
+        return list(dict.fromkeys(key for rank_keys in gather_object(list(keys), self.info) for key in rank_keys))
+
+
 def _all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Sums a small CPU float64 tensor over the ranks (through the GPU with nccl, which has no CPU path)."""
     if dist.get_backend() == "nccl":
@@ -187,27 +202,59 @@ def _all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 # -- the model ----------------------------------------------------------------------------------
 def wrap_model(
-    model: nn.Module, strategy: str, info: DistInfo, optimizer: torch.optim.Optimizer | None = None
+    model: nn.Module,
+    strategy: str,
+    info: DistInfo,
+    optimizers: Sequence[torch.optim.Optimizer] = (),
+    precision: str = "32",
 ) -> nn.Module:
-    """The module that runs training forward passes: DDP around ``model``, or ``model`` sharded in place
-    with FSDP2 (the optimizer's parameters are then swapped for the sharded ones, in place)."""
+    """The module that runs training forward passes: DDP around ``model`` (with ``info.options``), or
+    ``model`` sharded in place with FSDP2, block by block (:func:`shard_blocks`; every optimizer's
+    parameters are then swapped for the sharded ones, in place)."""
     if info.world_size == 1:
         return model
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         with torch.no_grad():  # rank 0's initial weights everywhere, as DDP does; fully_shard keeps each rank's
             for tensor in itertools.chain(model.parameters(), model.buffers()):
                 dist.broadcast(tensor, src=0)
         before = dict(model.named_parameters())
-        fully_shard(model)
-        if optimizer is not None:
+        options = info.options if isinstance(info.options, FSDPStrategy) else FSDPStrategy()
+        shard_blocks(model, options, precision)
+        for optimizer in optimizers:
             _swap_optimizer_params(optimizer, before, dict(model.named_parameters()))
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [info.device.index] if info.device is not None else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    ddp_options = info.options if isinstance(info.options, DDPStrategy) else DDPStrategy()
+    return DistributedDataParallel(model, device_ids=device_ids, **ddp_options.ddp_kwargs())
+
+
+def shard_blocks(model: nn.Module, options: FSDPStrategy, precision: str = "32") -> list[nn.Module]:
+    """``fully_shard`` on each block (:func:`fitkit.strategies.find_blocks`), deepest first, then on the root.
+
+    Returns the blocks. Each block's parameters are gathered just before its forward (and backward) and
+    freed after it (``reshard_after_forward``); the root keeps its own parameters gathered. With
+    ``precision="bf16"`` and ``options.mixed_precision``, the gathered parameters are bfloat16 and the
+    gradients are reduced in float32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if any(not p.is_contiguous() for p in model.parameters()):
+        raise ValueError(
+            "strategy='fsdp' cannot shard non-contiguous parameters (a model converted with "
+            "model.to(memory_format=torch.channels_last), say); keep the model contiguous: with "
+            "Trainer(channels_last=True) fitkit then makes only the inputs channels-last under FSDP"
+        )
+    policy = MixedPrecisionPolicy()
+    if precision == "bf16" and options.mixed_precision:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    blocks = strategies.find_blocks(model, options.block_classes)
+    depth = {id(m): len(name.split(".")) for name, m in model.named_modules()}
+    for block in sorted(blocks, key=lambda m: -depth[id(m)]):  # bottom-up: inner blocks before outer ones
+        fully_shard(block, reshard_after_forward=options.reshard_after_forward, mp_policy=policy)
+    fully_shard(model, reshard_after_forward=not blocks and options.reshard_after_forward, mp_policy=policy)
+    return blocks
 
 
 def _swap_optimizer_params(
@@ -315,6 +362,34 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     value = torch.tensor([int(flag)])
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control(info))
     return bool(value.item())
+
+
+class StopVote:
+    """The per-batch vote "does any rank stop?", asynchronous: started after a batch, read at the next one.
+
+    A host-side gloo all-reduce costs a round trip between the ranks (~0.3 ms on one machine), which a
+    synchronous vote after every batch adds to every step. Started once a batch is done (:meth:`start`)
+    and read once the next batch has been fetched (:meth:`stop_now`), it travels while that batch loads.
+    The decision still lands on the same step on every rank: a rank that wants to stop after batch ``i``
+    does not step on batch ``i + 1`` either, since every rank reads the vote before stepping on it.
+    """
+
+    def __init__(self, info: DistInfo) -> None:
+        self.info = info
+        self._value: torch.Tensor | None = None
+        self._work: Any = None
+
+    def start(self, flag: bool) -> None:
+        self._value = torch.tensor([int(flag)])
+        self._work = dist.all_reduce(self._value, op=dist.ReduceOp.MAX, group=_control(self.info), async_op=True)
+
+    def stop_now(self) -> bool:
+        """The last started vote's result (True when any rank voted to stop); False when none is pending."""
+        if self._work is None or self._value is None:
+            return False
+        work, self._work = self._work, None
+        work.wait()
+        return bool(self._value.item())
 
 
 def any_signal(signum: int | None, info: DistInfo) -> int | None:
@@ -518,12 +593,7 @@ def shard_eval(loader: Any, info: DistInfo) -> Any:
     from fitkit.data import InMemoryLoader
 
     if isinstance(loader, InMemoryLoader):
-        sharded: Any = InMemoryLoader(
-            loader.x[info.rank :: info.world_size],
-            loader.y[info.rank :: info.world_size],
-            loader.batch_size,
-            shuffle=False,
-        )
+        sharded: Any = loader.subset(slice(info.rank, None, info.world_size))
     elif (
         isinstance(loader, DataLoader)
         and isinstance(loader.dataset, Sized)  # a map-style dataset that says its length
@@ -546,6 +616,14 @@ def shard_eval(loader: Any, info: DistInfo) -> Any:
     with contextlib.suppress(TypeError):
         info._sharded[loader] = sharded
     return sharded
+
+
+def shard_predict(loader: Any, info: DistInfo) -> tuple[Any, bool]:
+    """``predict``'s per-rank share of ``loader`` (as :func:`shard_eval` splits it) and whether it is
+    strided: rank r holds samples r, r + world_size, ... of the data in order. False when every rank reads
+    all of it (one process, FSDP, or data that cannot be split)."""
+    sharded = shard_eval(loader, info)
+    return sharded, sharded is not loader and not isinstance(sharded, _Replicated)
 
 
 class _Replicated:
@@ -584,6 +662,10 @@ class _ShardedInMemory:
     def num_samples(self) -> int:
         return self.loader.num_samples
 
+    @property
+    def pin_memory(self) -> bool:
+        return bool(self.loader.pin_memory)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -591,12 +673,18 @@ class _ShardedInMemory:
         self._skip = num_batches
 
     def __len__(self) -> int:
+        if self.loader.drop_last:
+            return self.per_rank // self.loader.batch_size
         return -(-self.per_rank // self.loader.batch_size)
 
     def __iter__(self) -> Iterator[Any]:
-        return self._batches()
+        # The epoch's indices are made and copied to the device here, eagerly: the loop calls iter()
+        # before its debug_sync window opens, and a pageable host-to-device copy is a sync.
+        mine, skip = self._indices()
+        self._skip = 0
+        return self._batches(mine, skip)
 
-    def _batches(self) -> Iterator[Any]:
+    def _indices(self) -> tuple[torch.Tensor, int]:
         n, world = self.loader.num_samples, self.info.world_size
         if self.loader.shuffle:
             g = torch.Generator()
@@ -606,9 +694,10 @@ class _ShardedInMemory:
             order = torch.arange(n)
         total = self.per_rank * world
         padded = order.repeat(-(-total // n))[:total]  # DistributedSampler's padding
-        mine = padded[self.info.rank :: world].to(self.loader.x.device)
-        skip, self._skip = self._skip, 0
+        return padded[self.info.rank :: world].to(self.loader.device), self._skip
+
+    def _batches(self, mine: torch.Tensor, skip: int) -> Iterator[Any]:
         size = self.loader.batch_size
-        for start in range(skip * size, len(mine), size):
+        for start in range(skip * size, len(self) * size if self.loader.drop_last else len(mine), size):
             index = mine[start : start + size]
-            yield self.loader.x[index], self.loader.y[index]
+            yield self.loader.batch(index)

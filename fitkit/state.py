@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -12,17 +12,25 @@ class TrainerState:
 
     Attributes:
         epoch: the current (or next) epoch, 0-based as in Keras; messages print ``epoch + 1``.
-        global_step: optimizer steps taken since the first ``fit`` (accumulation groups count once).
+        global_step: training iterations in which an optimizer stepped, since the first ``fit``
+            (accumulation groups count once; a GAN's two optimizer steps on one batch count once).
+        optimizer_steps: each optimizer's own steps, by the name in ``trainer.optimizers``.
         batch_in_epoch: training batches consumed in the current epoch; 0 at an epoch boundary.
         should_stop: set by ``trainer.stop()`` or ``trainer.stop_training = True``.
         stop_reason: a short human-readable reason, set by whoever stopped training.
+        last_validation_step: the ``global_step`` of the last finished validation in ``fit`` (None: none
+            yet); a run resumed from before a step-level validation finished runs it again.
+        train_time: seconds spent in ``fit``'s loop, summed across resumes (``max_time`` reads it).
     """
 
     epoch: int = 0
     global_step: int = 0
+    optimizer_steps: dict[str, int] = field(default_factory=dict)
     batch_in_epoch: int = 0
     should_stop: bool = False
     stop_reason: str | None = None
+    last_validation_step: int | None = None
+    train_time: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import itertools
+import math
 import signal
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -24,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from fitkit import _compat, arguments, checkpoint, distributed, rng
+from fitkit import _compat, arguments, checkpoint, checks, distributed, rng, schedule, tensor_batches
 from fitkit.callback_list import CallbackList, HookTimer
 from fitkit.callbacks.base import Callback
 from fitkit.callbacks.history import History
@@ -36,6 +38,7 @@ from fitkit.loaders import SkippableLoader, as_loader, concat_outputs, data_sign
 from fitkit.metrics import Metric, get_metric
 from fitkit.signals import SignalGuard, TrainingInterrupted
 from fitkit.state import GradientAccumulation, TrainerState
+from fitkit.strategies import DDPStrategy, FSDPStrategy
 from fitkit.tracker import EpochTracker
 
 
@@ -58,10 +61,14 @@ class _FitPlan:
     """What one ``fit`` call iterates, resolved from its arguments before any hook runs."""
 
     train_loader: Any
-    val_loader: Any
-    epochs: int
+    val_loaders: dict[str | None, Any]  # {set name: loader}; a single set is named None; empty: no validation
+    epochs: int | None  # None: until a max_steps/max_time budget ends the run
     steps_per_epoch: int | None
     validate_at: Callable[[int], bool]
+    step_validation: schedule.StepValidation | None = None
+    validation_steps: int | None = None
+    max_steps: int | None = None
+    max_time: float | None = None
 
 
 class Trainer:
@@ -69,10 +76,16 @@ class Trainer:
 
     Args:
         model: any ``torch.nn.Module``; moved to ``device`` when the Trainer is built.
-        optimizer: a ``torch.optim.Optimizer`` over the model's parameters, or a name (``"adam"``,
-            ``"adamw"``, ``"sgd"``, ``"rmsprop"``, ``"adagrad"``) built with Keras's default learning rate.
-        loss: a callable ``(outputs, targets) -> 0-dim tensor`` (an ``nn.Module`` loss included) or a name
-            (``"cross_entropy"``, ``"mse"``, ``"mae"``, ``"huber"``, ``"bce_with_logits"``, ``"nll"``, ...).
+        optimizer: a ``torch.optim.Optimizer`` over the model's parameters, a name (``"adam"``,
+            ``"adamw"``, ``"sgd"``, ``"rmsprop"``, ``"adagrad"``) built with Keras's default learning rate, or
+            a dict of named optimizers (``{"generator": opt_g, "discriminator": opt_d}``) for a custom
+            :meth:`train_step` that steps each with :meth:`optimizer_step`. An optimizer whose ``step``
+            needs a closure (``LBFGS``) is driven with one by the default step.
+        loss: a callable ``(outputs, targets) -> 0-dim tensor`` (an ``nn.Module`` loss included, also one
+            with learnable parameters held by an optimizer), a name (``"cross_entropy"``, ``"mse"``,
+            ``"mae"``, ``"huber"``, ``"bce_with_logits"``, ``"nll"``, ...), or None when the model's output
+            holds the loss (a mapping with a ``"loss"`` key or an object with a ``.loss`` attribute) or a
+            subclass's :meth:`compute_loss` computes it.
         metrics: metric names, ``fitkit.metrics.Metric`` objects, ``torchmetrics`` metrics or functions
             ``(outputs, targets) -> 0-dim tensor``; logged as ``<name>`` and ``val_<name>``.
         callbacks: ``fitkit.Callback`` objects, run in list order; a ``History`` (and, with ``verbose``, a
@@ -86,9 +99,11 @@ class Trainer:
             equals one step on a batch that many times larger (sample-weighted, also for a shorter last group).
         verbose: 0 silent, 1 a progress bar (a line per epoch off a terminal), 2 a line per epoch.
         compile: wrap the model's forward with ``torch.compile`` (checkpoints keep the plain module's keys).
-        channels_last: use the channels-last memory format for the model and 4-D inputs.
+        channels_last: use the channels-last memory format for the model and 4-D inputs (under FSDP, for
+            the inputs only: FSDP2 shards contiguous parameters, and convolutions follow the input's format).
         strategy: ``"auto"`` (DDP when launched by torchrun with several processes), ``"ddp"``, ``"fsdp"``
-            or ``"none"``.
+            or ``"none"``; a :class:`~fitkit.DDPStrategy` or :class:`~fitkit.FSDPStrategy` sets their options
+            (``find_unused_parameters``, the blocks FSDP shards one by one, ...).
         debug_sync: on CUDA, make torch warn at every host-device synchronisation in the batch loops
             (training and validation), to find the ones your own code adds; ``"error"`` raises instead.
             fitkit's deliberate syncs (epoch logs, progress refreshes, checkpoint writes, fp16's GradScaler
@@ -96,13 +111,17 @@ class Trainer:
         handle_signals: on SIGINT/SIGTERM, stop at the next batch boundary, let checkpoint callbacks save,
             then exit with the conventional status (KeyboardInterrupt / exit code 143).
         process_group_timeout: seconds a collective waits before failing, when fitkit starts the process group.
+        fast_tensor_batches: cut the batches of a training ``DataLoader(TensorDataset(...))`` (default
+            collate, no workers) by indexing its tensors with the loader's own sampler indices, instead of
+            collating samples one by one: the same batches and random draws, bit for bit, at in-memory
+            speed. False: always iterate the DataLoader itself.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | str,
-        loss: Callable[[Any, Any], torch.Tensor] | str,
+        optimizer: torch.optim.Optimizer | str | Mapping[str, torch.optim.Optimizer],
+        loss: Callable[[Any, Any], torch.Tensor] | str | None,
         metrics: Sequence[Any] | None = None,
         callbacks: Sequence[Callback] | None = None,
         *,
@@ -114,10 +133,11 @@ class Trainer:
         verbose: int = 1,
         compile: bool = False,
         channels_last: bool = False,
-        strategy: str = "auto",
+        strategy: str | DDPStrategy | FSDPStrategy = "auto",
         debug_sync: bool | str = False,
         handle_signals: bool = True,
         process_group_timeout: float = 1800.0,
+        fast_tensor_batches: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -132,21 +152,31 @@ class Trainer:
         self.callbacks: list[Callback] = arguments.check_callbacks(callbacks)
 
         self.strategy = distributed.resolve_strategy(strategy)
-        self._dist = distributed.setup(self.strategy, self.device, process_group_timeout)
+        self._dist = distributed.setup(strategy, self.device, process_group_timeout)  # with its options
         if self._dist.device is not None:
             self.device = self._dist.device
+        if self.device.type == "cuda":  # the current device: its generator is the one checkpoints save (rng)
+            torch.cuda.set_device(self.device)
         self.model = model.to(self.device)
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        if channels_last and not distributed.is_fsdp(self._dist):  # FSDP shards contiguous parameters only:
+            self.model = self.model.to(memory_format=torch.channels_last)  # there the inputs alone are converted
         self.channels_last = channels_last
-        self.optimizer = arguments.resolve_optimizer(optimizer, self.model)
-        arguments.check_optimizer_holds_model(self.optimizer, self.model)
+        self.optimizers = arguments.resolve_optimizers(optimizer, self.model)
         self.loss = arguments.resolve_loss(loss)
+        if isinstance(self.loss, nn.Module):  # a learnable loss (its parameters may be in an optimizer)
+            self.loss.to(self.device)
+        arguments.check_optimizers_hold_model(self.optimizers, self.model, self.loss)
+        self._closure_optimizers = [name for name, opt in self.optimizers.items() if arguments.needs_closure(opt)]
+        arguments.check_step_setup(
+            self.optimizers, self._closure_optimizers, self.precision, self.accumulate_grad_batches
+        )
         self.metrics: list[Metric] = arguments.check_metric_names([get_metric(m) for m in (metrics or [])])
         self._val_metrics = [copy.deepcopy(m) for m in self.metrics]
 
         # The module that runs forward passes in training: compiled and/or wrapped for DDP.
-        self._train_module: nn.Module = distributed.wrap_model(self.model, self.strategy, self._dist, self.optimizer)
+        self._train_module: nn.Module = distributed.wrap_model(
+            self.model, self.strategy, self._dist, list(self.optimizers.values()), precision=self.precision
+        )
         self._eval_module: nn.Module = self.model
         if compile:
             self._train_module = torch.compile(self._train_module)  # type: ignore[assignment]
@@ -164,8 +194,24 @@ class Trainer:
         self._eval_tracker = EpochTracker(self._val_metrics)
         self._accumulation = GradientAccumulation()
         self._epoch_rng: dict[str, Any] | None = None  # the generators before this epoch's iter(loader)
+        # The generators before an epoch's validation, while it runs: a checkpoint written then (SIGTERM)
+        # records them, so the resumed run validates again from the same random state (exact resume).
+        self._rng_before_validation: dict[str, Any] | None = None
+        self.resumed_from: Path | None = None  # the checkpoint the current fit continues, if any
+        self._check_batch = self._check_inputs = True  # fitkit's first-batch checks (checks.py) still to run
+        self._non_finite_reported = False
+        if not isinstance(fast_tensor_batches, bool):
+            raise TypeError(f"fast_tensor_batches must be True or False, got {fast_tensor_batches!r}")
+        self.fast_tensor_batches = fast_tensor_batches
         # Per fit: what runs and how.
-        self.epochs_planned = 0
+        self.epochs_planned: int | None = 0  # None: until max_steps/max_time ends the run
+        self.validate_every_n_steps: int | None = None
+        self.num_val_batches: dict[str | None, int | None] = {}  # per validation set (None: the single set)
+        self.validation_set: str | None = None  # the named set being validated now (None: the single set)
+        self.predicting_sharded = False  # predict: each rank predicts its own share (see predict)
+        self._fast_batches = False  # this fit iterates a TensorDataset loader with tensor_batches
+        self._plan = _FitPlan(None, {}, 0, None, lambda epoch: False)
+        self._budget = schedule.Budget(None, None, self.state, decides=True)
         self.has_validation = False
         self.num_train_batches: int | None = None
         self._train_loader: Any = None
@@ -178,6 +224,13 @@ class Trainer:
         self._hooks_timed = False  # set once a HookTimer has measured this trainer's per-batch hooks
         self._sync_debug_on = False  # inside a debug_sync window (see _sync_window)
         self._last_scale: torch.Tensor | None = None
+        self._stepped = False  # an optimizer stepped in this iteration (GradScaler.update and global_step)
+        self._trainable_params: dict[str, list[torch.Tensor]] = {}  # backward(optimizer=name)'s inputs
+        self._per_sample_loss: Callable[..., torch.Tensor] | None = None  # the loss with reduction="none"
+        self._class_weight: torch.Tensor | None = None  # fit(class_weight=...) as a tensor by class index
+        # What the per-batch hooks see: the batch on the device and the model's outputs of this step.
+        self.batch: Any = None
+        self.outputs: Any = None
 
     # -- public handles -------------------------------------------------------------------------
     @property
@@ -200,6 +253,24 @@ class Trainer:
         """Ends training after the current batch (and the epoch's end hooks), recording why."""
         self.state.should_stop = True
         self.state.stop_reason = reason
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer, when the trainer has one (see :attr:`optimizers` for several)."""
+        if len(self.optimizers) != 1:
+            raise AttributeError(
+                f"this trainer has {len(self.optimizers)} optimizers ({', '.join(self.optimizers)}): use "
+                f"trainer.optimizers[name], e.g. trainer.optimizers[{next(iter(self.optimizers))!r}]"
+            )
+        return next(iter(self.optimizers.values()))
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        name = next(iter(self.optimizers)) if len(self.optimizers) == 1 else None
+        if name is None:
+            raise AttributeError("this trainer has several optimizers: replace one in trainer.optimizers[name]")
+        self.optimizers = {name: optimizer}
+        self._trainable_params.clear()
 
     @property
     def train_loader(self) -> Any:
@@ -254,47 +325,79 @@ class Trainer:
         train_data: Any,
         val_data: Any = None,
         *,
-        epochs: int = 1,
+        epochs: int | None = None,
         initial_epoch: int = 0,
         steps_per_epoch: int | None = None,
-        validation_freq: int | Sequence[int] = 1,
+        validation_freq: int | Sequence[int] | None = 1,
         batch_size: int | None = None,
         shuffle: bool = True,
         validation_split: float = 0.0,
         resume: str | Path | None = None,
+        sample_weight: Any = None,
+        class_weight: Mapping[int, float] | None = None,
+        drop_last: bool = False,
+        validate_every_n_steps: int | None = None,
+        validation_steps: int | None = None,
+        max_steps: int | None = None,
+        max_time: float | datetime.timedelta | None = None,
     ) -> History:
         """Trains for ``epochs`` epochs (counted from 0, so ``epochs`` is the index to stop before).
 
         Args:
-            train_data: a DataLoader (or any re-iterable of ``(inputs, targets)`` batches), or an ``(x, y)``
-                tuple of tensors/NumPy arrays with ``batch_size``.
-            val_data: the same kinds, evaluated after each ``validation_freq``-th epoch.
+            train_data: a DataLoader (or any re-iterable of batches), or in-memory tensors/NumPy arrays
+                with ``batch_size``. Batches are read as Keras reads them: ``x`` (a tensor or a dict),
+                ``(x,)`` (no targets: see :meth:`compute_loss`), ``(x, y)`` or ``(x, y, sample_weight)``.
+            val_data: the same kinds, evaluated after each ``validation_freq``-th epoch; or a dict of named
+                sets, ``{"clean": dl1, "noisy": dl2}``, logged as ``val_clean_loss``, ``val_noisy_loss``, ...
             epochs: the epoch to stop before, as in Keras (``initial_epoch=5, epochs=10`` trains 5 epochs).
+                Default: 1; with ``max_steps``, as many epochs as those steps need; with ``max_time`` alone,
+                no limit.
             initial_epoch: the epoch to start at (ignored when ``resume`` restores a position).
             steps_per_epoch: use at most this many batches per epoch (a new iterator every epoch).
-            validation_freq: validate every N epochs (int), or after the listed 1-based epochs (Keras).
+            validation_freq: validate every N epochs (int), or after the listed 1-based epochs (Keras);
+                0 or None: no epoch-level validation (with ``validate_every_n_steps``).
             batch_size: batch size for in-memory data (default 32, as in Keras).
             shuffle: shuffle in-memory training data every epoch (DataLoaders keep their own sampler).
             validation_split: fraction of in-memory training data held out for validation, taken from
                 the end before shuffling (as in Keras).
             resume: a checkpoint path to continue from exactly, or ``"auto"`` for the newest good
                 checkpoint of this trainer's checkpoint callbacks (none found: start from scratch).
+            sample_weight: per-sample weights ``(N,)`` for in-memory training data (Keras): the loss of a
+                batch is the batch mean of ``weight * per-sample loss``.
+            class_weight: ``{class_index: weight}`` (Keras): each training sample's loss is weighted by its
+                class's weight (classes not listed weigh 1.0); validation is not weighted.
+            drop_last: leave out a last, shorter batch of in-memory training data.
+            validate_every_n_steps: also validate after every N-th optimizer step of the run (counted
+                across resumes); monitoring callbacks then decide after every validation. Step-level
+                validations leave the random generators as they found them.
+            validation_steps: at most this many batches of each validation set per validation.
+            max_steps: stop once ``trainer.global_step`` reaches this many optimizer steps.
+            max_time: stop at the first batch boundary after this much training time (seconds or a
+                ``datetime.timedelta``; wall time in ``fit``'s loop, summed across resumes).
 
         Returns:
             the :class:`History` of this call.
         """
         plan = self._prepare_fit(
             train_data, val_data, epochs, initial_epoch, steps_per_epoch, validation_freq, batch_size, shuffle,
-            validation_split,
+            validation_split, sample_weight=sample_weight, class_weight=class_weight, drop_last=drop_last,
+            validate_every_n_steps=validate_every_n_steps, validation_steps=validation_steps, max_steps=max_steps,
+            max_time=max_time,
         )  # fmt: skip
         with self._signals:
             try:
                 self._callbacks.fire("on_train_begin", {})
                 self._resume(resume)
-                if self.state.epoch >= epochs:
+                if plan.epochs is not None and self.state.epoch >= plan.epochs:
                     warnings.warn(
-                        f"nothing to train: the run is at epoch {self.state.epoch} and epochs={epochs}; "
+                        f"nothing to train: the run is at epoch {self.state.epoch} and epochs={plan.epochs}; "
                         "pass a larger epochs= to train further",
+                        stacklevel=2,
+                    )
+                elif plan.max_steps is not None and self.state.global_step >= plan.max_steps:
+                    warnings.warn(
+                        f"nothing to train: the run is at step {self.state.global_step} and "
+                        f"max_steps={plan.max_steps}; pass a larger max_steps= to train further",
                         stacklevel=2,
                     )
                 self._fit_loop(plan)
@@ -312,37 +415,65 @@ class Trainer:
         self,
         train_data: Any,
         val_data: Any,
-        epochs: int,
+        epochs: int | None,
         initial_epoch: int,
         steps_per_epoch: int | None,
-        validation_freq: int | Sequence[int],
+        validation_freq: int | Sequence[int] | None,
         batch_size: int | None,
         shuffle: bool,
         validation_split: float,
+        *,
+        sample_weight: Any = None,
+        class_weight: Mapping[int, float] | None = None,
+        drop_last: bool = False,
+        validate_every_n_steps: int | None = None,
+        validation_steps: int | None = None,
+        max_steps: int | None = None,
+        max_time: Any = None,
     ) -> _FitPlan:
         """Checks fit's arguments, builds the loaders and binds this fit's callbacks; runs no hook."""
-        arguments.check_int(epochs, "epochs", 0)
+        if epochs is not None:
+            arguments.check_int(epochs, "epochs", 0)
         arguments.check_int(initial_epoch, "initial_epoch", 0)
         if steps_per_epoch is not None:
             arguments.check_int(steps_per_epoch, "steps_per_epoch", 1)
-        validate_at = arguments.validation_schedule(validation_freq)
+        every = schedule.check_optional_int(validate_every_n_steps, "validate_every_n_steps", "optimizer steps")
+        validation_steps = schedule.check_optional_int(validation_steps, "validation_steps", "batches per set")
+        max_steps = schedule.check_optional_int(max_steps, "max_steps", "optimizer steps of the whole run")
+        max_time = schedule.resolve_max_time(max_time)
+        validate_at = arguments.validation_schedule(schedule.check_validation_freq(validation_freq, every))
         if not 0.0 <= validation_split < 1.0:
             raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
         if validation_split and val_data is not None:
             raise ValueError("pass either val_data or validation_split, not both")
         if validation_split:
             train_data, val_data = split_in_memory(train_data, validation_split)
-        train_loader = self._as_loader(train_data, batch_size, shuffle, "train_data", training=True)
-        val_loader = None if val_data is None else self._as_loader(val_data, batch_size, False, "val_data")
+        train_loader = self._as_loader(
+            train_data, batch_size, shuffle, "train_data", training=True, sample_weight=sample_weight,
+            drop_last=drop_last,
+        )  # fmt: skip
+        self._class_weight = arguments.class_weight_tensor(class_weight, self.device)
+        val_loaders = {} if val_data is None else self._as_val_loaders(val_data, batch_size, "val_data")
+        if every is not None and not val_loaders:
+            raise ValueError(
+                f"validate_every_n_steps={every} needs validation data; pass val_data (or validation_split)"
+            )
         self._train_loader = train_loader
-        self.has_validation = val_loader is not None
-        self.epochs_planned = epochs
+        self._fast_batches = self.fast_tensor_batches and tensor_batches.eligible(train_loader)
+        self.has_validation = bool(val_loaders)
         self.num_train_batches = num_batches(train_loader, steps_per_epoch)
         if self.num_train_batches == 0:
             raise ValueError(
                 "train_data yields no batches (an empty dataset, or drop_last=True with fewer "
                 "samples than batch_size); fit has nothing to train on"
             )
+        steps_in_epoch = (
+            None if self.num_train_batches is None else -(-self.num_train_batches // self.accumulate_grad_batches)
+        )
+        epochs = schedule.epochs_for(epochs, max_steps, max_time, steps_in_epoch)
+        self.epochs_planned = epochs
+        self.validate_every_n_steps = every
+        self.num_val_batches = {name: num_batches(loader, validation_steps) for name, loader in val_loaders.items()}
 
         self.history = History()
         extra: list[Callback] = [self.history]
@@ -356,27 +487,65 @@ class Trainer:
         self.state.should_stop, self.state.stop_reason = False, None
         self.state.epoch, self.state.batch_in_epoch = initial_epoch, 0
         self._deferred.clear()
-        return _FitPlan(train_loader, val_loader, epochs, steps_per_epoch, validate_at)
+        checks.check_last_batch(self.model, train_loader, steps_per_epoch)
+        if (
+            steps_per_epoch is not None
+            and self.num_train_batches is not None
+            and self.num_train_batches < steps_per_epoch
+        ):
+            warnings.warn(
+                f"steps_per_epoch={steps_per_epoch} but train_data holds {self.num_train_batches} batches: each "
+                f"epoch ends after {self.num_train_batches} (the data runs out). Lower steps_per_epoch, or repeat "
+                "the data",
+                stacklevel=3,
+            )
+        self.resumed_from, self._rng_before_validation = None, None
+        self._check_batch = self._check_inputs = True
+        self._non_finite_reported = False
+        return _FitPlan(
+            train_loader, val_loaders, epochs, steps_per_epoch, validate_at,
+            step_validation=None if every is None else schedule.StepValidation(every),
+            validation_steps=validation_steps, max_steps=max_steps, max_time=max_time,
+        )  # fmt: skip
 
     def _fit_loop(self, plan: _FitPlan) -> None:
         """The epochs: train, validate when scheduled, ``on_epoch_end``, deferred writes, stop check."""
         callbacks = self._callbacks
-        for epoch in range(self.state.epoch, plan.epochs):
+        self._plan = plan
+        # Started after a resume loaded the time already spent; only rank 0's clock decides (see Budget).
+        self._budget = schedule.Budget(plan.max_steps, plan.max_time, self.state, decides=self.is_global_zero)
+        epochs = itertools.count(self.state.epoch) if plan.epochs is None else range(self.state.epoch, plan.epochs)
+        if plan.max_steps is not None and self.state.global_step >= plan.max_steps:
+            return  # resumed at the step budget: nothing to train (fit warned)
+        for epoch in epochs:
             self.state.epoch = epoch
             if self.state.batch_in_epoch == 0:  # a resumed epoch already ran on_epoch_begin
                 self._train_tracker.reset()
                 callbacks.fire("on_epoch_begin", epoch, {})
             logs = self._run_epoch(plan.train_loader, epoch, plan.steps_per_epoch)
-            if plan.val_loader is not None and plan.validate_at(epoch) and not self._interrupted():
-                logs.update(self._evaluate(plan.val_loader, "val_", callbacks))
+            if not self._non_finite_reported and not math.isfinite(logs.get("loss", 0.0)):
+                self._report_non_finite(epoch)
+            if plan.val_loaders and plan.validate_at(epoch) and not self._interrupted():
+                # Kept until validation completes (not in a finally: on_exception's checkpoint needs it).
+                self._rng_before_validation = rng.capture(plan.train_loader)
+                logs.update(self._epoch_validation(plan))
+                self._rng_before_validation = None
             self._check_interrupt()
-            logs["lr"] = float(self.optimizer.param_groups[0]["lr"])
+            logs.update(self._lr_logs())
+            self._budget.elapsed()  # state.train_time, for the checkpoints written at the epoch's end
             callbacks.fire("on_epoch_end", epoch, logs)
             self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
             self._run_deferred()
             self.state.should_stop = distributed.any_rank(self.state.should_stop, self._dist)
             if self.state.should_stop:
                 break
+
+    def _report_non_finite(self, epoch: int) -> None:
+        """Warns once per fit, naming the epoch and the first bad batch (read back now, not per batch)."""
+        self._non_finite_reported = True
+        found = self._train_tracker.first_non_finite()
+        batch = None if found is None else self.state.batch_in_epoch - found[1] + found[0]
+        checks.warn_non_finite_loss(epoch, batch)
 
     def _fit_failed(self, exc: BaseException) -> BaseException:
         """Runs ``on_exception`` and returns what ``fit`` raises: a signal's conventional exit, the
@@ -399,33 +568,50 @@ class Trainer:
         tracker, total, state = self._train_tracker, self.num_train_batches, self.state
         accumulation, k = self._accumulation, self.accumulate_grad_batches
         sync_stop = self._dist.world_size > 1  # every rank must leave the loop at the same step
+        vote = distributed.StopVote(self._dist) if sync_stop else None  # started after a batch, read at the next
+        voted_stop = False
         train_step = self.train_step
+        step_validation, budget = self._plan.step_validation, self._budget
+        check_budget = budget.max_steps is not None or budget.max_time is not None
         batches = self._epoch_batches(loader, epoch, steps)
+        if step_validation is not None and state.batch_in_epoch > 0 and step_validation.due(state):
+            self._step_validation()  # resumed from a checkpoint written before this step's validation finished
+            if state.should_stop:
+                batches = iter(())
         with self._sync_window():
             for batch in batches:
+                if vote is not None and vote.stop_now():  # a rank stopped after the last batch: all stop there
+                    voted_stop = True
+                    break
                 batch_idx = state.batch_in_epoch
                 for fn in batch_begin:
                     fn(batch_idx, {})
-                batch = self._to_device(batch)
+                self.batch = batch = self._to_device(batch)
+                self.outputs = None
                 accumulation.step_now = k == 1 or (batch_idx + 1) % k == 0 or batch_idx + 1 == total
                 if sync_stop and k > 1 and total is not None:  # no all-reduce while accumulating (read in forward)
                     distributed.set_grad_sync(self._train_module, accumulation.step_now)
                 step_logs = train_step(batch)
+                if self._stepped:
+                    self._finish_iteration()
                 if batch_idx == 0:
                     arguments.check_step_logs(step_logs)
                 tracker.add(step_logs, self._current_n)
                 state.batch_in_epoch = batch_idx + 1
                 for fn in batch_end:
                     fn(batch_idx, step_logs)
+                if check_budget and not state.should_stop and (reason := budget.check()) is not None:
+                    self.stop(reason)  # before the writes: a checkpoint of this batch holds its train_time
                 if self._deferred:
                     self._run_deferred()
-                stop = state.should_stop
-                if sync_stop:  # one host-side all-reduce: a stop set on any rank stops every rank at this step
-                    stop = distributed.any_rank(stop, self._dist)
-                    if stop and not state.should_stop:
-                        self.stop("stopped on another rank")
-                if stop:
+                if step_validation is not None and step_validation.due(state):
+                    self._step_validation()
+                if vote is not None:  # read before the next batch's step; the epoch's end reads the last one
+                    vote.start(state.should_stop)
+                elif state.should_stop:
                     break
+        if vote is not None and (voted_stop or vote.stop_now()) and not state.should_stop:
+            self.stop("stopped on another rank")
         self._check_interrupt()
         if state.batch_in_epoch == 0:
             raise ValueError(
@@ -434,10 +620,13 @@ class Trainer:
             )
         if accumulation.pending:
             if state.should_stop:  # stopped mid-group (TerminateOnNaN, say): drop the partial group
-                self.optimizer.zero_grad(set_to_none=True)
+                for optimizer in self.optimizers.values():
+                    optimizer.zero_grad(set_to_none=True)
                 accumulation.reset()
             else:
-                self.optimizer_step()
+                for name in self.optimizers:
+                    self.optimizer_step(name)
+                self._finish_iteration()
         return tracker.compute(self._dist.reduce)
 
     def _epoch_batches(self, loader: Any, epoch: int, steps: int | None) -> Iterator[Any]:
@@ -450,17 +639,24 @@ class Trainer:
         skip = self.state.batch_in_epoch
         if skip == 0:
             self._epoch_rng = rng.capture(loader)
-            iterator: Iterator[Any] = iter(loader)
+            iterator: Iterator[Any] = tensor_batches.iterate(loader) if self._fast_batches else iter(loader)
         elif self._epoch_rng is None:
             raise RuntimeError("internal: mid-epoch resume without the epoch's random state")
         else:
-            now = rng.capture(loader)
+            now, replayed = rng.capture(loader), None
             rng.restore(self._epoch_rng, loader)
             if isinstance(loader, SkippableLoader):  # in-memory batches: re-draw the permutation, start at skip
                 loader.skip_next(skip)
                 iterator = iter(loader)
-            elif is_map_style(loader):
-                iterator = resume_loader_iterator(loader, skip)
+            elif self._fast_batches or is_map_style(loader):
+                resumed = tensor_batches.resume if self._fast_batches else resume_loader_iterator
+                iterator = resumed(loader, skip)
+                # The replay drew the whole epoch's indices from the loader's own generators, and a
+                # RandomSampler draws once more when it is exhausted: keep them where the uninterrupted
+                # epoch leaves them (a user's DataLoader(generator=g) then keeps its order in later epochs).
+                total = num_batches(loader, None)
+                if steps is None or (total is not None and steps > total):
+                    replayed = rng.capture_loader(loader)
             else:
                 warnings.warn(
                     f"resuming mid-epoch on {type(loader).__name__} without random access: "
@@ -471,42 +667,125 @@ class Trainer:
                 for _ in range(skip):
                     next(iterator)
             rng.restore(now, loader)
+            if replayed is not None:
+                rng.restore_loader(replayed, loader)
         if steps is not None:
             iterator = itertools.islice(iterator, max(0, steps - skip))
         return iterator
 
     # -- one step -------------------------------------------------------------------------------
     def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Forward, loss, backward and (at the end of an accumulation group) the optimizer step.
+        """Forward, :meth:`compute_loss`, :meth:`backward` and, at the end of an accumulation group, an
+        :meth:`optimizer_step` of every optimizer; returns ``{"loss": ...}``.
 
-        Override it for other batch layouts or custom logic (several losses, GANs): call
-        :meth:`forward`/:meth:`autocast`, :meth:`backward` and :meth:`optimizer_step` as needed and
-        return a dict of 0-dim tensors (it must hold ``"loss"``); each is averaged over samples into the
-        epoch logs.
+        Override it for custom logic (a GAN's two optimizers, several losses): call :meth:`forward` (under
+        :meth:`autocast`), :meth:`backward` (``optimizer=`` routes gradients to one optimizer's
+        parameters) and :meth:`optimizer_step` as needed, set ``self.outputs`` for callbacks that want the
+        outputs, and return a dict of 0-dim tensors (any keys); each is averaged over samples into the
+        epoch logs. An optimizer whose ``step`` needs a closure (LBFGS) is stepped with one here.
         """
-        inputs, targets = split_batch(batch)
+        inputs, targets, sample_weight = split_batch(batch)
+        if self._closure_optimizers:
+            return self._closure_step(inputs, targets, sample_weight)
         with self.autocast():
-            outputs = self.forward(inputs)
-            loss = self.loss(outputs, targets)
+            self.outputs = outputs = self.forward(inputs)
+            loss = self._loss(inputs, targets, outputs, sample_weight)
         self.backward(loss)
         if self._accumulation.step_now:
-            self.optimizer_step()
+            for name in self.optimizers:
+                self.optimizer_step(name)
         if self._metrics_in_use:
             self.update_metrics(outputs, targets)
         return {"loss": loss.detach()}
 
+    def _closure_step(self, inputs: Any, targets: Any, sample_weight: Any) -> dict[str, torch.Tensor]:
+        """The default step for an optimizer that re-evaluates the loss (LBFGS), as the hand-written loop
+        does: ``optimizer.step(closure)`` with a closure that zeroes the gradients, runs forward and the
+        loss, backward and clipping. The logged loss and the metrics are the first evaluation's (the loss
+        before the step), which is what ``step`` returns."""
+        (name,) = self._closure_optimizers
+        optimizer = self.optimizers[name]
+        first: list[Any] = []
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            with self.autocast():
+                outputs = self.forward(inputs)
+                loss = self._loss(inputs, targets, outputs, sample_weight)
+            self.backward(loss)
+            self._clip(optimizer)
+            if not first:
+                first.append(outputs)
+            return loss
+
+        loss = self.optimizer_step(name, closure=closure)
+        self.outputs = first[0]
+        if self._metrics_in_use:
+            self.update_metrics(first[0], targets)
+        return {"loss": loss.detach()}
+
+    def compute_loss(self, inputs: Any, targets: Any, outputs: Any, sample_weight: Any = None) -> torch.Tensor:
+        """The loss of a batch; the default steps call it. Override it for a loss the model's outputs do
+        not give directly (a VAE's reconstruction + KL term); the override decides alone.
+
+        Default: ``loss(outputs, targets)``; with ``sample_weight`` (a batch's third element, or
+        ``fit(class_weight=...)``) the batch mean of ``weight * per-sample loss`` (Keras's "sum over batch
+        size"); with ``loss=None``, the loss the model returned (``outputs["loss"]`` or ``outputs.loss``).
+        """
+        if self.loss is None:
+            return _loss_from_outputs(outputs)
+        if targets is None:
+            raise ValueError(
+                "the batch has no targets, so the loss cannot be computed: batches are x or (x,) without "
+                "targets. Yield (x, y) batches, or compute the loss yourself: override Trainer.compute_loss("
+                "inputs, targets, outputs), or pass loss=None if the model returns its loss"
+            )
+        if self._check_batch:  # the first batch of a fit: checks.py (one deliberate read of its label range)
+            self._check_batch = False
+            with self.allow_sync():
+                checks.check_loss_inputs(self.loss, outputs, targets)
+        try:
+            if sample_weight is None:
+                return self.loss(outputs, targets)
+            return self._weighted_loss(outputs, targets, sample_weight)
+        except (IndexError, RuntimeError, ValueError, TypeError) as exc:  # a later batch: the same message
+            explained = checks.explain_loss_error(exc, self.loss, outputs, targets)
+            if explained is None:
+                raise
+            raise explained from exc
+
+    def _loss(self, inputs: Any, targets: Any, outputs: Any, sample_weight: Any, training: bool = True) -> torch.Tensor:
+        """:meth:`compute_loss` with the class weights folded into the sample weights (training only, as
+        in Keras); ``sample_weight`` is passed on only when there is one."""
+        if training and self._class_weight is not None and targets is not None:
+            classes = targets.argmax(dim=-1) if targets.ndim == 2 and targets.shape[1] > 1 else targets.reshape(-1)
+            weights = self._class_weight[classes.long()]  # one-hot targets: their class, as Keras reads them
+            sample_weight = weights if sample_weight is None else sample_weight * weights
+        if sample_weight is None:
+            return self.compute_loss(inputs, targets, outputs)
+        return self.compute_loss(inputs, targets, outputs, sample_weight)
+
+    def _weighted_loss(self, outputs: Any, targets: Any, sample_weight: torch.Tensor) -> torch.Tensor:
+        per_sample = self._per_sample_loss
+        if per_sample is None:
+            per_sample = self._per_sample_loss = arguments.per_sample_loss(self.loss)
+        values = per_sample(outputs, targets)
+        n = values.shape[0] if values.ndim else 1
+        values = values.reshape(n, -1).mean(dim=1) if values.ndim > 1 else values.reshape(n)
+        return (values * sample_weight.reshape(n).to(values.dtype)).sum() / n
+
     def eval_step(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Forward and loss under ``no_grad`` in eval mode; override like :meth:`train_step`."""
-        inputs, targets = split_batch(batch)
+        """Forward and :meth:`compute_loss` under ``no_grad`` in eval mode; override like :meth:`train_step`."""
+        inputs, targets, sample_weight = split_batch(batch)
         with self.autocast():
-            outputs = self.forward(inputs, training=False)
-            loss = self.loss(outputs, targets)
+            self.outputs = outputs = self.forward(inputs, training=False)
+            loss = self._loss(inputs, targets, outputs, sample_weight, training=False)
         self.update_metrics(outputs, targets)
         return {"loss": loss}
 
     def predict_step(self, batch: Any) -> Any:
-        """The model's outputs for a batch of inputs (or of ``(inputs, targets)``)."""
-        inputs = batch[0] if isinstance(batch, (list, tuple)) and len(batch) == 2 else batch
+        """The model's outputs for a batch of inputs (targets, if the batch has them, are ignored)."""
+        inputs = split_batch(batch)[0]
         with self.autocast():
             return self.forward(inputs, training=False)
 
@@ -528,8 +807,15 @@ class Trainer:
             return _NO_CONTEXT
         return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()`` with loss scaling (fp16) and the accumulation weight applied."""
+    def backward(self, loss: torch.Tensor, optimizer: str | None = None) -> None:
+        """``loss.backward()`` with loss scaling (fp16) and the accumulation weight applied.
+
+        Args:
+            loss: a 0-dim tensor that requires grad.
+            optimizer: the name of one of :attr:`optimizers`: gradients then flow only into that
+                optimizer's parameters (``backward(inputs=...)``), so a generator's loss never adds to the
+                discriminator's gradients. None: every parameter, as ``loss.backward()``.
+        """
         accumulation = self._accumulation
         if not accumulation.pending:
             arguments.check_loss(loss)
@@ -546,22 +832,33 @@ class Trainer:
             loss = loss * weight
         if self._scaler is not None:
             loss = self._scaler.scale(loss)
-        loss.backward()  # skips DDP's all-reduce on accumulating batches (see set_grad_sync in _run_epoch)
+        if optimizer is None:
+            loss.backward()  # skips DDP's all-reduce on accumulating batches (see set_grad_sync in _run_epoch)
+        else:
+            loss.backward(inputs=self._trainable(optimizer))
         accumulation.pending = True
 
-    def optimizer_step(self) -> None:
-        """Unscale, accumulate, clip, ``optimizer.step()``, ``zero_grad``; counts a global step."""
-        optimizer, scaler, accumulation = self.optimizer, self._scaler, self._accumulation
+    def optimizer_step(self, name: str | None = None, closure: Callable[[], torch.Tensor] | None = None) -> Any:
+        """Unscale, accumulate, clip, ``step``, ``zero_grad`` one optimizer; counts the step.
+
+        Args:
+            name: which of :attr:`optimizers` (may be omitted when there is one).
+            closure: for an optimizer that re-evaluates the loss (LBFGS): passed to its ``step``; the
+                closure clips its own gradients (see the default :meth:`train_step`).
+
+        Returns:
+            what the optimizer's ``step`` returned (the closure's first loss for LBFGS; usually None).
+
+        ``global_step`` counts training iterations in which an optimizer stepped (a GAN's two steps on one
+        batch are one global step); ``state.optimizer_steps[name]`` counts each optimizer's own steps.
+        """
+        name = self._optimizer_name(name)
+        optimizer, scaler, accumulation = self.optimizers[name], self._scaler, self._accumulation
         if self.accumulate_grad_batches > 1 and accumulation.units not in (0.0, 1.0):
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             _compat.foreach_div_(grads, accumulation.units)
-        clipping = self.grad_clip_norm is not None or self.grad_clip_value is not None
-        if scaler is not None and clipping:
-            scaler.unscale_(optimizer)  # clip the real gradients, not the scaled ones
-        if self.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(_params(optimizer), self.grad_clip_norm)
-        if self.grad_clip_value is not None:
-            torch.nn.utils.clip_grad_value_(_params(optimizer), self.grad_clip_value)
+        if closure is None:
+            self._clip(optimizer)
         for fn in self._callbacks.hooks["on_before_optimizer_step"]:
             fn()
         if scaler is not None:
@@ -569,13 +866,63 @@ class Trainer:
             scale = _compat.grad_scaler_scale(scaler)
             self._last_scale = None if scale is None else scale.detach().clone()
             with self.allow_sync():  # reads the inf flag on the host: fp16's one sync per step
-                scaler.step(optimizer)
-            scaler.update()
+                result = scaler.step(optimizer)
+        elif closure is not None:
+            result = optimizer.step(closure)  # type: ignore[arg-type]  # torch types it as returning float; LBFGS documents a tensor
         else:
-            optimizer.step()
+            result = optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         accumulation.reset()
-        self.state.global_step += 1
+        steps = self.state.optimizer_steps
+        steps[name] = steps.get(name, 0) + 1
+        if not self._stepped:
+            self._stepped = True
+            self.state.global_step += 1
+        return result
+
+    def _clip(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clips ``optimizer``'s gradients (after unscaling them, under fp16) when clipping is configured."""
+        if self.grad_clip_norm is None and self.grad_clip_value is None:
+            return
+        if self._scaler is not None:
+            self._scaler.unscale_(optimizer)  # clip the real gradients, not the scaled ones
+        if self.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(_params(optimizer), self.grad_clip_norm)
+        if self.grad_clip_value is not None:
+            torch.nn.utils.clip_grad_value_(_params(optimizer), self.grad_clip_value)
+
+    def _finish_iteration(self) -> None:
+        """After a batch in which optimizers stepped: fp16's one ``GradScaler.update`` per iteration (as
+        torch documents for several optimizers)."""
+        self._stepped = False
+        if self._scaler is not None:
+            self._scaler.update()
+
+    def _optimizer_name(self, name: str | None) -> str:
+        if name is None:
+            if len(self.optimizers) == 1:
+                return next(iter(self.optimizers))
+            raise ValueError(
+                f"this trainer has {len(self.optimizers)} optimizers ({', '.join(self.optimizers)}): name the one "
+                "to use, e.g. self.optimizer_step('generator') or self.backward(loss, optimizer='generator')"
+            )
+        if name not in self.optimizers:
+            raise KeyError(f"no optimizer named {name!r}; this trainer's optimizers are {sorted(self.optimizers)}")
+        return name
+
+    def _trainable(self, name: str) -> list[torch.Tensor]:
+        """The parameters of optimizer ``name`` that take gradients (cached; FSDP swaps them at build)."""
+        params = self._trainable_params.get(name)
+        if params is None:
+            params = [p for p in _params(self.optimizers[self._optimizer_name(name)]) if p.requires_grad]
+            self._trainable_params[name] = params
+        return params
+
+    def _lr_logs(self) -> dict[str, float]:
+        """``lr`` (the first param group's) with one optimizer, ``lr_<name>`` for each of several."""
+        if len(self.optimizers) == 1:
+            return {"lr": float(self.optimizer.param_groups[0]["lr"])}
+        return {f"lr_{name}": float(opt.param_groups[0]["lr"]) for name, opt in self.optimizers.items()}
 
     @property
     def last_step_skipped(self) -> bool:
@@ -601,6 +948,10 @@ class Trainer:
 
     def _to_device(self, batch: Any) -> Any:
         self._current_n = batch_size_of(batch)
+        if self._check_inputs:  # the first batch of a fit: its dtypes against the model's (checks.py)
+            self._check_inputs = False
+            if self.precision == "32":
+                checks.check_input_dtypes(split_batch(batch)[0], self.model)
         if self.device.type == "cpu" and not self.channels_last:
             return batch
         batch = move_to_device(batch, self.device, self._non_blocking)
@@ -617,11 +968,86 @@ class Trainer:
         As in Keras, only the ``callbacks`` given here see its ``on_validation_*`` events (the trainer's
         own callbacks belong to ``fit``).
         """
-        loader = self._as_loader(data, batch_size, False, "data")
-        return self._evaluate(loader, "", CallbackList(arguments.check_callbacks(callbacks), self))
+        loaders = self._as_val_loaders(data, batch_size, "data")
+        return self._validate(loaders, "", CallbackList(arguments.check_callbacks(callbacks), self))
+
+    def _as_val_loaders(self, data: Any, batch_size: int | None, name: str) -> dict[str | None, Any]:
+        """``{set name: loader}`` for validation data: one set (named None) or a dict of named sets."""
+        return schedule.val_loaders(data, lambda one, where: self._as_loader(one, batch_size, False, where), name)
+
+    def _epoch_validation(self, plan: _FitPlan) -> dict[str, float]:
+        """The validation after an epoch; when a step-level validation just ran at this very step (the
+        epoch's last), its logs, without validating the same weights twice."""
+        last = self.history.validations[-1] if self.history.validations else None
+        if last is not None and last["step"] == self.state.global_step == self.state.last_validation_step:
+            return {k: v for k, v in last.items() if k not in ("step", "epoch")}
+        # Like the hand-written loop, iter(val_loader) draws from the global generator here.
+        return self._validate_in_fit(plan)
+
+    def _step_validation(self) -> None:
+        """A validation after an optimizer step (``validate_every_n_steps``), inside the batch loop.
+
+        It leaves every random generator as it found it, so adding or moving step-level validations never
+        changes training, and a run resumed from a checkpoint written before it finished runs it again
+        with the same result. Its logs are not part of the epoch's logs (see ``history.validations``).
+        """
+        non_blocking = self._non_blocking
+        saved = rng.capture()
+        try:
+            with self.allow_sync():  # the validation's sums are read back once, on purpose
+                self._validate_in_fit(self._plan)
+        finally:
+            rng.restore(saved)
+            self._non_blocking = non_blocking
+        self._run_deferred()  # checkpoints decided on this validation hold its results
+
+    def _validate_in_fit(self, plan: _FitPlan) -> dict[str, float]:
+        """One validation of every set in ``fit`` (``on_validation_end`` also gets ``step`` and ``epoch``)."""
+        return self._validate(plan.val_loaders, "val_", self._callbacks, plan.validation_steps, in_fit=True)
 
     @torch.no_grad()
-    def _evaluate(self, loader: Any, prefix: str, callbacks: CallbackList) -> dict[str, float]:
+    def _validate(
+        self,
+        loaders: dict[str | None, Any],
+        prefix: str,
+        callbacks: CallbackList,
+        steps: int | None = None,
+        in_fit: bool = False,
+    ) -> dict[str, float]:
+        """One validation: ``on_validation_begin``, every set's batches, ``on_validation_end``, in eval mode;
+        the logs (``<prefix><set>_<key>``). A signal during it ends it with TrainingInterrupted before
+        ``on_validation_end`` (no partial results). In ``fit``, ``state.last_validation_step`` is set before
+        ``on_validation_end``, so that a checkpoint written after it does not validate again on resume."""
+        was_training = self._train_module.training
+        self._eval_module.eval()
+        try:
+            callbacks.fire("on_validation_begin", {})
+            logs: dict[str, float] = {}
+            for name, loader in loaders.items():
+                self.validation_set = name
+                try:
+                    logs.update(
+                        self._evaluate(loader, prefix if name is None else f"{prefix}{name}_", callbacks, steps)
+                    )
+                finally:
+                    self.validation_set = None
+                self._eval_module.eval()  # _evaluate put the mode back
+            self._check_interrupt()
+            end_logs: dict[str, Any] = dict(logs)
+            if in_fit:
+                self.state.last_validation_step = self.state.global_step
+                end_logs.update(step=self.state.global_step, epoch=self.state.epoch)
+            callbacks.fire("on_validation_end", end_logs)
+        finally:
+            self._train_module.train(was_training)
+            self._eval_module.train(was_training)
+        return logs
+
+    @torch.no_grad()
+    def _evaluate(
+        self, loader: Any, prefix: str, callbacks: CallbackList, steps: int | None = None
+    ) -> dict[str, float]:
+        """One pass over one validation set (at most ``steps`` batches): its logs, keys prefixed."""
         hooks = callbacks.hooks
         was_training = self._train_module.training
         self._eval_module.eval()
@@ -630,14 +1056,16 @@ class Trainer:
         tracker = self._eval_tracker
         tracker.reset()
         try:
-            callbacks.fire("on_validation_begin", {})
             batch_begin, batch_end = hooks["on_validation_batch_begin"], hooks["on_validation_batch_end"]
             batches = iter(distributed.shard_eval(loader, self._dist))
+            if steps is not None:
+                batches = itertools.islice(batches, steps)
             with self._sync_window():
                 for batch_idx, batch in enumerate(batches):
                     for fn in batch_begin:
                         fn(batch_idx, {})
-                    batch = self._to_device(batch)
+                    self.batch = batch = self._to_device(batch)
+                    self.outputs = None
                     step_logs = self.eval_step(batch)
                     if batch_idx == 0:
                         arguments.check_step_logs(step_logs)
@@ -649,7 +1077,6 @@ class Trainer:
             if tracker.count == 0 and self._dist.world_size == 1:
                 raise ValueError("validation data yielded no batches; pass a non-empty DataLoader or None")
             logs = tracker.compute(self._dist.reduce)
-            callbacks.fire("on_validation_end", dict(logs))
         finally:
             self._metrics_in_use = self.metrics
             self._train_module.train(was_training)
@@ -657,44 +1084,86 @@ class Trainer:
         return {prefix + k: v for k, v in logs.items()}
 
     @torch.no_grad()
-    def predict(self, data: Any, *, batch_size: int | None = None) -> Any:
+    def predict(
+        self,
+        data: Any,
+        *,
+        batch_size: int | None = None,
+        callbacks: Sequence[Callback] | None = None,
+        return_outputs: bool = True,
+    ) -> Any:
         """The model's outputs over ``data``, concatenated along dim 0 on the CPU (tuples and dicts of
-        outputs are concatenated element-wise)."""
-        loader = self._as_loader(data, batch_size, False, "data", targets_optional=True)
+        outputs are concatenated element-wise).
+
+        Args:
+            data: a DataLoader, a re-iterable of batches, or in-memory ``x`` / ``(x, y)`` with ``batch_size``.
+            callbacks: callbacks for this call only; they get ``on_predict_begin``/``_end`` and, per batch,
+                ``on_predict_batch_begin``/``_end`` whose logs hold ``"outputs"`` (on the device) and
+                ``"indices"`` (each output row's position in ``predict``'s result, a CPU LongTensor).
+            return_outputs: False keeps nothing (returns None): with a
+                :class:`~fitkit.callbacks.PredictionWriter`, memory stays flat over any amount of data.
+
+        Under torchrun each rank predicts its own share (samples rank, rank + world_size, ... when the data
+        can be split; see ``"indices"``), and the returned outputs are gathered in order on every rank.
+        """
+        if not isinstance(return_outputs, bool):
+            raise TypeError(f"return_outputs must be True or False, got {return_outputs!r}")
+        loader = self._as_loader(data, batch_size, False, "data")
+        callback_list = CallbackList(arguments.check_callbacks(callbacks), self)
+        hooks = callback_list.hooks
+        batch_begin, batch_end = hooks["on_predict_batch_begin"], hooks["on_predict_batch_end"]
+        share, strided = distributed.shard_predict(loader, self._dist)
+        self.predicting_sharded = strided
+        rank, world = (self._dist.rank, self.world_size) if strided else (0, 1)
         non_blocking = pinned(loader, self.device)
         was_training = self._eval_module.training
         self._eval_module.eval()
         outputs: list[Any] = []
+        positions: list[torch.Tensor] = []
+        seen = 0  # rows predicted so far by this rank
         try:
-            for batch in loader:
+            callback_list.fire("on_predict_begin", {})
+            for batch_idx, batch in enumerate(share):
+                for fn in batch_begin:
+                    fn(batch_idx, {})
                 batch = move_to_device(batch, self.device, non_blocking)
-                outputs.append(move_to_device(self.predict_step(batch), torch.device("cpu")))
+                batch_outputs = self.predict_step(batch)
+                n = batch_size_of(batch)
+                indices = torch.arange(seen, seen + n) * world + rank  # rows of the result (host only)
+                seen += n
+                if return_outputs:
+                    outputs.append(move_to_device(batch_outputs, torch.device("cpu")))
+                    positions.append(indices)
+                for fn in batch_end:
+                    fn(batch_idx, {"outputs": batch_outputs, "indices": indices})
+            callback_list.fire("on_predict_end", {})
         finally:
             self._eval_module.train(was_training)
-        if not outputs:
+        if seen == 0 and not strided:
             raise ValueError("predict: data yielded no batches")
+        if not return_outputs:
+            return None
+        if strided:  # every rank's share, put back in the data's order
+            shares = distributed.gather_object((outputs, positions), self._dist)
+            outputs = [o for part, _ in shares for o in part]
+            order = torch.argsort(torch.cat([p for _, ranks in shares for p in ranks]))
+            return _take(concat_outputs(outputs), order)
         return concat_outputs(outputs)
 
     def _as_loader(
-        self,
-        data: Any,
-        batch_size: int | None,
-        shuffle: bool,
-        name: str,
-        training: bool = False,
-        targets_optional: bool = False,
+        self, data: Any, batch_size: int | None, shuffle: bool, name: str, training: bool = False, **options: Any
     ) -> Any:
         return as_loader(
             data, batch_size=batch_size, shuffle=shuffle, name=name, device=self.device, dist=self._dist,
-            training=training, targets_optional=targets_optional,
+            training=training, **options,
         )  # fmt: skip
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything that decides what happens next, as plain values and tensors (``weights_only``-loadable).
 
-        Keys: ``model``/``optimizer``/``scaler`` (unsharded under FSDP: a collective, every rank calls
-        it), ``trainer`` (:class:`TrainerState`), ``callbacks`` (each callback's state by key), and the
+        Keys: ``model``/``optimizers`` (by name)/``scaler`` (unsharded under FSDP: a collective, every rank
+        calls it), ``loss`` (a learnable loss module's state), ``trainer`` (:class:`TrainerState`), ``callbacks`` (each callback's state by key), and the
         parts that differ between ranks (:data:`PER_RANK`): ``rng`` (every generator now), ``epoch_rng``
         (the generators before this epoch's ``iter(loader)``, mid-epoch only), ``train_tracker`` (the
         epoch's running sums) and ``accumulation`` (a partial accumulation group's gradients). Also
@@ -716,12 +1185,16 @@ class Trainer:
             "fitkit": checkpoint.header("full"),
             "model": distributed.full_model_state_dict(self.model, self._dist),  # unsharded under FSDP
             "model_class": type(self.model).__name__,
-            "optimizer": distributed.full_optimizer_state_dict(self.model, self.optimizer, self._dist),
-            "optimizer_class": type(self.optimizer).__name__,
+            "optimizers": {
+                name: distributed.full_optimizer_state_dict(self.model, opt, self._dist)
+                for name, opt in self.optimizers.items()
+            },
+            "optimizer_classes": {name: type(opt).__name__ for name, opt in self.optimizers.items()},
+            "loss": self.loss.state_dict() if isinstance(self.loss, nn.Module) else None,
             "scaler": self._scaler.state_dict() if self._scaler is not None else None,
             "trainer": self.state.state_dict(),
             "callbacks": self._callback_list().state_dict(),
-            "rng": rng.capture(self._train_loader),
+            "rng": self._rng_before_validation or rng.capture(self._train_loader),
             "epoch_rng": self._epoch_rng if mid_epoch else None,
             "train_tracker": self._train_tracker.state_dict(),
             "accumulation": accumulation,
@@ -752,11 +1225,12 @@ class Trainer:
             )
         if per_rank := state.get("per_rank"):  # this rank's own part (with strict=False, the world size may differ)
             state = {**state, **per_rank[self._dist.rank % len(per_rank)]}
+        state = checkpoint.upgrade(state)
         model_state = state["model"]
         current = self.model.state_dict()
         if strict:
             checkpoint.check_fits(
-                state, model=self.model, optimizer=self.optimizer, world_size=self.world_size,
+                state, model=self.model, optimizers=self.optimizers, world_size=self.world_size,
                 data=data_signature(self._train_loader),
             )  # fmt: skip
             distributed.load_full_model_state_dict(self.model, model_state, self._dist, strict=True)
@@ -765,13 +1239,16 @@ class Trainer:
                 k: v for k, v in model_state.items() if k in current and tuple(v.shape) == tuple(current[k].shape)
             }
             distributed.load_full_model_state_dict(self.model, fitting, self._dist, strict=False)
-        try:
-            distributed.load_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], self._dist)
-        except (ValueError, KeyError) as exc:
-            if strict:
-                raise checkpoint.CheckpointError(
-                    f"checkpoint optimizer state does not fit this optimizer: {exc}"
-                ) from exc
+        for name, optimizer in self.optimizers.items():
+            try:
+                distributed.load_full_optimizer_state_dict(self.model, optimizer, state["optimizers"][name], self._dist)
+            except (ValueError, KeyError) as exc:
+                if strict:
+                    raise checkpoint.CheckpointError(
+                        f"checkpoint state of optimizer {name!r} does not fit this optimizer: {exc}"
+                    ) from exc
+        if isinstance(self.loss, nn.Module) and state.get("loss") is not None:
+            self.loss.load_state_dict(state["loss"], strict=strict)
         if self._scaler is not None and state.get("scaler"):
             self._scaler.load_state_dict(state["scaler"])
         self.state.load_state_dict(state["trainer"])
@@ -826,6 +1303,7 @@ class Trainer:
         path = distributed.broadcast_object(self._resume_path(resume), self._dist)  # one file for all ranks
         if path is not None:
             self.load_checkpoint(path)
+            self.resumed_from = path
 
     def _resume_path(self, resume: str | Path) -> Path | None:
         """An explicit (verified) path, or for ``"auto"`` the newest good checkpoint in the folders of
@@ -863,12 +1341,12 @@ class Trainer:
         if not self.debug_sync or self.device.type != "cuda":
             yield
             return
-        self._sync_debug_on = True
+        outer, self._sync_debug_on = self._sync_debug_on, True
         try:
             with _sync_debug_mode("error" if self.debug_sync == "error" else "warn"):
                 yield
         finally:
-            self._sync_debug_on = False
+            self._sync_debug_on = outer  # a step-level validation's window sits inside the training one
 
     def _on_signal(self, signum: int) -> None:
         self.stop(f"interrupted by {signal.Signals(signum).name}")
@@ -895,6 +1373,35 @@ def _sync_debug_mode(mode: int | str) -> Iterator[None]:
         yield
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+def _loss_from_outputs(outputs: Any) -> torch.Tensor:
+    """The loss a model returned itself (``loss=None``): ``outputs["loss"]`` or ``outputs.loss``."""
+    if isinstance(outputs, Mapping) and "loss" in outputs:
+        loss = outputs["loss"]
+    elif not isinstance(outputs, Mapping) and getattr(outputs, "loss", None) is not None:
+        loss = outputs.loss
+    else:
+        keys = f" (keys: {sorted(outputs)})" if isinstance(outputs, Mapping) else ""
+        raise ValueError(
+            f"loss=None means the model computes its loss, but its output ({type(outputs).__name__}{keys}) holds "
+            "none: return a mapping with a 'loss' key or an object with a .loss attribute (as Hugging Face "
+            "models do when given labels), pass a loss= to the Trainer, or override Trainer.compute_loss"
+        )
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"the model's output 'loss' must be a tensor, got {type(loss).__name__}")
+    return loss
+
+
+def _take(outputs: Any, order: torch.Tensor) -> Any:
+    """``outputs`` (a tensor, or tuples/lists/dicts of them) with their rows in ``order``."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs[order]
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_take(o, order) for o in outputs)
+    if isinstance(outputs, dict):
+        return {k: _take(v, order) for k, v in outputs.items()}
+    return outputs
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

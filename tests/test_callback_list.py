@@ -45,8 +45,8 @@ def test_a_misspelled_hook_on_an_instance_is_an_error_before_training():
     # set after the Trainer was built: caught when fit binds the hooks, before any batch
     late = Callback()
     trainer = make_trainer(callbacks=[late])
-    late.on_train_batch_end = lambda batch, logs: None
-    with pytest.raises(TypeError, match=r"on_train_batch_end .*fitkit calls this hook 'on_batch_end'"):
+    late.on_train_epoch_end = lambda epoch, logs: None  # Lightning's name
+    with pytest.raises(TypeError, match=r"on_train_epoch_end .*fitkit calls this hook 'on_epoch_end'"):
         trainer.fit(make_classification(8), batch_size=4)
     assert trainer.global_step == 0
 

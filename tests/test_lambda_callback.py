@@ -64,7 +64,7 @@ def test_the_function_gets_the_arguments_positionally_as_in_keras():
 @pytest.mark.parametrize(
     "name, match",
     [
-        ("on_train_batch_end", r"unknown hook 'on_train_batch_end': fitkit calls this hook 'on_batch_end'"),
+        ("on_train_epoch_end", r"unknown hook 'on_train_epoch_end': fitkit calls this hook 'on_epoch_end'"),
         ("on_epoch_ends", r"unknown hook 'on_epoch_ends': did you mean 'on_epoch_end'\? The hooks are: on_train_begin"),
         ("logger", r"unknown hook 'logger': the hooks are: on_train_begin, on_train_end, on_epoch_begin"),
     ],

@@ -71,8 +71,9 @@ def test_epoch_logs_are_floats_with_val_keys_and_batch_logs_are_0dim_tensors():
             loss = call.args[1]["loss"]
             assert isinstance(loss, torch.Tensor) and loss.ndim == 0 and not loss.requires_grad
     validation_logs = recorder.of("on_validation_end")[0].args[0]
-    assert set(validation_logs) == {"loss", "accuracy"}  # without the val_ prefix
-    assert validation_logs["loss"] == recorder.of("on_epoch_end")[0].args[1]["val_loss"]
+    assert set(validation_logs) == {"val_loss", "val_accuracy", "step", "epoch"}  # as the epoch logs name them
+    assert validation_logs["val_loss"] == recorder.of("on_epoch_end")[0].args[1]["val_loss"]
+    assert (validation_logs["step"], validation_logs["epoch"]) == (3, 0)
     before_backward = recorder.of("on_before_backward")[0].args[0]
     assert before_backward.ndim == 0 and before_backward.requires_grad
 
@@ -580,8 +581,11 @@ class OnEpochEnds(Callback):
         pass
 
 
-class KerasName(Callback):
+class KerasName(Callback):  # both names of one event: which one would run?
     def on_train_batch_end(self, batch, logs=None):
+        pass
+
+    def on_batch_end(self, batch, logs=None):
         pass
 
 
@@ -604,7 +608,8 @@ class LightningName(Callback):
         (
             {"callbacks": [KerasName()]},
             TypeError,
-            r"KerasName.on_train_batch_end is not a fitkit callback hook.*fitkit calls this hook 'on_batch_end'",
+            r"KerasName defines both on_batch_end and on_train_batch_end, Keras 3's name for the same event; keep "
+            r"one of them",
         ),
         ({"callbacks": [LightningName()]}, TypeError, r"fitkit calls this hook 'on_epoch_end'"),
         (
@@ -686,7 +691,13 @@ def one_shot():
             ValueError,
             r"batch_size is for in-memory data; train_data is a DataLoader with its own batch_size \(4\)",
         ),
-        (lambda x, y: (x, y), {"validation_freq": 0}, ValueError, r"validation_freq must be an int >= 1 or a list"),
+        (
+            lambda x, y: (x, y),
+            {"validation_freq": 0},
+            ValueError,
+            r"validation_freq=0 turns epoch-level validation off, which is for validating by steps only; pass "
+            r"validate_every_n_steps=N too",
+        ),
         (lambda x, y: (x, y), {"validation_split": 1.0}, ValueError, r"validation_split must be in \[0, 1\), got 1.0"),
         (lambda x, y: (x, y), {"epochs": -1}, ValueError, r"epochs must be an int >= 0, got -1"),
         (lambda x, y: (x[:0], y[:0]), {}, ValueError, r"train_data holds 0 samples"),

@@ -12,6 +12,7 @@ from fitkit.callbacks.lr_scheduler import LearningRateScheduler, LRScheduler, Re
 from fitkit.callbacks.mlflow_logger import MLflowLogger
 from fitkit.callbacks.model_checkpoint import ModelCheckpoint
 from fitkit.callbacks.monitor import MonitorCallback
+from fitkit.callbacks.prediction_writer import PredictionWriter
 from fitkit.callbacks.progress import ProgressBar
 from fitkit.callbacks.tensorboard import TensorBoard
 from fitkit.callbacks.terminate_on_nan import TerminateOnNaN
@@ -29,6 +30,7 @@ __all__ = [
     "MLflowLogger",
     "ModelCheckpoint",
     "MonitorCallback",
+    "PredictionWriter",
     "ProgressBar",
     "ReduceLROnPlateau",
     "TensorBoard",

@@ -26,16 +26,26 @@ HOOKS = (
     "on_before_backward",
     "on_before_optimizer_step",
     "on_exception",
+    "on_predict_begin",
+    "on_predict_batch_begin",
+    "on_predict_batch_end",
+    "on_predict_end",
 )
 
-# Names users bring from Keras and Lightning, and the fitkit hook that does the same job.
-_KNOWN_ALIASES = {
+#: Keras 3's names for fitkit hooks. A callback may define either name (not both): the alias is called
+#: for the same event, with the same arguments, as the fitkit hook, so a Keras callback ports unchanged.
+KERAS_ALIASES = {
     "on_train_batch_begin": "on_batch_begin",
     "on_train_batch_end": "on_batch_end",
     "on_test_begin": "on_validation_begin",
     "on_test_end": "on_validation_end",
     "on_test_batch_begin": "on_validation_batch_begin",
     "on_test_batch_end": "on_validation_batch_end",
+}
+
+# Names users bring from Lightning, and the fitkit hook that does the same job (a hint, not an alias:
+# their signatures differ).
+_KNOWN_ALIASES = {
     "on_train_start": "on_train_begin",
     "on_fit_start": "on_train_begin",
     "on_fit_end": "on_train_end",
@@ -122,7 +132,42 @@ class Callback:
         """Called after each validation batch; ``logs["loss"]`` is a 0-dim tensor."""
 
     def on_validation_end(self, logs: Logs | None = None) -> None:
-        """Called after a validation pass with its logs (floats, without the ``val_`` prefix)."""
+        """Called after a validation pass with its logs (floats): in ``fit``, the ``val_...`` keys (named
+        sets: ``val_<name>_...``) plus ``"step"`` (the global step) and ``"epoch"``; in ``evaluate``, the
+        keys it returns."""
+
+    # -- prediction -----------------------------------------------------------------------------
+    def on_predict_begin(self, logs: Logs | None = None) -> None:
+        """Called when ``predict`` starts (only for the callbacks passed to ``predict``)."""
+
+    def on_predict_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
+        """Called before each prediction batch."""
+
+    def on_predict_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        """Called after each prediction batch; ``logs["outputs"]`` holds the batch's outputs (on the
+        device, as the model returned them) and ``logs["batch"]`` the batch itself."""
+
+    def on_predict_end(self, logs: Logs | None = None) -> None:
+        """Called when ``predict`` has gone through its data."""
+
+    # -- Keras 3's names (aliases: define either name, not both) ------------------------------------
+    def on_train_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
+        """Keras 3's name for :meth:`on_batch_begin`."""
+
+    def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        """Keras 3's name for :meth:`on_batch_end`."""
+
+    def on_test_begin(self, logs: Logs | None = None) -> None:
+        """Keras 3's name for :meth:`on_validation_begin` (validation in ``fit`` and ``evaluate``)."""
+
+    def on_test_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
+        """Keras 3's name for :meth:`on_validation_batch_begin`."""
+
+    def on_test_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        """Keras 3's name for :meth:`on_validation_batch_end`."""
+
+    def on_test_end(self, logs: Logs | None = None) -> None:
+        """Keras 3's name for :meth:`on_validation_end`."""
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -141,19 +186,40 @@ def overrides(callback: Callback, hook: str) -> bool:
     return getattr(type(callback), hook, None) is not getattr(Callback, hook)
 
 
+def bound_hook(callback: Callback, hook: str) -> Any:
+    """The function ``callback`` runs for the event ``hook``: its override of ``hook`` or of the hook's
+    Keras 3 alias; None when it overrides neither (the event costs nothing for it)."""
+    if overrides(callback, hook):
+        return getattr(callback, hook)
+    alias = _ALIAS_OF.get(hook)
+    if alias is not None and overrides(callback, alias):
+        return getattr(callback, alias)
+    return None
+
+
+_ALIAS_OF = {hook: alias for alias, hook in KERAS_ALIASES.items()}
+
+
 def check_hook_names(callback: Callback) -> None:
     """Raises when a callback defines an ``on_*`` method or instance attribute that is no fitkit hook (a
-    typo or a Keras or Lightning name), so that it is not silently never called; and when an instance
-    attribute named like a hook is not callable."""
+    typo or a Lightning name), so that it is not silently never called; when an instance attribute named
+    like a hook is not callable; and when it defines both a hook and its Keras 3 alias (which one would
+    run?)."""
+    for alias, hook in KERAS_ALIASES.items():
+        if overrides(callback, alias) and overrides(callback, hook):
+            raise TypeError(
+                f"{type(callback).__name__} defines both {hook} and {alias}, Keras 3's name for the same "
+                f"event; keep one of them"
+            )
     for name, value in getattr(callback, "__dict__", {}).items():
         if not name.startswith("on_"):
             continue
-        if name in HOOKS and not callable(value):
+        if (name in HOOKS or name in KERAS_ALIASES) and not callable(value):
             raise TypeError(
                 f"{type(callback).__name__} instance attribute {name} holds a {type(value).__name__} value, not "
                 "a function; a hook set on an instance must be callable with the hook's arguments"
             )
-        if name not in HOOKS and callable(value):
+        if name not in HOOKS and name not in KERAS_ALIASES and callable(value):
             raise TypeError(
                 f"{type(callback).__name__} instance attribute {name} is not a fitkit callback hook and would "
                 f"never be called; {hook_hint(name)}."
@@ -162,7 +228,7 @@ def check_hook_names(callback: Callback) -> None:
         if cls is Callback or cls is object:
             break
         for name in vars(cls):
-            if not name.startswith("on_") or name in HOOKS or not callable(getattr(cls, name)):
+            if not name.startswith("on_") or name in HOOKS or name in KERAS_ALIASES or not callable(getattr(cls, name)):
                 continue
             raise TypeError(
                 f"{cls.__name__}.{name} is not a fitkit callback hook and would never be called; "

@@ -98,9 +98,19 @@ class EarlyStopping(MonitorCallback):
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
         self._reset()  # reset_monitor() also forgets the direction: re-asked of this fit's metrics
+        self.check_monitor_key()  # a key that cannot exist: an error now (naming the closest), not after an epoch
         _ = self.resolved_mode  # fail before the first epoch, not after it, when "auto" cannot tell
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
+        if not self.decides_on_validations():
+            self._decide(epoch, logs, step=None)
+
+    def on_validation_end(self, logs: Logs | None = None) -> None:
+        if self.decides_on_validations(logs):  # validate_every_n_steps: every validation is monitored
+            assert logs is not None
+            self._decide(int(logs["epoch"]), logs, step=int(logs["step"]))
+
+    def _decide(self, epoch: int, logs: Logs | None, step: int | None) -> None:
         current = self.get_monitor_value(logs)
         if current is None or epoch < self.start_from_epoch:
             return  # a skipped validation epoch, or still warming up
@@ -118,9 +128,9 @@ class EarlyStopping(MonitorCallback):
             if self.baseline is None or self.is_improvement(current, self.baseline):
                 self.wait = 0
             return
-        if self.wait >= self.patience and epoch > 0:
+        if self.wait >= self.patience and (epoch > 0 or step is not None):
             self.stopped_epoch = epoch
-            self.trainer.stop(self._stop_reason(epoch))
+            self.trainer.stop(self._stop_reason(epoch, step))
 
     def on_train_end(self, logs: Logs | None = None) -> None:
         if self.stopped_epoch > 0 and self.verbose:
@@ -131,12 +141,14 @@ class EarlyStopping(MonitorCallback):
             self.model.load_state_dict(self.best_weights)
 
     # -- helpers --------------------------------------------------------------------------------
-    def _stop_reason(self, epoch: int) -> str:
+    def _stop_reason(self, epoch: int, step: int | None = None) -> str:
         best = "none" if self.best is None else f"{self.best:.6g}"
+        unit = "epoch(s)" if step is None else "validation(s)"
+        where = f"epoch {epoch + 1}" if step is None else f"step {step} (epoch {epoch + 1})"
         reason = (
             f"EarlyStopping: {self.monitor} did not improve by more than {self.min_delta:g} for "
-            f"{self.wait} monitored epoch(s) (patience={self.patience}); best {best} at epoch "
-            f"{self.best_epoch + 1}; stopped after epoch {epoch + 1}"
+            f"{self.wait} monitored {unit} (patience={self.patience}); best {best} at epoch "
+            f"{self.best_epoch + 1}; stopped after {where}"
         )
         if self.baseline is not None and self.best is not None and not self.is_improvement(self.best, self.baseline):
             reason += f"; the baseline {self.baseline:g} was never beaten"

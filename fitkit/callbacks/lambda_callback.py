@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fitkit.callbacks.base import HOOKS, Callback, hook_hint
+from fitkit.callbacks.base import HOOKS, KERAS_ALIASES, Callback, hook_hint
 
 
 class LambdaCallback(Callback):
@@ -15,7 +15,8 @@ class LambdaCallback(Callback):
     ``on_before_optimizer_step``, ... : ``fitkit.callbacks.base.HOOKS``); each function is called with the
     hook's arguments, positionally, as in Keras: ``on_epoch_end(epoch, logs)``, ``on_batch_end(batch,
     logs)``, ``on_train_begin(logs)``, ``on_before_backward(loss)``, ``on_before_optimizer_step()``.
-    A keyword that is no fitkit hook (Keras's ``on_train_batch_end``, a typo) is a TypeError that names
+    Keras 3's names (``on_train_batch_end``, ``on_test_end``, ...: ``fitkit.callbacks.base.KERAS_ALIASES``)
+    work as aliases. A keyword that is no fitkit hook (a Lightning name, a typo) is a TypeError that names
     the fitkit hook to use; None is ignored.
 
     The functions become instance attributes, as in Keras; the trainer calls a hook set on an instance
@@ -30,7 +31,7 @@ class LambdaCallback(Callback):
 
     def __init__(self, **hooks: Callable[..., Any] | None) -> None:
         for name, fn in hooks.items():
-            if name not in HOOKS:
+            if name not in HOOKS and name not in KERAS_ALIASES:
                 raise TypeError(f"LambdaCallback() got an unknown hook {name!r}: {hook_hint(name, list_hooks=True)}")
             if fn is not None and not callable(fn):
                 raise TypeError(f"LambdaCallback({name}=...) must be a function, got {type(fn).__name__}")

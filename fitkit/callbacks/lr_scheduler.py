@@ -129,10 +129,20 @@ class ReduceLROnPlateau(MonitorCallback):
         self.reset_monitor()
         self.wait = 0
         self.cooldown_counter = 0
+        self.check_monitor_key()  # a key that cannot exist: an error now, not after the first epoch
         _ = self.resolved_mode  # re-asked every fit (reset_monitor); fail before the first epoch if "auto" cannot tell
         self._min_lrs()  # and when min_lr does not fit the param groups
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
+        if not self.decides_on_validations():
+            self._decide(epoch, logs)
+
+    def on_validation_end(self, logs: Logs | None = None) -> None:
+        if self.decides_on_validations(logs):  # validate_every_n_steps: patience counts validations
+            assert logs is not None
+            self._decide(int(logs["epoch"]), logs)
+
+    def _decide(self, epoch: int, logs: Logs | None) -> None:
         current = self.get_monitor_value(logs)
         if current is None:
             return  # validation_freq skipped this epoch
@@ -240,8 +250,9 @@ class LRScheduler(Callback):
     """Drives a ``torch.optim.lr_scheduler`` object: ``scheduler.step()`` per epoch or per optimizer step.
 
     Args:
-        scheduler: any scheduler built on ``trainer.optimizer`` (StepLR, CosineAnnealingLR, OneCycleLR,
-            LambdaLR, SequentialLR, ..., or ``ReduceLROnPlateau``).
+        scheduler: any scheduler built on one of the trainer's optimizers (StepLR, CosineAnnealingLR,
+            OneCycleLR, LambdaLR, SequentialLR, ..., or ``ReduceLROnPlateau``); with several optimizers
+            (``trainer.optimizers``) a per-step schedule follows its own optimizer's steps.
         interval: ``"epoch"``: step at each epoch's end (after validation), as the torch docs do;
             ``"step"``: step after every optimizer step, for warmup and one-cycle schedules.
         monitor: the epoch-log key passed to ``ReduceLROnPlateau.step(value)`` (required for it, and only
@@ -292,23 +303,35 @@ class LRScheduler(Callback):
         self.monitor = monitor
         self._plateau = plateau
         self._seen_step = 0
+        self._optimizer_name: str | None = None
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
-        if self.scheduler.optimizer is not self.trainer.optimizer:
+        optimizers = getattr(self.trainer, "optimizers", None) or {"optimizer": self.trainer.optimizer}
+        names = [name for name, optimizer in optimizers.items() if optimizer is self.scheduler.optimizer]
+        if not names:
             raise ValueError(
-                "LRScheduler: the scheduler was built for another optimizer than the trainer's; build "
-                "it on trainer.optimizer (the optimizer you passed to Trainer)"
+                "LRScheduler: the scheduler was built for an optimizer that is not one of the trainer's "
+                f"({', '.join(optimizers)}); build it on the optimizer you passed to Trainer "
+                "(trainer.optimizers[name] when there are several)"
             )
-        self._seen_step = self.trainer.state.global_step
+        # With several optimizers the schedule follows its own optimizer's steps (a GAN's discriminator
+        # may step more often than its generator); with one, the global step.
+        self._optimizer_name = None if len(optimizers) == 1 else names[0]
+        self._seen_step = self._steps()
+
+    def _steps(self) -> int:
+        if self._optimizer_name is None:
+            return int(self.trainer.state.global_step)
+        return int(self.trainer.state.optimizer_steps.get(self._optimizer_name, 0))
 
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        if self.interval == "step" and self.trainer.state.global_step != self._seen_step:
+        if self.interval == "step" and self._steps() != self._seen_step:
             self._catch_up()
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
         if self.interval == "step":
-            if self.trainer.state.global_step != self._seen_step:
+            if self._steps() != self._seen_step:
                 self._catch_up()  # data of unknown length: the last, shorter group stepped after on_batch_end
         elif self._plateau:
             value = MonitorCallback.get_monitor_value(self, logs)  # type: ignore[arg-type]  # same rules, this name
@@ -320,7 +343,7 @@ class LRScheduler(Callback):
             self.scheduler.step()
 
     def _catch_up(self) -> None:
-        step = self.trainer.state.global_step
+        step = self._steps()
         steps, self._seen_step = step - self._seen_step, step
         if getattr(self.trainer, "precision", "32") == "fp16":
             with self.trainer.allow_sync():  # reads the GradScaler's scale back: fp16's per-step price

@@ -86,7 +86,9 @@ class ProgressBar(Callback):
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
-        self._epochs = self.trainer.epochs_planned
+        planned = self.trainer.epochs_planned
+        self._epochs = "?" if planned is None else planned  # None: until max_steps/max_time ends the run
+        self._val_bar: Any = None
         self._is_bar = self._interactive()
         self._bar = None
         # A run resumed mid-epoch gets no on_epoch_begin: the first batch then opens the epoch's display.
@@ -139,7 +141,42 @@ class ProgressBar(Callback):
         else:
             print(f"Epoch {epoch + 1}/{self._epochs} - {elapsed}{format_logs(logs)}", file=self._stream(), flush=True)
 
+    # -- validation: a transient bar on a terminal (it disappears when done), nothing off a terminal --
+    def on_validation_begin(self, logs: Logs | None = None) -> None:
+        if not self._is_bar:
+            return
+        from tqdm.auto import tqdm
+
+        counts = list(getattr(self.trainer, "num_val_batches", {}).values())
+        total = None if not counts or None in counts else sum(counts)
+        self._val_bar = tqdm(
+            total=total,
+            desc=f"Validation (step {self.trainer.global_step})",
+            file=self._stream(),
+            leave=False,
+            dynamic_ncols=True,
+            unit="batch",
+            mininterval=self.refresh_interval,
+        )
+        self._val_seen = 0
+        self._val_next = time.monotonic() + self.refresh_interval
+
+    def on_validation_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        if self._val_bar is None:
+            return
+        self._val_seen += 1
+        now = time.monotonic()
+        if now >= self._val_next:  # a clock read per batch; tqdm is asked only a few times a second
+            self._val_bar.update(self._val_seen - self._val_bar.n)
+            self._val_next = now + self.refresh_interval
+
+    def on_validation_end(self, logs: Logs | None = None) -> None:
+        if self._val_bar is not None:
+            self._val_bar.close()
+            self._val_bar = None
+
     def on_train_end(self, logs: Logs | None = None) -> None:
+        self.on_validation_end()  # a validation ended by an exception leaves no bar behind
         if self._bar is not None:
             self._bar.close()
             self._bar = None
