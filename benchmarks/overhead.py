@@ -13,7 +13,9 @@ Runners (``ratio`` is against ``loop``, measured in the same round):
 * ``loop_item``: the same loop with ``loss.item()`` every batch, as most tutorials write it.
 * ``loop_mem``: the ``loop`` cutting batches from in-memory tensors (one permutation per epoch).
 * ``fitkit``: ``Trainer`` defaults (History, and the progress bar writing to a pipe) on the DataLoaders.
-* ``fitkit_v0``: the same with ``verbose=0``.
+* ``fitkit_v0``: the same with ``verbose=0``. The training DataLoader is a ``DataLoader(TensorDataset)``,
+  so fitkit cuts its batches by indexing the tensors (``fast_tensor_batches``, bit-identical batches).
+* ``fitkit_dl``: ``fitkit_v0`` with ``Trainer(fast_tensor_batches=False)``: the DataLoader itself, sample by sample.
 * ``fitkit_mem``: ``fit((x, y), (x_val, y_val), batch_size=..., epochs=3)`` with defaults, no DataLoader.
 * with ``--peers``: ``lightning`` (no bar), ``lightning_bar`` (its tqdm bar), ``keras`` (Keras 3 on torch,
   ``verbose=0``), each reading the same DataLoaders; "not installed" when the package is missing.
@@ -44,7 +46,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-BASE_RUNNERS = ["loop", "loop_item", "loop_mem", "fitkit", "fitkit_v0", "fitkit_mem"]
+BASE_RUNNERS = ["loop", "loop_item", "loop_mem", "fitkit", "fitkit_v0", "fitkit_dl", "fitkit_mem"]
 PEER_RUNNERS = ["lightning", "lightning_bar", "keras"]
 PEER_PACKAGES = {"lightning": "lightning", "lightning_bar": "lightning", "keras": "keras"}
 
@@ -61,7 +63,8 @@ DESCRIPTIONS = {
     "loop_item": "hand-written loop, `loss.item()` every batch",
     "loop_mem": "hand-written loop, batches cut from in-memory tensors",
     "fitkit": "fitkit defaults (History + progress bar to a pipe)",
-    "fitkit_v0": "fitkit `verbose=0`",
+    "fitkit_v0": "fitkit `verbose=0` (TensorDataset fast path)",
+    "fitkit_dl": "fitkit `verbose=0, fast_tensor_batches=False` (the DataLoader itself)",
     "fitkit_mem": "fitkit `fit((x, y), (x_val, y_val), batch_size=...)`",
     "lightning": "Lightning, no progress bar",
     "lightning_bar": "Lightning with its tqdm bar (to a pipe)",
@@ -141,7 +144,7 @@ def _loop(
 
 
 def _fitkit(
-    workload: Any, tensors: tuple, epochs: int, verbose: int = 1, in_memory: bool = False
+    workload: Any, tensors: tuple, epochs: int, verbose: int = 1, in_memory: bool = False, fast: bool = True
 ) -> tuple[float, float]:
     import torch
     from workloads import build_model, make_loaders
@@ -150,7 +153,8 @@ def _fitkit(
 
     model = build_model(workload.name)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    trainer = fitkit.Trainer(model, optimizer, "cross_entropy", device="cpu", verbose=verbose)
+    options = {} if fast else {"fast_tensor_batches": False}
+    trainer = fitkit.Trainer(model, optimizer, "cross_entropy", device="cpu", verbose=verbose, **options)
     clock = _Clock()
     if in_memory:
         x, y, x_val, y_val = tensors
@@ -241,6 +245,7 @@ RUNNERS: dict[str, Callable[..., tuple[float, float]]] = {
     "loop_mem": lambda w, t, e: _loop(w, t, e, sync_every_step=False, in_memory=True),
     "fitkit": lambda w, t, e: _fitkit(w, t, e),
     "fitkit_v0": lambda w, t, e: _fitkit(w, t, e, verbose=0),
+    "fitkit_dl": lambda w, t, e: _fitkit(w, t, e, verbose=0, fast=False),
     "fitkit_mem": lambda w, t, e: _fitkit(w, t, e, in_memory=True),
     "lightning": lambda w, t, e: _lightning(w, t, e),
     "lightning_bar": lambda w, t, e: _lightning(w, t, e, progress_bar=True),
