@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from fitkit.signals import SignalGuard, TrainingInterrupted
 from fitkit.state import GradientAccumulation, TrainerState
 from fitkit.strategies import DDPStrategy, FSDPStrategy
 from fitkit.tracker import EpochTracker
+
+if TYPE_CHECKING:
+    from fitkit.lr_finder import LRFindResult
 
 
 @runtime_checkable
@@ -384,6 +387,8 @@ class Trainer:
             validate_every_n_steps=validate_every_n_steps, validation_steps=validation_steps, max_steps=max_steps,
             max_time=max_time,
         )  # fmt: skip
+        if self.verbose and self.is_global_zero:
+            print(self.summary(), flush=True)  # from the modules' parameters: no forward pass
         with self._signals:
             try:
                 self._callbacks.fire("on_train_begin", {})
@@ -1157,6 +1162,95 @@ class Trainer:
             data, batch_size=batch_size, shuffle=shuffle, name=name, device=self.device, dist=self._dist,
             training=training, **options,
         )  # fmt: skip
+
+    # -- tools ----------------------------------------------------------------------------------
+    def lr_find(
+        self,
+        train_data: Any,
+        *,
+        start_lr: float = 1e-7,
+        end_lr: float = 10.0,
+        num_steps: int = 100,
+        mode: str = "exponential",
+        smooth: float = 0.05,
+        stop_divergence: float | None = 4.0,
+        batch_size: int | None = None,
+    ) -> LRFindResult:
+        """The learning-rate range test: up to ``num_steps`` optimizer steps with the rate of every param
+        group of every optimizer growing from ``start_lr`` to ``end_lr`` (see :mod:`fitkit.lr_finder`).
+
+        It runs this trainer's own loop on ``train_data`` (any kind ``fit`` takes; ``batch_size`` for
+        in-memory data), with no callback of yours (nothing is logged or checkpointed), stops early when
+        the smoothed loss passes ``stop_divergence`` times its best, and then leaves the trainer exactly
+        as it found it: weights, every optimizer's and the GradScaler's state, callbacks, counters and
+        every random generator, so a ``fit`` after it equals one without it, bit for bit. Under torchrun
+        every rank runs it (the losses are averaged over the ranks).
+
+        Returns:
+            an :class:`~fitkit.lr_finder.LRFindResult` with ``lrs``, ``losses``, ``suggestion``, ``plot()``.
+        """
+        from fitkit.lr_finder import LRFinder
+
+        finder = LRFinder(start_lr, end_lr, num_steps, mode, smooth, stop_divergence)  # checks the arguments
+        if distributed.is_fsdp(self._dist):
+            raise NotImplementedError("lr_find does not support strategy='fsdp'; run it with strategy='ddp' or 'none'")
+        with self._left_as_found(train_data):
+            self.callbacks, self.verbose, self._hooks_timed = [finder], 0, True  # put back on exit
+            self.fit(train_data, epochs=num_steps * self.accumulate_grad_batches, batch_size=batch_size)
+        return finder.result
+
+    @contextlib.contextmanager
+    def _left_as_found(self, data: Any) -> Iterator[None]:
+        """Restores on exit what a side run of the loop (``lr_find``) changes: every attribute binding,
+        the weights (buffers, gradients, train/eval modes), every optimizer's and the GradScaler's state,
+        the progress counters, the running sums, a pending accumulation group, and every random
+        generator, ``data``'s own included."""
+        optimizers = list(self.optimizers.values())
+        attributes = dict(vars(self))
+        saved: dict[str, Any] = copy.deepcopy(
+            {
+                "model": self.model.state_dict(),
+                "grads": [p.grad for p in self.model.parameters()],
+                "optimizers": [o.state_dict() for o in optimizers],
+                "scaler": None if self._scaler is None else self._scaler.state_dict(),
+                "state": self.state.state_dict(),
+                "tracker": self._train_tracker.state_dict(),
+                "accumulation": self._accumulation.state_dict(),
+            }
+        )
+        step_counts = [o.__dict__.get("_step_count") for o in optimizers]  # an LR scheduler's step counter
+        modes = [m.training for m in self.model.modules()]
+        generators, data_generators = rng.capture(self._train_loader), rng.capture(data)
+        try:
+            yield
+        finally:
+            vars(self).clear()
+            vars(self).update(attributes)
+            self.model.load_state_dict(saved["model"])
+            for param, grad in zip(self.model.parameters(), saved["grads"]):
+                param.grad = grad
+            for optimizer, state, count in zip(optimizers, saved["optimizers"], step_counts):
+                optimizer.load_state_dict(state)
+                if count is not None:
+                    optimizer.__dict__["_step_count"] = count
+            if self._scaler is not None:
+                self._scaler.load_state_dict(saved["scaler"])
+            self.state.load_state_dict(saved["state"])
+            self._train_tracker.load_state_dict(saved["tracker"], self.device)
+            self._accumulation.load_state_dict(saved["accumulation"])
+            for module, training in zip(self.model.modules(), modes):
+                module.training = training
+            rng.restore(data_generators, data)
+            rng.restore(generators, self._train_loader)
+
+    def summary(self, depth: int = 1) -> str:
+        """A Keras-like table of the model: each child module down to ``depth`` levels with its type and
+        parameter count, the trainable and non-trainable totals, the parameters' memory, the device and
+        precision, and during (or after) a fit the training and validation sizes. Runs no forward pass.
+        ``fit`` prints it once at the start when ``verbose >= 1``, on rank 0."""
+        from fitkit.summary import summarize
+
+        return summarize(self, depth)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -80,6 +80,15 @@ def numbers_in(logs: Logs | None) -> dict[str, float]:
     return {k: float(v) for k, v in (logs or {}).items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
 
 
+def first_optimizer(trainer: Any) -> torch.optim.Optimizer:
+    """The trainer's optimizer, or the first of several (``trainer.optimizers``): its param group 0 is the
+    ``lr`` a logger records."""
+    optimizers = getattr(trainer, "optimizers", None)
+    if isinstance(optimizers, dict) and optimizers:
+        return next(iter(optimizers.values()))
+    return trainer.optimizer
+
+
 def check_log_every_n_steps(value: Any, name: str = "log_every_n_steps") -> int | None:
     if value is None:
         return None
@@ -141,14 +150,21 @@ class ExperimentLogger(Callback):
     # -- helpers for subclasses -----------------------------------------------------------------
     def trainer_params(self) -> dict[str, str | bool | int | float]:
         """The run's configuration as plain values: optimizer, lr, weight_decay, batch_size, precision,
-        accumulate_grad_batches, grad clipping and epochs (what is unknown is left out)."""
+        accumulate_grad_batches, grad clipping and epochs (what is unknown is left out). With several
+        optimizers, ``optimizer`` names them all (``"generator=Adam,discriminator=SGD"``) and ``lr`` and
+        ``weight_decay`` are the first one's."""
         trainer = self.trainer
-        optimizer = trainer.optimizer
+        optimizer = first_optimizer(trainer)
+        optimizers = getattr(trainer, "optimizers", None)
+        if isinstance(optimizers, dict) and len(optimizers) > 1:
+            name = ",".join(f"{key}={type(opt).__name__}" for key, opt in optimizers.items())
+        else:
+            name = type(optimizer).__name__
         group = optimizer.param_groups[0]
         loader = getattr(trainer, "train_loader", None)  # DataLoader and in-memory batches both say it
         batch_size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "loader", None), "batch_size", None)
         candidates = {
-            "optimizer": type(optimizer).__name__,
+            "optimizer": name,
             "lr": group.get("initial_lr", group["lr"]),
             "weight_decay": group.get("weight_decay"),
             "batch_size": batch_size,
@@ -178,7 +194,7 @@ class ExperimentLogger(Callback):
     def capture_step_lr(self) -> None:
         """``on_before_optimizer_step`` with step logging: the rate the coming step uses (a scheduler
         may change it before the batch ends)."""
-        lr = self.trainer.optimizer.param_groups[0]["lr"]
+        lr = first_optimizer(self.trainer).param_groups[0]["lr"]
         if isinstance(lr, torch.Tensor):  # a capturable optimizer's rate lives on the device
             with self.trainer.allow_sync():
                 lr = float(lr)
@@ -234,7 +250,7 @@ class ExperimentLogger(Callback):
             metrics["lr"] = self._step_lr
         else:
             with self.trainer.allow_sync():  # a device-side rate (capturable optimizers) is read back
-                metrics["lr"] = float(self.trainer.optimizer.param_groups[0]["lr"])
+                metrics["lr"] = float(first_optimizer(self.trainer).param_groups[0]["lr"])
         self.log_step(due[-1], metrics)
 
     # -- state ----------------------------------------------------------------------------------
