@@ -7,6 +7,7 @@ from fitkit.checkpoint import CheckpointError
 from fitkit.rng import seed_everything
 from fitkit.signals import TrainingInterrupted
 from fitkit.state import TrainerState
+from fitkit.strategies import DDPStrategy, FSDPStrategy
 from fitkit.trainer import Trainer
 
 # The one place the version is set: pyproject.toml reads it ([tool.setuptools.dynamic]) without importing
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Callback",
     "CheckpointError",
+    "DDPStrategy",
+    "FSDPStrategy",
     "History",
     "Trainer",
     "TrainerState",

@@ -6,15 +6,18 @@ Each ``resolve_*`` takes what a user passed (a name, an object) and returns what
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from fitkit.callbacks.base import Callback, check_hook_names
+from fitkit.callbacks.files import check_file_collisions
 from fitkit.metrics import Metric
 
 PRECISIONS = {
@@ -54,6 +57,9 @@ OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], float]] = {
     "rmsprop": (torch.optim.RMSprop, 1e-3),
     "adagrad": (torch.optim.Adagrad, 1e-3),
 }
+#: The named optimizers built with ``fused=True`` when every parameter is on a CUDA device (torch's fused
+#: Adagrad is CPU-only and RMSprop has none).
+FUSED_ON_CUDA = frozenset({"adam", "adamw", "sgd"})
 
 
 def resolve_precision(precision: str | int, device: torch.device) -> str:
@@ -102,34 +108,108 @@ def resolve_optimizer(optimizer: torch.optim.Optimizer | str, model: nn.Module) 
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters (requires_grad=True) to optimize")
+        if key in FUSED_ON_CUDA and all(p.is_cuda and p.is_floating_point() for p in params):
+            # One kernel per step instead of one per parameter, and fp16's GradScaler then hands the
+            # inf check to the optimizer instead of reading it on the host every step.
+            return cls(params, lr=lr, fused=True)
         return cls(params, lr=lr)
-    raise TypeError(f"optimizer must be a torch.optim.Optimizer or a name, got {type(optimizer).__name__}")
+    hint = f"; build one: optimizer={optimizer.__name__}(model.parameters())" if isinstance(optimizer, type) else ""
+    raise TypeError(
+        f"optimizer must be a torch.optim.Optimizer, a name or a dict of named optimizers, got {_kind(optimizer)}{hint}"
+    )
 
 
-def check_optimizer_holds_model(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    model_params = {id(p) for p in model.parameters()}
-    if not held & model_params:
-        raise ValueError(
-            "the optimizer holds none of the model's parameters: it was probably built for another "
-            "model instance. Build it with the model you pass: torch.optim.Adam(model.parameters())"
-        )
-    strangers = held - model_params
-    if strangers:
-        raise ValueError(
-            f"the optimizer holds {len(strangers)} parameter(s) that are not in the model; build it "
-            "with this model's parameters"
-        )
-    missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+def resolve_optimizers(
+    optimizer: torch.optim.Optimizer | str | Mapping[str, torch.optim.Optimizer], model: nn.Module
+) -> dict[str, torch.optim.Optimizer]:
+    """The trainer's optimizers by name: ``{"optimizer": ...}`` for one, the user's names for a dict."""
+    if isinstance(optimizer, Mapping):
+        if not optimizer:
+            raise ValueError("optimizer is an empty dict; pass one optimizer or a dict of named optimizers")
+        resolved = {}
+        for name, opt in optimizer.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(
+                    f"optimizer names must be identifiers (they name log keys such as lr_<name>), got {name!r}"
+                )
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(
+                    f"optimizer[{name!r}] must be a torch.optim.Optimizer instance, got {_kind(opt)}; build "
+                    f"each one over its model's parameters, e.g. torch.optim.Adam(netG.parameters())"
+                )
+            resolved[name] = opt
+        return resolved
+    return {"optimizer": resolve_optimizer(optimizer, model)}
+
+
+def _kind(obj: Any) -> str:
+    if isinstance(obj, type):
+        return f"the class {obj.__name__} (not an instance)"
+    return type(obj).__name__
+
+
+def check_optimizers_hold_model(
+    optimizers: Mapping[str, torch.optim.Optimizer], model: nn.Module, loss: Any = None
+) -> None:
+    """Every optimizer holds parameters of the model (or of a learnable loss module), no parameter is in
+    two optimizers, and a trainable parameter that no optimizer holds is reported."""
+    owned = {id(p) for p in model.parameters()}
+    if isinstance(loss, nn.Module):
+        owned |= {id(p) for p in loss.parameters()}
+    seen: dict[int, str] = {}
+    several = len(optimizers) > 1
+    for name, optimizer in optimizers.items():
+        which = f"optimizer {name!r}" if several else "the optimizer"
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not held & owned:
+            raise ValueError(
+                f"{which} holds none of the model's parameters: it was probably built for another "
+                "model instance. Build it with the model you pass: torch.optim.Adam(model.parameters())"
+            )
+        strangers = held - owned
+        if strangers:
+            raise ValueError(
+                f"{which} holds {len(strangers)} parameter(s) that are not in the model"
+                f"{' or the loss module' if isinstance(loss, nn.Module) else ''}; build it with this model's "
+                "parameters"
+            )
+        for pid in held:
+            if pid in seen:
+                raise ValueError(
+                    f"a parameter is held by both optimizer {seen[pid]!r} and optimizer {name!r}: each parameter "
+                    "must belong to one optimizer (it would be updated twice per step)"
+                )
+            seen[pid] = name
+    named = list(model.named_parameters())
+    if isinstance(loss, nn.Module):
+        named += [(f"loss.{n}", p) for n, p in loss.named_parameters()]
+    missing = [n for n, p in named if p.requires_grad and id(p) not in seen]
     if missing:
         warnings.warn(
-            f"{len(missing)} trainable parameter(s) are not in the optimizer and will not be updated "
+            f"{len(missing)} trainable parameter(s) are in no optimizer and will not be updated "
             f"(first: {missing[:3]}); set requires_grad=False on them if that is intended",
             stacklevel=3,
         )
 
 
-def resolve_loss(loss: Callable[[Any, Any], torch.Tensor] | str) -> Callable[[Any, Any], torch.Tensor]:
+def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """True for an optimizer whose ``step`` requires a closure that re-evaluates the loss (LBFGS)."""
+    try:
+        parameter = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
+def resolve_loss(loss: Callable[[Any, Any], torch.Tensor] | str | None) -> Callable[[Any, Any], torch.Tensor] | None:
+    """A loss callable from a name or a callable; None when the model computes its own loss."""
+    if loss is None:
+        return None
+    if isinstance(loss, type):
+        raise TypeError(
+            f"loss is the class {loss.__name__}, not an instance; pass loss={loss.__name__}() (or a name such "
+            "as 'cross_entropy')"
+        )
     if isinstance(loss, str):
         if loss not in LOSSES:
             raise ValueError(
@@ -137,6 +217,13 @@ def resolve_loss(loss: Callable[[Any, Any], torch.Tensor] | str) -> Callable[[An
                 "(outputs, targets) -> scalar tensor"
             )
         return LOSSES[loss]()
+    if getattr(loss, "reduction", None) == "sum":
+        warnings.warn(
+            f"the loss {type(loss).__name__}(reduction='sum') returns a per-batch sum: the logged loss (a mean "
+            "over samples of the batch losses) is then batch-size times a per-sample value. Use "
+            "reduction='mean' for a per-sample loss, or override Trainer.compute_loss to scale it yourself",
+            stacklevel=3,
+        )
     if not callable(loss):
         raise TypeError(
             f"loss must be a callable (outputs, targets) -> scalar tensor or a name, got {type(loss).__name__}"
@@ -159,12 +246,21 @@ def check_loss(loss: Any) -> None:
         )
 
 
-def check_step_logs(step_logs: Any) -> None:
-    if not isinstance(step_logs, dict) or "loss" not in step_logs:
+def check_step_logs(step_logs: Any, step: str = "train_step") -> None:
+    """A step's return value: a dict of 0-dim tensors (any keys; the default steps return ``"loss"``)."""
+    if not isinstance(step_logs, dict):
         raise TypeError(
-            f"train_step/eval_step must return a dict of 0-dim tensors holding 'loss', got "
-            f"{type(step_logs).__name__}{'' if not isinstance(step_logs, dict) else sorted(step_logs)}"
+            f"{step} must return a dict of 0-dim tensors (e.g. {{'loss': loss.detach()}}), got "
+            f"{type(step_logs).__name__}"
         )
+    for key, value in step_logs.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{step} returned a dict with the key {key!r}; log keys must be strings")
+        if isinstance(value, torch.Tensor) and value.ndim != 0:
+            raise ValueError(
+                f"{step} returned {key!r} with shape {tuple(value.shape)}; every logged value must be a 0-dim "
+                f"tensor (reduce it, e.g. {key}.mean(), or return it from the step under another name as a scalar)"
+            )
 
 
 def validation_schedule(validation_freq: int | Sequence[int]) -> Callable[[int], bool]:
@@ -209,8 +305,17 @@ def check_callbacks(callbacks: Sequence[Any] | None) -> list[Callback]:
             f"callbacks must be a list of callbacks, got a single {type(callbacks).__name__}; "
             f"wrap it in a list: callbacks=[{type(callbacks).__name__}(...)]"
         )
+    if isinstance(callbacks, type):
+        raise TypeError(
+            f"callbacks must be a list of callback instances, got the class {callbacks.__name__}; "
+            f"pass callbacks=[{callbacks.__name__}(...)]"
+        )
     checked: list[Callback] = []
     for callback in callbacks or []:
+        if isinstance(callback, type) and issubclass(callback, Callback):
+            raise TypeError(
+                f"callbacks holds the class {callback.__name__}, not an instance; pass {callback.__name__}(...)"
+            )
         if not isinstance(callback, Callback):
             raise TypeError(
                 f"callbacks must be fitkit.Callback instances, got {type(callback).__name__}; "
@@ -218,6 +323,7 @@ def check_callbacks(callbacks: Sequence[Any] | None) -> list[Callback]:
             )
         check_hook_names(callback)
         checked.append(callback)
+    check_file_collisions(checked)  # two callbacks writing the same file: refused before anything runs
     return checked
 
 
@@ -226,3 +332,61 @@ def check_metric_names(metrics: list[Metric]) -> list[Metric]:
     if len(set(names)) != len(names) or "loss" in names:
         raise ValueError(f"metric names must be unique and not 'loss', got {names}; pass name= to tell them apart")
     return metrics
+
+
+def check_step_setup(
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    closure_optimizers: Sequence[str],
+    precision: str,
+    accumulate_grad_batches: int,
+) -> None:
+    """Combinations of optimizers and step features that cannot work, refused when the Trainer is built."""
+    if closure_optimizers:
+        name = closure_optimizers[0]
+        kind = type(optimizers[name]).__name__
+        if precision == "fp16":
+            raise ValueError(
+                f"{kind} re-evaluates the loss through a closure, which GradScaler cannot scale: "
+                "precision='fp16' does not work with it; use precision='32' or 'bf16'"
+            )
+        if accumulate_grad_batches > 1:
+            raise ValueError(
+                f"{kind} re-evaluates the loss of one batch through a closure: accumulate_grad_batches > 1 does "
+                "not work with it; use accumulate_grad_batches=1 (a larger batch, if you need one)"
+            )
+    if len(optimizers) > 1 and accumulate_grad_batches > 1:
+        raise ValueError(
+            f"accumulate_grad_batches={accumulate_grad_batches} with several optimizers ({', '.join(optimizers)}) is "
+            "not supported: each optimizer's gradients come from its own backward calls in your train_step; "
+            "accumulate there (call optimizer_step every k batches) or use larger batches"
+        )
+
+
+def per_sample_loss(loss: Any) -> Callable[..., torch.Tensor]:
+    """``loss`` returning one value per sample (a copy with ``reduction="none"``), for sample weights."""
+    if getattr(loss, "reduction", None) in ("mean", "sum", "none"):
+        unreduced = copy.copy(loss)
+        unreduced.reduction = "none"
+        return unreduced
+    raise TypeError(
+        f"sample weights need a loss that can return per-sample values, and {type(loss).__name__} has no "
+        "reduction= argument: use a named loss or a torch loss (reduction='mean'), or override "
+        "Trainer.compute_loss(inputs, targets, outputs, sample_weight) to weight it yourself"
+    )
+
+
+def class_weight_tensor(class_weight: Mapping[int, float] | None, device: torch.device) -> torch.Tensor | None:
+    """``fit(class_weight=...)`` as a tensor indexed by class (weight 1.0 for classes not listed)."""
+    if class_weight is None:
+        return None
+    if not isinstance(class_weight, Mapping) or not class_weight:
+        raise TypeError(f"class_weight must be a non-empty dict {{class_index: weight}}, got {class_weight!r}")
+    bad = [k for k in class_weight if not isinstance(k, int) or isinstance(k, bool) or k < 0]
+    if bad:
+        raise ValueError(f"class_weight keys must be class indices (ints >= 0), got {bad}")
+    weights = torch.ones(max(class_weight) + 1, dtype=torch.float32)
+    for index, weight in class_weight.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"class_weight[{index}] must be a finite number >= 0, got {weight!r}")
+        weights[index] = float(weight)
+    return weights.to(device)

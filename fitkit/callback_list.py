@@ -12,7 +12,15 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fitkit.callbacks.base import HOOKS, Callback, Logs, bound_hook, check_hook_names, hook_hint
+from fitkit.callbacks.base import (
+    HOOKS,
+    KERAS_ALIASES,
+    Callback,
+    Logs,
+    bound_hook,
+    check_hook_names,
+    hook_hint,
+)
 
 if TYPE_CHECKING:
     from fitkit.trainer import Trainer
@@ -94,15 +102,20 @@ def trainer_hooks(trainer: Trainer) -> dict[str, Hook]:
     for cls in type(trainer).__mro__:
         if cls.__module__ == "fitkit.trainer" or cls is object:
             break
+        defined: dict[str, str] = {}
         for name, value in vars(cls).items():
             if not name.startswith("on_") or not callable(value):
                 continue
-            if name not in HOOKS:
+            event = KERAS_ALIASES.get(name, name)  # a Keras 3 name runs as the fitkit hook it aliases
+            if event not in HOOKS:
                 raise TypeError(
                     f"{cls.__name__}.{name} is not a fitkit callback hook and would never be called; "
                     f"{hook_hint(name)}. (Name helpers without the 'on_' prefix.)"
                 )
-            hooks.setdefault(name, getattr(trainer, name))
+            if event in defined:
+                raise TypeError(f"{cls.__name__} defines both {defined[event]} and {name}: one event; keep one")
+            defined[event] = name
+            hooks.setdefault(event, getattr(trainer, name))  # the most derived class's wins
     return hooks
 
 

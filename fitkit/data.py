@@ -53,7 +53,7 @@ def batch_size_of(batch: Any) -> int:
     """
     if (
         isinstance(batch, (list, tuple))
-        and len(batch) == 2
+        and len(batch) in (2, 3)
         and isinstance(batch[1], torch.Tensor)
         and batch[1].ndim > 0
     ):
@@ -79,14 +79,20 @@ def describe(obj: Any) -> str:
     return type(obj).__name__
 
 
-def split_batch(batch: Any) -> tuple[Any, Any]:
-    """Splits a batch into ``(inputs, targets)`` with an error that says how to fix a wrong shape."""
-    if isinstance(batch, (list, tuple)) and len(batch) == 2:
-        return batch[0], batch[1]
+def split_batch(batch: Any) -> tuple[Any, Any, Any]:
+    """Splits a batch into ``(inputs, targets, sample_weight)`` as Keras reads batches.
+
+    ``x`` (a tensor or a dict of inputs) and ``(x,)`` have no targets; ``(x, y)``; ``(x, y, sample_weight)``.
+    Missing parts are None. Anything else is an error that names the layouts and how to handle another.
+    """
+    if isinstance(batch, (torch.Tensor, Mapping)):
+        return batch, None, None
+    if isinstance(batch, (list, tuple)) and 1 <= len(batch) <= 3:
+        return batch[0], batch[1] if len(batch) > 1 else None, batch[2] if len(batch) > 2 else None
     raise ValueError(
-        f"expected each batch to be (inputs, targets), got {describe(batch)}. Make the dataset return "
-        "(inputs, targets) pairs (inputs may be a tensor, a tuple of tensors or a dict), or subclass Trainer "
-        "and override train_step(batch) / eval_step(batch) for another batch layout."
+        f"cannot read a batch of {describe(batch)}: fitkit reads batches as Keras does, x (a tensor or a dict), "
+        "(x,), (x, y) or (x, y, sample_weight), where x may itself be a tuple of tensors or a dict. Make the "
+        "dataset return one of these, or subclass Trainer and override train_step(batch) / eval_step(batch)."
     )
 
 
@@ -107,49 +113,94 @@ class InMemoryLoader:
     """Batches cut from in-memory tensors: ``x[perm[i:i + batch_size]]``.
 
     Args:
-        x, y: tensors (or NumPy arrays) with the same leading dimension.
-        batch_size: samples per batch; the last batch may be shorter (``drop_last=False``, as in Keras).
+        x: the inputs, a tensor (or NumPy array).
+        y: the targets with the same leading dimension, or None for unsupervised data (batches are then
+            ``(x,)``).
+        batch_size: samples per batch; the last batch may be shorter unless ``drop_last`` (as in Keras).
         shuffle: draw one permutation per epoch, with the same random numbers ``DataLoader(shuffle=True)``
             draws from the global torch generator (or ``generator``).
         device: where the tensors live; batches are cut there, so a GPU run copies the data once.
+        sample_weight: per-sample weights ``(N,)``; batches are then ``(x, y, sample_weight)``.
+        drop_last: leave out the last batch when it is shorter than ``batch_size``.
     """
 
     def __init__(
         self,
         x: Any,
-        y: Any,
-        batch_size: int,
+        y: Any = None,
+        batch_size: int = 32,
         shuffle: bool = True,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
+        sample_weight: Any = None,
+        drop_last: bool = False,
     ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.x = to_tensor(x, "x")
-        self.y = to_tensor(y, "y")
-        if self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(
-                f"x and y must have the same number of samples, got {self.x.shape[0]} and {self.y.shape[0]}"
-            )
+        tensors = [to_tensor(x, "x")]
+        if y is not None:
+            tensors.append(to_tensor(y, "y"))
+        if sample_weight is not None:
+            if y is None:
+                raise ValueError("sample_weight needs targets: pass (x, y) with sample_weight=")
+            tensors.append(to_tensor(sample_weight, "sample_weight"))
+        for name, tensor in zip(("y", "sample_weight"), tensors[1:]):
+            if tensor.shape[0] != tensors[0].shape[0]:
+                raise ValueError(
+                    f"x and {name} must have the same number of samples, got {tensors[0].shape[0]} and "
+                    f"{tensor.shape[0]}"
+                )
         if device is not None:
-            self.x, self.y = self.x.to(device), self.y.to(device)
+            tensors = [t.to(device) for t in tensors]
+        self.tensors = tuple(tensors)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator
+        self.drop_last = drop_last
+        # Set for a CUDA run whose data stay on the host (too big for the GPU): each batch is cut into
+        # pinned memory, so its copy to the GPU is asynchronous instead of a host sync per batch.
+        self.pin_memory = False
         self._skip = 0
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.tensors[0]
+
+    @property
+    def y(self) -> torch.Tensor | None:
+        return self.tensors[1] if len(self.tensors) > 1 else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
+
+    def batch(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, ...]:
+        """The batch of the samples at ``index``: ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)``."""
+        if self.pin_memory:
+            return tuple(t[index].pin_memory() for t in self.tensors)
+        return tuple(t[index] for t in self.tensors)
+
+    def subset(self, index: slice, shuffle: bool = False) -> InMemoryLoader:
+        """A loader over the samples at ``index`` (a rank's share of validation data), same batch size."""
+        part = InMemoryLoader(self.tensors[0][index], batch_size=self.batch_size, shuffle=shuffle)
+        part.tensors = tuple(t[index] for t in self.tensors)
+        part.pin_memory = self.pin_memory
+        return part
 
     @property
     def num_samples(self) -> int:
         return self.x.shape[0]
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
         return (self.num_samples + self.batch_size - 1) // self.batch_size
 
     def skip_next(self, num_batches: int) -> None:
         """Makes the next iteration start at batch ``num_batches`` (the permutation is drawn as usual)."""
         self._skip = num_batches
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         # The same two draws as DataLoader(TensorDataset, shuffle=True): the iterator's base seed for
         # workers, then RandomSampler's seed for its private generator. Keeping them makes the two paths
         # interchangeable, bit for bit. They are made here, eagerly, not at the first next(): a resumed
@@ -171,13 +222,11 @@ class InMemoryLoader:
         skip, self._skip = self._skip, 0
         return self._batches(perm, skip)
 
-    def _batches(self, perm: torch.Tensor | None, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(skip * self.batch_size, self.num_samples, self.batch_size):
-            if perm is None:
-                yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
-            else:
-                index = perm[start : start + self.batch_size]
-                yield self.x[index], self.y[index]
+    def _batches(self, perm: torch.Tensor | None, skip: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        size = self.batch_size
+        end = len(self) * size if self.drop_last else self.num_samples
+        for start in range(skip * size, end, size):
+            yield self.batch(slice(start, start + size) if perm is None else perm[start : start + size])
 
 
 class _ListBatchSampler:

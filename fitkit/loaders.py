@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from fitkit import distributed
-from fitkit.data import InMemoryLoader, check_reiterable, to_tensor
-from fitkit.devices import fits_on_device
+from fitkit.data import InMemoryLoader, check_reiterable, first_tensor, to_tensor
+from fitkit.devices import fits_on_device, pinned
 
 
 @runtime_checkable
@@ -44,17 +44,29 @@ def as_loader(
     device: torch.device,
     dist: distributed.DistInfo,
     training: bool = False,
-    targets_optional: bool = False,
+    sample_weight: Any = None,
+    drop_last: bool = False,
 ) -> Any:
     """The loader to iterate for ``data`` (the argument called ``name`` in messages).
+
+    In-memory data is ``x``, ``(x,)`` (no targets: the loss comes from ``compute_loss`` or the model),
+    ``(x, y)`` or ``(x, y, sample_weight)``, tensors or NumPy arrays.
 
     Args:
         batch_size: for in-memory data (default 32, as in Keras); an error with a DataLoader.
         shuffle: shuffle in-memory training data every epoch.
         training: shard a DataLoader with a DistributedSampler under DDP (validation data is sharded
             by the loop, without padding).
-        targets_optional: accept inputs without targets (``predict``).
+        sample_weight: per-sample weights for in-memory data (Keras's ``fit(sample_weight=...)``).
+        drop_last: leave out a last, shorter in-memory batch (a BatchNorm model cannot train on one sample).
     """
+    in_memory = is_array(data) or (isinstance(data, tuple) and bool(data) and is_array(data[0]))
+    if not in_memory and (sample_weight is not None or drop_last):
+        option = "sample_weight" if sample_weight is not None else "drop_last"
+        raise ValueError(
+            f"{option}= is for in-memory (x, y) data; {name} is a {type(data).__name__}: put the weights in "
+            "its batches as (x, y, sample_weight), or use the DataLoader's own drop_last="
+        )
     if isinstance(data, DataLoader):
         if batch_size is not None:
             raise ValueError(
@@ -66,22 +78,22 @@ def as_loader(
                 f"{name} is an empty DataLoader (dataset of {len(data.dataset)} samples"  # type: ignore[arg-type]
                 f"{', drop_last=True' if data.drop_last else ''}); there is nothing to iterate"
             )
-        if device.type == "cuda" and training and not data.pin_memory and data.num_workers == 0:
+        if device.type == "cuda" and not data.pin_memory:
             warnings.warn(
-                f"{name}: a CUDA run fed by a DataLoader with num_workers=0 and pin_memory=False "
-                "waits on the host for every batch; pass num_workers>0 and pin_memory=True",
+                f"{name}: a DataLoader with pin_memory=False on a CUDA run: copying each batch from pageable "
+                "memory to the GPU waits for it (a host sync per batch); pass pin_memory=True (and "
+                "num_workers>0 to load batches while the GPU computes)",
                 stacklevel=4,
             )
         return distributed.shard_train(data, dist) if training else data
-    if is_array(data):  # x alone, as Keras's predict(x) takes it; iterating it would yield single rows
-        if not targets_optional:
-            raise TypeError(
-                f"{name} is a single {type(data).__name__} (inputs only); a loss needs targets: "
-                "pass an (x, y) tuple with batch_size=, or a DataLoader of (inputs, targets)"
-            )
+    if is_array(data):  # x alone, as Keras's fit(x)/predict(x) take it; iterating it would yield single rows
         data = (data,)
-    if isinstance(data, tuple) and len(data) in (1, 2) and is_array(data[0]):
-        return _in_memory(data, batch_size, shuffle, name, device, dist, training, targets_optional)
+    if isinstance(data, tuple) and len(data) in (1, 2, 3) and is_array(data[0]):
+        if len(data) == 3:
+            if sample_weight is not None:
+                raise ValueError(f"{name} is (x, y, sample_weight) and sample_weight= is given too; pass one")
+            data, sample_weight = data[:2], data[2]
+        return _in_memory(data, batch_size, shuffle, name, device, dist, training, sample_weight, drop_last)
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, IterableDataset):
         raise TypeError(
             f"{name} is a Dataset; wrap it in a DataLoader(dataset, batch_size=..., shuffle=...) "
@@ -91,6 +103,15 @@ def as_loader(
         check_reiterable(data, name)
         if isinstance(data, Sized) and len(data) == 0:
             raise ValueError(f"{name} is empty")
+        if device.type == "cuda" and isinstance(data, list) and not pinned(data, device):
+            first = first_tensor(data[0])
+            if first is not None and first.device.type == "cpu":
+                warnings.warn(
+                    f"{name}: a list of unpinned CPU batches on a CUDA run: copying each one to the GPU waits "
+                    "for it (a host sync per batch); pin them (tensor.pin_memory()), or pass a "
+                    "DataLoader(..., pin_memory=True)",
+                    stacklevel=4,
+                )
         return data
     raise TypeError(
         f"{name} must be a DataLoader, a re-iterable of (inputs, targets) batches, or an (x, y) "
@@ -106,19 +127,22 @@ def _in_memory(
     device: torch.device,
     dist: distributed.DistInfo,
     training: bool,
-    targets_optional: bool,
+    sample_weight: Any,
+    drop_last: bool,
 ) -> Any:
     x = data[0]
     y = data[1] if len(data) == 2 else None
-    if y is None:
-        if not targets_optional:
-            raise ValueError(f"{name} must be (x, y) to compute a loss; got (x,) only")
-        y = torch.zeros(len(x))
     if len(x) == 0:
         raise ValueError(f"{name} holds 0 samples")
     size = 32 if batch_size is None else batch_size
-    on_device = fits_on_device([to_tensor(x, "x"), to_tensor(y, "y")], device)
-    loader = InMemoryLoader(x, y, size, shuffle=shuffle and training, device=device if on_device else None)
+    parts = [to_tensor(part, part_name) for part, part_name in ((x, "x"), (y, "y"), (sample_weight, "sample_weight"))
+             if part is not None]  # fmt: skip
+    on_device = fits_on_device(parts, device)
+    loader = InMemoryLoader(
+        x, y, size, shuffle=shuffle and training, device=device if on_device else None,
+        sample_weight=sample_weight, drop_last=drop_last,
+    )  # fmt: skip
+    loader.pin_memory = device.type == "cuda" and not on_device  # batches cut on the host: pinned ones
     if dist.world_size > 1:
         return distributed.shard_in_memory(loader, dist, training)
     return loader

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from fitkit.devices import sum_dtype
+
 
 class Metric:
     """Base class: a sample-weighted mean of a per-sample quantity.
@@ -22,51 +24,100 @@ class Metric:
     Attributes:
         name: the key in the logs (``"accuracy"`` gives ``accuracy`` and ``val_accuracy``).
         higher_is_better: True when larger values are better; None when the metric cannot tell.
+        output: which of the model's outputs the metric reads when the model returns a tuple, list or
+            dict (an index or a key, e.g. ``Accuracy(output="logits")``); None: the outputs as they are.
     """
 
     name: str = "metric"
     higher_is_better: bool | None = None
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, name: str | None = None, output: int | str | None = None) -> None:
         if name is not None:
             self.name = name
+        self.output = output
         self._sum: torch.Tensor | None = None
-        self._count = 0
+        self._count = 0  # samples of unweighted batches
+        self._weight: torch.Tensor | None = None  # the summed sample weights of weighted batches
+
+    def select(self, outputs: Any) -> Any:
+        """The part of the model's ``outputs`` this metric reads (see ``output``)."""
+        if self.output is None:
+            return outputs
+        try:
+            return outputs[self.output]
+        except (KeyError, IndexError, TypeError):
+            if isinstance(self.output, str) and hasattr(outputs, self.output):
+                return getattr(outputs, self.output)
+            raise ValueError(
+                f"metric {self.name!r}: output={self.output!r} does not pick anything from the model's outputs "
+                f"({_describe(outputs)}); use an index for a tuple or a key for a dict"
+            ) from None
 
     def batch_sum(self, outputs: Any, targets: Any) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
 
+    def per_sample(self, outputs: Any, targets: Any) -> torch.Tensor:
+        """The quantity for each sample, ``(N,)``: what a weighted metric (``Trainer(weighted_metrics=...)``)
+        weights. Metrics that can only give a batch total do not implement it."""
+        raise TypeError(
+            f"metric {self.name!r} ({type(self).__name__}) gives only a batch total, not per-sample values, so it "
+            "cannot be a weighted metric; pass it in metrics= instead, or implement per_sample()"
+        )
+
     @torch.no_grad()
-    def update(self, outputs: Any, targets: Any) -> None:
-        value, count = self.batch_sum(outputs, targets)
-        value = value.detach().to(torch.float64 if value.device.type != "mps" else torch.float32)
+    def update(self, outputs: Any, targets: Any, sample_weight: torch.Tensor | None = None) -> None:
+        """Adds a batch; with ``sample_weight`` the sum of ``weight * per_sample`` and the weights' sum
+        (Keras's weighted metrics: a weighted mean), else the batch sum and the sample count."""
+        outputs = self.select(outputs)
+        if sample_weight is None:
+            value, count = self.batch_sum(outputs, targets)
+            self._count += count
+        else:
+            values = self.per_sample(outputs, targets).detach()
+            dtype = sum_dtype(values.device)
+            weight = sample_weight.detach().reshape(-1).to(device=values.device, dtype=dtype)
+            value = (values.reshape(-1).to(dtype) * weight).sum()
+            total = weight.sum()
+            self._weight = total if self._weight is None else self._weight + total
+        value = value.detach().to(sum_dtype(value.device))
         self._sum = value if self._sum is None else self._sum + value
-        self._count += count
+
+    def _denominator(self) -> Any:
+        return self._count if self._weight is None else self._weight + self._count
 
     def compute(self) -> torch.Tensor:
-        if self._sum is None or self._count == 0:
+        if self._sum is None or (self._count == 0 and self._weight is None):
             return torch.tensor(float("nan"))
-        return self._sum / self._count
+        return self._sum / self._denominator()
 
     def reset(self) -> None:
-        self._sum, self._count = None, 0
+        self._sum, self._count, self._weight = None, 0, None
 
     # The state travels as tensors so a distributed run can all-reduce it (see fitkit.distributed).
     def sync_state(self) -> list[torch.Tensor]:
+        denominator = self._denominator()
         return [
             self._sum if self._sum is not None else torch.zeros((), dtype=torch.float64),
-            torch.tensor(float(self._count), dtype=torch.float64),
+            denominator
+            if isinstance(denominator, torch.Tensor)
+            else torch.tensor(float(denominator), dtype=torch.float64),
         ]
 
     def load_sync_state(self, values: list[torch.Tensor]) -> None:
-        self._sum, self._count = values[0], int(round(float(values[1])))
+        # The denominator comes back as a float (a sum of weights need not be whole): kept as the weight.
+        self._sum, self._count, self._weight = values[0], 0, values[1]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sum": None if self._sum is None else self._sum.detach().cpu(), "count": self._count}
+        return {
+            "sum": None if self._sum is None else self._sum.detach().cpu(),
+            "count": self._count,
+            "weight": None if self._weight is None else self._weight.detach().cpu(),
+        }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
-        total = state["sum"]
+        total, weight = state["sum"], state.get("weight")
         self._sum = None if total is None else total.to(device) if device is not None else total
+        self._weight = None if weight is None else weight.to(device) if device is not None else weight
         self._count = int(state["count"])
 
     def __repr__(self) -> str:
@@ -83,14 +134,14 @@ class Mean(Metric):
     higher_is_better = None
 
     @torch.no_grad()
-    def update(self, value: torch.Tensor, weight: int | None = None) -> None:
+    def update(self, value: torch.Tensor, weight: int | None = None) -> None:  # type: ignore[override]  # a value, not outputs
         value = value.detach()
         if value.ndim == 0:
             n = 1 if weight is None else weight
-            total = value.to(torch.float64 if value.device.type != "mps" else torch.float32) * n
+            total = value.to(sum_dtype(value.device)) * n
         else:
             n = value.shape[0]
-            total = value.to(torch.float64 if value.device.type != "mps" else torch.float32).sum()
+            total = value.to(sum_dtype(value.device)).sum()
         self._sum = total if self._sum is None else self._sum + total
         self._count += n
 
@@ -105,24 +156,34 @@ class Accuracy(Metric):
 
     higher_is_better = True
 
-    def __init__(self, top_k: int = 1, threshold: float = 0.0, name: str | None = None) -> None:
+    def __init__(
+        self, top_k: int = 1, threshold: float = 0.0, name: str | None = None, output: int | str | None = None
+    ) -> None:
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-        super().__init__(name or ("accuracy" if top_k == 1 else f"top{top_k}_accuracy"))
+        super().__init__(name or ("accuracy" if top_k == 1 else f"top{top_k}_accuracy"), output=output)
         self.top_k = top_k
         self.threshold = threshold
 
     def batch_sum(self, outputs: Any, targets: Any) -> tuple[torch.Tensor, int]:
+        correct = self.per_sample(outputs, targets)
+        return correct.sum(), correct.shape[0]
+
+    def per_sample(self, outputs: Any, targets: Any) -> torch.Tensor:
+        """1 where a sample is right, else 0 (``bool``), ``(N,)``."""
+        if isinstance(outputs, (tuple, list, dict)) or hasattr(outputs, "keys"):
+            raise TypeError(
+                f"{self.name}: the model returns {_describe(outputs)}, not one tensor; pick the output this "
+                f"metric reads with output=, e.g. Accuracy(output=0) or Accuracy(output='logits')"
+            )
         if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
             raise TypeError(
                 f"{self.name}: expected tensor outputs and targets, got {type(outputs).__name__} "
                 f"and {type(targets).__name__}"
             )
-        n = targets.shape[0]
         if outputs.ndim == 1 or (outputs.ndim == 2 and outputs.shape[1] == 1):
             predicted = outputs.reshape(-1) > self.threshold
-            correct = predicted == (targets.reshape(-1) > 0.5)
-            return correct.sum(), n
+            return predicted == (targets.reshape(-1) > 0.5)
         if targets.ndim == outputs.ndim and targets.shape[-1] == 1:  # (N, 1) class indices, as Keras allows
             targets = targets.squeeze(-1)
         elif targets.ndim == outputs.ndim:  # one-hot or probabilities
@@ -138,7 +199,7 @@ class Accuracy(Metric):
             correct = outputs.argmax(dim=1) == targets
         else:
             correct = (outputs.topk(self.top_k, dim=1).indices == targets.unsqueeze(1)).any(dim=1)
-        return correct.sum(), n
+        return correct
 
 
 class _TorchmetricsAdapter(Metric):
@@ -150,7 +211,11 @@ class _TorchmetricsAdapter(Metric):
         self.higher_is_better = getattr(metric, "higher_is_better", None)
 
     @torch.no_grad()
-    def update(self, outputs: Any, targets: Any) -> None:
+    def update(self, outputs: Any, targets: Any, sample_weight: torch.Tensor | None = None) -> None:
+        if sample_weight is not None:
+            raise TypeError(
+                f"metric {self.name!r} is a torchmetrics metric, which fitkit cannot weight; pass it in metrics="
+            )
         if hasattr(self.metric, "to"):
             device = outputs.device if isinstance(outputs, torch.Tensor) else None
             if device is not None and getattr(self.metric, "device", device) != device:
@@ -179,8 +244,10 @@ class _TorchmetricsAdapter(Metric):
 class _FunctionMetric(Metric):
     """A plain function ``fn(outputs, targets) -> 0-dim tensor``, averaged over samples."""
 
-    def __init__(self, fn: Callable[[Any, Any], torch.Tensor], name: str | None = None) -> None:
-        super().__init__(name or getattr(fn, "__name__", "metric"))
+    def __init__(
+        self, fn: Callable[[Any, Any], torch.Tensor], name: str | None = None, output: int | str | None = None
+    ) -> None:
+        super().__init__(name or getattr(fn, "__name__", "metric"), output=output)
         self.fn = fn
 
     def batch_sum(self, outputs: Any, targets: Any) -> tuple[torch.Tensor, int]:
@@ -233,6 +300,14 @@ def get_metric(metric: Any) -> Metric:
         f"cannot use {metric!r} as a metric: expected a string, a fitkit.metrics.Metric, a "
         "torchmetrics.Metric or a function (outputs, targets) -> tensor"
     )
+
+
+def _describe(outputs: Any) -> str:
+    if isinstance(outputs, dict):
+        return f"a dict with keys {sorted(outputs)}"
+    if isinstance(outputs, (tuple, list)):
+        return f"a {type(outputs).__name__} of {len(outputs)}"
+    return type(outputs).__name__
 
 
 __all__ = ["Metric", "Mean", "Accuracy", "get_metric"]

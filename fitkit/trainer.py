@@ -90,7 +90,11 @@ class Trainer:
             holds the loss (a mapping with a ``"loss"`` key or an object with a ``.loss`` attribute) or a
             subclass's :meth:`compute_loss` computes it.
         metrics: metric names, ``fitkit.metrics.Metric`` objects, ``torchmetrics`` metrics or functions
-            ``(outputs, targets) -> 0-dim tensor``; logged as ``<name>`` and ``val_<name>``.
+            ``(outputs, targets) -> 0-dim tensor``; logged as ``<name>`` and ``val_<name>``. Unweighted, as
+            Keras's ``metrics``.
+        weighted_metrics: metrics weighted by each batch's sample weights (its third element,
+            ``fit(sample_weight=...)`` or ``fit(class_weight=...)``): ``sum(w * value) / sum(w)``, as Keras's
+            ``weighted_metrics``; names must differ from ``metrics``'.
         callbacks: ``fitkit.Callback`` objects, run in list order; a ``History`` (and, with ``verbose``, a
             ``ProgressBar``) are added after them.
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``.
@@ -128,6 +132,7 @@ class Trainer:
         metrics: Sequence[Any] | None = None,
         callbacks: Sequence[Callback] | None = None,
         *,
+        weighted_metrics: Sequence[Any] | None = None,
         device: str | torch.device = "auto",
         precision: str | int = "32",
         grad_clip_norm: float | None = None,
@@ -173,8 +178,11 @@ class Trainer:
         arguments.check_step_setup(
             self.optimizers, self._closure_optimizers, self.precision, self.accumulate_grad_batches
         )
-        self.metrics: list[Metric] = arguments.check_metric_names([get_metric(m) for m in (metrics or [])])
+        self.metrics: list[Metric] = [get_metric(m) for m in (metrics or [])]
+        self.weighted_metrics: list[Metric] = [get_metric(m) for m in (weighted_metrics or [])]
+        arguments.check_metric_names(self.metrics + self.weighted_metrics)
         self._val_metrics = [copy.deepcopy(m) for m in self.metrics]
+        self._val_weighted_metrics = [copy.deepcopy(m) for m in self.weighted_metrics]
 
         # The module that runs forward passes in training: compiled and/or wrapped for DDP.
         self._train_module: nn.Module = distributed.wrap_model(
@@ -193,8 +201,8 @@ class Trainer:
         # Progress and resumable state (Trainer.state_dict gathers each part).
         self.state = TrainerState()
         self.history = History()
-        self._train_tracker = EpochTracker(self.metrics)
-        self._eval_tracker = EpochTracker(self._val_metrics)
+        self._train_tracker = EpochTracker(self.metrics + self.weighted_metrics)
+        self._eval_tracker = EpochTracker(self._val_metrics + self._val_weighted_metrics)
         self._accumulation = GradientAccumulation()
         self._epoch_rng: dict[str, Any] | None = None  # the generators before this epoch's iter(loader)
         # The generators before an epoch's validation, while it runs: a checkpoint written then (SIGTERM)
@@ -219,7 +227,8 @@ class Trainer:
         self.num_train_batches: int | None = None
         self._train_loader: Any = None
         self._callbacks = CallbackList([], self)
-        self._metrics_in_use: list[Metric] = self.metrics
+        self._metrics_in_use: list[Metric] = self.metrics  # the running phase's (training or validation)
+        self._weighted_in_use: list[Metric] = self.weighted_metrics
         self._current_n = 0  # samples in the batch being processed
         self._non_blocking = False
         self._deferred: list[Callable[[], None]] = []
@@ -566,7 +575,7 @@ class Trainer:
     def _run_epoch(self, loader: Any, epoch: int, steps: int | None) -> dict[str, float]:
         """One pass over the training data; returns the epoch's training logs (floats)."""
         self._train_module.train()
-        self._metrics_in_use = self.metrics
+        self._metrics_in_use, self._weighted_in_use = self.metrics, self.weighted_metrics
         self._non_blocking = pinned(loader, self.device)
         hooks = self._callbacks.hooks
         batch_begin, batch_end = hooks["on_batch_begin"], hooks["on_batch_end"]
@@ -690,6 +699,8 @@ class Trainer:
         epoch logs. An optimizer whose ``step`` needs a closure (LBFGS) is stepped with one here.
         """
         inputs, targets, sample_weight = split_batch(batch)
+        if self._class_weight is not None:
+            sample_weight = self._with_class_weight(targets, sample_weight)
         if self._closure_optimizers:
             return self._closure_step(inputs, targets, sample_weight)
         with self.autocast():
@@ -699,8 +710,8 @@ class Trainer:
         if self._accumulation.step_now:
             for name in self.optimizers:
                 self.optimizer_step(name)
-        if self._metrics_in_use:
-            self.update_metrics(outputs, targets)
+        if self._metrics_in_use or self._weighted_in_use:
+            self.update_metrics(outputs, targets, sample_weight)
         return {"loss": loss.detach()}
 
     def _closure_step(self, inputs: Any, targets: Any, sample_weight: Any) -> dict[str, torch.Tensor]:
@@ -725,8 +736,8 @@ class Trainer:
 
         loss = self.optimizer_step(name, closure=closure)
         self.outputs = first[0]
-        if self._metrics_in_use:
-            self.update_metrics(first[0], targets)
+        if self._metrics_in_use or self._weighted_in_use:
+            self.update_metrics(first[0], targets, sample_weight)
         return {"loss": loss.detach()}
 
     def compute_loss(self, inputs: Any, targets: Any, outputs: Any, sample_weight: Any = None) -> torch.Tensor:
@@ -759,13 +770,18 @@ class Trainer:
                 raise
             raise explained from exc
 
-    def _loss(self, inputs: Any, targets: Any, outputs: Any, sample_weight: Any, training: bool = True) -> torch.Tensor:
-        """:meth:`compute_loss` with the class weights folded into the sample weights (training only, as
-        in Keras); ``sample_weight`` is passed on only when there is one."""
-        if training and self._class_weight is not None and targets is not None:
-            classes = targets.argmax(dim=-1) if targets.ndim == 2 and targets.shape[1] > 1 else targets.reshape(-1)
-            weights = self._class_weight[classes.long()]  # one-hot targets: their class, as Keras reads them
-            sample_weight = weights if sample_weight is None else sample_weight * weights
+    def _with_class_weight(self, targets: Any, sample_weight: Any) -> Any:
+        """The sample weights times ``fit(class_weight=...)``'s weight of each sample's class (training only,
+        as in Keras; one-hot targets count as their argmax class)."""
+        if targets is None or self._class_weight is None:
+            return sample_weight
+        classes = targets.argmax(dim=-1) if targets.ndim == 2 and targets.shape[1] > 1 else targets.reshape(-1)
+        weights = self._class_weight[classes.long()]
+        return weights if sample_weight is None else sample_weight * weights
+
+    def _loss(self, inputs: Any, targets: Any, outputs: Any, sample_weight: Any) -> torch.Tensor:
+        """:meth:`compute_loss`, with ``sample_weight`` passed on only when there is one (an override
+        written without the argument still works for unweighted data)."""
         if sample_weight is None:
             return self.compute_loss(inputs, targets, outputs)
         return self.compute_loss(inputs, targets, outputs, sample_weight)
@@ -784,8 +800,8 @@ class Trainer:
         inputs, targets, sample_weight = split_batch(batch)
         with self.autocast():
             self.outputs = outputs = self.forward(inputs, training=False)
-            loss = self._loss(inputs, targets, outputs, sample_weight, training=False)
-        self.update_metrics(outputs, targets)
+            loss = self._loss(inputs, targets, outputs, sample_weight)
+        self.update_metrics(outputs, targets, sample_weight)
         return {"loss": loss}
 
     def predict_step(self, batch: Any) -> Any:
@@ -940,15 +956,18 @@ class Trainer:
             return False
         return bool((scale < self._last_scale).item())
 
-    def update_metrics(self, outputs: Any, targets: Any) -> None:
-        """Updates the metrics of the running phase (training, or validation/evaluate)."""
+    def update_metrics(self, outputs: Any, targets: Any, sample_weight: torch.Tensor | None = None) -> None:
+        """Updates the metrics of the running phase (training, or validation/evaluate); the weighted metrics
+        get the batch's sample weights (unweighted without them, as in Keras)."""
         for metric in self._metrics_in_use:
             metric.update(outputs, targets)
+        for metric in self._weighted_in_use:
+            metric.update(outputs, targets, sample_weight)
 
     def running_logs(self) -> dict[str, float]:
         """The training loss and metrics so far in this epoch (one host sync); in a distributed run, this
         rank's own (no collective: rank-0-only callbacks such as the progress bar call it)."""
-        with self.allow_sync(), distributed.local_metric_values(self.metrics):
+        with self.allow_sync(), distributed.local_metric_values(self.metrics + self.weighted_metrics):
             return self._train_tracker.compute()
 
     def _to_device(self, batch: Any) -> Any:
@@ -1056,7 +1075,7 @@ class Trainer:
         hooks = callbacks.hooks
         was_training = self._train_module.training
         self._eval_module.eval()
-        self._metrics_in_use = self._val_metrics
+        self._metrics_in_use, self._weighted_in_use = self._val_metrics, self._val_weighted_metrics
         self._non_blocking = pinned(loader, self.device)
         tracker = self._eval_tracker
         tracker.reset()
@@ -1083,7 +1102,7 @@ class Trainer:
                 raise ValueError("validation data yielded no batches; pass a non-empty DataLoader or None")
             logs = tracker.compute(self._dist.reduce)
         finally:
-            self._metrics_in_use = self.metrics
+            self._metrics_in_use, self._weighted_in_use = self.metrics, self.weighted_metrics
             self._train_module.train(was_training)
             self._eval_module.train(was_training)
         return {prefix + k: v for k, v in logs.items()}
@@ -1253,8 +1272,11 @@ class Trainer:
         return summarize(self, depth)
 
     # -- state ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, weights: bool = True) -> dict[str, Any]:
         """Everything that decides what happens next, as plain values and tensors (``weights_only``-loadable).
+
+        ``weights=False`` leaves out ``model`` and ``optimizers`` (None): a sharded checkpoint
+        (:mod:`fitkit.sharded_checkpoint`) writes them shard by shard instead of gathering them.
 
         Keys: ``model``/``optimizers`` (by name)/``scaler`` (unsharded under FSDP: a collective, every rank
         calls it), ``loss`` (a learnable loss module's state), ``trainer`` (:class:`TrainerState`), ``callbacks`` (each callback's state by key), and the
@@ -1277,12 +1299,14 @@ class Trainer:
             accumulation["grads"] = [None if p.grad is None else p.grad.detach().cpu() for p in self.model.parameters()]
         return {
             "fitkit": checkpoint.header("full"),
-            "model": distributed.full_model_state_dict(self.model, self._dist),  # unsharded under FSDP
+            "model": distributed.full_model_state_dict(self.model, self._dist) if weights else None,  # FSDP: gathered
             "model_class": type(self.model).__name__,
             "optimizers": {
                 name: distributed.full_optimizer_state_dict(self.model, opt, self._dist)
                 for name, opt in self.optimizers.items()
-            },
+            }
+            if weights
+            else None,
             "optimizer_classes": {name: type(opt).__name__ for name, opt in self.optimizers.items()},
             "loss": self.loss.state_dict() if isinstance(self.loss, nn.Module) else None,
             "scaler": self._scaler.state_dict() if self._scaler is not None else None,
@@ -1306,11 +1330,12 @@ class Trainer:
         """This fit's callbacks; before the first fit, the ones given to the Trainer."""
         return self._callbacks if self._callbacks.callbacks else CallbackList(self.callbacks, self)
 
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True, *, weights: bool = True) -> None:
         """Restores what :meth:`state_dict` returned, naming any mismatch before changing anything.
 
         With ``strict=False`` another world size, other data sizes and a model that only partly fits
-        are accepted (what fits is loaded; the run is then not an exact continuation).
+        are accepted (what fits is loaded; the run is then not an exact continuation). ``weights=False``
+        restores everything but the model and optimizers, and checks nothing (the caller did).
         """
         if not isinstance(state, dict) or state.get("fitkit", {}).get("kind") != "full":
             raise checkpoint.CheckpointError(
@@ -1320,27 +1345,30 @@ class Trainer:
         if per_rank := state.get("per_rank"):  # this rank's own part (with strict=False, the world size may differ)
             state = {**state, **per_rank[self._dist.rank % len(per_rank)]}
         state = checkpoint.upgrade(state)
-        model_state = state["model"]
-        current = self.model.state_dict()
-        if strict:
-            checkpoint.check_fits(
-                state, model=self.model, optimizers=self.optimizers, world_size=self.world_size,
-                data=data_signature(self._train_loader),
-            )  # fmt: skip
-            distributed.load_full_model_state_dict(self.model, model_state, self._dist, strict=True)
-        else:
-            fitting = {
-                k: v for k, v in model_state.items() if k in current and tuple(v.shape) == tuple(current[k].shape)
-            }
-            distributed.load_full_model_state_dict(self.model, fitting, self._dist, strict=False)
-        for name, optimizer in self.optimizers.items():
-            try:
-                distributed.load_full_optimizer_state_dict(self.model, optimizer, state["optimizers"][name], self._dist)
-            except (ValueError, KeyError) as exc:
-                if strict:
-                    raise checkpoint.CheckpointError(
-                        f"checkpoint state of optimizer {name!r} does not fit this optimizer: {exc}"
-                    ) from exc
+        if weights:  # False: a sharded checkpoint checked and loaded them (sharded_checkpoint.load)
+            model_state = state["model"]
+            current = self.model.state_dict()
+            if strict:
+                checkpoint.check_fits(
+                    state, model=self.model, optimizers=self.optimizers, world_size=self.world_size,
+                    data=data_signature(self._train_loader),
+                )  # fmt: skip
+                distributed.load_full_model_state_dict(self.model, model_state, self._dist, strict=True)
+            else:
+                fitting = {
+                    k: v for k, v in model_state.items() if k in current and tuple(v.shape) == tuple(current[k].shape)
+                }
+                distributed.load_full_model_state_dict(self.model, fitting, self._dist, strict=False)
+            for name, optimizer in self.optimizers.items():
+                try:
+                    distributed.load_full_optimizer_state_dict(
+                        self.model, optimizer, state["optimizers"][name], self._dist
+                    )
+                except (ValueError, KeyError) as exc:
+                    if strict:
+                        raise checkpoint.CheckpointError(
+                            f"checkpoint state of optimizer {name!r} does not fit this optimizer: {exc}"
+                        ) from exc
         if isinstance(self.loss, nn.Module) and state.get("loss") is not None:
             self.loss.load_state_dict(state["loss"], strict=strict)
         if self._scaler is not None and state.get("scaler"):
@@ -1359,7 +1387,12 @@ class Trainer:
 
     def save_checkpoint(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
         """Writes the full training state to ``path`` atomically; in a distributed run every rank's
-        own part goes in and rank 0 writes (every rank must call it)."""
+        own part goes in and rank 0 writes (every rank must call it). Under FSDP ``path`` becomes a
+        sharded (DCP) checkpoint directory that every rank writes its shard of (:mod:`fitkit.sharded_checkpoint`)."""
+        if distributed.is_fsdp(self._dist):
+            from fitkit import sharded_checkpoint
+
+            return sharded_checkpoint.save(self, path, meta)
         path = Path(path)
         state = self.state_dict()
         everyone = distributed.gather_object({key: state[key] for key in self.PER_RANK}, self._dist)
@@ -1378,7 +1411,13 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: str | Path, strict: bool = True) -> None:
-        """Loads a checkpoint written by fitkit (verified, ``weights_only``) into this trainer."""
+        """Loads a checkpoint written by fitkit (verified, ``weights_only``) into this trainer; a sharded
+        (DCP) checkpoint directory loads into any trainer, each rank reading its part."""
+        if Path(path).is_dir():
+            from fitkit import sharded_checkpoint
+
+            sharded_checkpoint.load(self, path, strict=strict)
+            return
         self.load_state_dict(checkpoint.load(Path(path), map_location="cpu"), strict=strict)
 
     def model_state_dict(self) -> dict[str, Any]:

@@ -57,25 +57,34 @@ def test_move_to_device_on_the_same_device_returns_the_same_tensors():
 # -- split_batch / batch_size_of ----------------------------------------------------------------------
 @pytest.mark.parametrize("batch", [(torch.ones(2, 3), torch.zeros(2)), [torch.ones(2, 3), torch.zeros(2)]])
 def test_split_batch_accepts_pairs(batch):
-    inputs, targets = split_batch(batch)
-    assert inputs is batch[0] and targets is batch[1]
+    inputs, targets, sample_weight = split_batch(batch)
+    assert inputs is batch[0] and targets is batch[1] and sample_weight is None
+
+
+def test_split_batch_reads_the_keras_layouts():
+    x, y, w = torch.ones(4, 3), torch.zeros(4), torch.ones(4)
+    assert split_batch(x) == (x, None, None)
+    assert split_batch((x,)) == (x, None, None)
+    assert split_batch((x, y, w)) == (x, y, w)
+    inputs = {"x": x, "mask": y}
+    assert split_batch(inputs) == (inputs, None, None)  # a dict is the inputs, as in Keras
 
 
 @pytest.mark.parametrize(
     "batch, shown",
     [
-        (torch.ones(4, 3), r"Tensor\(shape=\(4, 3\), dtype=torch.float32\)"),
-        ((torch.ones(4), torch.ones(4), torch.ones(4)), r"tuple\(Tensor\(shape=\(4,\), dtype=torch.float32\), Tensor"),
-        ({"x": torch.ones(4), "y": torch.ones(4)}, r"\{'x': Tensor\(shape=\(4,\), dtype=torch.float32\), 'y': Tensor"),
+        ((), r"tuple\(\)"),
+        ((torch.ones(4),) * 4, r"tuple\(Tensor\(shape=\(4,\), dtype=torch.float32\), Tensor"),
         ([torch.ones(1)] * 8, r"\[Tensor\(shape=\(1,\), dtype=torch.float32\), .*, \.\.\.\]"),
+        ("text", r"str"),
     ],
 )
 def test_split_batch_says_what_it_got_and_how_to_fix_it(batch, shown):
     with pytest.raises(
         ValueError,
-        match=r"expected each batch to be \(inputs, targets\), got "
+        match=r"cannot read a batch of "
         + shown
-        + r".*Make the dataset return \(inputs, targets\) pairs.*override train_step",
+        + r".*x \(a tensor or a dict\), \(x,\), \(x, y\) or \(x, y, sample_weight\).*override train_step",
     ):
         split_batch(batch)
 

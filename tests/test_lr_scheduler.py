@@ -398,5 +398,9 @@ def test_lr_scheduler_arguments():
         LRScheduler(step, monitor="val_loss")
     callback = LRScheduler(step)
     callback.set_trainer(FakeTrainer())
-    with pytest.raises(ValueError, match=r"the scheduler was built for another optimizer than the trainer's"):
+    with pytest.raises(
+        ValueError,
+        match=r"the scheduler was built for an optimizer that is not one of the trainer's \(optimizer\); build it "
+        r"on the optimizer you passed to Trainer",
+    ):
         callback.on_train_begin()

@@ -102,8 +102,36 @@ def test_accuracy_rejects_shapes_it_cannot_read():
 
 
 def test_accuracy_rejects_non_tensors():
-    with pytest.raises(TypeError, match=r"accuracy: expected tensor outputs and targets, got tuple and Tensor"):
+    with pytest.raises(TypeError, match=r"accuracy: expected tensor outputs and targets, got float and Tensor"):
+        Accuracy().update(3.0, TARGETS)
+
+
+def test_accuracy_of_a_tuple_or_dict_output_names_output():
+    with pytest.raises(
+        TypeError,
+        match=r"accuracy: the model returns a tuple of 1, not one tensor; pick the output this metric reads "
+        r"with output=, e.g. Accuracy\(output=0\)",
+    ):
         Accuracy().update((LOGITS,), TARGETS)
+    with pytest.raises(TypeError, match=r"the model returns a dict with keys \['logits'\]"):
+        Accuracy().update({"logits": LOGITS}, TARGETS)
+
+
+@pytest.mark.parametrize("outputs, output", [((None, LOGITS), 1), ({"logits": LOGITS, "aux": None}, "logits")])
+def test_output_picks_one_of_the_model_outputs(outputs, output):
+    picked, plain = Accuracy(output=output), Accuracy()
+    picked.update(outputs, TARGETS)
+    plain.update(LOGITS, TARGETS)
+    assert picked.compute().item() == plain.compute().item()
+
+
+def test_output_that_picks_nothing_is_an_error():
+    with pytest.raises(
+        ValueError,
+        match=r"metric 'accuracy': output='prob' does not pick anything from the model's "
+        r"outputs \(a dict with keys \['logits'\]\)",
+    ):
+        Accuracy(output="prob").update({"logits": LOGITS}, TARGETS)
 
 
 # -- Mean ------------------------------------------------------------------------------------------------

@@ -287,6 +287,7 @@ def test_debug_sync_window_covers_batches_not_deliberate_syncs(monkeypatch):
     # Only the window logic sees CUDA: the model and the data stay on the CPU.
     trainer.device = torch.device("cuda")
     monkeypatch.setattr(fitkit.loaders, "fits_on_device", lambda tensors, device: False)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # host batches would be pinned for CUDA
     monkeypatch.setattr(trainer, "_to_device", lambda batch: (setattr(trainer, "_current_n", len(batch[1])), batch)[1])
     trainer.fit((x, y), (x, y), batch_size=4, epochs=1)
     assert fake.seen == [
@@ -363,7 +364,7 @@ def test_cuda_pinned_loader_copies_without_blocking_and_unpinned_one_warns():
     trainer.fit(DataLoader(TensorDataset(x, y), batch_size=16, pin_memory=True), epochs=1)  # no sync: no error
     assert trainer._non_blocking
     trainer = fitkit.Trainer(TinyNet(), "sgd", "cross_entropy", device="cuda", verbose=0)
-    with pytest.warns(UserWarning, match="num_workers=0 and pin_memory=False"):
+    with pytest.warns(UserWarning, match="a DataLoader with pin_memory=False on a CUDA run"):
         trainer.fit(DataLoader(TensorDataset(x, y), batch_size=16), epochs=1)
 
 
@@ -392,6 +393,8 @@ def test_overridden_step_methods_are_called_however_they_are_overridden(monkeypa
     on_instance.fit(make_classification(8), batch_size=4, epochs=1)
     assert calls[2:] == ["instance step"] * 2
     original = fitkit.Trainer.optimizer_step
-    monkeypatch.setattr(fitkit.Trainer, "optimizer_step", lambda self: (calls.append("patched step"), original(self)))
+    monkeypatch.setattr(
+        fitkit.Trainer, "optimizer_step", lambda self, *args: (calls.append("patched step"), original(self, *args))
+    )
     make_trainer().fit(make_classification(8), batch_size=4, epochs=1)
     assert calls[4:] == ["patched step"] * 2

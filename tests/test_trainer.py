@@ -703,10 +703,9 @@ def one_shot():
         (lambda x, y: (x[:0], y[:0]), {}, ValueError, r"train_data holds 0 samples"),
         (
             lambda x, y: x,
-            {},
-            TypeError,
-            r"train_data is a single Tensor \(inputs only\); a loss needs targets: pass an "
-            r"\(x, y\) tuple",
+            {"batch_size": 4},
+            ValueError,
+            r"the batch has no targets, so the loss cannot be computed: batches are x or \(x,\) without targets",
         ),
         (
             lambda x, y: "data.csv",
@@ -727,10 +726,12 @@ def test_bad_fit_arguments_are_clear_errors(make_data, fit_kwargs, error, messag
 def test_a_batch_that_is_not_inputs_and_targets_fails_on_the_first_batch():
     x, y = make_classification(12)
     dataset = CountingDataset(x, y)
-    triples = DataLoader(dataset, batch_size=4, collate_fn=lambda items: (*torch.utils.data.default_collate(items), 0))
-    shown = r"tuple\(Tensor\(shape=\(4, 4\), dtype=torch.float32\), Tensor\(shape=\(4,\), dtype=torch.int64\), int\)"
-    with pytest.raises(ValueError, match=r"expected each batch to be \(inputs, targets\), got " + shown):
-        make_trainer().fit(triples)
+    quads = DataLoader(dataset, batch_size=4, collate_fn=lambda items: (*torch.utils.data.default_collate(items), 0, 0))
+    shown = (
+        r"tuple\(Tensor\(shape=\(4, 4\), dtype=torch.float32\), Tensor\(shape=\(4,\), dtype=torch.int64\), int, int\)"
+    )
+    with pytest.raises(ValueError, match=r"cannot read a batch of " + shown):
+        make_trainer().fit(quads)
     assert dataset.calls == 4  # only the first batch was loaded
 
 

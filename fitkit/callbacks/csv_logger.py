@@ -67,7 +67,8 @@ class CSVLogger(ExperimentLogger):
             keys = set(logs)
             if getattr(self.trainer, "has_validation", False):
                 # Keras adds the validation columns it expects, for an epoch that validation_freq skipped.
-                names = ["loss"] + [m.name for m in getattr(self.trainer, "metrics", [])]
+                metrics = [*getattr(self.trainer, "metrics", []), *getattr(self.trainer, "weighted_metrics", [])]
+                names = ["loss"] + [m.name for m in metrics]
                 keys.update(f"val_{name}" for name in names)
             self.keys = sorted(keys)
         if self._writer is None:

@@ -60,7 +60,7 @@ class MonitorCallback(Callback):
         if name == "loss" or (self.monitor.startswith("val_") and name.endswith("_loss")):  # val_<set>_loss
             return "min"
         trainer = getattr(self, "trainer", None)
-        for metric in getattr(trainer, "metrics", None) or []:
+        for metric in [*(getattr(trainer, "metrics", None) or []), *(getattr(trainer, "weighted_metrics", None) or [])]:
             named_set = self.monitor.startswith("val_") and name.endswith("_" + metric.name)  # val_<set>_<metric>
             if (metric.name == name or named_set) and metric.higher_is_better is not None:
                 return "max" if metric.higher_is_better else "min"
@@ -153,7 +153,7 @@ def check_key_can_exist(key: str, trainer: Any, who: str) -> None:
     )
     if custom:
         return  # an overridden step may log any key
-    known = ["loss"] + [m.name for m in trainer.metrics]
+    known = ["loss"] + [m.name for m in [*trainer.metrics, *getattr(trainer, "weighted_metrics", [])]]
     name = key[4:] if key.startswith("val_") else key
     if name.startswith("lr") or any(name == k or name.endswith("_" + k) for k in known):
         return  # named validation sets log val_<set>_<key>
