@@ -1,6 +1,6 @@
 """A DCGAN on scikit-learn's 8x8 handwritten digits (shipped in its wheel: no download): two optimizers.
 
-    python examples/gan.py                  # 30 epochs, about a minute on a CPU
+    python examples/gan.py                  # 30 epochs: 41 s on one busy CPU core
     python examples/gan.py --fast           # 2 epochs on 256 images, a few seconds
     python examples/gan.py --samples samples.png   # also save a grid of generated digits (torchvision)
 

@@ -1,6 +1,6 @@
 """Predicting sine waves with two LSTM cells and L-BFGS (generated data: nothing is downloaded).
 
-    python examples/lbfgs.py                     # 8 L-BFGS steps on 50 waves of 200 points
+    python examples/lbfgs.py                     # 8 L-BFGS steps on 50 waves of 200 points: ~100 s
     python examples/lbfgs.py --fast              # 2 steps on 10 waves of 50 points, a few seconds
 
 pytorch/examples' time_sequence_prediction on fitkit's default step: ``torch.optim.LBFGS`` needs a closure

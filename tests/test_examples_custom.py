@@ -445,7 +445,7 @@ def test_lstm_hidden_state_is_what_makes_the_resume_exact(tmp_path):
 
 # -- LBFGS: the default step drives a closure optimizer ------------------------------------------------------
 def _waves() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    return lbfgs.split_waves(lbfgs.sine_waves(count=8, length=30))
+    return lbfgs.split_waves(lbfgs.sine_waves(count=8, length=16))
 
 
 def lbfgs_hand_loop(steps: int) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
@@ -488,6 +488,7 @@ def test_lbfgs_default_step_equals_the_closure_loop_bit_for_bit():
     assert trainer.global_step == 3
 
 
+@pytest.mark.slow  # three LBFGS runs of up to 20 evaluations a step: ~4 s
 def test_lbfgs_resumes_mid_epoch_exactly(tmp_path):
     """Two mini-batches per epoch, so that a backup falls inside an epoch; LBFGS's history is restored."""
 
