@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fitkit import callbacks
 from fitkit.callbacks import (
+    EMA,
+    SWA,
     BackupAndRestore,
     Callback,
     CSVLogger,
@@ -28,6 +30,7 @@ from fitkit.callbacks import (
     LRScheduler,
     MLflowLogger,
     ModelCheckpoint,
+    OptunaPruning,
     ProgressBar,
     ReduceLROnPlateau,
     TensorBoard,
@@ -53,10 +56,19 @@ def _every_builtin_callback(tmp_path: Path, optimizer: torch.optim.Optimizer) ->
         EarlyStopping(monitor="val_loss", patience=5),
         CSVLogger(tmp_path / "log.csv"),
         MLflowLogger(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", log_every_n_steps=1),
+        EMA(decay=0.9),  # an update on every step
+        SWA(swa_start_epoch=0, swa_lr=0.05),
+        OptunaPruning(_optuna_trial()),
         ProgressBar(refresh_interval=1e-9, file=_Terminal()),  # a refresh (a read) on every batch
         ProgressBar(mode="epoch", log_every_seconds=1e-9, file=io.StringIO()),  # a line on every batch
         LambdaCallback(on_batch_end=lambda batch, logs: None),
     ]
+
+
+def _optuna_trial() -> Any:
+    import optuna
+
+    return optuna.create_study(pruner=optuna.pruners.NopPruner()).ask()
 
 
 def _fit_under_recorder(tmp_path: Path, monkeypatch: Any, extra: tuple[Callback, ...] = ()) -> FakeSyncMode:

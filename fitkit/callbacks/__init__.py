@@ -12,12 +12,16 @@ from fitkit.callbacks.lr_scheduler import LearningRateScheduler, LRScheduler, Re
 from fitkit.callbacks.mlflow_logger import MLflowLogger
 from fitkit.callbacks.model_checkpoint import ModelCheckpoint
 from fitkit.callbacks.monitor import MonitorCallback
+from fitkit.callbacks.optuna_pruning import OptunaPruning
 from fitkit.callbacks.prediction_writer import PredictionWriter
 from fitkit.callbacks.progress import ProgressBar
 from fitkit.callbacks.tensorboard import TensorBoard
 from fitkit.callbacks.terminate_on_nan import TerminateOnNaN
+from fitkit.callbacks.weight_averaging import EMA, SWA
 
 __all__ = [
+    "EMA",
+    "SWA",
     "BackupAndRestore",
     "CSVLogger",
     "Callback",
@@ -30,6 +34,7 @@ __all__ = [
     "MLflowLogger",
     "ModelCheckpoint",
     "MonitorCallback",
+    "OptunaPruning",
     "PredictionWriter",
     "ProgressBar",
     "ReduceLROnPlateau",
