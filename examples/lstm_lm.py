@@ -12,6 +12,10 @@ carried from batch to batch (truncated backpropagation through time) by a ``Trai
   hidden state and a run resumed mid-epoch equals the uninterrupted one bit for bit;
 * gradients are clipped (``grad_clip_norm``) and the learning rate is divided by 4 whenever the
   validation loss does not improve (``ReduceLROnPlateau(factor=0.25, patience=0)``, the tutorial's rule).
+
+One process only: under torchrun fitkit deals the chunks out to the ranks in turn (rank 0 gets chunks 0, 2,
+4, ...), so a carried state would join text that is not contiguous; a distributed language model splits the
+columns (streams) between the ranks instead. The script refuses to run there.
 """
 
 from __future__ import annotations
@@ -191,6 +195,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ids, vocab = load_text(6000 if args.fast else None)
     train_dl, val_dl = loaders(ids, args.batch_size, bptt=args.bptt)
     trainer = build_trainer(len(vocab), args.lr, args.clip, device=args.device, verbose=args.verbose)
+    if trainer.world_size > 1:
+        raise SystemExit(
+            f"examples/lstm_lm.py runs in one process (launched with {trainer.world_size}): split across ranks, "
+            "each rank's chunks would not be contiguous text for the carried hidden state"
+        )
     start = time.perf_counter()
     history = trainer.fit(train_dl, val_dl, epochs=args.epochs)
     elapsed = time.perf_counter() - start

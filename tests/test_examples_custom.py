@@ -524,3 +524,55 @@ def test_example_runs_fast(tmp_path, script, expected):
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith(expected) and "final" in last, result.stdout
+
+
+# -- no host sync inside the batch loop --------------------------------------------------------------------------
+def _dataloaders(name: str) -> tuple[Any, Any]:
+    """Each example's data as DataLoaders (the in-memory path would ask CUDA for its free memory)."""
+    if name == "gan":
+        return DataLoader(TensorDataset(_gan_images()[:64]), batch_size=GAN_BATCH, shuffle=True), None
+    if name == "vae":
+        x, x_val = _vae_data()
+        return DataLoader(TensorDataset(x), batch_size=VAE_BATCH, shuffle=True), DataLoader(TensorDataset(x_val), 32)
+    if name == "lstm_lm":
+        return _lstm_loaders()
+    (x, y), (x_val, y_val) = _waves()
+    return DataLoader(TensorDataset(x, y), batch_size=len(x)), DataLoader(TensorDataset(x_val, y_val), 3)
+
+
+@pytest.mark.filterwarnings("ignore:.*a DataLoader with pin_memory=False on a CUDA run")  # CUDA is pretended
+@pytest.mark.parametrize("name", ["gan", "vae", "lstm_lm", "lbfgs"])
+def test_example_steps_read_nothing_back_to_the_host(name, monkeypatch):
+    """Every example's step runs under debug_sync='error' (CUDA's sync debug mode, faked on the CPU as in
+    tests/test_sync_debug.py): no value is read back to the host inside the batch loops, except LBFGS's own
+    reads of its loss and gradient norms, which fitkit marks with allow_sync()."""
+    from helpers import FakeSyncMode
+
+    from fitkit.data import batch_size_of
+
+    sync = FakeSyncMode().install(monkeypatch, record_reads=True)
+    build = {"gan": _gan_trainer, "vae": _vae_trainer, "lstm_lm": _lstm_trainer, "lbfgs": _lbfgs_trainer}[name]
+    train, val = _dataloaders(name)
+    trainer = build([])
+    trainer.debug_sync = "error"
+    trainer.device = torch.device("cuda")  # takes the CUDA paths; the model and the data stay on the CPU
+
+    def to_device(batch: Any) -> Any:
+        trainer._current_n = batch_size_of(batch)
+        return batch
+
+    monkeypatch.setattr(trainer, "_to_device", to_device)
+    adam = importlib.import_module("torch.optim.adam")
+    read_step_counter = adam._get_value
+
+    def host_step_counter(value: Any) -> Any:  # Adam keeps its step count on the host on CUDA too
+        previous, sync.mode = sync.mode, 0  # (capturable=False): reading it is no device sync
+        try:
+            return read_step_counter(value)
+        finally:
+            sync.mode = previous
+
+    monkeypatch.setattr(adam, "_get_value", host_step_counter)
+    trainer.fit(train, val, epochs=2)
+    assert trainer.global_step > 0 and sync.mode == 0
+    assert sync.reads == [], "host reads inside the batch loop outside Trainer.allow_sync():\n" + "\n".join(sync.reads)
