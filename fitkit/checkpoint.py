@@ -12,6 +12,11 @@ Several writers may share a folder (two jobs, two callbacks): every read-change-
 an exclusive ``fcntl.flock`` on ``.fitkit-manifest.lock`` in that folder, so no writer's entry is lost. An
 unreadable manifest is never rewritten (that would forget every file it vouches for): writes and
 ``resume="auto"`` stop with an error, and :func:`trust` is the documented way to vouch for a file again.
+
+A sharded checkpoint (FSDP: :mod:`fitkit.sharded_checkpoint`) is a directory, and one manifest entry of its
+folder: its record lists every file's size and SHA-256, it is written into a temporary directory and
+committed (renamed into place, swapped atomically with an older version) only when every file is complete,
+and :func:`verify`, :func:`remove_checkpoint`, :func:`candidates` and :func:`trust` treat it as one checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import hashlib
 import json
 import os
 import pickle
+import re
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -143,7 +150,10 @@ def _remove_stale_temporaries(folder: Path, name: str) -> None:
         pid = stale.name[len(name) + 2 : -len(".tmp")]
         if name != MANIFEST and pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
             continue
-        stale.unlink(missing_ok=True)
+        if stale.is_dir() and not stale.is_symlink():  # a sharded checkpoint's temporary directory
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -228,9 +238,13 @@ def remove_checkpoint(path: str | Path) -> None:
     path = Path(path)
     with manifest_lock(path.parent):
         manifest = read_manifest(path.parent, strict=True)
-        if manifest["files"].pop(path.name, None) is not None:
+        entry = manifest["files"].pop(path.name, None)
+        if entry is not None:
             _write_manifest(path.parent, manifest)
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            _remove_directory(path, entry)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:
@@ -244,6 +258,8 @@ def _sha256(path: Path) -> str:
 def verify(path: str | Path) -> dict[str, Any]:
     """Returns the manifest record that vouches for ``path``'s bytes, or raises :class:`CheckpointError`."""
     path = Path(path)
+    if path.is_dir():
+        return _verify_directory(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
     entry = read_manifest(path.parent, strict=True)["files"].get(path.name)
@@ -288,6 +304,215 @@ def load(path: str | Path, map_location: Any = "cpu", verify_file: bool = True) 
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+# -- checkpoint directories ---------------------------------------------------------------------
+# A sharded checkpoint (torch.distributed.checkpoint: one file per rank plus metadata) is a directory.
+# It is a first-class manifest entry of its parent folder: one record whose ``files`` holds every file's
+# size and SHA-256, written only once every file is in place. The ranks write into a temporary
+# directory, rank 0 commits it (hash, manifest, rename), so the final name never holds a partial one.
+def temporary_directory(path: str | Path) -> Path:
+    """A fresh, empty temporary directory next to ``path`` for the files of a sharded checkpoint (its
+    name marks it as this process's temporary: a later commit in the folder removes it once this
+    process is gone)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp)
+    elif tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
+    tmp.mkdir()
+    return tmp
+
+
+def hash_files(root: Path, paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of each file, keyed by its POSIX path relative to ``root`` (ranks hash the files
+    they wrote, so that the commit does not read every shard on one rank)."""
+    return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in paths}
+
+
+def _listing_digest(files: dict[str, dict[str, Any]]) -> str:
+    sha = hashlib.sha256()
+    for name in sorted(files):
+        sha.update(f"{name}\0{files[name]['size']}\0{files[name]['sha256']}\n".encode())
+    return sha.hexdigest()
+
+
+def commit_directory(
+    tmp: str | Path,
+    path: str | Path,
+    meta: dict[str, Any] | None = None,
+    hashes: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Puts the complete checkpoint directory ``tmp`` (from :func:`temporary_directory`) in place at
+    ``path`` and records every file's size and SHA-256 in the folder's manifest, in the same two phases
+    as :func:`atomic_save`: the manifest vouches for the old and the new version while they swap.
+
+    ``hashes`` are already-computed records (:func:`hash_files`) for some of the files; the others are
+    hashed here. An existing ``path`` (file or directory) is swapped atomically with ``tmp`` where the
+    system allows (Linux ``renameat2(RENAME_EXCHANGE)``), then deleted. Returns the manifest record.
+    """
+    tmp, path = Path(tmp), Path(path)
+    folder = path.parent
+    try:
+        known = hashes or {}
+        files: dict[str, dict[str, Any]] = {}
+        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            name = file.relative_to(tmp).as_posix()
+            files[name] = known.get(name) or hash_files(tmp, [file])[name]
+        for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            _fsync_dir(sub)
+        record = {
+            "sha256": _listing_digest(files),
+            "size": sum(f["size"] for f in files.values()),
+            "files": files,
+            "time": time.time(),
+            **(meta or {}),
+        }
+        with manifest_lock(folder):
+            manifest = read_manifest(folder, strict=True)
+            old = manifest["files"].get(path.name)
+            manifest["files"][path.name] = {"versions": [record] + (old["versions"][:1] if old else [])}
+            _write_manifest(folder, manifest)
+            _swap_into_place(tmp, path)
+            _fsync_dir(folder)
+            manifest["files"][path.name] = {"versions": [record]}
+            _write_manifest(folder, manifest)
+            _remove_stale_temporaries(folder, path.name)  # the old version now sits at a temporary name
+            _remove_stale_temporaries(folder, MANIFEST)
+            _remove_dead_temporary_directories(folder)
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise _write_failed(path, exc, None) from exc
+    return record
+
+
+def _remove_dead_temporary_directories(folder: Path) -> None:
+    """Deletes the temporary directories of sharded saves whose process is gone (killed mid-save), whatever
+    their name: a template such as ``e{epoch}.pt`` never commits the same name again to clear them."""
+    for tmp in folder.glob(".*.tmp"):
+        match = re.fullmatch(r"\.(.+)\.(\d+)(\.old)?\.tmp", tmp.name)
+        if match is None or not tmp.is_dir() or tmp.is_symlink():
+            continue
+        pid = int(match.group(2))
+        if pid == os.getpid() or not _alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """``tmp`` becomes ``path``; the previous ``path`` (if any) ends at ``tmp``'s name, to be deleted."""
+    if not path.exists() and not path.is_symlink():
+        os.rename(tmp, path)
+        return
+    if _exchange(tmp, path):
+        return
+    # No atomic exchange on this system: two renames; a crash between them leaves ``path`` missing (its
+    # manifest entry then fails verification and resume="auto" takes the previous checkpoint).
+    aside = tmp.with_name(tmp.name[: -len(".tmp")] + ".old.tmp")
+    os.rename(path, aside)
+    os.rename(tmp, path)
+    os.rename(aside, tmp)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps the names ``a`` and ``b`` (Linux ``renameat2(RENAME_EXCHANGE)``); False when the
+    system or the file system cannot."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _inside(root: Path, name: str) -> Path | None:
+    """``root / name`` when ``name`` (from a manifest: data from outside) stays inside ``root``."""
+    candidate = root / name
+    try:
+        resolved, base = candidate.resolve(), root.resolve()
+    except OSError:
+        return None
+    return candidate if base in resolved.parents else None
+
+
+def _remove_directory(path: Path, entry: dict[str, Any] | None) -> None:
+    """Deletes the files the manifest ``entry`` listed for the directory ``path``, then the directory if
+    that leaves it empty: a file fitkit did not write is left alone (with a warning)."""
+    listed = {name for record in (entry or {}).get("versions", []) for name in record.get("files", {})}
+    for name in listed:
+        target = _inside(path, name)
+        if target is not None and target.is_file():
+            target.unlink()
+    for sub in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    try:
+        path.rmdir()
+    except OSError:
+        left = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+        warnings.warn(
+            f"removed the checkpoint {path} but left the directory: it holds files fitkit did not write ({left[:5]})",
+            stacklevel=3,
+        )
+
+
+def _verify_directory(path: Path) -> dict[str, Any]:
+    entry = read_manifest(path.parent, strict=True)["files"].get(path.name)
+    if entry is None:
+        raise CheckpointError(
+            f"the checkpoint directory {path} is not listed in {path.parent / MANIFEST}: fitkit did not finish "
+            "writing it (a rank killed during the save?) or it was copied without its manifest. Copy the "
+            f"folder's {MANIFEST} along, or, if you trust it, vouch for it with "
+            f"fitkit.checkpoint.trust({str(path)!r}) and resume again."
+        )
+    digests: dict[str, str] = {}
+    problems: list[str] = []  # the newest version's problem is the one reported
+    for record in entry.get("versions", []):
+        files = record.get("files")
+        if not isinstance(files, dict):
+            continue
+        problem = _directory_problem(path, files, digests)
+        if problem is None:
+            return record
+        problems.append(problem)
+    problem = problems[0] if problems else "its manifest entry lists no files"
+    raise CheckpointError(
+        f"the checkpoint directory {path} is incomplete or corrupted ({problem}): a checkpoint counts only when "
+        "every rank's shard and the metadata are in place. Resume from an earlier checkpoint (resume='auto' "
+        "picks the newest good one)."
+    )
+
+
+def _directory_problem(path: Path, files: dict[str, Any], digests: dict[str, str]) -> str | None:
+    """What is wrong with ``path`` against one manifest record's ``files`` (None: nothing)."""
+    for name, want in sorted(files.items()):
+        target = _inside(path, str(name))
+        if target is None:
+            return f"the manifest names {name!r}, outside the directory"
+        if not target.is_file():
+            return f"{name} is missing"
+        if target.stat().st_size != want.get("size"):
+            return f"{name} has {target.stat().st_size} bytes, the manifest says {want.get('size')}"
+        if name not in digests:
+            digests[name] = _sha256(target)
+        if digests[name] != want.get("sha256"):
+            return f"{name} does not match its SHA-256"
+    return None
 
 
 # -- what a full checkpoint holds ---------------------------------------------------------------
@@ -433,8 +658,14 @@ def unvouched_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = []
-    for path in folder.rglob("*"):
-        if not path.is_file() or path.name in (MANIFEST, LOCK) or path.name.startswith("."):
+    for path in _walk_checkpoints(folder):
+        if path.is_dir():  # a checkpoint directory: vouched for as one entry, or reported as one
+            try:
+                verify(path)
+            except CheckpointError:
+                found.append(path)
+            continue
+        if path.name in (MANIFEST, LOCK):
             continue
         try:
             entry = read_manifest(path.parent)["files"].get(path.name)
@@ -452,6 +683,22 @@ def unvouched_files(folder: Path) -> list[Path]:
     return sorted(found, key=lambda f: f.stat().st_mtime, reverse=True)
 
 
+def _walk_checkpoints(folder: Path) -> Iterator[Path]:
+    """The files under ``folder``, except temporaries (hidden names, and everything inside a hidden
+    directory), with each checkpoint directory (listed in its folder's manifest, or holding DCP's
+    ``.metadata``) given as one path instead of its files."""
+    for root, dirs, names in os.walk(folder):
+        here = Path(root)
+        listed = read_manifest(here)["files"] if (here / MANIFEST).exists() else {}
+        for name in sorted(dirs):
+            if name.startswith("."):
+                dirs.remove(name)
+            elif name in listed or (here / name / ".metadata").is_file():
+                dirs.remove(name)
+                yield here / name
+        yield from (here / name for name in sorted(names) if not name.startswith("."))
+
+
 def trust(path: str | Path) -> dict[str, Any]:
     """Vouches for a checkpoint file that has no (or no readable) manifest entry: files copied without
     their folder's manifest, or a folder whose manifest was lost. The documented way to resume from one.
@@ -465,9 +712,15 @@ def trust(path: str | Path) -> dict[str, Any]:
         trainer.fit(train_dl, epochs=10, resume="ckpt/e03.pt")
     """
     path = Path(path)
-    if not path.is_file():
+    directory = path.is_dir()
+    if not directory and not path.is_file():
         raise CheckpointError(f"trust: no file at {path}")
-    state = load(path, verify_file=False)
+    if directory:  # a sharded (DCP) checkpoint: its state file loads weights-only, its metadata is checked
+        from fitkit import sharded_checkpoint
+
+        state = sharded_checkpoint.read_state(path)
+    else:
+        state = load(path, verify_file=False)
     meta: dict[str, Any] = {"kind": "weights", "trusted": True}
     if isinstance(state, dict) and isinstance(state.get("fitkit"), dict):
         meta["kind"] = state["fitkit"].get("kind", "weights")
@@ -484,7 +737,13 @@ def trust(path: str | Path) -> dict[str, Any]:
             os.replace(folder / MANIFEST, aside)
             warnings.warn(f"trust: moved the unreadable manifest aside to {aside} ({exc})", stacklevel=2)
             manifest = {"version": 1, "files": {}}
-        record = {"sha256": _sha256(path), "size": path.stat().st_size, "time": path.stat().st_mtime, **meta}
+        if directory:
+            files = hash_files(path, sorted(p for p in path.rglob("*") if p.is_file()))
+            size = sum(f["size"] for f in files.values())
+            record = {"sha256": _listing_digest(files), "size": size, "files": files, "time": path.stat().st_mtime}
+        else:
+            record = {"sha256": _sha256(path), "size": path.stat().st_size, "time": path.stat().st_mtime}
+        record.update(meta)
         manifest["files"][path.name] = {"versions": [record]}
         _write_manifest(folder, manifest)
     return record

@@ -269,7 +269,8 @@ class ModelCheckpoint(MonitorCallback):
         ours = self._written | {item[2] for item in self.kept}
         found = []
         for path in sorted(self.checkpoint_dir.rglob("*")):
-            if not path.is_file() or path.name.startswith(".") or str(path) in ours:
+            # A directory is a sharded (FSDP) checkpoint when it matches the template.
+            if not (path.is_file() or path.is_dir()) or path.name.startswith(".") or str(path) in ours:
                 continue
             last = self.save_last and path.parent == self.checkpoint_dir and path.name == "last.pt"
             if last or pattern.fullmatch(str(path.resolve())):

@@ -1,0 +1,353 @@
+"""Sharded checkpoints under FSDP: ``torch.distributed.checkpoint`` (DCP), one directory per checkpoint.
+
+Every rank writes its own shard of the model and optimizer states (nothing is gathered on one rank), and a
+resume reads only each rank's part (DCP reshards when the world size differs). The directory holds:
+
+* ``__<rank>_0.distcp``: each rank's tensors (DCP's files), and ``.metadata``: DCP's index of them;
+* ``fitkit-state.pt``: everything else, from rank 0 (written with ``torch.save``, loaded with
+  ``weights_only=True``): the trainer state, callbacks, each rank's random and running state
+  (``per_rank``), the optimizers' hyper-parameters (``param_groups``) and non-tensor state values.
+
+The guarantees of single-file checkpoints hold for the directory (:mod:`fitkit.checkpoint`): the ranks
+write into a temporary directory; rank 0 hashes it (each rank hashes the shard it wrote) and commits it
+with every file's size and SHA-256 in the folder's manifest, so a checkpoint counts only once every shard
+and the metadata are in place. A load verifies the directory first, then reads DCP's ``.metadata`` with an
+unpickler that accepts DCP's own metadata classes only, and refuses a directory whose metadata asks DCP to
+unpickle objects (fitkit writes tensors only): DCP's own reader uses plain ``pickle`` and
+``torch.load(weights_only=False)`` for those.
+
+The collectives here go through :mod:`fitkit.distributed`; DCP runs its own on the default group.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fitkit import checkpoint, distributed
+from fitkit.loaders import data_signature
+
+if TYPE_CHECKING:
+    from fitkit.trainer import Trainer
+
+STATE = "fitkit-state.pt"
+METADATA = ".metadata"
+LAYOUT = "dcp"
+
+
+# -- save -----------------------------------------------------------------------------------------
+def save(trainer: Trainer, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Writes ``trainer``'s full state as a DCP directory at ``path`` (every rank must call it).
+
+    Each rank writes its own shard into a temporary directory next to ``path``; rank 0 adds the rest of
+    the state and commits the directory (see the module docstring). An error on any rank is raised on
+    every rank, and leaves the previous checkpoint at ``path`` (if any) untouched.
+    """
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    path = Path(path)
+    info = trainer.dist
+    state = trainer.state_dict(weights=False)
+    state["per_rank"] = distributed.gather_object({key: state[key] for key in trainer.PER_RANK}, info)
+    state["fitkit"] = {**checkpoint.header("full"), "layout": LAYOUT}
+    tensors, state["optimizer_rest"], state["model_rest"] = _weights(trainer)
+    tmp, error = None, None
+    if trainer.is_global_zero:
+        try:
+            tmp = checkpoint.temporary_directory(path)
+        except OSError as exc:
+            error = f"could not write the checkpoint {path}: {exc}. Nothing was replaced."
+    tmp, error = distributed.broadcast_object((tmp, error), info)
+    if error is not None:
+        raise checkpoint.CheckpointError(error)
+    assert tmp is not None
+    try:
+        writer = FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
+        with warnings.catch_warnings():  # DCP warns that no_dist means one process: that is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp_save(tensors, storage_writer=writer, no_dist=info.world_size == 1)
+        # Each rank hashes the shard it wrote (in parallel), so that the commit reads none of them again.
+        mine = checkpoint.hash_files(tmp, sorted(tmp.glob(f"__{info.rank}_*.distcp")))
+    except Exception as exc:  # DCP raises on every rank when one fails
+        error = f"could not write the sharded checkpoint {path}: {type(exc).__name__}: {exc}"
+        mine = {}
+    hashes = distributed.gather_object((mine, error), info)
+    error = next((e for _, e in hashes if e is not None), None)
+    if trainer.is_global_zero:
+        try:
+            if error is None:
+                _save_state_file(state, tmp / STATE)
+                position = {
+                    "kind": "full",
+                    "layout": LAYOUT,
+                    "world_size": trainer.world_size,
+                    "epoch": trainer.state.epoch,
+                    "global_step": trainer.state.global_step,
+                    "batch_in_epoch": trainer.state.batch_in_epoch,
+                    **(meta or {}),
+                }
+                known = {name: record for files, _ in hashes for name, record in files.items()}
+                checkpoint.commit_directory(tmp, path, position, known)
+        except (OSError, checkpoint.CheckpointError) as exc:
+            error = str(exc)
+        finally:
+            if tmp.exists():  # not committed: the partial directory goes
+                shutil.rmtree(tmp, ignore_errors=True)
+    error = distributed.broadcast_object(error, info)
+    if error is not None:
+        raise checkpoint.CheckpointError(
+            f"{error}. Nothing was replaced: the previous {path.name} (if any) and every other checkpoint in "
+            f"{path.parent} are intact."
+            if "Nothing was replaced" not in error
+            else error
+        )
+    return path
+
+
+def _weights(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """The tensors DCP writes (flat keys ``model.<fqn>`` and ``optimizers.<name>.<fqn>.<key>``; sharded
+    DTensors under FSDP), each optimizer's other parts, and the model state's non-tensor values."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    tensors: dict[str, torch.Tensor] = {}
+    model_rest: dict[str, Any] = {}
+    for fqn, value in get_model_state_dict(trainer.model).items():
+        if isinstance(value, torch.Tensor):
+            tensors[f"model.{fqn}"] = value
+        else:
+            model_rest[fqn] = value
+    optimizer_rest: dict[str, Any] = {}
+    for name, optimizer in trainer.optimizers.items():
+        if not optimizer.state:
+            # No state yet: DCP's get_optimizer_state_dict would create it with a zero step (Adam's
+            # step count would change); the hyper-parameters by parameter position are all there is.
+            optimizer_rest[name] = {"param_groups": optimizer.state_dict()["param_groups"], "by_position": True}
+            continue
+        full: Any = get_optimizer_state_dict(trainer.model, optimizer)
+        keys: dict[str, list[str]] = {}
+        values: dict[str, dict[str, Any]] = {}
+        for fqn, entry in full["state"].items():
+            keys[fqn] = []
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[_optimizer_key(name, fqn, key)] = value
+                    keys[fqn].append(key)
+                else:
+                    values.setdefault(fqn, {})[key] = value
+        optimizer_rest[name] = {"param_groups": full["param_groups"], "tensors": keys, "values": values}
+    return tensors, optimizer_rest, model_rest
+
+
+def _optimizer_key(name: str, fqn: str, key: str) -> str:
+    return f"optimizers.{name}.{fqn}.{key}"
+
+
+def _save_state_file(state: dict[str, Any], path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- load -----------------------------------------------------------------------------------------
+def load(trainer: Trainer, path: str | Path, strict: bool = True) -> None:
+    """Loads the DCP checkpoint directory ``path`` into ``trainer`` (every rank must call it).
+
+    Rank 0 verifies the directory against its manifest and checks its metadata; then every rank reads
+    its own part of each tensor. Another world size than the one that wrote it is allowed (DCP reshards)
+    with a warning: the run continues, but not bit for bit as an uninterrupted one would.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = Path(path)
+    info = trainer.dist
+    error = None
+    if trainer.is_global_zero:
+        try:
+            checkpoint.verify(path)
+            read_metadata(path)
+        except checkpoint.CheckpointError as exc:
+            error = str(exc)
+    error = distributed.broadcast_object(error, info)
+    if error is not None:
+        raise checkpoint.CheckpointError(error)
+    state = checkpoint.upgrade(checkpoint.load(path / STATE, verify_file=False))  # verified with the directory
+    shapes = _saved_shapes(read_metadata(path))
+    saved_world = state.get("world_size", 1)
+    if saved_world != trainer.world_size:
+        warnings.warn(
+            f"resuming {path}, written by {saved_world} process(es), on {trainer.world_size}: DCP reshards the "
+            "model and optimizer states, but the run is not bit-exact (each rank's data order, random streams "
+            "and share of the epoch's running sums differ from an uninterrupted run). Resume with the same "
+            "world size for an exact continuation.",
+            stacklevel=3,
+        )
+    model_state = get_model_state_dict(trainer.model)
+    if strict:
+        same_world = saved_world == trainer.world_size
+        checkpoint.check_fits(
+            {
+                **state,
+                "model": {
+                    k[len("model.") :]: torch.empty(v, device="meta")
+                    for k, v in shapes.items()
+                    if k.startswith("model.")
+                },
+            },
+            model=trainer.model,
+            optimizers=trainer.optimizers,
+            world_size=trainer.world_size if same_world else saved_world,
+            data=data_signature(trainer.train_loader) if same_world else {},
+        )
+    targets = {
+        f"model.{fqn}": value
+        for fqn, value in model_state.items()
+        if isinstance(value, torch.Tensor) and tuple(shapes.get(f"model.{fqn}", ())) == tuple(value.shape)
+    }
+    optimizer_states = {}
+    for name, optimizer in trainer.optimizers.items():
+        saved = state["optimizer_rest"].get(name)
+        if saved is None or saved.get("by_position"):
+            continue
+        current: Any = get_optimizer_state_dict(trainer.model, optimizer)  # creates the state to load into
+        loaded: dict[str, dict[str, Any]] = {}
+        for fqn, keys in saved["tensors"].items():
+            entry = dict(saved["values"].get(fqn, {}))
+            for key in keys:
+                target = current["state"].get(fqn, {}).get(key)
+                if not isinstance(target, torch.Tensor):
+                    if strict:
+                        raise checkpoint.CheckpointError(
+                            f"checkpoint state of optimizer {name!r} does not fit this optimizer: it holds "
+                            f"{key!r} for {fqn!r}, which this optimizer has no tensor for"
+                        )
+                    continue
+                targets[_optimizer_key(name, fqn, key)] = target
+                entry[key] = target
+            loaded[fqn] = entry
+        for fqn, entry in saved["values"].items():
+            loaded.setdefault(fqn, dict(entry))
+        optimizer_states[name] = {"state": loaded, "param_groups": saved["param_groups"]}
+    try:
+        # Each rank reads its own part, in place; one process (not a DCP job) reads without collectives.
+        with warnings.catch_warnings():  # DCP warns that no_dist means one process: that is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp_load(targets, storage_reader=FileSystemReader(path), no_dist=info.world_size == 1)
+    except Exception as exc:
+        raise checkpoint.CheckpointError(
+            f"cannot read the sharded checkpoint {path}: {type(exc).__name__}: {exc}"
+        ) from exc
+    loaded_model: dict[str, Any] = {k[len("model.") :]: v for k, v in targets.items() if k.startswith("model.")}
+    loaded_model.update(state.get("model_rest") or {})
+    set_model_state_dict(trainer.model, loaded_model, options=StateDictOptions(strict=strict))
+    for name, optimizer in trainer.optimizers.items():
+        saved = state["optimizer_rest"].get(name)
+        try:
+            if name in optimizer_states:
+                set_optimizer_state_dict(trainer.model, optimizer, optimizer_states[name])
+            elif saved is not None:  # saved before its first step: no state, its hyper-parameters by position
+                optimizer.load_state_dict({"state": {}, "param_groups": saved["param_groups"]})
+        except (ValueError, KeyError, RuntimeError) as exc:
+            if strict:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint state of optimizer {name!r} does not fit this optimizer: {exc}"
+                ) from exc
+    trainer.load_state_dict(state, strict=strict, weights=False)
+
+
+def _saved_shapes(metadata: Any) -> dict[str, torch.Size]:
+    return {key: value.size for key, value in metadata.state_dict_metadata.items() if hasattr(value, "size")}
+
+
+# -- reading a directory safely -------------------------------------------------------------------
+_DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "StorageMeta",
+        "MetadataIndex",
+        "_MEM_FORMAT_ENCODING",
+        "BytesStorageMetadata",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "collections": {"OrderedDict"},
+    "torch": {"Size"},
+    "torch.serialization": {"_get_layout"},  # a layout by its name, from torch's table of layouts
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},  # the checkpoint_id
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata classes, ``torch.Size``, dtypes, layouts and paths; refuses any other global (a
+    crafted ``.metadata`` could otherwise run code when DCP unpickles it)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_CLASSES.get(module, set()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in DCP metadata")
+
+
+def read_metadata(path: str | Path) -> Any:
+    """DCP's ``.metadata`` of the directory ``path``, unpickled safely, after checking that it names
+    tensors only, stored in files inside the directory; a :class:`~fitkit.checkpoint.CheckpointError`
+    otherwise."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    path = Path(path)
+    try:
+        with open(path / METADATA, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError as exc:
+        raise checkpoint.CheckpointError(f"{path} is not a sharded checkpoint: it has no {METADATA}") from exc
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
+        raise checkpoint.CheckpointError(
+            f"refused to load {path}: its {METADATA} is not DCP metadata that fitkit can read safely ({exc})"
+        ) from exc
+    if not isinstance(metadata, Metadata):
+        raise checkpoint.CheckpointError(f"refused to load {path}: its {METADATA} is not DCP metadata")
+    objects = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+    if objects:
+        raise checkpoint.CheckpointError(
+            f"refused to load {path}: it stores pickled Python objects ({objects[:3]}), which DCP would load "
+            "without weights_only; fitkit's sharded checkpoints hold tensors only"
+        )
+    for stored in (metadata.storage_data or {}).values():
+        name = str(getattr(stored, "relative_path", ""))
+        if not name or Path(name).name != name or name.startswith("."):
+            raise checkpoint.CheckpointError(
+                f"refused to load {path}: its {METADATA} points at {name!r}, not a file inside the directory"
+            )
+    return metadata
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """The ``fitkit-state.pt`` of a DCP checkpoint directory (weights-only), after checking its metadata;
+    used by :func:`fitkit.checkpoint.trust` before it vouches for a directory."""
+    path = Path(path)
+    read_metadata(path)
+    state = checkpoint.load(path / STATE, verify_file=False)
+    if not isinstance(state, dict) or state.get("fitkit", {}).get("layout") != LAYOUT:
+        raise checkpoint.CheckpointError(f"{path / STATE} is not the state file of a fitkit sharded checkpoint")
+    return state
+
+
+__all__ = ["load", "read_metadata", "read_state", "save"]
