@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> float:
         f"trained {epochs_run} epoch(s) in {elapsed:.1f}s on {trainer.device} ({trainer.precision}); "
         f"final validation accuracy: {final['accuracy']:.4f} (loss {final['loss']:.4f})"
     )
+    if trainer.is_global_zero:  # one process writes files under torchrun
+        history.plot(path=f"{args.checkpoint_dir}/history.png")  # loss, accuracy and lr per epoch
     return final["accuracy"]
 
 

@@ -679,6 +679,7 @@ def test_the_example_script_runs_unchanged_under_torchrun(tmp_path: Path) -> Non
     assert len(epoch_lines) == 2, output  # one progress line per epoch: rank 0 only
     assert len(list((tmp_path / "runs").rglob("*tfevents*"))) == 1
     assert (tmp_path / "ckpt" / "last.pt").exists()
+    assert (tmp_path / "ckpt" / "history.png").read_bytes()[:4] == b"\x89PNG"  # History.plot, on rank 0
 
 
 # -- arguments and messages -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""ProgressBar: a tqdm bar per epoch on a terminal, a plain line per epoch anywhere else."""
+"""ProgressBar: a tqdm bar per epoch on a terminal or in a notebook, a plain line per epoch anywhere else."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ class ProgressBar(Callback):
 
     On a terminal or in a notebook, one tqdm bar per epoch whose postfix holds the running loss and
     metrics, refreshed at most every ``refresh_interval`` seconds (each refresh reads the running
-    values back from the device once), and the validation results at the end of the epoch. Anywhere
+    values back from the device once), and the validation results at the end of the epoch. In Jupyter
+    the bar is a widget when ipywidgets is installed (``pip install "fitkit[notebook]"``), and otherwise
+    one text line per epoch updated in place, so that a saved notebook holds one output per epoch, not
+    one per refresh. Anywhere
     else (a pipe, a log file, CI) it never redraws: it prints one line per epoch, plus a progress line
     every ``log_every_seconds`` if set.
 
@@ -70,9 +73,13 @@ class ProgressBar(Callback):
         return bool(getattr(stream, "isatty", lambda: False)())
 
     def _open_bar(self, epoch: int) -> None:
+        total = self.trainer.num_train_batches
+        if self._notebook_text:
+            self._bar = _NotebookLine(total=total, desc=f"Epoch {epoch + 1}/{self._epochs}")
+            self._shown = 0
+            return
         from tqdm.auto import tqdm
 
-        total = self.trainer.num_train_batches
         self._bar = tqdm(
             total=total,
             desc=f"Epoch {epoch + 1}/{self._epochs}",
@@ -90,6 +97,8 @@ class ProgressBar(Callback):
         self._epochs = "?" if planned is None else planned  # None: until max_steps/max_time ends the run
         self._val_bar: Any = None
         self._is_bar = self._interactive()
+        # In Jupyter without ipywidgets tqdm would print every refresh as a new output: a line updated in place.
+        self._notebook_text = self._is_bar and "ipykernel" in sys.modules and not _has_ipywidgets()
         self._bar = None
         # A run resumed mid-epoch gets no on_epoch_begin: the first batch then opens the epoch's display.
         self.__dict__.pop("_epoch_start", None)
@@ -143,7 +152,7 @@ class ProgressBar(Callback):
 
     # -- validation: a transient bar on a terminal (it disappears when done), nothing off a terminal --
     def on_validation_begin(self, logs: Logs | None = None) -> None:
-        if not self._is_bar:
+        if not self._is_bar or self._notebook_text:  # a notebook's text display keeps one output per epoch
             return
         from tqdm.auto import tqdm
 
@@ -180,3 +189,48 @@ class ProgressBar(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _has_ipywidgets() -> bool:
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _NotebookLine:
+    """A progress line in a notebook without ipywidgets: one display output per epoch, redrawn in place
+    (``display(..., display_id=True)`` and ``update``), with the few methods of tqdm that ProgressBar uses."""
+
+    def __init__(self, total: int | None, desc: str) -> None:
+        from IPython.display import display
+
+        self.total, self.n, self.desc, self.postfix = total, 0, desc, ""
+        self._start = time.monotonic()
+        self._handle = display(self._text(), display_id=True)
+
+    def _text(self) -> Any:
+        from IPython.display import Pretty
+
+        elapsed = time.monotonic() - self._start
+        if self.total:
+            done = min(self.n, self.total)
+            bar = "#" * int(20 * done / self.total)
+            where = f"[{bar:<20}] {done}/{self.total}"
+        else:
+            where = f"{self.n} batches"
+        return Pretty(f"{self.desc} {where} {elapsed:.1f}s" + (f" - {self.postfix}" if self.postfix else ""))
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        self.postfix = text
+        if refresh and self._handle is not None:
+            self._handle.update(self._text())
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.update(self._text())
+            self._handle = None
