@@ -270,7 +270,15 @@ def validation_schedule(validation_freq: int | Sequence[int]) -> Callable[[int],
                 f"validation_freq must be an int >= 1 or a list of 1-based epochs, got {validation_freq!r}"
             )
         return lambda epoch: (epoch + 1) % validation_freq == 0
-    if isinstance(validation_freq, (list, tuple, set)) and all(isinstance(e, int) for e in validation_freq):
+    if isinstance(validation_freq, (list, tuple, set)) and all(
+        isinstance(e, int) and not isinstance(e, bool) for e in validation_freq
+    ):
+        if validation_freq and min(validation_freq) < 1:
+            raise ValueError(
+                f"validation_freq={validation_freq!r}: a list names the epochs to validate after, counted from "
+                f"1 as in Keras, so the first is 1 (got {min(validation_freq)}); e.g. validation_freq=[1, 2] validates after the first "
+                "two epochs. For no epoch-level validation pass validation_freq=None with validate_every_n_steps"
+            )
         epochs = set(validation_freq)
         return lambda epoch: epoch + 1 in epochs
     raise ValueError(f"validation_freq must be an int >= 1 or a list of 1-based epochs, got {validation_freq!r}")
@@ -390,3 +398,93 @@ def class_weight_tensor(class_weight: Mapping[int, float] | None, device: torch.
             raise ValueError(f"class_weight[{index}] must be a finite number >= 0, got {weight!r}")
         weights[index] = float(weight)
     return weights.to(device)
+
+
+_TRUE_WORDS = ("true", "yes", "y", "on", "1")
+_FALSE_WORDS = ("false", "no", "n", "off", "0", "")
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` as a bool: True/False (or NumPy's bools, or the ints 0 and 1); anything else, a string such
+    as ``"False"`` above all (which Python reads as true), is a ``TypeError`` that names the fix."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ == "bool":  # np.bool_ from a config array
+        return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    hint = ""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        meant = True if word in _TRUE_WORDS else False if word in _FALSE_WORDS else None
+        hint = (
+            f" (a string: Python reads every non-empty string as true, so {value!r} would not mean what it says); "
+            + (f"pass {name}={meant}" if meant is not None else "pass True or False")
+            + ", e.g. parse a command-line flag with argparse's action='store_true'"
+        )
+    raise TypeError(f"{name} must be True or False, got {value!r}{hint}")
+
+
+def check_flags(**flags: Any) -> None:
+    """:func:`check_bool` for each keyword argument (named as given)."""
+    for name, value in flags.items():
+        check_bool(value, name)
+
+
+def metric_list(metrics: Any, name: str = "metrics") -> list[Any]:
+    """``metrics`` as a list: None is empty, and a single metric (a name such as ``"accuracy"``, a
+    ``Metric`` object, a function) is a list of one. Keras 3 raises for a bare string; fitkit takes it,
+    since it can mean one thing only, where iterating it would read ``"a"``, ``"c"``, ... as metric names.
+    A dict (Keras's per-output metrics) and a class are errors that name the fix."""
+    if metrics is None:
+        return []
+    if isinstance(metrics, Mapping):
+        raise TypeError(
+            f"{name} is a dict ({sorted(map(str, metrics))}): fitkit has no per-output metrics (Keras's dict "
+            f"form). Pass a list, {name}=['accuracy', ...]; to name a metric, pass a fitkit.metrics.Metric with "
+            "name=, or compute per-output values in an overridden train_step/eval_step"
+        )
+    if isinstance(metrics, type):
+        raise TypeError(f"{name} is the class {metrics.__name__}, not an instance; pass {name}=[{metrics.__name__}()]")
+    if isinstance(metrics, str) or not isinstance(metrics, (list, tuple)):
+        return [metrics]  # one metric: "accuracy", a Metric, a torchmetrics metric or a function
+    for metric in metrics:
+        if isinstance(metric, type):
+            raise TypeError(
+                f"{name} holds the class {metric.__name__}, not an instance; pass {metric.__name__}() (a metric "
+                "object, a name such as 'accuracy', or a function (outputs, targets) -> 0-dim tensor)"
+            )
+    return list(metrics)
+
+
+def check_resume(resume: Any) -> str | Any | None:
+    """``fit(resume=...)``: None (or False) starts fresh, ``"auto"`` or a path resumes; True and other
+    types are a ``TypeError`` that names the two forms."""
+    if resume is None or resume is False:
+        return None
+    if isinstance(resume, str) and not resume.strip():
+        raise ValueError("resume='' names no checkpoint: pass None to start fresh, 'auto' or a checkpoint path")
+    if resume is True:
+        raise TypeError(
+            "resume=True is ambiguous: pass resume='auto' to continue from the newest good checkpoint of the "
+            "trainer's checkpoint callbacks, or resume='path/to/checkpoint.pt' for a given file"
+        )
+    if not isinstance(resume, (str, bytes)) and not hasattr(resume, "__fspath__"):
+        raise TypeError(
+            f"resume must be None, 'auto' or a checkpoint path (str or pathlib.Path), got {type(resume).__name__} "
+            f"{resume!r}"
+        )
+    return resume
+
+
+def warn_unreachable_validation_epochs(validation_freq: Any, epochs: int | None) -> None:
+    """A list ``validation_freq`` naming epochs beyond ``epochs`` would silently never validate there."""
+    if epochs is None or not isinstance(validation_freq, (list, tuple, set)):
+        return
+    beyond = sorted(e for e in validation_freq if e > epochs)
+    if beyond:
+        warnings.warn(
+            f"validation_freq lists the 1-based epoch(s) {beyond}, but this fit stops after epoch {epochs}: they "
+            f"are never validated. Pass epochs={max(beyond)} or drop them from validation_freq",
+            stacklevel=4,
+        )

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from fitkit import distributed
+from fitkit import arrays, distributed
 from fitkit.data import InMemoryLoader, check_reiterable, first_tensor, to_tensor
 from fitkit.devices import fits_on_device, pinned
 
@@ -46,6 +46,7 @@ def as_loader(
     training: bool = False,
     sample_weight: Any = None,
     drop_last: bool = False,
+    single_pass: bool = False,
 ) -> Any:
     """The loader to iterate for ``data`` (the argument called ``name`` in messages).
 
@@ -59,6 +60,7 @@ def as_loader(
             by the loop, without padding).
         sample_weight: per-sample weights for in-memory data (Keras's ``fit(sample_weight=...)``).
         drop_last: leave out a last, shorter in-memory batch (a BatchNorm model cannot train on one sample).
+        single_pass: the data is read once (``evaluate``, ``predict``), so a generator is accepted.
     """
     in_memory = is_array(data) or (isinstance(data, tuple) and bool(data) and is_array(data[0]))
     if not in_memory and (sample_weight is not None or drop_last):
@@ -100,7 +102,8 @@ def as_loader(
             "or pass (x, y) tensors with batch_size="
         )
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes, dict)):
-        check_reiterable(data, name)
+        if not single_pass:
+            check_reiterable(data, name)
         if isinstance(data, Sized) and len(data) == 0:
             raise ValueError(f"{name} is empty")
         if device.type == "cuda" and isinstance(data, list) and not pinned(data, device):
@@ -150,6 +153,7 @@ def _in_memory(
 
 def split_in_memory(data: Any, fraction: float) -> tuple[Any, Any]:
     """``validation_split``: the last ``fraction`` of in-memory ``(x, y)`` held out, before shuffling (Keras)."""
+    data = arrays.from_python(data, "train_data")  # Python lists, converted as Keras does
     if not (isinstance(data, tuple) and len(data) == 2 and is_array(data[0])):
         raise ValueError("validation_split works with in-memory (x, y) data only; for a DataLoader pass val_data")
     x, y = to_tensor(data[0], "x"), to_tensor(data[1], "y")

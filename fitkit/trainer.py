@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from fitkit import _compat, arguments, checkpoint, checks, distributed, rng, schedule, tensor_batches
+from fitkit import _compat, arguments, arrays, checkpoint, checks, distributed, rng, schedule, tensor_batches
 from fitkit.callback_list import CallbackList, HookTimer
 from fitkit.callbacks.base import Callback
 from fitkit.callbacks.history import History
@@ -156,6 +156,7 @@ class Trainer:
         self.accumulate_grad_batches = arguments.check_accumulate_grad_batches(accumulate_grad_batches)
         self.verbose = arguments.check_verbose(verbose)
         self.debug_sync = arguments.check_debug_sync(debug_sync)
+        arguments.check_flags(compile=compile, channels_last=channels_last, handle_signals=handle_signals)
         self.handle_signals = handle_signals
         self.callbacks: list[Callback] = arguments.check_callbacks(callbacks)
 
@@ -178,8 +179,10 @@ class Trainer:
         arguments.check_step_setup(
             self.optimizers, self._closure_optimizers, self.precision, self.accumulate_grad_batches
         )
-        self.metrics: list[Metric] = [get_metric(m) for m in (metrics or [])]
-        self.weighted_metrics: list[Metric] = [get_metric(m) for m in (weighted_metrics or [])]
+        self.metrics: list[Metric] = [get_metric(m) for m in arguments.metric_list(metrics)]
+        self.weighted_metrics: list[Metric] = [
+            get_metric(m) for m in arguments.metric_list(weighted_metrics, "weighted_metrics")
+        ]
         arguments.check_metric_names(self.metrics + self.weighted_metrics)
         self._val_metrics = [copy.deepcopy(m) for m in self.metrics]
         self._val_weighted_metrics = [copy.deepcopy(m) for m in self.weighted_metrics]
@@ -390,6 +393,7 @@ class Trainer:
         Returns:
             the :class:`History` of this call.
         """
+        resume = arguments.check_resume(resume)
         plan = self._prepare_fit(
             train_data, val_data, epochs, initial_epoch, steps_per_epoch, validation_freq, batch_size, shuffle,
             validation_split, sample_weight=sample_weight, class_weight=class_weight, drop_last=drop_last,
@@ -449,6 +453,7 @@ class Trainer:
         if epochs is not None:
             arguments.check_int(epochs, "epochs", 0)
         arguments.check_int(initial_epoch, "initial_epoch", 0)
+        arguments.check_flags(shuffle=shuffle, drop_last=drop_last)
         if steps_per_epoch is not None:
             arguments.check_int(steps_per_epoch, "steps_per_epoch", 1)
         every = schedule.check_optional_int(validate_every_n_steps, "validate_every_n_steps", "optimizer steps")
@@ -456,6 +461,8 @@ class Trainer:
         max_steps = schedule.check_optional_int(max_steps, "max_steps", "optimizer steps of the whole run")
         max_time = schedule.resolve_max_time(max_time)
         validate_at = arguments.validation_schedule(schedule.check_validation_freq(validation_freq, every))
+        if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)):
+            raise TypeError(f"validation_split must be a fraction in [0, 1) such as 0.2, got {validation_split!r}")
         if not 0.0 <= validation_split < 1.0:
             raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
         if validation_split and val_data is not None:
@@ -486,6 +493,7 @@ class Trainer:
         )
         epochs = schedule.epochs_for(epochs, max_steps, max_time, steps_in_epoch)
         self.epochs_planned = epochs
+        arguments.warn_unreachable_validation_epochs(validation_freq, epochs)
         self.validate_every_n_steps = every
         self.num_val_batches = {name: num_batches(loader, validation_steps) for name, loader in val_loaders.items()}
 
@@ -992,12 +1000,16 @@ class Trainer:
         As in Keras, only the ``callbacks`` given here see its ``on_validation_*`` events (the trainer's
         own callbacks belong to ``fit``).
         """
-        loaders = self._as_val_loaders(data, batch_size, "data")
+        loaders = self._as_val_loaders(data, batch_size, "data", single_pass=True)  # a generator: one pass
         return self._validate(loaders, "", CallbackList(arguments.check_callbacks(callbacks), self))
 
-    def _as_val_loaders(self, data: Any, batch_size: int | None, name: str) -> dict[str | None, Any]:
+    def _as_val_loaders(
+        self, data: Any, batch_size: int | None, name: str, single_pass: bool = False
+    ) -> dict[str | None, Any]:
         """``{set name: loader}`` for validation data: one set (named None) or a dict of named sets."""
-        return schedule.val_loaders(data, lambda one, where: self._as_loader(one, batch_size, False, where), name)
+        return schedule.val_loaders(
+            data, lambda one, where: self._as_loader(one, batch_size, False, where, single_pass=single_pass), name
+        )
 
     def _epoch_validation(self, plan: _FitPlan) -> dict[str, float]:
         """The validation after an epoch; when a step-level validation just ran at this very step (the
@@ -1132,7 +1144,7 @@ class Trainer:
         """
         if not isinstance(return_outputs, bool):
             raise TypeError(f"return_outputs must be True or False, got {return_outputs!r}")
-        loader = self._as_loader(data, batch_size, False, "data")
+        loader = self._as_loader(data, batch_size, False, "data", single_pass=True)  # a generator: one pass
         callback_list = CallbackList(arguments.check_callbacks(callbacks), self)
         hooks = callback_list.hooks
         batch_begin, batch_end = hooks["on_predict_batch_begin"], hooks["on_predict_batch_end"]
@@ -1151,6 +1163,8 @@ class Trainer:
                 for fn in batch_begin:
                     fn(batch_idx, {})
                 batch = move_to_device(batch, self.device, non_blocking)
+                if batch_idx == 0 and self.precision == "32":  # a DataLoader's float64 batches: say so (checks.py)
+                    checks.check_input_dtypes(split_batch(batch)[0], self.model)
                 batch_outputs = self.predict_step(batch)
                 n = batch_size_of(batch)
                 indices = torch.arange(seen, seen + n) * world + rank  # rows of the result (host only)
@@ -1177,6 +1191,11 @@ class Trainer:
     def _as_loader(
         self, data: Any, batch_size: int | None, shuffle: bool, name: str, training: bool = False, **options: Any
     ) -> Any:
+        # In-memory data as Keras reads it: Python lists converted, floats in the model's dtype (arrays.py).
+        data = arrays.follow_model(
+            arrays.from_python(data, name), arrays.model_float_dtype(self.model),
+            isinstance(self.loss, checks.CLASSIFICATION_LOSSES),
+        )  # fmt: skip
         return as_loader(
             data, batch_size=batch_size, shuffle=shuffle, name=name, device=self.device, dist=self._dist,
             training=training, **options,

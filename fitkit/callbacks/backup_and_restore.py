@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fitkit.callbacks.base import Callback, Logs
+from fitkit.callbacks.files import check_writable
 from fitkit.callbacks.model_checkpoint import weights_are_finite
 from fitkit.checkpoint import newest_good, read_manifest, remove_checkpoint
 from fitkit.signals import TrainingInterrupted
@@ -31,6 +32,8 @@ class BackupAndRestore(Callback):
     def __init__(self, backup_dir: str | Path, save_freq: str | int = "epoch", delete_checkpoint: bool = True) -> None:
         if save_freq != "epoch" and (not isinstance(save_freq, int) or isinstance(save_freq, bool) or save_freq < 1):
             raise ValueError(f"save_freq must be 'epoch' or an int >= 1 (training batches), got {save_freq!r}")
+        if not isinstance(delete_checkpoint, bool):
+            raise TypeError(f"delete_checkpoint must be True or False, got {delete_checkpoint!r}")
         self.checkpoint_dir = Path(backup_dir)
         self.save_freq = save_freq
         self.delete_checkpoint = delete_checkpoint
@@ -51,6 +54,8 @@ class BackupAndRestore(Callback):
         return newest_good([self.checkpoint_dir], "BackupAndRestore: ignoring a bad backup")
 
     def on_train_begin(self, logs: Logs | None = None) -> None:
+        if getattr(self.trainer, "is_global_zero", True):  # a file or a read-only folder: now, not at the save
+            check_writable(self.checkpoint_dir, f"BackupAndRestore({str(self.checkpoint_dir)!r})")
         self._batches_since_save = 0
         self._failed = False
         self._wrote = False

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fitkit.callbacks.base import Logs
+from fitkit.callbacks.files import check_writable
 from fitkit.callbacks.logger import ExperimentLogger
 
 
@@ -54,6 +55,7 @@ class CSVLogger(ExperimentLogger):
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
+        check_writable(self.filename, f"CSVLogger({str(self.filename)!r})", kind="file")  # not after an epoch
         self._close()
         self.keys = None
         self.rows = 0

@@ -8,6 +8,7 @@ callback deletes only files that match its own pattern, inside its own folder, t
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from collections.abc import Sequence
@@ -98,3 +99,44 @@ def inside(folder: Path, path: str | Path) -> bool:
         return folder.resolve() in Path(path).resolve().parents
     except OSError:
         return False
+
+
+def template_values(template: str, path: str | Path) -> dict[str, str] | None:
+    """The placeholder values a rendered ``path`` took (``{"epoch": "03"}``), or None when ``template``
+    cannot render it; the first occurrence of a repeated field wins."""
+    parts, names = [], []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if field is not None:
+            parts.append(f"({_NUMBER})")
+            names.append(re.split(r"[.\[]", field, maxsplit=1)[0])
+    match = re.fullmatch("".join(parts), str(path))
+    if match is None:
+        return None
+    values: dict[str, str] = {}
+    for name, value in zip(names, match.groups()):
+        values.setdefault(name, value)
+    return values
+
+
+def check_writable(path: str | Path, who: str, kind: str = "folder") -> None:
+    """Raises before training when ``path`` cannot be written: a folder (``kind="folder"``) whose nearest
+    existing ancestor is a file or not writable (a read-only mount, no permission), or a file
+    (``kind="file"``) that is a directory or sits in such a folder. Nothing is created."""
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise ValueError(f"{who}: {path} is a directory, not a file; name a file in it, e.g. {path / 'log.csv'}")
+    folder = path.parent if kind == "file" else path
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(
+            f"{who}: {existing} is a file, so the folder {folder} cannot be created there; rename or remove "
+            f"{existing}, or choose another path (nothing has been trained yet)"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"{who}: cannot write into {existing} (read-only, or no write permission for this user); checked "
+            "before training, so nothing is lost: choose a writable folder or fix its permissions"
+        )

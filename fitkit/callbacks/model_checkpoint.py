@@ -86,6 +86,14 @@ class ModelCheckpoint(MonitorCallback):
             raise ValueError(f"save_freq must be 'epoch' or an int >= 1 (training batches), got {save_freq!r}")
         if save_top_k is not None and (not isinstance(save_top_k, int) or save_top_k < 1):
             raise ValueError(f"save_top_k must be None (keep every file) or an int >= 1, got {save_top_k!r}")
+        from fitkit.arguments import check_flags
+
+        check_flags(save_best_only=save_best_only, save_weights_only=save_weights_only, save_last=save_last,
+                    verbose=verbose)  # fmt: skip
+        if not isinstance(filepath, (str, Path)) or not str(filepath).strip():
+            raise TypeError(
+                f"filepath must be a path template (str or pathlib.Path) such as 'ckpt/{{epoch:02d}}.pt', got {filepath!r}"
+            )
         if save_best_only and monitor is None:
             raise ValueError("save_best_only=True needs a monitor key such as 'val_loss'")
         self.filepath = str(filepath)
@@ -125,6 +133,9 @@ class ModelCheckpoint(MonitorCallback):
         self._batches_since_save = 0
         self._folder_checked = False
         self._written_this_fit = set()
+        self._trained = False  # a failure before this fit's first batch leaves no crash.pt (nothing to inspect)
+        if getattr(self.trainer, "is_global_zero", True):  # a file or a read-only folder: now, not after an epoch
+            files.check_writable(self.checkpoint_dir, f"ModelCheckpoint({self.filepath!r})")
         for field in self._fields:  # a typo in the template is an error now, not at the first save
             if field not in ("epoch", "step", "batch"):
                 check_key_can_exist(field, self.trainer, f"ModelCheckpoint(filepath={self.filepath!r})")
@@ -139,6 +150,7 @@ class ModelCheckpoint(MonitorCallback):
             self._remove_pending()
 
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        self._trained = True
         if isinstance(self.save_freq, str):  # "epoch"
             return
         self._batches_since_save += 1
@@ -169,6 +181,8 @@ class ModelCheckpoint(MonitorCallback):
 
     def on_exception(self, exception: BaseException) -> None:
         interrupted = isinstance(exception, TrainingInterrupted)
+        if not interrupted and not getattr(self, "_trained", True):
+            return  # failed before training (a bad argument, an unwritable folder): nothing worth a crash.pt
         if not interrupted and self.trainer.world_size > 1:
             return  # a save is collective, and the other ranks are not here to join it
         name = "last.pt" if interrupted else "crash.pt"
@@ -265,6 +279,7 @@ class ModelCheckpoint(MonitorCallback):
             read_manifest(self.checkpoint_dir, strict=True)  # an unreadable manifest: an error now, not at the save
         if self._continues_here() or not self.checkpoint_dir.is_dir():
             return
+        self._check_rewrites()
         pattern = files.template_regex(files.absolute_template(self.filepath))
         ours = self._written | {item[2] for item in self.kept}
         found = []
@@ -284,7 +299,31 @@ class ModelCheckpoint(MonitorCallback):
                 "folder, or move those files away to start over."
             )
 
+    def _check_rewrites(self) -> None:
+        """A second ``fit`` of this callback would render names the first one wrote (the epochs restart at
+        ``initial_epoch``): refused before training, when the template's names depend on the epoch and step
+        only (a name with a logged value may or may not come again; the write itself checks it then)."""
+        fields = set(self._fields)
+        if fields - {"epoch", "step", "batch"} or not self.trainer.is_global_zero:
+            return
+        state = self.trainer.state
+        planned = getattr(self.trainer, "epochs_planned", None)
+        template = files.absolute_template(self.filepath)
+        for name in sorted(self._written):
+            path = Path(name)
+            values = files.template_values(template, path.resolve()) if path.exists() else None
+            if values is None or (path.name == "last.pt" and path.parent == self.checkpoint_dir):
+                continue
+            epoch = int(values["epoch"]) - 1 if "epoch" in values else None
+            if "step" in values and int(values["step"]) <= state.global_step:
+                continue  # steps only grow: this name cannot come again
+            if epoch is not None and (epoch < state.epoch or (planned is not None and epoch >= planned)):
+                continue
+            self._check_overwrite(path)
+
     def _check_overwrite(self, path: Path) -> None:
+        if self.save_last and path == self.checkpoint_dir / "last.pt" and str(path) in self._written:
+            return  # last.pt is the newest state of this callback's runs: every save replaces it
         if path.exists() and str(path) not in self._written_this_fit and not self._continues_here():
             raise ValueError(
                 f"ModelCheckpoint: {path} exists and was not written by this run; refusing to overwrite it. "

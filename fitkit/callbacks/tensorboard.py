@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fitkit.callbacks.base import Logs
+from fitkit.callbacks.files import check_writable
 from fitkit.callbacks.logger import FINISHED, ExperimentLogger
 
 
@@ -119,6 +120,7 @@ class TensorBoard(ExperimentLogger):
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
+        check_writable(self.log_dir, f"TensorBoard({str(self.log_dir)!r})")  # not at the first write
         self._close()
         self._purge_step = None
         super().on_train_begin(logs)
