@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import fitkit
-from fitkit.callbacks import LRScheduler, ModelCheckpoint
+from fitkit.callbacks import LambdaCallback, LRScheduler, ModelCheckpoint
 
 NZ = 16  # size of the generator's latent vector
 
@@ -165,9 +165,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     fitkit.seed_everything(args.seed)
     images = load_images(256 if args.fast else None)
+    epochs_run: list[int] = []  # by this call: a resumed run restores the earlier epochs' history too
     trainer = build_trainer(
         lr=args.lr,
-        callbacks=[ModelCheckpoint(f"{args.checkpoint_dir}/epoch{{epoch:02d}}.pt", monitor=None, save_top_k=2)],
+        callbacks=[
+            ModelCheckpoint(f"{args.checkpoint_dir}/epoch{{epoch:02d}}.pt", monitor=None, save_top_k=2),
+            LambdaCallback(on_epoch_end=lambda epoch, logs: epochs_run.append(epoch)),
+        ],
         device=args.device,
         verbose=args.verbose,
     )
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         save_samples(trainer, args.samples)
     final = {key: values[-1] for key, values in history.history.items()} if history.epoch else {}
     shown = ", ".join(f"{key} {value:.4g}" for key, value in final.items())
-    print(f"trained {len(history.epoch)} epoch(s) in {elapsed:.1f}s on {trainer.device}; final {shown}")
+    print(f"trained {len(epochs_run)} epoch(s) in {elapsed:.1f}s on {trainer.device}; final {shown}")
     return final
 
 

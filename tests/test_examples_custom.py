@@ -576,3 +576,24 @@ def test_example_steps_read_nothing_back_to_the_host(name, monkeypatch):
     trainer.fit(train, val, epochs=2)
     assert trainer.global_step > 0 and sync.mode == 0
     assert sync.reads == [], "host reads inside the batch loop outside Trainer.allow_sync():\n" + "\n".join(sync.reads)
+
+
+@pytest.mark.slow
+def test_gan_script_resumes_from_its_own_checkpoints(tmp_path):
+    """Run again with more epochs, gan.py continues from the newest full-state checkpoint it wrote."""
+    pytest.importorskip("sklearn")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(epochs: int) -> str:
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLES / "gan.py"), "--fast", "--epochs", str(epochs), "--device", "cpu",
+             "--verbose", "0"],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout.strip().splitlines()[-1]
+
+    assert run(1).startswith("trained 1 epoch(s)")
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "gan").glob("*.pt")) == ["epoch01.pt"]
+    assert run(2).startswith("trained 1 epoch(s)")  # epoch 2 only: epoch 1 came from epoch01.pt
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "gan").glob("*.pt")) == ["epoch01.pt", "epoch02.pt"]
