@@ -897,7 +897,10 @@ class Trainer:
             with self.allow_sync():  # reads the inf flag on the host: fp16's one sync per step
                 result = scaler.step(optimizer)
         elif closure is not None:
-            result = optimizer.step(closure)  # type: ignore[arg-type]  # torch types it as returning float; LBFGS documents a tensor
+            # LBFGS reads the loss and gradient norms on the host to decide its line search and stop: the
+            # price of a closure optimizer, so debug_sync does not flag it.
+            with self.allow_sync():
+                result = optimizer.step(closure)  # type: ignore[arg-type]  # torch types it as returning float; LBFGS documents a tensor
         else:
             result = optimizer.step()
         optimizer.zero_grad(set_to_none=True)
