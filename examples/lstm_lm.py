@@ -6,8 +6,8 @@
 pytorch/examples' word_language_model/main.py on fitkit, with characters for words. The hidden state is
 carried from batch to batch (truncated backpropagation through time) by a ``Trainer`` subclass:
 
-* its own ``on_epoch_begin`` / ``on_validation_begin`` reset the training and the validation state, so
-  ``fit`` and ``evaluate()`` both start from zeros, with no callback to forget;
+* its own ``on_epoch_begin`` / ``on_validation_begin`` / ``on_predict_begin`` reset the training and the
+  evaluation state, so ``fit``, ``evaluate()`` and ``predict()`` start from zeros, with no callback to forget;
 * it extends ``state_dict()`` / ``load_state_dict()`` through ``super()``, so a checkpoint holds the
   hidden state and a run resumed mid-epoch equals the uninterrupted one bit for bit;
 * gradients are clipped (``grad_clip_norm``) and the learning rate is divided by 4 whenever the
@@ -83,6 +83,9 @@ class StatefulLMTrainer(fitkit.Trainer):
     def on_validation_begin(self, logs: dict[str, Any] | None = None) -> None:
         self.eval_hidden = None
 
+    def on_predict_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.eval_hidden = None
+
     def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
         tokens, targets = batch
         hidden = self.model.init_hidden(tokens.shape[1]) if self.hidden is None else self.hidden
@@ -103,6 +106,13 @@ class StatefulLMTrainer(fitkit.Trainer):
             loss = self.compute_loss(tokens, targets, output)
         self.outputs = output
         return {"loss": loss}
+
+    def predict_step(self, batch: Any) -> torch.Tensor:
+        tokens = batch[0]
+        hidden = self.model.init_hidden(tokens.shape[1]) if self.eval_hidden is None else self.eval_hidden
+        with self.autocast():
+            output, self.eval_hidden = self.forward((tokens, hidden), training=False)
+        return output  # log-probabilities of the next character, (steps * streams, vocabulary)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

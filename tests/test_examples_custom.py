@@ -397,6 +397,16 @@ def test_lstm_language_model_equals_the_tutorial_loop_bit_for_bit():
     assert first == second
     trainer.eval_hidden = (torch.ones(1), torch.ones(1))  # garbage: must be reset, never used
     assert trainer.evaluate(val_dl) == first
+    # predict() too: the subclass's on_predict_begin starts it from zeros, and it carries the state.
+    trainer.eval_hidden = (torch.ones(1), torch.ones(1))
+    predicted = trainer.predict(val_dl)
+    model.eval()
+    with torch.no_grad():
+        hidden, expected = model.init_hidden(LSTM_EVAL_BATCH), []
+        for tokens, _ in val_dl:
+            output, hidden = model(tokens, hidden)
+            expected.append(output)
+    assert torch.equal(predicted, torch.cat(expected))
 
 
 def test_lstm_language_model_resumes_mid_epoch_with_its_hidden_state(tmp_path):
