@@ -37,7 +37,10 @@ import fitkit
 done = time.perf_counter()
 print(json.dumps({"torch": after_torch - start, "fitkit": done - after_torch, "modules": sorted(sys.modules)}))
 """
-_OPTIONAL = ("torchvision", "tensorboard", "torch.utils.tensorboard", "matplotlib", "sklearn", "lightning")
+_OPTIONAL = (
+    "torchvision", "tensorboard", "torch.utils.tensorboard", "matplotlib", "sklearn", "lightning", "mlflow", "optuna",
+    "wandb", "ipywidgets", "IPython",
+)  # fmt: skip
 
 
 def _import_probe() -> dict:
