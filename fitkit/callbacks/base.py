@@ -84,10 +84,16 @@ class Callback:
     rank_zero_only: bool = False
 
     def set_trainer(self, trainer: Trainer) -> None:
+        """Binds the trainer (``fit`` calls it before ``on_train_begin``; a unit test may pass a fake).
+
+        Args:
+            trainer: the :class:`~fitkit.Trainer` whose events this callback receives.
+        """
         self.trainer = trainer
 
     @property
     def model(self) -> torch.nn.Module:
+        """The trainer's plain module (``trainer.model``: not wrapped by DDP or ``torch.compile``)."""
         return self.trainer.model
 
     # -- run ------------------------------------------------------------------------------------

@@ -1,0 +1,208 @@
+"""The documentation cannot drift from the code: every Python block of README.md and docs/ runs, page by page in a
+temporary working folder, and every public name has a reference entry with a summary and its arguments documented.
+
+A page's blocks share one namespace and run in order, as a reader would paste them. ``mkdocs build --strict``
+(run by .ci/run) checks the links and references themselves.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+
+import fitkit
+import fitkit.callbacks
+import fitkit.metrics
+import fitkit.schedule
+from tests.markdown_blocks import ROOT, compile_block, pages, python_blocks
+
+PAGES = [page for page in pages() if python_blocks(page)]
+
+
+def run_page(page: Path, slow: bool = True) -> int:
+    """Runs the page's runnable blocks in order in one namespace (``slow=False``: leaving out the blocks
+    marked ``slow``); returns how many ran."""
+    # A real module, so that classes a page defines can be pickled (torch.save, DataLoader workers).
+    module = types.ModuleType("fitkit_docs_page")
+    sys.modules[module.__name__] = module
+    ran = 0
+    try:
+        for block in python_blocks(page):
+            if not block.runs or ("slow" in block.flags and not slow):
+                continue
+            try:
+                exec(compile_block(block), module.__dict__)  # the documentation's own examples
+            except Exception as exc:
+                where = page.relative_to(ROOT) if page.is_relative_to(ROOT) else page
+                raise AssertionError(f"{where}, the block at line {block.line} failed: {exc!r}") from exc
+            ran += 1
+    finally:
+        del sys.modules[module.__name__]
+    return ran
+
+
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # files the examples write (checkpoints, runs/, CSVs) land here
+    monkeypatch.setattr(fitkit.schedule, "clock", fitkit.schedule.clock)  # a page may fake max_time's clock
+
+
+def _ids(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_ids)
+def test_every_python_block_of_the_page_runs(page, tmp_path, monkeypatch):
+    _isolated(tmp_path, monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # a page may show a warning; pytest's error filters are for the tests
+        assert run_page(page, slow=False) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", [p for p in PAGES if any("slow" in b.flags for b in python_blocks(p))], ids=_ids)
+def test_pages_with_slow_blocks_run_whole(page, tmp_path, monkeypatch):
+    _isolated(tmp_path, monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        assert run_page(page, slow=True) > 0
+
+
+def test_the_collector_finds_blocks_in_lists_and_comments_and_honours_notest(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# t\n\n```python\nx = 1\n```\n\n- item\n\n    ```python\n    y = x + 1\n    ```\n\n"
+        "<!--\n```python\nz = y + 1\n```\n-->\n\n```python notest\nraise RuntimeError\n```\n\n"
+        "```bash\nexit 1\n```\n\n```python\nassert z == 3\n```\n",
+        encoding="utf-8",
+    )
+    blocks = python_blocks(page)
+    assert [b.line for b in blocks] == [4, 10, 15, 20, 28]
+    assert [b.runs for b in blocks] == [True, True, True, False, True]
+    assert run_page(page) == 4
+
+
+def test_a_failing_block_names_its_page_and_line(tmp_path):
+    page = tmp_path / "broken.md"
+    page.write_text("# t\n\n```python\nok = 1\n```\n\n```python\nundefined_name\n```\n", encoding="utf-8")
+    with pytest.raises(AssertionError, match=r"broken.md, the block at line 8 failed: NameError"):
+        run_page(page)
+
+
+def test_the_readme_and_every_guide_have_runnable_blocks():
+    names = {page.name for page in PAGES}
+    guides = {p.name for p in (ROOT / "docs").glob("*.md")} - {"changelog.md"}
+    assert "README.md" in names
+    assert guides <= names, f"guides without a runnable Python block: {sorted(guides - names)}"
+    skipped = [f"{b.path.name}:{b.line}" for page in pages() for b in python_blocks(page) if not b.runs]
+    runnable = sum(b.runs for page in pages() for b in python_blocks(page))
+    assert len(skipped) <= max(3, runnable // 10), f"too many notest blocks (keep them rare): {skipped}"
+
+
+# -- the API reference ------------------------------------------------------------------------------------------
+REFERENCE = ROOT / "docs" / "api"
+
+
+def _reference_entries() -> list[str]:
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(REFERENCE.glob("*.md")))
+    return re.findall(r"^::: (\S+)", text, re.M)
+
+
+def test_every_public_name_has_a_reference_entry():
+    entries = set(_reference_entries())
+    public = {f"fitkit.{n}" for n in fitkit.__all__ if n not in ("callbacks", "metrics")}
+    public |= {f"fitkit.callbacks.{n}" for n in fitkit.callbacks.__all__}
+    public |= {f"fitkit.metrics.{n}" for n in fitkit.metrics.__all__}
+    public |= {f"fitkit.checkpoint.{n}" for n in ("atomic_save", "load", "verify", "trust", "CheckpointError")}
+    # fitkit.Callback and fitkit.History are fitkit.callbacks.Callback and .History: one entry serves both.
+    aliases = {"fitkit.Callback": "fitkit.callbacks.Callback", "fitkit.History": "fitkit.callbacks.History"}
+    missing = sorted(n for n in public if n not in entries and aliases.get(n) not in entries)
+    assert not missing, f"public names without a '::: name' entry in docs/api/: {missing}"
+
+
+def _undocumented(path: str, obj: object, griffe: object) -> list[str]:
+    """What the reference would show without a summary or an argument's description."""
+    problems: list[str] = []
+
+    def described(item: object) -> tuple[str, set[str]]:
+        docstring = item.docstring  # type: ignore[attr-defined]
+        if docstring is None or not docstring.value.strip():
+            return "", set()
+        names: set[str] = set()
+        for section in docstring.parse("google"):
+            if section.kind.value in ("parameters", "other parameters", "attributes"):
+                names |= {p.name.lstrip("*") for p in section.value}
+        return docstring.value.strip().splitlines()[0], names
+
+    def arguments(function: object) -> list[str]:
+        return [
+            p.name
+            for p in function.parameters  # type: ignore[attr-defined]
+            if p.name not in ("self", "cls") and not p.name.startswith("_")
+        ]
+
+    def check_function(name: str, function: object, extra: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        summary, names = described(function)
+        if not summary:
+            problems.append(f"{name}: no docstring")
+        else:
+            missing = [a for a in arguments(function) if a not in names | extra]
+            if missing:
+                problems.append(f"{name}: arguments without a description: {missing}")
+
+    target = obj.final_target if obj.is_alias else obj  # type: ignore[attr-defined]
+    summary, names = described(target)
+    if not summary:
+        problems.append(f"{path}: no docstring")
+    if target.is_function:
+        check_function(path, target)
+    elif target.is_class:
+        init = target.members.get("__init__")
+        if init is not None and not init.is_alias:
+            init_summary, init_names = described(init)
+            missing = [a for a in arguments(init) if a not in names | init_names]
+            if missing:
+                problems.append(f"{path}: arguments without a description: {missing}")
+        for name, member in target.members.items():
+            if name.startswith("_") or member.is_alias or not _shown(path, name):
+                continue
+            if member.is_function:
+                check_function(f"{path}.{name}", member)
+            elif "property" in member.labels and not described(member)[0]:
+                problems.append(f"{path}.{name}: no docstring")
+    return problems
+
+
+def _shown(path: str, member: str) -> bool:
+    """The reference shows a callback's hooks and state methods on Callback only (mkdocs.yml's filters)."""
+    inherited = member.startswith("on_") or member in ("state_dict", "load_state_dict", "set_trainer")
+    base = path in ("fitkit.callbacks.Callback", "fitkit.TrainerState", "fitkit.Trainer")
+    if path.startswith(("fitkit.callbacks.", "fitkit.History")) and not base and inherited:
+        return False
+    logger_methods = ("log_epoch", "log_step", "log_validation", "end_run", "start_run")
+    if path in ("fitkit.callbacks.TensorBoard", "fitkit.callbacks.CSVLogger", "fitkit.callbacks.MLflowLogger"):
+        return member not in logger_methods
+    return True
+
+
+def test_every_reference_entry_has_a_summary_and_documents_its_arguments():
+    griffe = pytest.importorskip("griffe", reason="the docs extra: pip install -e '.[docs]'")
+    package = griffe.load("fitkit", search_paths=[str(ROOT)], docstring_parser="google")
+    problems = []
+    for entry in _reference_entries():
+        if entry == "fitkit.checkpoint":  # the module's own text, members listed one by one
+            continue
+        problems += _undocumented(entry, package[entry.removeprefix("fitkit.")], griffe)
+    # A ratchet: the gaps known when this test was written are listed in tests/reference_gaps.txt; a new gap
+    # fails, and so does a listed one that was fixed (delete its line): the list only shrinks.
+    known = set((ROOT / "tests" / "reference_gaps.txt").read_text(encoding="utf-8").splitlines()) - {""}
+    new = [p for p in problems if p not in known]
+    assert not new, "docstrings to fix (a reference entry needs a summary and every argument described):\n" + "\n".join(
+        new
+    )
+    fixed = sorted(known - set(problems))
+    assert not fixed, "fixed, so delete these lines from tests/reference_gaps.txt:\n" + "\n".join(fixed)
