@@ -10,8 +10,15 @@ over the same data (an effective batch N times larger); samples/s counts every r
 
 On the CPU each process uses one thread (gloo), so 2 processes use 2 cores against 1: the ideal
 speed-up is 2.0. On CUDA (nccl) there is one process per GPU: 1, then every GPU when there are several.
-Each rank also times the per-step stop-flag all-reduce (a one-number gloo all-reduce on fitkit's control
-group, which lets one rank's ``stop_training`` stop all) and reports it against the step time.
+Each rank also times the per-step stop vote (a one-number gloo all-reduce on fitkit's control group,
+which lets one rank's ``stop_training`` stop all), both ways: synchronous (``distributed.any_rank``, what
+fitkit did before: the whole round trip after every batch) and as the loop runs it now
+(``distributed.StopVote``: started after a batch, read once the next batch has been fetched from the
+training DataLoader), counting only the time the loop waits in ``start`` and ``stop_now``. Both are
+reported against the step time.
+
+On CUDA the DataLoaders are what a GPU job should use: ``--workers`` worker processes (default 2) with
+``pin_memory=True`` and persistent workers, so the host-to-device copies are asynchronous.
 
 A control row (CPU) runs N independent one-process jobs at once, without any communication: the most
 this machine gives N busy processes (on a shared or small machine, less than N times one). "of the
@@ -61,6 +68,10 @@ def worker(args: argparse.Namespace) -> None:
 
     workload = WORKLOADS[args.workload]
     x, y, _, _ = make_tensors(workload)
+    workers = args.workers if args.workers is not None else (2 if args.device == "cuda" else 0)
+    feeding: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0}
+    if args.device == "cuda":
+        feeding["pin_memory"] = True  # non-blocking host-to-device copies
     fitkit.seed_everything(0)
     model = build_model(args.workload)
     trainer = fitkit.Trainer(
@@ -74,11 +85,12 @@ def worker(args: argparse.Namespace) -> None:
         TensorDataset(x[: workload.batch_size * 20], y[: workload.batch_size * 20]),
         batch_size=workload.batch_size,
         shuffle=True,
+        **feeding,
     )
     trainer.fit(warmup, epochs=1)  # DDP's first buckets, allocator, kernels: not timed
-    train = DataLoader(TensorDataset(x, y), batch_size=workload.batch_size, shuffle=True)
+    train = DataLoader(TensorDataset(x, y), batch_size=workload.batch_size, shuffle=True, **feeding)
     steps_before = trainer.global_step
-    distributed.barrier(trainer._dist)  # start together
+    distributed.barrier(trainer.dist)  # start together
     start = time.perf_counter()
     trainer.fit(train, epochs=args.epochs)
     if args.device == "cuda":
@@ -86,12 +98,13 @@ def worker(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     steps = trainer.global_step - steps_before
     calls = 2000
-    distributed.barrier(trainer._dist)
+    distributed.barrier(trainer.dist)
     flag_start = time.perf_counter()
     for _ in range(calls):
-        distributed.any_rank(False, trainer._dist)
+        distributed.any_rank(False, trainer.dist)
     flag_us = (time.perf_counter() - flag_start) / calls * 1e6 if trainer.world_size > 1 else 0.0
-    share = len(trainer._train_loader.sampler) * args.epochs  # this rank's samples (its DistributedSampler's)
+    vote_us = _async_vote_us(trainer, calls) if trainer.world_size > 1 else 0.0
+    share = len(trainer.train_loader.sampler) * args.epochs  # this rank's samples (its DistributedSampler's)
     result = {
         "rank": trainer._dist.rank,
         "world_size": trainer.world_size,
@@ -99,13 +112,41 @@ def worker(args: argparse.Namespace) -> None:
         "steps": steps,
         "samples": share,
         "stop_flag_us": flag_us,
+        "stop_vote_us": vote_us,
         "strategy": type(trainer._train_module).__name__,
     }
-    Path(args.out, f"rank{trainer._dist.rank}.json").write_text(json.dumps(result))
+    Path(args.out, f"rank{trainer.dist.rank}.json").write_text(json.dumps(result))
+
+
+def _async_vote_us(trainer: Any, calls: int) -> float:
+    """Microseconds per batch that the training loop waits on the asynchronous stop vote: in ``start``
+    after a batch and in ``stop_now`` once the next batch has been fetched (the fetch overlaps the
+    all-reduce, as in ``Trainer._run_epoch``)."""
+    from fitkit import distributed
+
+    vote = distributed.StopVote(trainer.dist)
+    batches = iter(trainer.train_loader)
+    waited = 0.0
+    distributed.barrier(trainer.dist)
+    for _ in range(calls):
+        begin = time.perf_counter()
+        vote.start(False)
+        started = time.perf_counter()
+        try:
+            next(batches)
+        except StopIteration:
+            batches = iter(trainer.train_loader)
+            next(batches)
+        fetched = time.perf_counter()
+        vote.stop_now()
+        waited += (started - begin) + (time.perf_counter() - fetched)
+    return waited / calls * 1e6
 
 
 # -- the parent: launches torchrun, alternates process counts, reports -------------------------------
-def _launch(workload: str, nproc: int, device: str, epochs: int, out: str) -> subprocess.Popen[str]:
+def _launch(
+    workload: str, nproc: int, device: str, epochs: int, out: str, workers: int | None = None
+) -> subprocess.Popen[str]:
     env = dict(os.environ, OMP_NUM_THREADS="1") if device == "cpu" else dict(os.environ)
     command = [
         sys.executable,
@@ -123,12 +164,18 @@ def _launch(workload: str, nproc: int, device: str, epochs: int, out: str) -> su
         str(epochs),
         "--out",
         out,
-    ]
+    ] + (["--workers", str(workers)] if workers is not None else [])
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def run_once(
-    workload: str, nproc: int, device: str, epochs: int, timeout: float, independent: int = 1
+    workload: str,
+    nproc: int,
+    device: str,
+    epochs: int,
+    timeout: float,
+    independent: int = 1,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """One torchrun launch of ``nproc`` processes; or, with ``independent=k``, k single-process launches at
     once (no communication: what the machine gives k processes, the ceiling for a k-process run)."""
@@ -136,7 +183,7 @@ def run_once(
         outs = [str(Path(root, str(i))) for i in range(independent)]
         for out in outs:
             Path(out).mkdir()
-        launches = [_launch(workload, nproc, device, epochs, out) for out in outs]
+        launches = [_launch(workload, nproc, device, epochs, out, workers) for out in outs]
         for launch in launches:
             _, stderr = launch.communicate(timeout=timeout)
             if launch.returncode != 0:
@@ -153,6 +200,7 @@ def run_once(
         "steps_per_rank": steps,
         "strategy": ranks[0]["strategy"],
         "stop_flag_us": statistics.mean(r["stop_flag_us"] for r in ranks),
+        "stop_vote_us": statistics.mean(r.get("stop_vote_us", 0.0) for r in ranks),
     }
 
 
@@ -172,6 +220,12 @@ def main(argv: list[str] | None = None) -> None:
         "--no-control",
         action="store_true",
         help="skip the control runs (N independent 1-process jobs at once, CPU only)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers per process (default: 2 with pin_memory on CUDA, 0 on the CPU)",
     )
     parser.add_argument("--json", default=str(HERE / "results" / "scaling.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -205,11 +259,15 @@ def main(argv: list[str] | None = None) -> None:
         for workload in workloads:
             for n, k in configs:  # alternate, so that a busy neighbour slows every configuration alike
                 try:
-                    result = run_once(workload, n, args.device, args.epochs, args.timeout, independent=k)
+                    result = run_once(
+                        workload, n, args.device, args.epochs, args.timeout, independent=k, workers=args.workers
+                    )
                 except RuntimeError as exc:  # reported, and counted in the JSON; one retry
                     print(f"launch failed, retrying once: {exc}", file=sys.stderr, flush=True)
                     failures.append(str(exc)[-3000:])
-                    result = run_once(workload, n, args.device, args.epochs, args.timeout, independent=k)
+                    result = run_once(
+                        workload, n, args.device, args.epochs, args.timeout, independent=k, workers=args.workers
+                    )
                 samples[(workload, n, k)].append(result)
                 label = f"x{n}" if k == 1 else f"{k} independent x1"
                 print(
@@ -229,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
             rate = statistics.median(r["samples_per_s"] for r in runs)
             step_ms = statistics.median(r["step_ms"] for r in runs)
             flag_us = statistics.median(r["stop_flag_us"] for r in runs)
+            vote_us = statistics.median(r["stop_vote_us"] for r in runs)
             ceiling = samples.get((workload, 1, n)) if k == 1 and n > 1 else None
             rows.append(
                 {
@@ -247,11 +306,14 @@ def main(argv: list[str] | None = None) -> None:
                     "of_control": rate / statistics.median(r["samples_per_s"] for r in ceiling) if ceiling else None,
                     "stop_flag_us": flag_us,
                     "stop_flag_share": flag_us / 1e3 / step_ms if n > 1 else 0.0,
+                    "stop_vote_us": vote_us,
+                    "stop_vote_share": vote_us / 1e3 / step_ms if n > 1 else 0.0,
                 }
             )
     report = {
         "machine": machine_info(),
         "epochs": args.epochs,
+        "workers": args.workers if args.workers is not None else (2 if args.device == "cuda" else 0),
         "rounds": args.rounds,
         "rows": rows,
         "failed_launches": failures,
@@ -263,15 +325,19 @@ def main(argv: list[str] | None = None) -> None:
         f"\n{report['machine']['cpu']}, {report['machine']['cpu_count']} cores, torch {report['machine']['torch']}, "
         f"load {report['machine'].get('loadavg_1min', float('nan')):.2f}; median of {args.rounds} rounds\n"
     )
-    print("| workload | run | batch/process | samples/s | speed-up | of the control | ms/step | stop-flag all-reduce |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| workload | run | batch/process | samples/s | speed-up | of the control | ms/step "
+        "| stop vote, synchronous | stop vote, asynchronous (waited) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         distributed_run = row["processes"] > 1 and "control" not in row["run"]
         flag = f"{row['stop_flag_us']:.0f} µs ({row['stop_flag_share']:.1%})" if distributed_run else "-"
+        vote = f"{row['stop_vote_us']:.0f} µs ({row['stop_vote_share']:.1%})" if distributed_run else "-"
         control = f"{row['of_control']:.0%}" if row["of_control"] is not None else "-"
         print(
             f"| {row['workload']} | {row['run']} ({row['device']}) | {row['batch_per_process']} | "
-            f"{row['samples_per_s']:,.0f} | {row['speedup']:.2f}x | {control} | {row['step_ms']:.2f} | {flag} |"
+            f"{row['samples_per_s']:,.0f} | {row['speedup']:.2f}x | {control} | {row['step_ms']:.2f} | {flag} | {vote} |"
         )
     print(f"\nwritten: {args.json}")
 

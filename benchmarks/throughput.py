@@ -11,6 +11,15 @@ device, repeated (so the figure is the model and the loop, not data loading), af
 includes compilation (reported separately), then timed fits of about ``--seconds`` each; the median of
 ``--repeats`` is reported. The CPU uses torch's default threads (one per core) unless ``--threads``.
 
+The ``fp32 + loader`` row adds what the others leave out: the batches come from a DataLoader over 16
+batches of CPU tensors, with ``--loader-workers`` worker processes (default 2) and, on CUDA,
+``pin_memory=True``, so each step includes collation, pinning and the host-to-device copy (non-blocking,
+from pinned memory). Its CPU-vs-GPU ratio is the one a real input pipeline sees.
+
+GPU rows set ``torch.backends.cudnn.benchmark = True`` (fixed shapes: cuDNN picks its fastest kernels
+during the warm-up) and state the TF32 setting: ``--tf32 default`` keeps torch's defaults (TF32 off for
+matmuls, on for cuDNN convolutions), ``on``/``off`` set both; every row records them.
+
 Usage::
 
     python benchmarks/throughput.py                        # CPU, and CUDA when present (minutes)
@@ -42,6 +51,7 @@ MODELS = {
     "cnn": ((3, 32, 32), 128),
     "resnet18": (None, 128),  # (3, image_size, image_size)
 }
+LOADER_BATCHES = 16  # distinct CPU batches behind the DataLoader row (sampled with replacement)
 
 
 def _settings(model: str, device: str, grid: bool, compile_ok: bool) -> list[dict[str, Any]]:
@@ -64,6 +74,7 @@ def _settings(model: str, device: str, grid: bool, compile_ok: bool) -> list[dic
     combined = {"precision": "bf16", "channels_last": images, "compile": compile_ok}
     if combined not in out:
         out.append(combined)
+    out.append(dict(base, loader=True))  # the fp32 baseline with a worker-fed (pinned on CUDA) DataLoader
     return out
 
 
@@ -73,6 +84,8 @@ def label(setting: dict[str, Any]) -> str:
         parts.append("channels_last")
     if setting["compile"]:
         parts.append("compile")
+    if setting.get("loader"):
+        parts.append("loader")
     return " + ".join(parts)
 
 
@@ -100,6 +113,17 @@ def child(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    gpu: dict[str, Any] = {}
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN autotunes during the warm-up
+        if args.tf32 != "default":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+        gpu = {
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+            "gpu": torch.cuda.get_device_name(device),
+        }
     torch.manual_seed(0)
     model, shape = _build(args.model, args.image_size)
     batch_size = args.batch_size or MODELS[args.model][1]
@@ -117,8 +141,45 @@ def child(args: argparse.Namespace) -> None:
         compile=setting["compile"],
     )
 
+    loader = None
+    if setting.get("loader"):
+        from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+        class Draws(Sampler[int]):
+            """``samples`` random indices (with replacement); resized before each timed fit, so that one
+            DataLoader with persistent workers serves every fit (no worker start-up in the timings)."""
+
+            def __init__(self) -> None:
+                self.samples, self.generator = batch_size, torch.Generator().manual_seed(0)
+
+            def __iter__(self) -> Any:
+                yield from torch.randint(0, LOADER_BATCHES * batch_size, (self.samples,), generator=self.generator)
+
+            def __len__(self) -> int:
+                return self.samples
+
+        g = torch.Generator().manual_seed(0)
+        cpu_x = torch.randn(LOADER_BATCHES * batch_size, *shape, generator=g)
+        cpu_y = torch.randint(0, 10, (LOADER_BATCHES * batch_size,), generator=g)
+        draws = Draws()
+        loader = DataLoader(
+            TensorDataset(cpu_x, cpu_y),
+            batch_size=batch_size,
+            sampler=draws,
+            num_workers=args.loader_workers,
+            persistent_workers=args.loader_workers > 0,
+            pin_memory=device.type == "cuda",  # fitkit then copies with non_blocking=True
+            drop_last=True,
+        )
+
+    def batches_for(steps: int) -> Any:
+        if loader is None:
+            return [(x, y)] * steps  # one batch on the device, again and again: no data loading
+        draws.samples = steps * batch_size
+        return loader
+
     def timed_fit(steps: int) -> float:
-        batches = [(x, y)] * steps  # one batch on the device, again and again: no data loading
+        batches = batches_for(steps)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -145,6 +206,8 @@ def child(args: argparse.Namespace) -> None:
                 "warmup_s": warmup_s,
                 "threads": torch.get_num_threads(),
                 "samples_per_s_all": [batch_size * steps / t for t in times],
+                "loader_workers": args.loader_workers if setting.get("loader") else None,
+                **gpu,
             }
         ),
         flush=True,
@@ -176,6 +239,7 @@ def _measure(args: argparse.Namespace, device: str, model: str, setting: dict[st
         cmd += ["--batch-size", str(args.batch_size)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    cmd += ["--tf32", args.tf32, "--loader-workers", str(args.loader_workers)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     row: dict[str, Any] = {"device": device, "model": model, "setting": label(setting), **setting}
@@ -188,12 +252,13 @@ def _measure(args: argparse.Namespace, device: str, model: str, setting: dict[st
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    def baseline(device: str, model: str) -> float | None:
-        match = [r for r in rows if (r["device"], r["model"], r["setting"]) == (device, model, "fp32")]
+    def baseline(device: str, model: str, setting: str = "fp32") -> float | None:
+        match = [r for r in rows if (r["device"], r["model"], r["setting"]) == (device, model, setting)]
         return match[0].get("samples_per_s") if match else None
 
     lines = [
-        "| device | model | setting | samples/s | ms/step | vs fp32 on this device | vs CPU fp32 | warm-up s |",
+        "| device | model | setting | samples/s | ms/step | vs fp32 on this device | vs CPU (fp32; loader: CPU loader) "
+        "| warm-up s |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -202,7 +267,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             lines.append(f"{head} n/a: {r['error']} | | | | |")
             continue
         ratios = []
-        for base in (baseline(r["device"], r["model"]), baseline("cpu", r["model"])):
+        cpu_base = baseline("cpu", r["model"], r["setting"] if r.get("loader") else "fp32")  # like for like
+        for base in (baseline(r["device"], r["model"]), cpu_base):
             ratios.append("" if not base else f"{r['samples_per_s'] / base:.2f}x")
         lines.append(
             f"{head} {r['samples_per_s']:,.0f} | {r['step_ms']:.2f} | {ratios[0]} | {ratios[1]} | {r['warmup_s']:.1f} |"
@@ -276,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads per process (default: torch's, one per core)"
     )
+    parser.add_argument(
+        "--tf32",
+        choices=["default", "on", "off"],
+        default="default",
+        help="GPU rows: TF32 for matmuls and cuDNN (default: torch's defaults, matmul off, cuDNN on)",
+    )
+    parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers of the loader row")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON, table and chart")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement process")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -313,12 +386,25 @@ def main(argv: list[str] | None = None) -> int:
                 shown = f"{row['samples_per_s']:,.0f} samples/s" if "samples_per_s" in row else f"n/a ({row['error']})"
                 print(f"{device:5s} {model:9s} {row['setting']:32s} {shown}", file=sys.stderr, flush=True)
     table = markdown(rows)
+    gpu_rows = [r for r in rows if r["device"] == "cuda" and "tf32_matmul" in r]
+    if gpu_rows:  # stated under the table: the GPU figures depend on it
+        r = gpu_rows[0]
+        table += (
+            f"\n\nGPU rows ({r['gpu']}): TF32 matmul {'on' if r['tf32_matmul'] else 'off'}, TF32 cuDNN "
+            f"{'on' if r['tf32_cudnn'] else 'off'} (--tf32 {args.tf32}), cudnn.benchmark=True. "
+        )
+    table += (
+        f"\n'loader' rows: a DataLoader with {args.loader_workers} workers over {LOADER_BATCHES} CPU batches "
+        "(pin_memory=True on CUDA): collation, pinning and the host-to-device copy included."
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "throughput",
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "machine": info,
         "image_size": args.image_size,
+        "tf32": args.tf32,
+        "loader_workers": args.loader_workers,
         "wall_s": time.time() - started,
         "rows": rows,
         "markdown": table,

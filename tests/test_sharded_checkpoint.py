@@ -69,6 +69,14 @@ def test_a_dcp_directory_resumes_bit_exactly(tmp_path: Path, builder: Any, step:
     assert_same_state(final_state(trainer), reference)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_a_dcp_directory_of_cuda_tensors_resumes_bit_exactly(tmp_path: Path) -> None:
+    trainer, _, _ = build()
+    assert trainer.device.type == "cuda"  # the Trainer's default device: DCP copies the shards from the GPU
+    test_a_dcp_directory_resumes_bit_exactly(tmp_path, build, 3)
+
+
 def _committed(tmp_path: Path, name: str = "ck.pt", files: dict[str, bytes] | None = None) -> Path:
     """A directory committed with the given files (default: two shards and a state file)."""
     path = tmp_path / name
