@@ -99,6 +99,8 @@ def test_run_status_of_a_pruned_trial_and_a_signal():
 
     assert run_status(TrialPruned()) == run_status(TrainingInterrupted(15)) == "KILLED"
     assert run_status(None) == "FINISHED"
+    assert run_status(None, "pruned by Optuna at epoch 2") == "KILLED"  # a pruned distributed run stops, then raises
+    assert run_status(None, "EarlyStopping: val_loss did not improve") == "FINISHED"
 
 
 def test_no_per_batch_hook_without_step_logging_and_a_resume_continues_the_steps():

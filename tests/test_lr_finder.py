@@ -233,3 +233,31 @@ def test_the_data_loaders_own_generator_is_put_back():
     before = loader.generator.get_state()
     make_trainer(TinyNet()).lr_find(loader, num_steps=12)  # 12 steps: two passes over 8 batches
     assert torch.equal(loader.generator.get_state(), before)
+
+
+# -- DDP ------------------------------------------------------------------------------------------
+def _lr_find_on_ranks(rank: int, out) -> dict:
+    x, y = make_classification(n=64, seed=3)
+    torch.manual_seed(0)
+    trainer = make_trainer(TinyNet(hidden=16))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    generator = torch.get_rng_state()
+    result = trainer.lr_find((x, y), batch_size=8, num_steps=12, end_lr=1.0)
+    return {
+        "world": trainer.world_size,
+        "result": result,
+        "same_weights": all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters())),
+        "same_generator": torch.equal(generator, torch.get_rng_state()),
+    }
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_lr_find_under_ddp_gives_every_rank_the_same_result(tmp_path):
+    from dist_utils import run_ranks
+
+    ranks = run_ranks(_lr_find_on_ranks, tmp_path).check()
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["result"] == ranks[1]["result"]  # losses averaged over the ranks: one suggestion
+    assert len(ranks[0]["result"].lrs) == 12
+    assert all(r["same_weights"] and r["same_generator"] for r in ranks)

@@ -80,3 +80,28 @@ def test_arguments_and_the_missing_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(ImportError, match=r'optuna package, which is not installed: pip install "fitkit\[optuna\]"'):
         OptunaPruning(None)
+
+
+def _pruned_on_ranks(rank: int, out) -> dict:
+    x, y = make_classification(n=32, seed=1)
+    trial = None
+    if rank == 0:  # the study lives on rank 0; other ranks pass None
+        study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))  # prunes any loss
+        trial = study.ask()
+    trainer = make_trainer(callbacks=[OptunaPruning(trial)])
+    try:
+        trainer.fit((x, y), (x, y), epochs=3, batch_size=8)
+    except optuna.TrialPruned as exc:
+        return {"pruned": str(exc), "epoch": trainer.epoch, "world": trainer.world_size}
+    return {"pruned": None, "epoch": trainer.epoch, "world": trainer.world_size}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_under_ddp_rank_zero_decides_for_every_rank(tmp_path):
+    from dist_utils import run_ranks
+
+    ranks = run_ranks(_pruned_on_ranks, tmp_path).check()
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["pruned"] == ranks[1]["pruned"] and ranks[0]["pruned"].startswith("trial pruned at epoch 1")
+    assert ranks[0]["epoch"] == ranks[1]["epoch"]

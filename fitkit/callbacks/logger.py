@@ -63,11 +63,12 @@ FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 _KILLED_NAMES = ("TrainingInterrupted", "TrialPruned")
 
 
-def run_status(exception: BaseException | None) -> str:
+def run_status(exception: BaseException | None, stop_reason: str | None = None) -> str:
     """``"FINISHED"`` without an exception, ``"KILLED"`` for an interruption (Ctrl-C, SIGTERM, a pruned
-    Optuna trial), ``"FAILED"`` for any other exception."""
+    Optuna trial, also one that stopped a distributed run: its ``stop_reason``), ``"FAILED"`` for any other
+    exception."""
     if exception is None:
-        return FINISHED
+        return KILLED if stop_reason is not None and stop_reason.startswith("pruned by Optuna") else FINISHED
     if isinstance(exception, (KeyboardInterrupt, SystemExit)):
         return KILLED
     if any(cls.__name__ in _KILLED_NAMES for cls in type(exception).__mro__):
@@ -229,7 +230,7 @@ class ExperimentLogger(Callback):
         self._status_exception = exception
 
     def on_train_end(self, logs: Logs | None = None) -> None:
-        self.end_run(run_status(self._status_exception))
+        self.end_run(run_status(self._status_exception, getattr(self.trainer.state, "stop_reason", None)))
         self._status_exception = None
 
     # -- per-step values ------------------------------------------------------------------------

@@ -12,6 +12,9 @@ from typing import Any
 from fitkit import distributed
 from fitkit.callbacks.base import Callback, Logs
 
+#: The start of ``trainer.state.stop_reason`` when a trial was pruned (loggers then end the run KILLED).
+PRUNED = "pruned by Optuna"
+
 
 def _optuna() -> Any:
     try:
@@ -33,8 +36,11 @@ class OptunaPruning(Callback):
     (MLflow marks the run KILLED) and checkpoint callbacks write no half files; Optuna's ``study.optimize``
     then records the trial as pruned.
 
-    Under torchrun, rank 0 reports and asks the pruner; its decision is broadcast, so every rank stops at
-    the same validation. Ranks other than 0 may pass ``trial=None``.
+    Under torchrun, rank 0 reports and asks the pruner; its decision is broadcast, so every rank stops after
+    the same validation (``trainer.stop``), and every rank raises ``TrialPruned`` from ``on_train_end``, once
+    the fit has ended in step (raised inside the loop, it would reach the other ranks as a peer failure).
+    Loggers then record the run as KILLED (the stop reason says it was pruned). Ranks other than 0 may pass
+    ``trial=None``.
 
     Args:
         trial: the ``optuna.trial.Trial`` of the objective function.
@@ -56,11 +62,18 @@ class OptunaPruning(Callback):
         self.trial = trial
         self.monitor = monitor
         self._by_steps = False
+        self._pruned: str | None = None
 
     def on_train_begin(self, logs: Logs | None = None) -> None:
         if self.trial is None and self.trainer.is_global_zero:
             raise ValueError("OptunaPruning(trial=None) on rank 0: rank 0 reports to the trial; pass the trial")
         self._by_steps = getattr(self.trainer, "validate_every_n_steps", None) is not None
+        self._pruned = None
+
+    def on_train_end(self, logs: Logs | None = None) -> None:
+        pruned, self._pruned = self._pruned, None
+        if pruned is not None:  # a distributed run: every rank stopped after the same validation
+            raise self._optuna.TrialPruned(pruned)
 
     def on_validation_end(self, logs: Logs | None = None) -> None:
         if not self._by_steps or not logs or "step" not in logs:
@@ -97,5 +110,9 @@ class OptunaPruning(Callback):
         if prune:
             shown = f"{value:.4g}" if math.isfinite(value) else str(value)
             where = f"step {step}" if self._by_steps else f"epoch {step + 1}"
-            self.trainer.stop(f"pruned by Optuna at {where}")
-            raise self._optuna.TrialPruned(f"trial pruned at {where} ({self.monitor}={shown})")
+            message = f"trial pruned at {where} ({self.monitor}={shown})"
+            self.trainer.stop(f"{PRUNED} at {where}")
+            if self.trainer.world_size > 1:
+                self._pruned = message
+                return
+            raise self._optuna.TrialPruned(message)
