@@ -261,3 +261,15 @@ def test_lr_find_under_ddp_gives_every_rank_the_same_result(tmp_path):
     assert ranks[0]["result"] == ranks[1]["result"]  # losses averaged over the ranks: one suggestion
     assert len(ranks[0]["result"].lrs) == 12
     assert all(r["same_weights"] and r["same_generator"] for r in ranks)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lr_find_on_cuda_puts_back_the_cuda_generator_and_weights():
+    x, y = make_classification(n=64, seed=3)
+    trainer = make_trainer(TinyNet(hidden=16, dropout=0.5), device="cuda")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    generator = torch.cuda.get_rng_state()
+    trainer.lr_find((x, y), batch_size=8, num_steps=10)
+    assert torch.equal(torch.cuda.get_rng_state(), generator)  # dropout on the GPU drew from it
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))

@@ -260,3 +260,19 @@ def test_ema_under_ddp_on_two_ranks(tmp_path):
     assert _max_difference(ranks[0]["ema"], ranks[0]["reference"]) < 1e-6
     assert _max_difference(ranks[0]["ema"], ranks[1]["ema"]) == 0.0
     assert ranks[0]["val_loss"] == ranks[1]["val_loss"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["32", "bf16"])
+def test_ema_on_cuda_equals_torchs_averaged_model_without_host_syncs(precision):
+    x, y = _data()
+    reference, ema = _ReferenceEMA(0.9), EMA(decay=0.9, swap_at_end=False)
+    trainer = make_trainer(_model(), device="cuda", precision=precision, callbacks=[ema, reference])
+    torch.cuda.set_sync_debug_mode("error")  # an update that read a value back to the host would raise here
+    try:
+        trainer.fit((x, y), epochs=2, batch_size=8)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(t.device.type == "cuda" for t in ema.averaged)
+    assert _max_difference(ema.averaged, _tensors(reference.averaged.module)) < 1e-6
