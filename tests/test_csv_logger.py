@@ -136,3 +136,21 @@ def test_arguments(tmp_path, kwargs, error, match):
 
 def test_writes_on_rank_zero_only():
     assert CSVLogger.rank_zero_only is True
+
+
+def test_step_level_validations_go_to_a_second_file_that_resumes(tmp_path):
+    path, checkpoint = tmp_path / "run.csv", tmp_path / "ckpt.pt"
+    x, y = make_classification(n=24)  # 3 optimizer steps per epoch, a validation every 2
+    first = make_trainer(callbacks=[CSVLogger(path)])
+    first.fit((x, y), (x, y), epochs=1, batch_size=8, validate_every_n_steps=2)
+    first.save_checkpoint(checkpoint)
+    with open(tmp_path / "run_validations.csv", "a", newline="") as f:
+        f.write("1,4,9.9\r\n")  # a row the crashed run wrote after its checkpoint
+    resumed = make_trainer(callbacks=[CSVLogger(path)])
+    history = resumed.fit((x, y), (x, y), epochs=2, batch_size=8, validate_every_n_steps=2, resume=checkpoint)
+    header, *rows = _read(tmp_path / "run_validations.csv")
+    assert header == ["epoch", "step", "val_loss"]
+    expected = [(v["epoch"], v["step"], v["val_loss"]) for v in history.validations]
+    assert [(int(r[0]), int(r[1]), float(r[2])) for r in rows] == expected
+    assert [step for _, step, _ in expected] == [2, 3, 4, 6]  # by steps, and after each epoch
+    assert [r[0] for r in _read(path)[1:]] == ["0", "1"]  # the epoch rows as before

@@ -28,6 +28,10 @@ class CSVLogger(ExperimentLogger):
         append: keep the rows already in the file and add to them (the header is written only into an
             empty file); False overwrites the file when the first row is written.
 
+    When ``fit`` validates by steps (``validate_every_n_steps``), every validation is also a row of
+    ``<name>_validations.csv`` beside ``filename`` (columns ``epoch``, ``step`` and the ``val_`` keys), kept
+    and resumed the same way.
+
     Resuming: the callback's state records how many rows (and bytes) of the file this run had written. A
     run resumed from a checkpoint reopens the file in append mode and first cuts off the rows that the
     crashed run wrote after that checkpoint, so every epoch appears once. The file is opened at the
@@ -52,6 +56,8 @@ class CSVLogger(ExperimentLogger):
         self._file: IO[str] | None = None
         self._writer: Any = None
         self._resumed = False
+        self._validations: CSVLogger | None = None  # the step-level validations' file, once there is one
+        self._validations_state: dict[str, Any] | None = None
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
@@ -62,7 +68,20 @@ class CSVLogger(ExperimentLogger):
         self._resumed = False
         # The part of the file that is ours to keep: with append, whatever is there already.
         self._bytes = self.filename.stat().st_size if self.append and self.filename.exists() else 0
+        if self._validations is not None:
+            self._validations.end_run("FINISHED")
+        self._validations, self._validations_state = None, None
         super().on_train_begin(logs)
+
+    def log_validation(self, step: int, metrics: dict[str, float]) -> None:
+        if self._validations is None:
+            name = self.filename.with_name(f"{self.filename.stem}_validations{self.filename.suffix}")
+            self._validations = CSVLogger(name, self.sep, self.append)
+            self._validations.set_trainer(self.trainer)
+            self._validations.on_train_begin()
+            if self._validations_state is not None:  # resumed: cut what the crashed run wrote after its checkpoint
+                self._validations.load_state_dict(self._validations_state)
+        self._validations.log_epoch(self.trainer.epoch, {"step": step, **metrics})
 
     def log_epoch(self, epoch: int, logs: dict[str, float]) -> None:
         if self.keys is None:
@@ -85,6 +104,10 @@ class CSVLogger(ExperimentLogger):
 
     def end_run(self, status: str) -> None:
         self._close()
+        if self._validations is not None:
+            self._validations_state = self._validations.state_dict()
+            self._validations.end_run(status)
+            self._validations = None
 
     # -- file -----------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -122,7 +145,15 @@ class CSVLogger(ExperimentLogger):
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # no step-level points: no seen_step to keep
-        return {"rows": self.rows, "bytes": self._bytes, "keys": None if self.keys is None else list(self.keys)}
+        state: dict[str, Any] = {
+            "rows": self.rows,
+            "bytes": self._bytes,
+            "keys": None if self.keys is None else list(self.keys),
+        }
+        validations = self._validations.state_dict() if self._validations is not None else self._validations_state
+        if validations is not None:  # only runs that validate by steps have the second file
+            state["validations"] = validations
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._close()
@@ -130,3 +161,7 @@ class CSVLogger(ExperimentLogger):
         self._bytes = int(state["bytes"])
         self.keys = None if state["keys"] is None else list(state["keys"])
         self._resumed = True
+        if self._validations is not None:
+            self._validations.end_run("FINISHED")
+            self._validations = None
+        self._validations_state = state.get("validations")
