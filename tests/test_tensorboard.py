@@ -208,3 +208,12 @@ def test_arguments(tmp_path, kwargs, error, match):
 def test_writes_on_rank_zero_only_and_batch_is_every_step(tmp_path):
     assert TensorBoard.rank_zero_only is True
     assert TensorBoard(tmp_path, update_freq="batch")._step_freq == 1
+
+
+def test_step_level_validations_are_written_at_their_step(tmp_path):
+    x, y = make_classification(n=24)  # 3 optimizer steps per epoch, a validation every 2
+    trainer = make_trainer(callbacks=[TensorBoard(tmp_path)])
+    history = trainer.fit((x, y), (x, y), epochs=2, batch_size=8, validate_every_n_steps=2)
+    expected = [(v["step"] - 1, _f32(v["val_loss"])) for v in history.validations]  # x: the step's 0-based index
+    assert _scalars(_read(tmp_path), "step/val_loss") == expected
+    assert [step for step, _ in expected] == [1, 2, 3, 5]
