@@ -716,9 +716,7 @@ def trust(path: str | Path) -> dict[str, Any]:
     if not directory and not path.is_file():
         raise CheckpointError(f"trust: no file at {path}")
     if directory:  # a sharded (DCP) checkpoint: its state file loads weights-only, its metadata is checked
-        from fitkit import sharded_checkpoint
-
-        state = sharded_checkpoint.read_state(path)
+        state = read_sharded_state(path)
     else:
         state = load(path, verify_file=False)
     meta: dict[str, Any] = {"kind": "weights", "trusted": True}
@@ -747,3 +745,84 @@ def trust(path: str | Path) -> dict[str, Any]:
         manifest["files"][path.name] = {"versions": [record]}
         _write_manifest(folder, manifest)
     return record
+
+
+SHARDED_STATE = "fitkit-state.pt"  # a sharded checkpoint's state file (see fitkit.sharded_checkpoint)
+SHARDED_METADATA = ".metadata"  # DCP's index of the shards
+SHARDED_LAYOUT = "dcp"
+
+
+# -- reading a sharded (DCP) checkpoint directory safely --------------------------------------------
+_DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "StorageMeta",
+        "MetadataIndex",
+        "_MEM_FORMAT_ENCODING",
+        "BytesStorageMetadata",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "collections": {"OrderedDict"},
+    "torch": {"Size"},
+    "torch.serialization": {"_get_layout"},  # a layout by its name, from torch's table of layouts
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},  # the checkpoint_id
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata classes, ``torch.Size``, dtypes, layouts and paths; refuses any other global (a
+    crafted ``.metadata`` could otherwise run code when DCP unpickles it)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_CLASSES.get(module, set()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in DCP metadata")
+
+
+def read_sharded_metadata(path: str | Path) -> Any:
+    """DCP's ``.metadata`` of the directory ``path``, unpickled safely, after checking that it names
+    tensors only, stored in files inside the directory; a :class:`~fitkit.CheckpointError`
+    otherwise."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    path = Path(path)
+    try:
+        with open(path / SHARDED_METADATA, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} is not a sharded checkpoint: it has no {SHARDED_METADATA}") from exc
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"refused to load {path}: its {SHARDED_METADATA} is not DCP metadata that fitkit can read safely ({exc})"
+        ) from exc
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"refused to load {path}: its {SHARDED_METADATA} is not DCP metadata")
+    objects = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+    if objects:
+        raise CheckpointError(
+            f"refused to load {path}: it stores pickled Python objects ({objects[:3]}), which DCP would load "
+            "without weights_only; fitkit's sharded checkpoints hold tensors only"
+        )
+    for stored in (metadata.storage_data or {}).values():
+        name = str(getattr(stored, "relative_path", ""))
+        if not name or Path(name).name != name or name.startswith("."):
+            raise CheckpointError(
+                f"refused to load {path}: its {SHARDED_METADATA} points at {name!r}, not a file inside the directory"
+            )
+    return metadata
+
+
+def read_sharded_state(path: str | Path) -> dict[str, Any]:
+    """The ``fitkit-state.pt`` of a DCP checkpoint directory (weights-only), after checking its metadata;
+    used by :func:`trust` before it vouches for a directory, and by :mod:`fitkit.sharded_checkpoint`."""
+    path = Path(path)
+    read_sharded_metadata(path)
+    state = load(path / SHARDED_STATE, verify_file=False)
+    if not isinstance(state, dict) or state.get("fitkit", {}).get("layout") != SHARDED_LAYOUT:
+        raise CheckpointError(f"{path / SHARDED_STATE} is not the state file of a fitkit sharded checkpoint")
+    return state

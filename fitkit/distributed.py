@@ -35,8 +35,8 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from fitkit import _compat, strategies
-from fitkit.data import rebuild_loader
+from fitkit import _compat, rng, strategies
+from fitkit.data import InMemoryLoader, rebuild_loader
 from fitkit.strategies import DDPStrategy, FSDPStrategy, Strategy
 
 _setups = itertools.count()  # numbers each setup() in this process: every rank builds its Trainers in order
@@ -508,8 +508,6 @@ def set_epoch(loader: Any, epoch: int) -> None:
 
 def _shard_seed(info: DistInfo) -> int:
     """The shuffling seed shared by every rank: rank 0's ``seed_everything`` seed (0 without one)."""
-    from fitkit import rng
-
     return int(broadcast_object(rng.last_seed() or 0, info))
 
 
@@ -590,8 +588,6 @@ def shard_eval(loader: Any, info: DistInfo) -> Any:
         return loader
     with contextlib.suppress(KeyError, TypeError):
         return info._sharded[loader]
-    from fitkit.data import InMemoryLoader
-
     if isinstance(loader, InMemoryLoader):
         sharded: Any = loader.subset(slice(info.rank, None, info.world_size))
     elif (
@@ -639,8 +635,6 @@ class _Replicated:
 def shard_in_memory(loader: Any, info: DistInfo, training: bool) -> Any:
     if not training:
         return loader  # sharded when evaluated
-    from fitkit.data import InMemoryLoader
-
     return _ShardedInMemory(loader, info) if isinstance(loader, InMemoryLoader) else loader
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from fitkit.data import InMemoryLoader
 from fitkit.state import TrainerState
 
 #: The clock ``max_time`` reads (seconds, monotonic). Replace it to fake time in tests:
@@ -106,8 +107,6 @@ def val_loaders(val_data: Any, to_loader: Callable[[Any, str], Any], name: str) 
 
 def _is_loader_like(obj: Any) -> bool:
     from torch.utils.data import DataLoader
-
-    from fitkit.data import InMemoryLoader
 
     return isinstance(obj, (DataLoader, InMemoryLoader))
 

@@ -22,7 +22,6 @@ The collectives here go through :mod:`fitkit.distributed`; DCP runs its own on t
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -36,9 +35,7 @@ from fitkit.loaders import data_signature
 if TYPE_CHECKING:
     from fitkit.trainer import Trainer
 
-STATE = "fitkit-state.pt"
-METADATA = ".metadata"
-LAYOUT = "dcp"
+STATE, METADATA, LAYOUT = checkpoint.SHARDED_STATE, checkpoint.SHARDED_METADATA, checkpoint.SHARDED_LAYOUT
 
 
 # -- save -----------------------------------------------------------------------------------------
@@ -180,14 +177,14 @@ def load(trainer: Trainer, path: str | Path, strict: bool = True) -> None:
     if trainer.is_global_zero:
         try:
             checkpoint.verify(path)
-            read_metadata(path)
+            checkpoint.read_sharded_metadata(path)
         except checkpoint.CheckpointError as exc:
             error = str(exc)
     error = distributed.broadcast_object(error, info)
     if error is not None:
         raise checkpoint.CheckpointError(error)
     state = checkpoint.upgrade(checkpoint.load(path / STATE, verify_file=False))  # verified with the directory
-    shapes = _saved_shapes(read_metadata(path))
+    shapes = _saved_shapes(checkpoint.read_sharded_metadata(path))
     saved_world = state.get("world_size", 1)
     if saved_world != trainer.world_size:
         warnings.warn(
@@ -274,80 +271,4 @@ def _saved_shapes(metadata: Any) -> dict[str, torch.Size]:
     return {key: value.size for key, value in metadata.state_dict_metadata.items() if hasattr(value, "size")}
 
 
-# -- reading a directory safely -------------------------------------------------------------------
-_DCP_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata",
-        "TensorStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "StorageMeta",
-        "MetadataIndex",
-        "_MEM_FORMAT_ENCODING",
-        "BytesStorageMetadata",
-    },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "collections": {"OrderedDict"},
-    "torch": {"Size"},
-    "torch.serialization": {"_get_layout"},  # a layout by its name, from torch's table of layouts
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},  # the checkpoint_id
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata classes, ``torch.Size``, dtypes, layouts and paths; refuses any other global (a
-    crafted ``.metadata`` could otherwise run code when DCP unpickles it)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if name in _DCP_CLASSES.get(module, set()):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout)):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in DCP metadata")
-
-
-def read_metadata(path: str | Path) -> Any:
-    """DCP's ``.metadata`` of the directory ``path``, unpickled safely, after checking that it names
-    tensors only, stored in files inside the directory; a :class:`~fitkit.checkpoint.CheckpointError`
-    otherwise."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
-
-    path = Path(path)
-    try:
-        with open(path / METADATA, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except FileNotFoundError as exc:
-        raise checkpoint.CheckpointError(f"{path} is not a sharded checkpoint: it has no {METADATA}") from exc
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
-        raise checkpoint.CheckpointError(
-            f"refused to load {path}: its {METADATA} is not DCP metadata that fitkit can read safely ({exc})"
-        ) from exc
-    if not isinstance(metadata, Metadata):
-        raise checkpoint.CheckpointError(f"refused to load {path}: its {METADATA} is not DCP metadata")
-    objects = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
-    if objects:
-        raise checkpoint.CheckpointError(
-            f"refused to load {path}: it stores pickled Python objects ({objects[:3]}), which DCP would load "
-            "without weights_only; fitkit's sharded checkpoints hold tensors only"
-        )
-    for stored in (metadata.storage_data or {}).values():
-        name = str(getattr(stored, "relative_path", ""))
-        if not name or Path(name).name != name or name.startswith("."):
-            raise checkpoint.CheckpointError(
-                f"refused to load {path}: its {METADATA} points at {name!r}, not a file inside the directory"
-            )
-    return metadata
-
-
-def read_state(path: str | Path) -> dict[str, Any]:
-    """The ``fitkit-state.pt`` of a DCP checkpoint directory (weights-only), after checking its metadata;
-    used by :func:`fitkit.checkpoint.trust` before it vouches for a directory."""
-    path = Path(path)
-    read_metadata(path)
-    state = checkpoint.load(path / STATE, verify_file=False)
-    if not isinstance(state, dict) or state.get("fitkit", {}).get("layout") != LAYOUT:
-        raise checkpoint.CheckpointError(f"{path / STATE} is not the state file of a fitkit sharded checkpoint")
-    return state
-
-
-__all__ = ["load", "read_metadata", "read_state", "save"]
+__all__ = ["load", "save"]

@@ -221,7 +221,7 @@ def test_metadata_that_asks_dcp_to_unpickle_objects_is_refused(tmp_path: Path) -
         warnings.simplefilter("ignore")
         dcp_save({"x": torch.zeros(2), "obj": {"a": [1, 2]}}, storage_writer=FileSystemWriter(tmp_path), no_dist=True)
     with pytest.raises(checkpoint.CheckpointError, match=r"stores pickled Python objects \(\['obj.a'\]\)"):
-        sharded_checkpoint.read_metadata(tmp_path)
+        checkpoint.read_sharded_metadata(tmp_path)
 
 
 def test_loading_into_another_architecture_names_the_difference(tmp_path: Path) -> None:
@@ -325,7 +325,7 @@ def _dcp_job(
 
 
 def _stored_bytes(path: Path) -> int:
-    return sum(info.length for info in sharded_checkpoint.read_metadata(path).storage_data.values())
+    return sum(info.length for info in checkpoint.read_sharded_metadata(path).storage_data.values())
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fitkit.callbacks.logger import ExperimentLogger
+from fitkit.callbacks.model_checkpoint import ModelCheckpoint
 
 _INSTALL = 'pip install "fitkit[mlflow]"'
 
@@ -151,8 +152,6 @@ class MLflowLogger(ExperimentLogger):
 
     def _checkpoint_files(self) -> list[Path]:
         """The files the trainer's ModelCheckpoint callbacks keep now (top-k, ``last.pt``)."""
-        from fitkit.callbacks.model_checkpoint import ModelCheckpoint
-
         files: list[Path] = []
         for callback in getattr(self.trainer, "active_callbacks", []):
             if not isinstance(callback, ModelCheckpoint):

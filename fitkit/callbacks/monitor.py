@@ -12,7 +12,7 @@ import importlib
 import math
 from typing import Any
 
-from fitkit.callbacks.base import Callback, Logs
+from fitkit.callbacks.base import Callback, Logs, overrides
 
 _MODES = ("auto", "min", "max")
 
@@ -166,7 +166,5 @@ def check_key_can_exist(key: str, trainer: Any, who: str) -> None:
 def _may_add_keys(callback: Callback) -> bool:
     """True for a callback that is not one of fitkit's own logging-neutral ones and has an
     ``on_epoch_end``: it may add keys to the epoch logs."""
-    from fitkit.callbacks.base import overrides
-
     builtin = type(callback).__module__.startswith("fitkit.") and type(callback).__name__ != "LambdaCallback"
     return not builtin and overrides(callback, "on_epoch_end")

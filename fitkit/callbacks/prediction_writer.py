@@ -11,6 +11,7 @@ import torch
 
 from fitkit.callbacks.base import Callback, Logs
 from fitkit.data import move_to_device
+from fitkit.loaders import concat_outputs
 
 _NAME = re.compile(r"^predictions-rank\d{5}-batch\d{9}\.pt$")
 
@@ -92,8 +93,6 @@ class PredictionWriter(Callback):
     def read(directory: str | os.PathLike[str]) -> Any:
         """The outputs written to ``directory`` (every rank's files), in ``predict``'s order: what
         ``predict`` would have returned."""
-        from fitkit.loaders import concat_outputs
-
         paths = sorted(p for p in Path(directory).iterdir() if _NAME.match(p.name))
         if not paths:
             raise FileNotFoundError(f"PredictionWriter.read: no prediction files in {directory}")

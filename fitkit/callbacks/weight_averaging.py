@@ -26,6 +26,7 @@ from torch import nn
 
 from fitkit import distributed
 from fitkit.callbacks.base import Callback, Logs
+from fitkit.data import move_to_device, split_batch
 
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -387,8 +388,6 @@ class _Inputs:
         self.trainer = trainer
 
     def __iter__(self) -> Iterator[Any]:
-        from fitkit.data import move_to_device, split_batch
-
         for batch in self.trainer.train_loader:
             inputs = split_batch(batch)[0]
             yield _Wrapped(move_to_device(inputs, self.trainer.device, False))
