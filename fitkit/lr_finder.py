@@ -52,9 +52,14 @@ class LRFindResult:
 
     def plot(self, path: str | Path | None = None) -> Any:
         """The smoothed loss against the learning rate (log scale in exponential mode), the suggestion
-        marked; returns the ``matplotlib.figure.Figure`` and, with ``path``, saves it as a PNG.
+        marked; needs ``pip install "fitkit[plot]"`` (matplotlib).
 
-        Needs ``pip install "fitkit[plot]"`` (matplotlib)."""
+        Args:
+            path: a PNG file to write, or None.
+
+        Returns:
+            the ``matplotlib.figure.Figure``.
+        """
         figure_class = _figure_class("LRFindResult.plot")
         figure = figure_class(figsize=(6, 4))
         axes = figure.subplots()
@@ -84,7 +89,13 @@ def _figure_class(who: str) -> Any:
 
 
 def suggest(lrs: list[float], losses: list[float], mode: str = "exponential") -> float | None:
-    """The learning rate at the steepest descent of ``losses`` (see :class:`LRFindResult`)."""
+    """The learning rate at the steepest descent of ``losses`` (see :class:`LRFindResult`).
+
+    Args:
+        lrs: the rates, in the order they were used.
+        losses: the (smoothed) loss at each rate; non-finite ones are left out.
+        mode: ``"exponential"`` (the slope against log10(lr)) or ``"linear"`` (against lr).
+    """
     import numpy as np
 
     skip_begin, skip_end = min(10, len(lrs) // 10), 1

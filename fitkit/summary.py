@@ -65,7 +65,12 @@ def _data_lines(trainer: Any) -> list[str]:
 
 
 def summarize(trainer: Trainer | Any, depth: int = 1) -> str:
-    """The table :meth:`fitkit.Trainer.summary` returns (see there)."""
+    """The table :meth:`fitkit.Trainer.summary` returns.
+
+    Args:
+        trainer: the Trainer (its ``model``, device, precision and, during a fit, its data sizes).
+        depth: levels of child modules to list (0: totals only).
+    """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
         raise ValueError(f"depth must be an int >= 0 (levels of child modules to list; 0: totals only), got {depth!r}")
     model: nn.Module = trainer.model

@@ -1227,6 +1227,17 @@ class Trainer:
         every random generator, so a ``fit`` after it equals one without it, bit for bit. Under torchrun
         every rank runs it (the losses are averaged over the ranks).
 
+        Args:
+            train_data: the training data, any kind ``fit`` takes.
+            start_lr: the first step's learning rate.
+            end_lr: the last step's learning rate (> ``start_lr``).
+            num_steps: optimizer steps to sweep over at most (>= 2); the data is repeated if needed.
+            mode: ``"exponential"`` (rates evenly spaced on a log scale) or ``"linear"``.
+            smooth: the weight of each new loss in the moving average, in (0, 1] (1: no smoothing).
+            stop_divergence: stop when the smoothed loss passes this many times its best (> 1; None: only on
+                a non-finite loss).
+            batch_size: the batch size of in-memory data.
+
         Returns:
             an :class:`~fitkit.lr_finder.LRFindResult` with ``lrs``, ``losses``, ``suggestion``, ``plot()``.
         """
@@ -1288,7 +1299,11 @@ class Trainer:
         """A Keras-like table of the model: each child module down to ``depth`` levels with its type and
         parameter count, the trainable and non-trainable totals, the parameters' memory, the device and
         precision, and during (or after) a fit the training and validation sizes. Runs no forward pass.
-        ``fit`` prints it once at the start when ``verbose >= 1``, on rank 0."""
+        ``fit`` prints it once at the start when ``verbose >= 1``, on rank 0.
+
+        Args:
+            depth: levels of child modules to list (0: totals only).
+        """
         from fitkit.summary import summarize
 
         return summarize(self, depth)

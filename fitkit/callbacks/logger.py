@@ -136,17 +136,37 @@ class ExperimentLogger(Callback):
         """Called at each fit's ``on_train_begin``, before a resumed state is loaded."""
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Writes one epoch's numbers (``epoch``: 0-based index)."""
+        """Writes one epoch's numbers.
+
+        Args:
+            epoch: the epoch's 0-based index.
+            metrics: the epoch logs' numbers as floats (``loss``, metrics, ``val_*``, ``lr``).
+        """
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        """Writes step-level values (``loss``, ``lr``) at ``step``, the global step after the optimizer step."""
+        """Writes step-level values.
+
+        Args:
+            step: the global step after the optimizer step (1 for the first).
+            metrics: ``loss`` (the batch that completed the step) and ``lr`` (param group 0's rate it used).
+        """
 
     def log_validation(self, step: int, metrics: dict[str, float]) -> None:
-        """Writes a step-level validation's ``val_*`` values at its global step (default: as a step)."""
+        """Writes a validation's values when ``fit`` validates by steps (default: :meth:`log_step`).
+
+        Args:
+            step: the global step the validation ran after.
+            metrics: its ``val_*`` values as floats.
+        """
         self.log_step(step, metrics)
 
     def end_run(self, status: str) -> None:
-        """Called once per fit with ``"FINISHED"``, ``"FAILED"`` or ``"KILLED"``; close files here."""
+        """Called once per fit when it ends; close files here.
+
+        Args:
+            status: ``"FINISHED"`` (fit returned), ``"KILLED"`` (Ctrl-C, SIGTERM, a pruned Optuna trial) or
+                ``"FAILED"`` (any other exception).
+        """
 
     # -- helpers for subclasses -----------------------------------------------------------------
     def trainer_params(self) -> dict[str, str | bool | int | float]:
@@ -202,7 +222,12 @@ class ExperimentLogger(Callback):
         self._step_lr = float(lr)
 
     def log_batch_steps(self, batch: int, logs: Logs | None = None) -> None:
-        """``on_batch_end`` with step logging: logs when this batch completed a due optimizer step."""
+        """``on_batch_end`` with step logging: logs when this batch completed a due optimizer step.
+
+        Args:
+            batch: the batch's index in the epoch.
+            logs: the batch's logs (0-dim tensors; read only when a step is due).
+        """
         self._last_batch_logs = logs
         if self.trainer.state.global_step != self._seen_step:
             self._steps_done(logs)
