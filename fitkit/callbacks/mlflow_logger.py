@@ -30,7 +30,7 @@ class MLflowLogger(ExperimentLogger):
     """Logs a ``fit`` to an MLflow run (through ``mlflow.tracking.MlflowClient``: no global active run, so
     several loggers and your own ``mlflow.start_run()`` do not interfere).
 
-    What is logged when follows :class:`~fitkit.callbacks.logger.ExperimentLogger`:
+    What is logged when follows [ExperimentLogger][fitkit.callbacks.ExperimentLogger]:
 
     * parameters, once per run: the trainer's configuration (optimizer, lr, weight_decay, batch_size,
       precision, accumulate_grad_batches, grad clipping, epochs) and ``params``;
@@ -146,7 +146,10 @@ class MLflowLogger(ExperimentLogger):
         run_id = self._run()  # a fit that failed before its first epoch still leaves a FAILED run
         if self.log_checkpoints:  # also after a failure: the files kept are good ones (crash.pt is not kept)
             for path in self._checkpoint_files():
-                self.client.log_artifact(run_id, str(path), artifact_path="checkpoints")
+                if path.is_dir():  # a sharded (DCP) checkpoint is a directory
+                    self.client.log_artifacts(run_id, str(path), artifact_path=f"checkpoints/{path.name}")
+                else:
+                    self.client.log_artifact(run_id, str(path), artifact_path="checkpoints")
         self.client.set_terminated(run_id, status=status)
         self._active = False
 
@@ -159,7 +162,7 @@ class MLflowLogger(ExperimentLogger):
             candidates = [Path(path) for _, _, path in callback.kept]
             if callback.save_last:
                 candidates.append(Path(callback.checkpoint_dir) / "last.pt")
-            files += [p for p in dict.fromkeys(candidates) if p.is_file()]
+            files += [p for p in dict.fromkeys(candidates) if p.exists()]
         return files
 
     # -- state ----------------------------------------------------------------------------------

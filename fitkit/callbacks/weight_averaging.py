@@ -5,7 +5,9 @@ Both average the parameters *and buffers* of ``trainer.model`` (as ``AveragedMod
 keep the averages on the model's device, swap them into the model for validation (``on_validation_begin``
 / ``on_validation_end``, so ``val_*`` logs, EarlyStopping and ModelCheckpoint's choice of the best epoch
 see the averaged weights), and leave them in the model when ``fit`` finishes. Their state (the averages
-and counters) is in every full checkpoint, so a resumed run is exact. They run on every rank of a
+and counters) is in every full checkpoint, so a resumed run is exact; the model's own state in a checkpoint
+(and a weights-only file written during ``fit``) holds the trained weights, which training continues from.
+Save the averaged weights after ``fit`` (the model holds them) or with ``with ema.averaged_weights():``. They run on every rank of a
 distributed run: DDP keeps the weights equal on every rank, so the averages are too.
 
 ``trainer.evaluate(data)`` after ``fit`` sees the averaged weights when they were left in the model
