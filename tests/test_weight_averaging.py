@@ -276,3 +276,21 @@ def test_ema_on_cuda_equals_torchs_averaged_model_without_host_syncs(precision):
         torch.cuda.set_sync_debug_mode(0)
     assert all(t.device.type == "cuda" for t in ema.averaged)
     assert _max_difference(ema.averaged, _tensors(reference.averaged.module)) < 1e-6
+
+
+def _fit_with_swa(rank: int, out: Path) -> dict:
+    x, y = _data(64)
+    swa = SWA(swa_start_epoch=1, swa_lr=0.05)
+    trainer = make_trainer(_model(), callbacks=[swa])
+    history = trainer.fit((x, y), (x[:16], y[:16]), epochs=3, batch_size=8)
+    return {"model": _tensors(trainer.model), "val_loss": history.history["val_loss"], "n": swa.n_averaged}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_swa_under_ddp_leaves_every_rank_the_same_model(tmp_path):
+    ranks = run_ranks(_fit_with_swa, tmp_path).check()
+    assert [r["n"] for r in ranks] == [2, 2]
+    # each rank's update_bn saw its shard: the statistics are averaged over the ranks, so the models agree
+    assert _max_difference(ranks[0]["model"], ranks[1]["model"]) == 0.0
+    assert ranks[0]["val_loss"] == ranks[1]["val_loss"]
