@@ -307,7 +307,7 @@ def check_debug_sync(debug_sync: Any) -> bool | str:
 
 
 def check_callbacks(callbacks: Sequence[Any] | None) -> list[Callback]:
-    """The callbacks as a list, each a :class:`~fitkit.Callback` with valid hook names."""
+    """The callbacks as a list, each a [Callback][fitkit.callbacks.Callback] with valid hook names."""
     if isinstance(callbacks, Callback):
         raise TypeError(
             f"callbacks must be a list of callbacks, got a single {type(callbacks).__name__}; "
@@ -426,7 +426,7 @@ def check_bool(value: Any, name: str) -> bool:
 
 
 def check_flags(**flags: Any) -> None:
-    """:func:`check_bool` for each keyword argument (named as given)."""
+    """`check_bool` for each keyword argument (named as given)."""
     for name, value in flags.items():
         check_bool(value, name)
 

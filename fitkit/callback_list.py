@@ -1,8 +1,8 @@
 """The callbacks of one ``fit`` (or ``evaluate``): hooks bound once, fired in list order, timed once.
 
-:class:`CallbackList` binds the trainer to each callback, checks hook names, and keeps, for every
+`CallbackList` binds the trainer to each callback, checks hook names, and keeps, for every
 hook, the bound methods of the callbacks that override it: a hook nobody overrides is an empty list
-and costs the loop nothing. :class:`HookTimer` finds a callback that slows training down.
+and costs the loop nothing. `HookTimer` finds a callback that slows training down.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class CallbackList:
     """The active callbacks in order, each bound to ``trainer``, with their overridden hooks.
 
     ``hooks[name]`` lists the bound hooks to call for the event ``name`` (see
-    :data:`fitkit.callbacks.base.HOOKS`); the loop reads those lists directly on its per-batch path.
+    `fitkit.callbacks.base.HOOKS`); the loop reads those lists directly on its per-batch path.
     Callbacks are keyed by class name (``EarlyStopping``, ``EarlyStopping_2``, ...) in checkpoints.
     """
 
@@ -80,7 +80,7 @@ class CallbackList:
         return keyed
 
     def state_dict(self) -> dict[str, Any]:
-        """Every callback's :meth:`~fitkit.Callback.state_dict`, by key."""
+        """Every callback's [state_dict][fitkit.callbacks.Callback.state_dict], by key."""
         return {key: cb.state_dict() for key, cb in self.keyed()}
 
     def load_state_dict(self, states: dict[str, Any], strict: bool = True) -> None:
@@ -94,7 +94,7 @@ class CallbackList:
 
 
 def trainer_hooks(trainer: Trainer) -> dict[str, Hook]:
-    """The callback hooks a Trainer subclass defines (same names and signatures as :class:`Callback`'s),
+    """The callback hooks a Trainer subclass defines (same names and signatures as [Callback][fitkit.callbacks.Callback]'s),
     bound to it: they run before the callbacks' in ``fit``, ``evaluate`` and ``predict``, so state such
     as an RNN's hidden state is reset wherever batches run. An ``on_*`` method that is no hook is an error,
     as in a callback."""

@@ -11,12 +11,12 @@ Python values, so every file loads with ``torch.load(weights_only=True)``.
 Several writers may share a folder (two jobs, two callbacks): every read-change-write of a manifest holds
 an exclusive ``fcntl.flock`` on ``.fitkit-manifest.lock`` in that folder, so no writer's entry is lost. An
 unreadable manifest is never rewritten (that would forget every file it vouches for): writes and
-``resume="auto"`` stop with an error, and :func:`trust` is the documented way to vouch for a file again.
+``resume="auto"`` stop with an error, and [trust][fitkit.checkpoint.trust] is the documented way to vouch for a file again.
 
-A sharded checkpoint (FSDP: :mod:`fitkit.sharded_checkpoint`) is a directory, and one manifest entry of its
+A sharded checkpoint (FSDP: `fitkit.sharded_checkpoint`) is a directory, and one manifest entry of its
 folder: its record lists every file's size and SHA-256, it is written into a temporary directory and
 committed (renamed into place, swapped atomically with an older version) only when every file is complete,
-and :func:`verify`, :func:`remove_checkpoint`, :func:`candidates` and :func:`trust` treat it as one checkpoint.
+and [verify][fitkit.checkpoint.verify], [remove_checkpoint][fitkit.checkpoint.remove_checkpoint], `candidates` and [trust][fitkit.checkpoint.trust] treat it as one checkpoint.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class ManifestError(CheckpointError):
 def read_manifest(folder: Path, strict: bool = False) -> dict[str, Any]:
     """The folder's manifest (an empty one when there is none).
 
-    An unreadable one (truncated, not JSON, not a fitkit manifest) is a :class:`ManifestError` with
+    An unreadable one (truncated, not JSON, not a fitkit manifest) is a [ManifestError][fitkit.checkpoint.ManifestError] with
     ``strict``; otherwise a warning and an empty manifest (a reader then trusts nothing in the folder).
     """
     path = folder / MANIFEST
@@ -130,7 +130,7 @@ def read_manifest(folder: Path, strict: bool = False) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def manifest_lock(folder: Path) -> Iterator[None]:
-    """An exclusive lock on the folder's manifest (``flock`` on :data:`LOCK`): one writer at a time
+    """An exclusive lock on the folder's manifest (``flock`` on `LOCK`): one writer at a time
     reads, changes and rewrites it, in this process or another."""
     if fcntl is None:  # pragma: no cover
         yield
@@ -256,7 +256,7 @@ def _sha256(path: Path) -> str:
 
 
 def verify(path: str | Path) -> dict[str, Any]:
-    """Returns the manifest record that vouches for ``path``'s bytes, or raises :class:`CheckpointError`."""
+    """Returns the manifest record that vouches for ``path``'s bytes, or raises [CheckpointError][fitkit.checkpoint.CheckpointError]."""
     path = Path(path)
     if path.is_dir():
         return _verify_directory(path)
@@ -289,7 +289,7 @@ def load(path: str | Path, map_location: Any = "cpu", verify_file: bool = True) 
     """Loads a fitkit file: verified against its manifest, then ``torch.load(weights_only=True)``.
 
     A file that would need to unpickle Python objects (and so could run code) is refused with a
-    :class:`CheckpointError`; fitkit never loads with ``weights_only=False``.
+    [CheckpointError][fitkit.checkpoint.CheckpointError]; fitkit never loads with ``weights_only=False``.
     """
     if verify_file:
         verify(path)
@@ -345,11 +345,11 @@ def commit_directory(
     meta: dict[str, Any] | None = None,
     hashes: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Puts the complete checkpoint directory ``tmp`` (from :func:`temporary_directory`) in place at
+    """Puts the complete checkpoint directory ``tmp`` (from `temporary_directory`) in place at
     ``path`` and records every file's size and SHA-256 in the folder's manifest, in the same two phases
-    as :func:`atomic_save`: the manifest vouches for the old and the new version while they swap.
+    as [atomic_save][fitkit.checkpoint.atomic_save]: the manifest vouches for the old and the new version while they swap.
 
-    ``hashes`` are already-computed records (:func:`hash_files`) for some of the files; the others are
+    ``hashes`` are already-computed records (`hash_files`) for some of the files; the others are
     hashed here. An existing ``path`` (file or directory) is swapped atomically with ``tmp`` where the
     system allows (Linux ``renameat2(RENAME_EXCHANGE)``), then deleted. Returns the manifest record.
     """
@@ -545,8 +545,8 @@ def check_fits(
     world_size: int,
     data: dict[str, Any],
 ) -> None:
-    """Raises a :class:`CheckpointError` naming the first way a full checkpoint's ``state`` (as
-    :func:`upgrade` returns it) does not fit a trainer with this ``model``, ``optimizers`` (by name),
+    """Raises a [CheckpointError][fitkit.checkpoint.CheckpointError] naming the first way a full checkpoint's ``state`` (as
+    `upgrade` returns it) does not fit a trainer with this ``model``, ``optimizers`` (by name),
     ``world_size`` and training ``data`` signature."""
     # First: another world size also changes the per-rank batch count, which would be reported instead.
     if state.get("world_size", 1) != world_size:
@@ -606,7 +606,7 @@ def _manifest_folders(folder: Path) -> list[Path]:
 def candidates(folders: list[Path]) -> list[Path]:
     """Full checkpoints listed in the manifests of the folders (and of their subfolders), newest first.
 
-    An unreadable manifest is a :class:`ManifestError`: the files it vouched for cannot be ranked."""
+    An unreadable manifest is a [ManifestError][fitkit.checkpoint.ManifestError]: the files it vouched for cannot be ranked."""
     found = []
     for folder in [f for top in folders for f in _manifest_folders(top)]:
         for name, entry in read_manifest(folder, strict=True)["files"].items():
@@ -626,7 +626,7 @@ def newest_good(folders: list[Path], warning: str) -> Path | None:
     """The newest full checkpoint in ``folders`` that verifies; each bad newer one is reported with ``warning``.
 
     None only when the folders hold no checkpoint at all. Files that fitkit cannot vouch for (no manifest,
-    an unreadable one, files it does not list, only corrupted ones) are a :class:`CheckpointError` that
+    an unreadable one, files it does not list, only corrupted ones) are a [CheckpointError][fitkit.checkpoint.CheckpointError] that
     lists them: starting over would overwrite them.
     """
     for path in candidates(folders):
@@ -786,7 +786,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def read_sharded_metadata(path: str | Path) -> Any:
     """DCP's ``.metadata`` of the directory ``path``, unpickled safely, after checking that it names
-    tensors only, stored in files inside the directory; a :class:`~fitkit.CheckpointError`
+    tensors only, stored in files inside the directory; a [CheckpointError][fitkit.CheckpointError]
     otherwise."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
@@ -819,7 +819,7 @@ def read_sharded_metadata(path: str | Path) -> Any:
 
 def read_sharded_state(path: str | Path) -> dict[str, Any]:
     """The ``fitkit-state.pt`` of a DCP checkpoint directory (weights-only), after checking its metadata;
-    used by :func:`trust` before it vouches for a directory, and by :mod:`fitkit.sharded_checkpoint`."""
+    used by [trust][fitkit.checkpoint.trust] before it vouches for a directory, and by `fitkit.sharded_checkpoint`."""
     path = Path(path)
     read_sharded_metadata(path)
     state = load(path / SHARDED_STATE, verify_file=False)

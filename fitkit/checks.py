@@ -1,7 +1,7 @@
 """Checks that need a batch: targets, dtypes and output structures against the loss and the model.
 
 Pure functions, run once on the first batch of a fit (never per batch: no host sync in the loop but the
-one deliberate read of the first batch's label range), plus :func:`explain_loss_error`, which turns a later
+one deliberate read of the first batch's label range), plus `explain_loss_error`, which turns a later
 raw torch error from the loss (an ``IndexError`` for a label out of range, a CUDA device-side assert, a
 shape or dtype ``RuntimeError``) into the same message. Each message says what was received, what is
 allowed, and how to fix it.

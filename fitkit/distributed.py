@@ -5,7 +5,7 @@ when the user has not (nccl on CUDA after selecting the local device, gloo on CP
 DistributedDataParallel (or shards it with FSDP2), shards the data, and all-reduces the epoch's sums. A
 second, gloo group that only fitkit uses carries the small control messages (stop flags, signals) on the
 host, so they never synchronise a GPU stream, and so that a failing rank can close it to release the
-others at once (see :func:`on_failure`).
+others at once (see `on_failure`).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def setup(strategy: Strategy, device: torch.device, timeout_s: float) -> DistInf
     Args:
         strategy: ``"auto"`` (distributed when launched with WORLD_SIZE > 1 or when the user initialised a
             process group of several ranks), ``"ddp"``, ``"fsdp"``, ``"none"``, or a
-            :class:`~fitkit.strategies.DDPStrategy` / :class:`~fitkit.strategies.FSDPStrategy` with options.
+            [DDPStrategy][fitkit.DDPStrategy] / [FSDPStrategy][fitkit.FSDPStrategy] with options.
         device: the device the Trainer resolved; a CUDA device is replaced by ``cuda:LOCAL_RANK``.
         timeout_s: seconds a collective waits before failing, for the groups fitkit creates.
     """
@@ -209,7 +209,7 @@ def wrap_model(
     precision: str = "32",
 ) -> nn.Module:
     """The module that runs training forward passes: DDP around ``model`` (with ``info.options``), or
-    ``model`` sharded in place with FSDP2, block by block (:func:`shard_blocks`; every optimizer's
+    ``model`` sharded in place with FSDP2, block by block (`shard_blocks`; every optimizer's
     parameters are then swapped for the sharded ones, in place)."""
     if info.world_size == 1:
         return model
@@ -231,7 +231,7 @@ def wrap_model(
 
 
 def shard_blocks(model: nn.Module, options: FSDPStrategy, precision: str = "32") -> list[nn.Module]:
-    """``fully_shard`` on each block (:func:`fitkit.strategies.find_blocks`), deepest first, then on the root.
+    """``fully_shard`` on each block ([fitkit.strategies.find_blocks][]), deepest first, then on the root.
 
     Returns the blocks. Each block's parameters are gathered just before its forward (and backward) and
     freed after it (``reshard_after_forward``); the root keeps its own parameters gathered. With
@@ -368,8 +368,8 @@ class StopVote:
     """The per-batch vote "does any rank stop?", asynchronous: started after a batch, read at the next one.
 
     A host-side gloo all-reduce costs a round trip between the ranks (~0.3 ms on one machine), which a
-    synchronous vote after every batch adds to every step. Started once a batch is done (:meth:`start`)
-    and read once the next batch has been fetched (:meth:`stop_now`), it travels while that batch loads.
+    synchronous vote after every batch adds to every step. Started once a batch is done (`start`)
+    and read once the next batch has been fetched (`stop_now`), it travels while that batch loads.
     The decision still lands on the same step on every rank: a rank that wants to stop after batch ``i``
     does not step on batch ``i + 1`` either, since every rank reads the vote before stepping on it.
     """
@@ -447,7 +447,7 @@ def on_failure(exc: BaseException, info: DistInfo) -> PeerFailure | None:
     The first rank to fail records what happened in the rendezvous store, then closes fitkit's control
     group: the other ranks wait in (or soon reach) a control all-reduce, which then fails at once instead
     of waiting for the process-group timeout. Those ranks come here with that error and get back a
-    :class:`PeerFailure` naming the rank that failed first, to raise in its place. A rank blocked inside
+    [PeerFailure][fitkit.distributed.PeerFailure] naming the rank that failed first, to raise in its place. A rank blocked inside
     a gradient all-reduce of the default group is released when the failed process exits (its sockets
     close), as a crashed script's does; with nccl, the default group is aborted so that no GPU work
     waits on a rank that is gone.
@@ -615,7 +615,7 @@ def shard_eval(loader: Any, info: DistInfo) -> Any:
 
 
 def shard_predict(loader: Any, info: DistInfo) -> tuple[Any, bool]:
-    """``predict``'s per-rank share of ``loader`` (as :func:`shard_eval` splits it) and whether it is
+    """``predict``'s per-rank share of ``loader`` (as `shard_eval` splits it) and whether it is
     strided: rank r holds samples r, r + world_size, ... of the data in order. False when every rank reads
     all of it (one process, FSDP, or data that cannot be split)."""
     sharded = shard_eval(loader, info)

@@ -1,7 +1,7 @@
 """Turning what users pass to ``fit``/``evaluate``/``predict`` into the loaders the loop iterates.
 
 A DataLoader is used as it is (with a DistributedSampler under DDP); ``(x, y)`` tensors or NumPy arrays
-become an :class:`~fitkit.data.InMemoryLoader`; any other re-iterable of batches is used as it is.
+become an `InMemoryLoader`; any other re-iterable of batches is used as it is.
 Everything else is an error that says what to pass instead.
 """
 

@@ -1,10 +1,10 @@
 """The learning-rate range test (Smith 2017; fastai's ``lr_find``, Lightning's ``Tuner.lr_find``).
 
-:meth:`fitkit.Trainer.lr_find` trains for up to ``num_steps`` optimizer steps while the learning rate of
+[fitkit.Trainer.lr_find][] trains for up to ``num_steps`` optimizer steps while the learning rate of
 every param group of every optimizer grows from ``start_lr`` to ``end_lr``, records the loss of each step,
 and suggests the rate at the steepest descent of the smoothed loss. It runs the trainer's own loop (so
 mixed precision, accumulation, clipping, several optimizers, a custom ``train_step`` and DDP behave as in
-``fit``) with :class:`LRFinder` as its only callback, and the trainer puts everything back afterwards:
+``fit``) with `LRFinder` as its only callback, and the trainer puts everything back afterwards:
 weights, optimizer and GradScaler states, callbacks (never run), counters and every random generator.
 """
 
@@ -31,7 +31,7 @@ def _check_positive_number(value: Any, name: str, what: str) -> float:
 
 @dataclass
 class LRFindResult:
-    """What :meth:`fitkit.Trainer.lr_find` measured.
+    """What [fitkit.Trainer.lr_find][] measured.
 
     Attributes:
         lrs: the learning rate of each step taken.
@@ -89,7 +89,7 @@ def _figure_class(who: str) -> Any:
 
 
 def suggest(lrs: list[float], losses: list[float], mode: str = "exponential") -> float | None:
-    """The learning rate at the steepest descent of ``losses`` (see :class:`LRFindResult`).
+    """The learning rate at the steepest descent of ``losses`` (see [LRFindResult][fitkit.lr_finder.LRFindResult]).
 
     Args:
         lrs: the rates, in the order they were used.

@@ -278,9 +278,9 @@ _SHORTCUTS: dict[str, Callable[[], Metric]] = {
 
 
 def get_metric(metric: Any) -> Metric:
-    """Turns a metric specification into a :class:`Metric`.
+    """Turns a metric specification into a [Metric][fitkit.metrics.Metric].
 
-    Accepts a :class:`Metric`, a shortcut string (``"accuracy"``, ``"acc"``, ``"top5_accuracy"``), a
+    Accepts a [Metric][fitkit.metrics.Metric], a shortcut string (``"accuracy"``, ``"acc"``, ``"top5_accuracy"``), a
     ``torchmetrics.Metric`` object, or a function ``(outputs, targets) -> 0-dim tensor``.
     """
     if isinstance(metric, Metric):

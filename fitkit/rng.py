@@ -94,7 +94,7 @@ def capture(loader: Any = None) -> dict[str, Any]:
 
 
 def restore(state: dict[str, Any], loader: Any = None) -> None:
-    """Puts the generators back in the state :func:`capture` recorded."""
+    """Puts the generators back in the state `capture` recorded."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
@@ -141,7 +141,7 @@ def capture_loader(loader: Any) -> dict[str, torch.Tensor]:
 
 
 def restore_loader(states: dict[str, torch.Tensor], loader: Any) -> None:
-    """Puts ``loader``'s own generators back in the states :func:`capture_loader` recorded."""
+    """Puts ``loader``'s own generators back in the states `capture_loader` recorded."""
     generators = _generators(loader)
     for role, g_state in states.items():
         if role in generators:
@@ -157,5 +157,5 @@ _LAST_SEED: int | None = None
 
 
 def last_seed() -> int | None:
-    """The seed given to the last :func:`seed_everything` call in this process, if any."""
+    """The seed given to the last [seed_everything][fitkit.seed_everything] call in this process, if any."""
     return _LAST_SEED

@@ -1,8 +1,8 @@
 """Training schedules: step-level validation, ``validation_steps``, and the ``max_steps``/``max_time`` budgets.
 
 The loop asks two small objects at each batch boundary, and only when the feature is on:
-:class:`StepValidation` says whether the optimizer step just taken is one to validate after, and
-:class:`Budget` says whether a step or time budget has run out. Time is read from :data:`clock` (a host
+`StepValidation` says whether the optimizer step just taken is one to validate after, and
+`Budget` says whether a step or time budget has run out. Time is read from [clock][fitkit.schedule.clock] (a host
 clock: no device sync), which tests replace with a fake; the training time so far lives in
 ``TrainerState.train_time`` so that it adds up across resumes.
 """
@@ -125,7 +125,7 @@ class StepValidation:
 
 
 class Budget:
-    """``max_steps`` and ``max_time``: :meth:`check` after each batch stops the run (with the reason)
+    """``max_steps`` and ``max_time``: `check` after each batch stops the run (with the reason)
     once a budget has run out.
 
     The time is the wall time spent in ``fit``'s loop (training and validation), added to what

@@ -8,7 +8,7 @@ resume reads only each rank's part (DCP reshards when the world size differs). T
   ``weights_only=True``): the trainer state, callbacks, each rank's random and running state
   (``per_rank``), the optimizers' hyper-parameters (``param_groups``) and non-tensor state values.
 
-The guarantees of single-file checkpoints hold for the directory (:mod:`fitkit.checkpoint`): the ranks
+The guarantees of single-file checkpoints hold for the directory ([fitkit.checkpoint][]): the ranks
 write into a temporary directory; rank 0 hashes it (each rank hashes the shard it wrote) and commits it
 with every file's size and SHA-256 in the folder's manifest, so a checkpoint counts only once every shard
 and the metadata are in place. A load verifies the directory first, then reads DCP's ``.metadata`` with an
@@ -16,7 +16,7 @@ unpickler that accepts DCP's own metadata classes only, and refuses a directory 
 unpickle objects (fitkit writes tensors only): DCP's own reader uses plain ``pickle`` and
 ``torch.load(weights_only=False)`` for those.
 
-The collectives here go through :mod:`fitkit.distributed`; DCP runs its own on the default group.
+The collectives here go through `fitkit.distributed`; DCP runs its own on the default group.
 """
 
 from __future__ import annotations

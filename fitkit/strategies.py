@@ -1,8 +1,8 @@
 """The options of the distributed strategies, and how FSDP2 finds the blocks it shards one by one.
 
-``Trainer(strategy="ddp")`` and ``strategy="fsdp"`` use the defaults; pass a :class:`DDPStrategy` or an
-:class:`FSDPStrategy` to change them, as Lightning's ``DDPStrategy(find_unused_parameters=True)`` does. The
-process group, the wrapping and the sharding themselves live in :mod:`fitkit.distributed`.
+``Trainer(strategy="ddp")`` and ``strategy="fsdp"`` use the defaults; pass a [DDPStrategy][fitkit.DDPStrategy] or an
+[FSDPStrategy][fitkit.FSDPStrategy] to change them, as Lightning's ``DDPStrategy(find_unused_parameters=True)`` does. The
+process group, the wrapping and the sharding themselves live in `fitkit.distributed`.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class FSDPStrategy:
     Args:
         block_classes: the module classes to shard one by one (classes, or their names as strings, e.g.
             ``("TransformerBlock",)``); None (default): the repeated blocks fitkit finds (see
-            :func:`find_blocks`).
+            `find_blocks`).
         reshard_after_forward: free each block's gathered parameters after its forward pass (gathering
             them again for backward): less memory, one more all-gather per block; default True. The root
             keeps its own few parameters gathered (they are used again at once).

@@ -65,7 +65,7 @@ def _data_lines(trainer: Any) -> list[str]:
 
 
 def summarize(trainer: Trainer | Any, depth: int = 1) -> str:
-    """The table :meth:`fitkit.Trainer.summary` returns.
+    """The table [fitkit.Trainer.summary][] returns.
 
     Args:
         trainer: the Trainer (its ``model``, device, precision and, during a fit, its data sizes).

@@ -46,7 +46,7 @@ def iterate(loader: DataLoader) -> Iterator[list[torch.Tensor]]:
 
 def resume(loader: DataLoader, skip: int) -> Iterator[list[torch.Tensor]]:
     """The batches of an interrupted epoch from batch ``skip`` on, with the generators in the state they had
-    when the epoch called ``iter(loader)`` (see :func:`fitkit.data.resume_loader_iterator`). Every draw is
+    when the epoch called ``iter(loader)`` (see `fitkit.data.resume_loader_iterator`). Every draw is
     made here, eagerly: the caller restores the generators' current state right after."""
     index_batches = iter(loader.batch_sampler)  # type: ignore[arg-type]
     torch.empty((), dtype=torch.int64).random_(generator=loader.generator)

@@ -12,7 +12,7 @@ from fitkit.metrics import Metric
 
 
 class EpochTracker:
-    """Sample-weighted sums of step logs and the metrics, kept on the device until :meth:`compute`.
+    """Sample-weighted sums of step logs and the metrics, kept on the device until `compute`.
 
     ``add`` appends each step's tensors to a list rather than adding them to the float64 sums one by
     one: that mixed-precision ``add_`` per step was the largest single cost the loop added to a small
@@ -21,7 +21,7 @@ class EpochTracker:
     changes, and before the sums are read; so a logged tensor must not be modified in place after the
     step returned it.
 
-    Its :meth:`state_dict` is part of a mid-epoch checkpoint: the sums so far, the sample count and the
+    Its `state_dict` is part of a mid-epoch checkpoint: the sums so far, the sample count and the
     metrics' states.
     """
 
@@ -61,7 +61,7 @@ class EpochTracker:
         self.count += n
 
     def _fold(self) -> None:
-        """Adds the pending steps to the sums (see :func:`fitkit.devices.sum_dtype`)."""
+        """Adds the pending steps to the sums (see `fitkit.devices.sum_dtype`)."""
         if not self._pending_steps:
             return
         for key, values in self._pending.items():

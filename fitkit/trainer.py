@@ -1,7 +1,7 @@
 """The Trainer and its loop: ``fit -> _run_epoch -> train_step``, top to bottom in this file.
 
 The data path: batch -> ``_to_device`` -> ``train_step`` (forward, loss, backward, maybe an optimizer
-step) -> :class:`~fitkit.tracker.EpochTracker` (sums stay on the device) -> per-batch hooks -> epoch
+step) -> `EpochTracker` (sums stay on the device) -> per-batch hooks -> epoch
 logs (one host sync) -> ``on_epoch_end`` hooks -> deferred checkpoint writes.
 
 What lives elsewhere: argument checks (``arguments.py``), turning data into loaders (``loaders.py``),
@@ -82,13 +82,13 @@ class Trainer:
         optimizer: a ``torch.optim.Optimizer`` over the model's parameters, a name (``"adam"``,
             ``"adamw"``, ``"sgd"``, ``"rmsprop"``, ``"adagrad"``) built with Keras's default learning rate, or
             a dict of named optimizers (``{"generator": opt_g, "discriminator": opt_d}``) for a custom
-            :meth:`train_step` that steps each with :meth:`optimizer_step`. An optimizer whose ``step``
+            [train_step][fitkit.Trainer.train_step] that steps each with [optimizer_step][fitkit.Trainer.optimizer_step]. An optimizer whose ``step``
             needs a closure (``LBFGS``) is driven with one by the default step.
         loss: a callable ``(outputs, targets) -> 0-dim tensor`` (an ``nn.Module`` loss included, also one
             with learnable parameters held by an optimizer), a name (``"cross_entropy"``, ``"mse"``,
             ``"mae"``, ``"huber"``, ``"bce_with_logits"``, ``"nll"``, ...), or None when the model's output
             holds the loss (a mapping with a ``"loss"`` key or an object with a ``.loss`` attribute) or a
-            subclass's :meth:`compute_loss` computes it.
+            subclass's [compute_loss][fitkit.Trainer.compute_loss] computes it.
         metrics: metric names, ``fitkit.metrics.Metric`` objects, ``torchmetrics`` metrics or functions
             ``(outputs, targets) -> 0-dim tensor``; logged as ``<name>`` and ``val_<name>``. Unweighted, as
             Keras's ``metrics``.
@@ -109,12 +109,12 @@ class Trainer:
         channels_last: use the channels-last memory format for the model and 4-D inputs (under FSDP, for
             the inputs only: FSDP2 shards contiguous parameters, and convolutions follow the input's format).
         strategy: ``"auto"`` (DDP when launched by torchrun with several processes), ``"ddp"``, ``"fsdp"``
-            or ``"none"``; a :class:`~fitkit.DDPStrategy` or :class:`~fitkit.FSDPStrategy` sets their options
+            or ``"none"``; a [DDPStrategy][fitkit.DDPStrategy] or [FSDPStrategy][fitkit.FSDPStrategy] sets their options
             (``find_unused_parameters``, the blocks FSDP shards one by one, ...).
         debug_sync: on CUDA, make torch warn at every host-device synchronisation in the batch loops
             (training and validation), to find the ones your own code adds; ``"error"`` raises instead.
             fitkit's deliberate syncs (epoch logs, progress refreshes, checkpoint writes, fp16's GradScaler
-            check) are not flagged; mark your own with :meth:`allow_sync`. No effect on other devices.
+            check) are not flagged; mark your own with [allow_sync][fitkit.Trainer.allow_sync]. No effect on other devices.
         handle_signals: on SIGINT/SIGTERM, stop at the next batch boundary, let checkpoint callbacks save,
             then exit with the conventional status (KeyboardInterrupt / exit code 143).
         process_group_timeout: seconds a collective waits before failing, when fitkit starts the process group.
@@ -271,7 +271,7 @@ class Trainer:
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer, when the trainer has one (see :attr:`optimizers` for several)."""
+        """The optimizer, when the trainer has one (see [optimizers][fitkit.Trainer.optimizers] for several)."""
         if len(self.optimizers) != 1:
             raise AttributeError(
                 f"this trainer has {len(self.optimizers)} optimizers ({', '.join(self.optimizers)}): use "
@@ -310,7 +310,7 @@ class Trainer:
     @property
     def active_callbacks(self) -> list[Callback]:
         """The callbacks of the current (or last) ``fit`` in the order they run: this rank's share of
-        :attr:`callbacks`, then History and the progress bar."""
+        [callbacks][fitkit.Trainer.callbacks], then History and the progress bar."""
         return self._callbacks.callbacks
 
     def after_callbacks(self, action: Callable[[], None]) -> None:
@@ -361,7 +361,7 @@ class Trainer:
         Args:
             train_data: a DataLoader (or any re-iterable of batches), or in-memory tensors/NumPy arrays
                 with ``batch_size``. Batches are read as Keras reads them: ``x`` (a tensor or a dict),
-                ``(x,)`` (no targets: see :meth:`compute_loss`), ``(x, y)`` or ``(x, y, sample_weight)``.
+                ``(x,)`` (no targets: see [compute_loss][fitkit.Trainer.compute_loss]), ``(x, y)`` or ``(x, y, sample_weight)``.
             val_data: the same kinds, evaluated after each ``validation_freq``-th epoch; or a dict of named
                 sets, ``{"clean": dl1, "noisy": dl2}``, logged as ``val_clean_loss``, ``val_noisy_loss``, ...
             epochs: the epoch to stop before, as in Keras (``initial_epoch=5, epochs=10`` trains 5 epochs).
@@ -391,7 +391,7 @@ class Trainer:
                 ``datetime.timedelta``; wall time in ``fit``'s loop, summed across resumes).
 
         Returns:
-            the :class:`History` of this call.
+            the [History][fitkit.History] of this call.
         """
         resume = arguments.check_resume(resume)
         plan = self._prepare_fit(
@@ -697,12 +697,12 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------
     def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Forward, :meth:`compute_loss`, :meth:`backward` and, at the end of an accumulation group, an
-        :meth:`optimizer_step` of every optimizer; returns ``{"loss": ...}``.
+        """Forward, [compute_loss][fitkit.Trainer.compute_loss], [backward][fitkit.Trainer.backward] and, at the end of an accumulation group, an
+        [optimizer_step][fitkit.Trainer.optimizer_step] of every optimizer; returns ``{"loss": ...}``.
 
-        Override it for custom logic (a GAN's two optimizers, several losses): call :meth:`forward` (under
-        :meth:`autocast`), :meth:`backward` (``optimizer=`` routes gradients to one optimizer's
-        parameters) and :meth:`optimizer_step` as needed, set ``self.outputs`` for callbacks that want the
+        Override it for custom logic (a GAN's two optimizers, several losses): call [forward][fitkit.Trainer.forward] (under
+        [autocast][fitkit.Trainer.autocast]), [backward][fitkit.Trainer.backward] (``optimizer=`` routes gradients to one optimizer's
+        parameters) and [optimizer_step][fitkit.Trainer.optimizer_step] as needed, set ``self.outputs`` for callbacks that want the
         outputs, and return a dict of 0-dim tensors (any keys); each is averaged over samples into the
         epoch logs. An optimizer whose ``step`` needs a closure (LBFGS) is stepped with one here.
         """
@@ -788,7 +788,7 @@ class Trainer:
         return weights if sample_weight is None else sample_weight * weights
 
     def _loss(self, inputs: Any, targets: Any, outputs: Any, sample_weight: Any) -> torch.Tensor:
-        """:meth:`compute_loss`, with ``sample_weight`` passed on only when there is one (an override
+        """[compute_loss][fitkit.Trainer.compute_loss], with ``sample_weight`` passed on only when there is one (an override
         written without the argument still works for unweighted data)."""
         if sample_weight is None:
             return self.compute_loss(inputs, targets, outputs)
@@ -804,7 +804,7 @@ class Trainer:
         return (values * sample_weight.reshape(n).to(values.dtype)).sum() / n
 
     def eval_step(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Forward and :meth:`compute_loss` under ``no_grad`` in eval mode; override like :meth:`train_step`."""
+        """Forward and [compute_loss][fitkit.Trainer.compute_loss] under ``no_grad`` in eval mode; override like [train_step][fitkit.Trainer.train_step]."""
         inputs, targets, sample_weight = split_batch(batch)
         with self.autocast():
             self.outputs = outputs = self.forward(inputs, training=False)
@@ -841,7 +841,7 @@ class Trainer:
 
         Args:
             loss: a 0-dim tensor that requires grad.
-            optimizer: the name of one of :attr:`optimizers`: gradients then flow only into that
+            optimizer: the name of one of [optimizers][fitkit.Trainer.optimizers]: gradients then flow only into that
                 optimizer's parameters (``backward(inputs=...)``), so a generator's loss never adds to the
                 discriminator's gradients. None: every parameter, as ``loss.backward()``.
         """
@@ -871,9 +871,9 @@ class Trainer:
         """Unscale, accumulate, clip, ``step``, ``zero_grad`` one optimizer; counts the step.
 
         Args:
-            name: which of :attr:`optimizers` (may be omitted when there is one).
+            name: which of [optimizers][fitkit.Trainer.optimizers] (may be omitted when there is one).
             closure: for an optimizer that re-evaluates the loss (LBFGS): passed to its ``step``; the
-                closure clips its own gradients (see the default :meth:`train_step`).
+                closure clips its own gradients (see the default [train_step][fitkit.Trainer.train_step]).
 
         Returns:
             what the optimizer's ``step`` returned (the closure's first loss for LBFGS; usually None).
@@ -1140,7 +1140,7 @@ class Trainer:
                 ``on_predict_batch_begin``/``_end`` whose logs hold ``"outputs"`` (on the device) and
                 ``"indices"`` (each output row's position in ``predict``'s result, a CPU LongTensor).
             return_outputs: False keeps nothing (returns None): with a
-                :class:`~fitkit.callbacks.PredictionWriter`, memory stays flat over any amount of data.
+                [PredictionWriter][fitkit.callbacks.PredictionWriter], memory stays flat over any amount of data.
 
         Under torchrun each rank predicts its own share (samples rank, rank + world_size, ... when the data
         can be split; see ``"indices"``), and the returned outputs are gathered in order on every rank.
@@ -1218,7 +1218,7 @@ class Trainer:
         batch_size: int | None = None,
     ) -> LRFindResult:
         """The learning-rate range test: up to ``num_steps`` optimizer steps with the rate of every param
-        group of every optimizer growing from ``start_lr`` to ``end_lr`` (see :mod:`fitkit.lr_finder`).
+        group of every optimizer growing from ``start_lr`` to ``end_lr`` (see `fitkit.lr_finder`).
 
         It runs this trainer's own loop on ``train_data`` (any kind ``fit`` takes; ``batch_size`` for
         in-memory data), with no callback of yours (nothing is logged or checkpointed), stops early when
@@ -1239,7 +1239,7 @@ class Trainer:
             batch_size: the batch size of in-memory data.
 
         Returns:
-            an :class:`~fitkit.lr_finder.LRFindResult` with ``lrs``, ``losses``, ``suggestion``, ``plot()``.
+            an [LRFindResult][fitkit.lr_finder.LRFindResult] with ``lrs``, ``losses``, ``suggestion``, ``plot()``.
         """
         from fitkit.lr_finder import LRFinder
 
@@ -1313,11 +1313,11 @@ class Trainer:
         """Everything that decides what happens next, as plain values and tensors (``weights_only``-loadable).
 
         ``weights=False`` leaves out ``model`` and ``optimizers`` (None): a sharded checkpoint
-        (:mod:`fitkit.sharded_checkpoint`) writes them shard by shard instead of gathering them.
+        (`fitkit.sharded_checkpoint`) writes them shard by shard instead of gathering them.
 
         Keys: ``model``/``optimizers`` (by name)/``scaler`` (unsharded under FSDP: a collective, every rank
-        calls it), ``loss`` (a learnable loss module's state), ``trainer`` (:class:`TrainerState`), ``callbacks`` (each callback's state by key), and the
-        parts that differ between ranks (:data:`PER_RANK`): ``rng`` (every generator now), ``epoch_rng``
+        calls it), ``loss`` (a learnable loss module's state), ``trainer`` ([TrainerState][fitkit.TrainerState]), ``callbacks`` (each callback's state by key), and the
+        parts that differ between ranks ([PER_RANK][fitkit.Trainer.PER_RANK]): ``rng`` (every generator now), ``epoch_rng``
         (the generators before this epoch's ``iter(loader)``, mid-epoch only), ``train_tracker`` (the
         epoch's running sums) and ``accumulation`` (a partial accumulation group's gradients). Also
         ``data`` (the training data's size), ``world_size`` and ``precision``, checked on load.
@@ -1358,7 +1358,7 @@ class Trainer:
             "precision": self.precision,
         }
 
-    #: The parts of :meth:`state_dict` that differ between the ranks of a distributed run: each rank's
+    #: The parts of `state_dict` that differ between the ranks of a distributed run: each rank's
     #: generators (dropout, its DataLoader workers' seeds), its share of the epoch's running sums, and
     #: its not yet all-reduced gradients. A checkpoint keeps every rank's under ``per_rank``.
     PER_RANK = ("rng", "epoch_rng", "train_tracker", "accumulation")
@@ -1368,7 +1368,7 @@ class Trainer:
         return self._callbacks if self._callbacks.callbacks else CallbackList(self.callbacks, self)
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True, *, weights: bool = True) -> None:
-        """Restores what :meth:`state_dict` returned, naming any mismatch before changing anything.
+        """Restores what [state_dict][fitkit.Trainer.state_dict] returned, naming any mismatch before changing anything.
 
         With ``strict=False`` another world size, other data sizes and a model that only partly fits
         are accepted (what fits is loaded; the run is then not an exact continuation). ``weights=False``
@@ -1425,7 +1425,7 @@ class Trainer:
     def save_checkpoint(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
         """Writes the full training state to ``path`` atomically; in a distributed run every rank's
         own part goes in and rank 0 writes (every rank must call it). Under FSDP ``path`` becomes a
-        sharded (DCP) checkpoint directory that every rank writes its shard of (:mod:`fitkit.sharded_checkpoint`)."""
+        sharded (DCP) checkpoint directory that every rank writes its shard of (`fitkit.sharded_checkpoint`)."""
         if distributed.is_fsdp(self._dist):
             from fitkit import sharded_checkpoint
 
@@ -1462,7 +1462,7 @@ class Trainer:
         return distributed.full_model_state_dict(self.model, self._dist)
 
     def _resume(self, resume: str | Path | None) -> None:
-        """Loads the checkpoint ``fit(resume=...)`` names, or the one a :class:`ResumeSource` callback
+        """Loads the checkpoint ``fit(resume=...)`` names, or the one a `ResumeSource` callback
         offers; every rank loads the file rank 0 chose."""
         if resume is None:  # a BackupAndRestore callback resumes the same script after a crash
             sources = [cb for cb in self._callbacks.callbacks if isinstance(cb, ResumeSource)]

@@ -106,6 +106,22 @@ def test_the_readme_and_every_guide_have_runnable_blocks():
 # -- the API reference ------------------------------------------------------------------------------------------
 REFERENCE = ROOT / "docs" / "api"
 
+# mkdocstrings renders Markdown: a reST role (:meth:`fit`) would show as literal text on the site.
+REST_ROLE = re.compile(r":(?:py:)?(?:meth|func|class|attr|mod|data|exc|obj|const|ref):`")
+
+
+def test_docstrings_cross_reference_in_markdown_not_rest_roles():
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in sorted((ROOT / "fitkit").rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if REST_ROLE.search(line)
+    ]
+    assert not found, (
+        "reST roles render as literal text in the reference; write [Trainer.fit][fitkit.Trainer.fit] for a name "
+        "the reference documents, `name` otherwise:\n" + "\n".join(found)
+    )
+
 
 def _reference_entries() -> list[str]:
     text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(REFERENCE.glob("*.md")))

@@ -65,7 +65,7 @@ _KNOWN_ALIASES = {
 class Callback:
     """Base class for callbacks. Override the hooks you need; the others cost nothing.
 
-    The trainer binds itself once with :meth:`set_trainer` before ``on_train_begin``; a hook reaches it as
+    The trainer binds itself once with [set_trainer][fitkit.callbacks.Callback.set_trainer] before ``on_train_begin``; a hook reaches it as
     ``self.trainer`` and the (unwrapped) module as ``self.model``. Hooks run in list order and share one
     logs dict per event, so a callback may add keys that a later one reads.
 
@@ -74,7 +74,7 @@ class Callback:
     Python floats: ``loss``, the metrics, ``val_loss`` and ``val_<metric>`` on validated epochs, and ``lr``.
 
     A callback with state worth keeping across a restart (best value, counters) overrides
-    :meth:`state_dict` and :meth:`load_state_dict`, returning plain Python values and tensors only, and
+    [state_dict][fitkit.callbacks.Callback.state_dict] and [load_state_dict][fitkit.callbacks.Callback.load_state_dict], returning plain Python values and tensors only, and
     resets its per-fit counters in ``on_train_begin`` so that one instance can serve several ``fit`` calls.
     """
 
@@ -87,7 +87,7 @@ class Callback:
         """Binds the trainer (``fit`` calls it before ``on_train_begin``; a unit test may pass a fake).
 
         Args:
-            trainer: the :class:`~fitkit.Trainer` whose events this callback receives.
+            trainer: the [Trainer][fitkit.Trainer] whose events this callback receives.
         """
         self.trainer = trainer
 
@@ -158,22 +158,22 @@ class Callback:
 
     # -- Keras 3's names (aliases: define either name, not both) ------------------------------------
     def on_train_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
-        """Keras 3's name for :meth:`on_batch_begin`."""
+        """Keras 3's name for [on_batch_begin][fitkit.callbacks.Callback.on_batch_begin]."""
 
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        """Keras 3's name for :meth:`on_batch_end`."""
+        """Keras 3's name for [on_batch_end][fitkit.callbacks.Callback.on_batch_end]."""
 
     def on_test_begin(self, logs: Logs | None = None) -> None:
-        """Keras 3's name for :meth:`on_validation_begin` (validation in ``fit`` and ``evaluate``)."""
+        """Keras 3's name for [on_validation_begin][fitkit.callbacks.Callback.on_validation_begin] (validation in ``fit`` and ``evaluate``)."""
 
     def on_test_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
-        """Keras 3's name for :meth:`on_validation_batch_begin`."""
+        """Keras 3's name for [on_validation_batch_begin][fitkit.callbacks.Callback.on_validation_batch_begin]."""
 
     def on_test_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        """Keras 3's name for :meth:`on_validation_batch_end`."""
+        """Keras 3's name for [on_validation_batch_end][fitkit.callbacks.Callback.on_validation_batch_end]."""
 
     def on_test_end(self, logs: Logs | None = None) -> None:
-        """Keras 3's name for :meth:`on_validation_end`."""
+        """Keras 3's name for [on_validation_end][fitkit.callbacks.Callback.on_validation_end]."""
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -181,7 +181,7 @@ class Callback:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores what :meth:`state_dict` returned."""
+        """Restores what [state_dict][fitkit.callbacks.Callback.state_dict] returned."""
 
 
 def overrides(callback: Callback, hook: str) -> bool:

@@ -15,7 +15,7 @@ from fitkit.callbacks.logger import ExperimentLogger
 
 class CSVLogger(ExperimentLogger):
     """Streams the epoch logs to a CSV file, as Keras's CSVLogger (an
-    :class:`~fitkit.callbacks.logger.ExperimentLogger` that writes the epoch logs only).
+    [ExperimentLogger][fitkit.callbacks.ExperimentLogger] that writes the epoch logs only).
 
     The columns are ``epoch`` (0-based, as Keras writes it) and the epoch-log keys of the first epoch,
     sorted; with validation data the ``val_`` columns are there from the start, also when

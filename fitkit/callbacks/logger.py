@@ -4,17 +4,17 @@ MLflowLogger are subclasses that only say how to write.
 The rule:
 
 * **every epoch**: the epoch's logs (the numbers among them: ``loss``, metrics, ``val_*``, ``lr``) at the
-  end of the epoch, through :meth:`ExperimentLogger.log_epoch`;
+  end of the epoch, through [ExperimentLogger.log_epoch][fitkit.callbacks.ExperimentLogger.log_epoch];
 * **every N optimizer steps** (``log_every_n_steps=N``; None: never): the loss of the batch that completed
   the step and ``lr``, the learning rate of param group 0 that the step used, through
-  :meth:`ExperimentLogger.log_step` at the global step after that step (1 for the first). Reading the loss
+  [ExperimentLogger.log_step][fitkit.callbacks.ExperimentLogger.log_step] at the global step after that step (1 for the first). Reading the loss
   is a host sync, made on those steps only and marked with ``trainer.allow_sync()``; when no step is due
   the per-batch cost is an integer comparison, and a logger without ``log_every_n_steps`` has no per-batch
   hook at all;
 * **every validation, when validation runs by steps** (``fit(validate_every_n_steps=N)``; each
   ``on_validation_end`` in ``fit`` holds ``"step"``): the ``val_*`` values at that global step, through
-  :meth:`ExperimentLogger.log_validation` (by default the same as a step);
-* **at the end**: :meth:`ExperimentLogger.end_run` with ``"FINISHED"`` (fit returned), ``"KILLED"``
+  [ExperimentLogger.log_validation][fitkit.callbacks.ExperimentLogger.log_validation] (by default the same as a step);
+* **at the end**: [ExperimentLogger.end_run][fitkit.callbacks.ExperimentLogger.end_run] with ``"FINISHED"`` (fit returned), ``"KILLED"``
   (Ctrl-C, SIGTERM, an Optuna pruning) or ``"FAILED"`` (any other exception).
 
 A logger runs on rank 0 only (``rank_zero_only``), resumes exactly (the steps it has seen are in its
@@ -55,7 +55,7 @@ import torch
 
 from fitkit.callbacks.base import Callback, Logs
 
-#: How :meth:`ExperimentLogger.end_run` is told the way ``fit`` ended.
+#: How `ExperimentLogger.end_run` is told the way ``fit`` ended.
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 
 # Exceptions that end a run on purpose rather than by a bug: the run was killed, not failed. Named, not
@@ -103,9 +103,9 @@ def check_log_every_n_steps(value: Any, name: str = "log_every_n_steps") -> int 
 
 class ExperimentLogger(Callback):
     """Base class of the loggers: decides what is logged when (see the module docstring); a subclass
-    writes. Override :meth:`log_epoch` and :meth:`log_step`, and as needed :meth:`log_validation`,
-    :meth:`start_run` (called at each fit's ``on_train_begin``, before a resumed state is loaded: open
-    files lazily) and :meth:`end_run`.
+    writes. Override [log_epoch][fitkit.callbacks.ExperimentLogger.log_epoch] and [log_step][fitkit.callbacks.ExperimentLogger.log_step], and as needed [log_validation][fitkit.callbacks.ExperimentLogger.log_validation],
+    [start_run][fitkit.callbacks.ExperimentLogger.start_run] (called at each fit's ``on_train_begin``, before a resumed state is loaded: open
+    files lazily) and [end_run][fitkit.callbacks.ExperimentLogger.end_run].
 
     Args:
         log_every_n_steps: also log the training loss and learning rate every this many optimizer steps
@@ -152,7 +152,7 @@ class ExperimentLogger(Callback):
         """
 
     def log_validation(self, step: int, metrics: dict[str, float]) -> None:
-        """Writes a validation's values when ``fit`` validates by steps (default: :meth:`log_step`).
+        """Writes a validation's values when ``fit`` validates by steps (default: [log_step][fitkit.callbacks.ExperimentLogger.log_step]).
 
         Args:
             step: the global step the validation ran after.

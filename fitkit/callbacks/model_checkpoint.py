@@ -49,7 +49,7 @@ class ModelCheckpoint(MonitorCallback):
             Rendered names never leave the template's folder (the part before the first placeholder).
         monitor: the key that decides ``save_best_only`` and ``save_top_k``; None with ``save_top_k``
             keeps the newest files.
-        mode: ``"auto"``, ``"min"`` or ``"max"`` (see :class:`MonitorCallback`).
+        mode: ``"auto"``, ``"min"`` or ``"max"`` (see [MonitorCallback][fitkit.callbacks.MonitorCallback]).
         save_best_only: write only when ``monitor`` improves.
         save_weights_only: write ``model.state_dict()`` only (loads with plain
             ``torch.load(path, weights_only=True)``); otherwise the full, resumable training state.

@@ -30,7 +30,7 @@ class PredictionWriter(Callback):
 
     Under torchrun every rank writes its own share (rank r holds rows r, r + world_size, ...; see
     ``"indices"``); when every rank predicts all of the data (FSDP, data that cannot be split), rank 0
-    alone writes. :meth:`read` puts the files of a folder back together, in order.
+    alone writes. [read][fitkit.callbacks.PredictionWriter.read] puts the files of a folder back together, in order.
 
     Args:
         directory: the folder for the files (created if missing).

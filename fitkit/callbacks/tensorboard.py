@@ -36,7 +36,7 @@ def _detached(value: Any) -> Any:
 class TensorBoard(ExperimentLogger):
     """Writes TensorBoard event files with ``torch.utils.tensorboard.SummaryWriter``.
 
-    What is written when follows the rule all loggers share (:class:`~fitkit.callbacks.logger.ExperimentLogger`),
+    What is written when follows the rule all loggers share ([ExperimentLogger][fitkit.callbacks.ExperimentLogger]),
     all in one run folder ``log_dir``:
 
     * ``epoch/<key>`` for every number in the epoch logs (``loss``, metrics, ``val_*``, ``lr``);
