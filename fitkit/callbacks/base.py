@@ -98,90 +98,215 @@ class Callback:
 
     # -- run ------------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
-        """Called once when ``fit`` starts, after a resumed state has been loaded."""
+        """Called once when ``fit`` starts, after a resumed state has been loaded.
+
+        Args:
+            logs: an empty dict (Keras's signature); ``self.trainer.state`` holds the epoch and step that
+                training starts from (not 0 after a resume).
+        """
 
     def on_train_end(self, logs: Logs | None = None) -> None:
-        """Called once when ``fit`` ends, whatever ended it (also after an exception)."""
+        """Called once when ``fit`` ends, whatever ended it (also after an exception).
+
+        Every callback's ``on_train_end`` runs even when one of them raises (the first error is raised after
+        all of them): close files and writers here.
+
+        Args:
+            logs: an empty dict (Keras's signature); the last epoch's logs are in ``History``.
+        """
 
     def on_exception(self, exception: BaseException) -> None:
         """Called when ``fit`` is ended by an exception (``KeyboardInterrupt`` and signals included),
-        before ``on_train_end``."""
+        before ``on_train_end``.
+
+        Args:
+            exception: what ended ``fit``: a [TrainingInterrupted][fitkit.TrainingInterrupted] for SIGINT or
+                SIGTERM (the state is then at a batch boundary, consistent enough to checkpoint), any other
+                exception as raised. ``fit`` raises it after the hooks (a signal as the usual exit:
+                ``KeyboardInterrupt``, or status 143 for SIGTERM); a hook need not raise it.
+        """
 
     # -- epochs ---------------------------------------------------------------------------------
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
-        """Called at the start of each training epoch (0-based ``epoch``)."""
+        """Called at the start of each training epoch; not called again for an epoch resumed mid-way.
+
+        Args:
+            epoch: the epoch's index, 0-based (messages print ``epoch + 1``).
+            logs: an empty dict (Keras's signature).
+        """
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
-        """Called after each epoch's training and validation; ``logs`` holds Python floats."""
+        """Called after each epoch's training and validation.
+
+        Args:
+            epoch: the epoch's index, 0-based.
+            logs: the epoch's results as Python floats: ``loss``, each metric, ``val_loss`` and ``val_<metric>``
+                on epochs that were validated (``val_<name>_...`` for named validation sets), and ``lr``. A
+                callback may add keys; later callbacks (and ``History``) see them.
+        """
 
     # -- training batches -----------------------------------------------------------------------
     def on_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
-        """Called before each training batch (``batch``: index within the epoch)."""
+        """Called before each training batch, before it is moved to the device.
+
+        Args:
+            batch: the batch's index within the epoch, 0-based (a resumed epoch continues its count).
+            logs: an empty dict (Keras's signature).
+        """
 
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        """Called after each training batch; ``logs["loss"]`` is the batch's loss as a 0-dim tensor."""
+        """Called after each training batch (after the optimizer step when the batch completes an
+        accumulation group).
+
+        Args:
+            batch: the batch's index within the epoch, 0-based.
+            logs: what ``train_step`` returned: ``"loss"`` (the batch's mean loss) and any other values, as
+                detached 0-dim tensors still on the device. Reading one as a float (``float``, ``.item()``,
+                printing) waits for the device; do it every N batches under ``self.trainer.allow_sync()``.
+        """
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
-        """Called with the (unscaled) loss just before ``backward``."""
+        """Called with the loss just before ``backward``.
+
+        Args:
+            loss: the batch's mean loss, a 0-dim tensor on the device that still requires grad; before
+                gradient-accumulation weighting and fp16 loss scaling. Do not call ``backward`` on it.
+        """
 
     def on_before_optimizer_step(self) -> None:
         """Called when gradients are final (unscaled, accumulated, clipped) just before ``optimizer.step``."""
 
     # -- validation -----------------------------------------------------------------------------
     def on_validation_begin(self, logs: Logs | None = None) -> None:
-        """Called before a validation pass (in ``fit`` and in ``evaluate``)."""
+        """Called before a validation pass (in ``fit``, per epoch or per step, and in ``evaluate``).
+
+        Args:
+            logs: an empty dict (Keras's signature).
+        """
 
     def on_validation_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
-        """Called before each validation batch."""
+        """Called before each validation batch.
+
+        Args:
+            batch: the batch's index within this validation pass, 0-based.
+            logs: an empty dict (Keras's signature).
+        """
 
     def on_validation_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        """Called after each validation batch; ``logs["loss"]`` is a 0-dim tensor."""
+        """Called after each validation batch.
+
+        Args:
+            batch: the batch's index within this validation pass, 0-based.
+            logs: what ``eval_step`` returned: ``"loss"`` and any other values, as detached 0-dim tensors on
+                the device (reading one waits for the device).
+        """
 
     def on_validation_end(self, logs: Logs | None = None) -> None:
-        """Called after a validation pass with its logs (floats): in ``fit``, the ``val_...`` keys (named
-        sets: ``val_<name>_...``) plus ``"step"`` (the global step) and ``"epoch"``; in ``evaluate``, the
-        keys it returns."""
+        """Called after a validation pass with its results.
+
+        Args:
+            logs: Python floats. In ``fit``: the ``val_...`` keys (named sets: ``val_<name>_...``) plus
+                ``"step"`` (the global step) and ``"epoch"`` (0-based); in ``evaluate``: the keys it returns.
+        """
 
     # -- prediction -----------------------------------------------------------------------------
     def on_predict_begin(self, logs: Logs | None = None) -> None:
-        """Called when ``predict`` starts (only for the callbacks passed to ``predict``)."""
+        """Called when ``predict`` starts (only for the callbacks passed to ``predict``).
+
+        Args:
+            logs: an empty dict (Keras's signature).
+        """
 
     def on_predict_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
-        """Called before each prediction batch."""
+        """Called before each prediction batch.
+
+        Args:
+            batch: the batch's index within this rank's share of the data, 0-based.
+            logs: an empty dict (Keras's signature).
+        """
 
     def on_predict_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        """Called after each prediction batch; ``logs["outputs"]`` holds the batch's outputs (on the
-        device, as the model returned them) and ``logs["batch"]`` the batch itself."""
+        """Called after each prediction batch.
+
+        Args:
+            batch: the batch's index within this rank's share of the data, 0-based.
+            logs: ``"outputs"``, the batch's outputs as ``predict_step`` returned them (on the device), and
+                ``"indices"``, a CPU LongTensor with each output row's position in what ``predict`` returns
+                (under torchrun, where ranks predict interleaved shares).
+        """
 
     def on_predict_end(self, logs: Logs | None = None) -> None:
-        """Called when ``predict`` has gone through its data."""
+        """Called when ``predict`` has gone through its data.
+
+        Args:
+            logs: an empty dict (Keras's signature).
+        """
 
     # -- Keras 3's names (aliases: define either name, not both) ------------------------------------
     def on_train_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
-        """Keras 3's name for [on_batch_begin][fitkit.callbacks.Callback.on_batch_begin]."""
+        """Keras 3's name for [on_batch_begin][fitkit.callbacks.Callback.on_batch_begin].
+
+        Args:
+            batch: the batch's index within the epoch, 0-based.
+            logs: an empty dict (Keras's signature).
+        """
 
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        """Keras 3's name for [on_batch_end][fitkit.callbacks.Callback.on_batch_end]."""
+        """Keras 3's name for [on_batch_end][fitkit.callbacks.Callback.on_batch_end].
+
+        Args:
+            batch: the batch's index within the epoch, 0-based.
+            logs: the step's values as detached 0-dim tensors on the device (``"loss"`` and what
+                ``train_step`` returned).
+        """
 
     def on_test_begin(self, logs: Logs | None = None) -> None:
-        """Keras 3's name for [on_validation_begin][fitkit.callbacks.Callback.on_validation_begin] (validation in ``fit`` and ``evaluate``)."""
+        """Keras 3's name for [on_validation_begin][fitkit.callbacks.Callback.on_validation_begin] (validation in ``fit`` and
+        ``evaluate``).
+
+        Args:
+            logs: an empty dict (Keras's signature).
+        """
 
     def on_test_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
-        """Keras 3's name for [on_validation_batch_begin][fitkit.callbacks.Callback.on_validation_batch_begin]."""
+        """Keras 3's name for [on_validation_batch_begin][fitkit.callbacks.Callback.on_validation_batch_begin].
+
+        Args:
+            batch: the batch's index within this validation pass, 0-based.
+            logs: an empty dict (Keras's signature).
+        """
 
     def on_test_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        """Keras 3's name for [on_validation_batch_end][fitkit.callbacks.Callback.on_validation_batch_end]."""
+        """Keras 3's name for [on_validation_batch_end][fitkit.callbacks.Callback.on_validation_batch_end].
+
+        Args:
+            batch: the batch's index within this validation pass, 0-based.
+            logs: the step's values as detached 0-dim tensors on the device.
+        """
 
     def on_test_end(self, logs: Logs | None = None) -> None:
-        """Keras 3's name for [on_validation_end][fitkit.callbacks.Callback.on_validation_end]."""
+        """Keras 3's name for [on_validation_end][fitkit.callbacks.Callback.on_validation_end].
+
+        Args:
+            logs: the pass's results as Python floats (the ``val_...`` keys in ``fit``).
+        """
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The callback's resumable state: plain Python values and tensors only."""
+        """The callback's resumable state: plain Python values and tensors only.
+
+        Returns:
+            What a checkpoint stores for this callback (the base class: an empty dict); it must load with
+            ``torch.load(weights_only=True)``, so no custom objects.
+        """
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores what [state_dict][fitkit.callbacks.Callback.state_dict] returned."""
+        """Restores what [state_dict][fitkit.callbacks.Callback.state_dict] returned (on resume, before ``on_train_begin``).
+
+        Args:
+            state: a dict that this callback's ``state_dict`` returned, read back from a checkpoint.
+        """
 
 
 def overrides(callback: Callback, hook: str) -> bool:
