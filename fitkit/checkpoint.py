@@ -99,8 +99,11 @@ class ManifestError(CheckpointError):
 def read_manifest(folder: Path, strict: bool = False) -> dict[str, Any]:
     """The folder's manifest (an empty one when there is none).
 
-    An unreadable one (truncated, not JSON, not a fitkit manifest) is a [ManifestError][fitkit.checkpoint.ManifestError] with
-    ``strict``; otherwise a warning and an empty manifest (a reader then trusts nothing in the folder).
+    Args:
+        folder: the folder whose ``fitkit-manifest.json`` to read.
+        strict: True raises [ManifestError][fitkit.checkpoint.ManifestError] for an unreadable manifest
+            (truncated, not JSON, not a fitkit manifest); False (the default) warns and returns an empty one
+            (a reader then trusts nothing in the folder).
     """
     path = folder / MANIFEST
     try:
@@ -173,7 +176,14 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 def atomic_save(obj: Any, path: str | Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Saves ``obj`` with ``torch.save`` so that ``path`` always holds a complete, vouched-for file.
 
-    Returns the manifest record written for it (size, sha256 and ``meta``).
+    Args:
+        obj: what to save: tensors and plain Python values only, so that it loads with
+            ``torch.load(weights_only=True)``.
+        path: the file to write (its folder is created); replaced atomically, never seen half-written.
+        meta: plain values recorded with the file in the folder's manifest (fitkit records the epoch and step).
+
+    Returns:
+        The manifest record written for it (size, sha256 and ``meta``).
     """
     path = Path(path)
     folder = path.parent
@@ -234,7 +244,11 @@ def _write_failed(path: Path, exc: BaseException, writer: _HashingWriter | None)
 
 
 def remove_checkpoint(path: str | Path) -> None:
-    """Forgets ``path`` in its manifest first, then deletes it (a crash leaves at most an orphan file)."""
+    """Forgets ``path`` in its manifest first, then deletes it (a crash leaves at most an orphan file).
+
+    Args:
+        path: a file (or sharded checkpoint directory) that its folder's manifest lists.
+    """
     path = Path(path)
     with manifest_lock(path.parent):
         manifest = read_manifest(path.parent, strict=True)
@@ -256,7 +270,14 @@ def _sha256(path: Path) -> str:
 
 
 def verify(path: str | Path) -> dict[str, Any]:
-    """Returns the manifest record that vouches for ``path``'s bytes, or raises [CheckpointError][fitkit.checkpoint.CheckpointError]."""
+    """Returns the manifest record that vouches for ``path``'s bytes.
+
+    Args:
+        path: a checkpoint file (or sharded checkpoint directory) written by fitkit.
+
+    Raises:
+        CheckpointError: no manifest entry, or the size or SHA-256 differs (a truncated or altered file).
+    """
     path = Path(path)
     if path.is_dir():
         return _verify_directory(path)
@@ -290,6 +311,12 @@ def load(path: str | Path, map_location: Any = "cpu", verify_file: bool = True) 
 
     A file that would need to unpickle Python objects (and so could run code) is refused with a
     [CheckpointError][fitkit.checkpoint.CheckpointError]; fitkit never loads with ``weights_only=False``.
+
+    Args:
+        path: the file to load.
+        map_location: where tensors go, as ``torch.load`` takes it (default ``"cpu"``).
+        verify_file: False skips the manifest check (only for a file you vouch for; see
+            [trust][fitkit.checkpoint.trust] to record one instead).
     """
     if verify_file:
         verify(path)
@@ -710,6 +737,9 @@ def trust(path: str | Path) -> dict[str, Any]:
 
         fitkit.checkpoint.trust("ckpt/e03.pt")
         trainer.fit(train_dl, epochs=10, resume="ckpt/e03.pt")
+
+    Args:
+        path: the checkpoint file (or sharded checkpoint directory) to vouch for.
     """
     path = Path(path)
     directory = path.is_dir()

@@ -40,7 +40,11 @@ class Metric:
         self._weight: torch.Tensor | None = None  # the summed sample weights of weighted batches
 
     def select(self, outputs: Any) -> Any:
-        """The part of the model's ``outputs`` this metric reads (see ``output``)."""
+        """The part of the model's ``outputs`` this metric reads (see ``output``).
+
+        Args:
+            outputs: the model's outputs for a batch: a tensor, or a tuple, list or dict of them.
+        """
         if self.output is None:
             return outputs
         try:
@@ -54,11 +58,25 @@ class Metric:
             ) from None
 
     def batch_sum(self, outputs: Any, targets: Any) -> tuple[torch.Tensor, int]:
+        """The batch's total and sample count; what a subclass implements.
+
+        Args:
+            outputs: the model's outputs for the batch, after [select][fitkit.metrics.Metric.select].
+            targets: the batch's targets, on the same device.
+
+        Returns:
+            A 0-dim tensor on the device (no host read) and the number of samples it sums over (an int).
+        """
         raise NotImplementedError
 
     def per_sample(self, outputs: Any, targets: Any) -> torch.Tensor:
         """The quantity for each sample, ``(N,)``: what a weighted metric (``Trainer(weighted_metrics=...)``)
-        weights. Metrics that can only give a batch total do not implement it."""
+        weights. Metrics that can only give a batch total do not implement it.
+
+        Args:
+            outputs: the model's outputs for the batch, after [select][fitkit.metrics.Metric.select].
+            targets: the batch's targets, on the same device.
+        """
         raise TypeError(
             f"metric {self.name!r} ({type(self).__name__}) gives only a batch total, not per-sample values, so it "
             "cannot be a weighted metric; pass it in metrics= instead, or implement per_sample()"
@@ -67,7 +85,15 @@ class Metric:
     @torch.no_grad()
     def update(self, outputs: Any, targets: Any, sample_weight: torch.Tensor | None = None) -> None:
         """Adds a batch; with ``sample_weight`` the sum of ``weight * per_sample`` and the weights' sum
-        (Keras's weighted metrics: a weighted mean), else the batch sum and the sample count."""
+        (Keras's weighted metrics: a weighted mean), else the batch sum and the sample count.
+
+        Nothing is read back to the host: the sums stay on the device until [compute][fitkit.metrics.Metric.compute].
+
+        Args:
+            outputs: the model's outputs for the batch (the whole of them: ``output`` selects the part).
+            targets: the batch's targets.
+            sample_weight: one weight per sample, ``(N,)``, or None for an unweighted batch.
+        """
         outputs = self.select(outputs)
         if sample_weight is None:
             value, count = self.batch_sum(outputs, targets)
@@ -86,15 +112,20 @@ class Metric:
         return self._count if self._weight is None else self._weight + self._count
 
     def compute(self) -> torch.Tensor:
+        """The mean so far, ``sum / count`` (weighted batches: ``/ sum of weights``), as a 0-dim tensor on the
+        device; NaN before any batch."""
         if self._sum is None or (self._count == 0 and self._weight is None):
             return torch.tensor(float("nan"))
         return self._sum / self._denominator()
 
     def reset(self) -> None:
+        """Forgets every batch (the trainer calls it before each epoch and each validation pass)."""
         self._sum, self._count, self._weight = None, 0, None
 
     # The state travels as tensors so a distributed run can all-reduce it (see fitkit.distributed).
     def sync_state(self) -> list[torch.Tensor]:
+        """The running sum and its denominator as tensors, for a distributed run to all-reduce (summed over
+        the ranks, then passed to [load_sync_state][fitkit.metrics.Metric.load_sync_state])."""
         denominator = self._denominator()
         return [
             self._sum if self._sum is not None else torch.zeros((), dtype=torch.float64),
@@ -104,10 +135,17 @@ class Metric:
         ]
 
     def load_sync_state(self, values: list[torch.Tensor]) -> None:
+        """Takes the reduced sums back.
+
+        Args:
+            values: what [sync_state][fitkit.metrics.Metric.sync_state] returned, summed over the ranks.
+        """
         # The denominator comes back as a float (a sum of weights need not be whole): kept as the weight.
         self._sum, self._count, self._weight = values[0], 0, values[1]
 
     def state_dict(self) -> dict[str, Any]:
+        """The running sums on the CPU (``sum``, ``count``, ``weight``), saved in checkpoints for a
+        mid-epoch resume."""
         return {
             "sum": None if self._sum is None else self._sum.detach().cpu(),
             "count": self._count,
@@ -115,6 +153,12 @@ class Metric:
         }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        """Restores what [state_dict][fitkit.metrics.Metric.state_dict] returned.
+
+        Args:
+            state: a dict that ``state_dict`` returned.
+            device: where the sums go (the trainer's device); None leaves them on the CPU.
+        """
         total, weight = state["sum"], state.get("weight")
         self._sum = None if total is None else total.to(device) if device is not None else total
         self._weight = None if weight is None else weight.to(device) if device is not None else weight
@@ -135,6 +179,13 @@ class Mean(Metric):
 
     @torch.no_grad()
     def update(self, value: torch.Tensor, weight: int | None = None) -> None:  # type: ignore[override]  # a value, not outputs
+        """Adds a value: a 0-dim mean counted ``weight`` times, or one value per sample.
+
+        Args:
+            value: a 0-dim tensor (e.g. a batch's mean loss), or a ``(N,)`` tensor of per-sample values.
+            weight: for a 0-dim ``value``, the number of samples it stands for (default 1); ignored for
+                per-sample values, which count one each.
+        """
         value = value.detach()
         if value.ndim == 0:
             n = 1 if weight is None else weight
@@ -152,6 +203,15 @@ class Accuracy(Metric):
     Outputs of shape ``(N, C)`` with integer targets ``(N,)`` or ``(N, 1)`` (or one-hot/probability
     targets ``(N, C)``);
     outputs of shape ``(N,)`` or ``(N, 1)`` are binary logits compared with ``threshold`` (0 for logits).
+
+    Args:
+        top_k: a sample counts as right when its target is among its ``top_k`` highest outputs (an int >= 1,
+            default 1); for ``top_k > 1`` the default name is ``"top<k>_accuracy"``.
+        threshold: for binary outputs, the value above which a sample is predicted positive (default 0.0, for
+            logits; use 0.5 for probabilities).
+        name: the key in the logs (default ``"accuracy"``).
+        output: which of the model's outputs to read when it returns a tuple, list or dict (an index or a
+            key); None: the outputs as they are.
     """
 
     higher_is_better = True
@@ -166,11 +226,22 @@ class Accuracy(Metric):
         self.threshold = threshold
 
     def batch_sum(self, outputs: Any, targets: Any) -> tuple[torch.Tensor, int]:
+        """The number of right samples (a 0-dim tensor on the device) and the batch's size.
+
+        Args:
+            outputs: logits or probabilities, ``(N, C)``, or binary ``(N,)``/``(N, 1)``.
+            targets: class indices ``(N,)``/``(N, 1)``, or one-hot/probabilities ``(N, C)``.
+        """
         correct = self.per_sample(outputs, targets)
         return correct.sum(), correct.shape[0]
 
     def per_sample(self, outputs: Any, targets: Any) -> torch.Tensor:
-        """1 where a sample is right, else 0 (``bool``), ``(N,)``."""
+        """1 where a sample is right, else 0 (``bool``), ``(N,)``.
+
+        Args:
+            outputs: logits or probabilities, ``(N, C)``, or binary ``(N,)``/``(N, 1)``.
+            targets: class indices ``(N,)``/``(N, 1)``, or one-hot/probabilities ``(N, C)``.
+        """
         if isinstance(outputs, (tuple, list, dict)) or hasattr(outputs, "keys"):
             raise TypeError(
                 f"{self.name}: the model returns {_describe(outputs)}, not one tensor; pick the output this "
@@ -282,6 +353,13 @@ def get_metric(metric: Any) -> Metric:
 
     Accepts a [Metric][fitkit.metrics.Metric], a shortcut string (``"accuracy"``, ``"acc"``, ``"top5_accuracy"``), a
     ``torchmetrics.Metric`` object, or a function ``(outputs, targets) -> 0-dim tensor``.
+
+    Args:
+        metric: the specification, one of the above.
+
+    Raises:
+        ValueError: an unknown shortcut string (the message lists the known ones).
+        TypeError: anything that is none of these (a number, a dict).
     """
     if isinstance(metric, Metric):
         return metric

@@ -35,6 +35,15 @@ def seed_everything(seed: int, deterministic: bool = False, per_rank: bool = Tru
     DistributedSampler (or of fitkit's sharded in-memory batches) uses ``seed`` itself, shared. So a run
     without randomness in the step (no dropout) on 2 ranks equals one process on the whole batch, and one
     with dropout is as exact to resume as before. ``per_rank=False`` gives every rank the same streams.
+
+    Args:
+        seed: the seed, an int in [0, 2**32).
+        deterministic: True turns on torch's deterministic algorithms and off cuDNN autotuning (default False).
+        per_rank: True (the default) seeds rank ``r`` with ``seed + r`` under torchrun; False seeds every rank
+            with ``seed``.
+
+    Returns:
+        The seed this process used (``(seed + rank) % 2**32`` with ``per_rank``).
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")

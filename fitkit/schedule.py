@@ -18,9 +18,9 @@ from typing import Any
 from fitkit.data import InMemoryLoader
 from fitkit.state import TrainerState
 
-#: The clock ``max_time`` reads (seconds, monotonic). Replace it to fake time in tests:
-#: ``monkeypatch.setattr(fitkit.schedule, "clock", fake)``; it is looked up when each ``fit`` starts.
 clock: Callable[[], float] = time.monotonic
+"""The clock ``max_time`` reads: seconds, monotonic, host only (``time.monotonic``). Replace it to fake time in a
+test, ``monkeypatch.setattr(fitkit.schedule, "clock", fake)``; each ``fit`` looks it up when it starts."""
 
 
 def check_optional_int(value: Any, name: str, meaning: str) -> int | None:

@@ -14,6 +14,9 @@ class TrainingInterrupted(Exception):
 
     Checkpoint callbacks see it in ``on_exception``: the state is consistent (a batch boundary), so it is
     safe to save. ``fit`` turns it into ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(128 + signum)``.
+
+    Args:
+        signum: the signal's number (``signal.SIGINT`` or ``signal.SIGTERM``), kept as ``signum``.
     """
 
     def __init__(self, signum: int) -> None:

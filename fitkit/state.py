@@ -33,9 +33,18 @@ class TrainerState:
     train_time: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
+        """Every field by name, as plain Python values."""
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Sets the fields from what [state_dict][fitkit.TrainerState.state_dict] returned.
+
+        Args:
+            state: field names to values; a missing field keeps its value (older checkpoints).
+
+        Raises:
+            KeyError: a key that is no field, naming the expected ones.
+        """
         names = {f.name for f in fields(self)}
         unknown = set(state) - names
         if unknown:

@@ -46,6 +46,7 @@ class DDPStrategy:
             raise ValueError(f"DDPStrategy(bucket_cap_mb=...) must be a number of MiB > 0 or None, got {cap!r}")
 
     def ddp_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments for ``DistributedDataParallel`` (``bucket_cap_mb`` only when set)."""
         kwargs: dict[str, Any] = {
             "find_unused_parameters": self.find_unused_parameters,
             "static_graph": self.static_graph,
@@ -132,6 +133,14 @@ def find_blocks(model: nn.Module, block_classes: Sequence[type[nn.Module] | str]
     holds the most parameters, when it has at least two children with parameters (a transformer's
     layers, a ResNet stage); otherwise the instances of the most repeated module class that holds
     parameters (two or more); otherwise none (the root alone is sharded).
+
+    Args:
+        model: the (unwrapped) model to look into.
+        block_classes: module classes, or their names as strings (``"TransformerBlock"``), to shard one by
+            one; None (the default) guesses as above.
+
+    Raises:
+        ValueError: a class named in ``block_classes`` that the model has no instance of.
     """
     root_children = [m for m in model.modules() if m is not model]
     if block_classes is not None:

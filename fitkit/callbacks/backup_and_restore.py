@@ -47,6 +47,7 @@ class BackupAndRestore(Callback):
 
     @property
     def path(self) -> Path:
+        """The backup file: ``<checkpoint_dir>/backup.pt``."""
         return self.checkpoint_dir / "backup.pt"
 
     def resume_path(self) -> Path | None:

@@ -105,12 +105,18 @@ class ReduceLROnPlateau(MonitorCallback):
     # -- decisions ------------------------------------------------------------------------------
     def is_improvement(self, value: float, reference: float | None) -> bool:
         """Keras ReduceLROnPlateau's test: ``value < best - min_delta`` (min), ``value > best + min_delta``
-        (max); no best yet counts as ``+inf`` (min) or ``-inf`` (max), as Keras initialises it."""
+        (max); no best yet counts as ``+inf`` (min) or ``-inf`` (max), as Keras initialises it.
+
+        Args:
+            value: the monitored value just logged.
+            reference: the best value so far, or None when there is none yet.
+        """
         if self.resolved_mode == "min":
             return value < (math.inf if reference is None else reference) - self.min_delta
         return value > (-math.inf if reference is None else reference) + self.min_delta
 
     def in_cooldown(self) -> bool:
+        """True while the ``cooldown`` epochs (or validations) after a reduction are running: no counting."""
         return self.cooldown_counter > 0
 
     def _min_lrs(self) -> list[float]:

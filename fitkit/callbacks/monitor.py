@@ -74,7 +74,12 @@ class MonitorCallback(Callback):
         """True when ``value`` beats ``reference`` by more than ``min_delta`` (always, if no reference).
 
         A non-finite value (NaN, inf) is never an improvement, as in Keras 3 (which starts ``best`` at
-        +/-inf): a diverged epoch must not become the best one for ever."""
+        +/-inf): a diverged epoch must not become the best one for ever.
+
+        Args:
+            value: the monitored value just logged.
+            reference: the value to beat (the best so far), or None when there is none yet.
+        """
         if not math.isfinite(value):
             return False
         if reference is None:
@@ -92,6 +97,12 @@ class MonitorCallback(Callback):
         """The monitored value, or None on an epoch that ``validation_freq`` did not validate.
 
         A key missing for any other reason is an error that lists the keys that exist.
+
+        Args:
+            logs: the epoch's (or a validation's) logs, as ``on_epoch_end``/``on_validation_end`` receive them.
+
+        Raises:
+            KeyError: ``monitor`` is not in ``logs`` for another reason than a skipped validation.
         """
         logs = logs or {}
         if self.monitor in logs:
@@ -115,7 +126,11 @@ class MonitorCallback(Callback):
         """True when this fit validates by steps (``validate_every_n_steps``) and the key is a validation
         key: decisions are then taken after every validation in ``fit`` (``on_validation_end``, whose logs
         hold ``"step"``), not at epoch ends; patience and the like count validations. With ``logs``, also
-        that they are a validation's in ``fit`` (``evaluate``'s carry no ``"step"``)."""
+        that they are a validation's in ``fit`` (``evaluate``'s carry no ``"step"``).
+
+        Args:
+            logs: an ``on_validation_end`` event's logs to check as well, or None to ask about the fit only.
+        """
         trainer = getattr(self, "trainer", None)
         by_steps = getattr(trainer, "validate_every_n_steps", None) is not None and self.monitor.startswith("val_")
         return by_steps and (logs is None or "step" in logs)

@@ -92,7 +92,14 @@ class PredictionWriter(Callback):
     @staticmethod
     def read(directory: str | os.PathLike[str]) -> Any:
         """The outputs written to ``directory`` (every rank's files), in ``predict``'s order: what
-        ``predict`` would have returned."""
+        ``predict`` would have returned.
+
+        Args:
+            directory: the folder a ``PredictionWriter`` wrote to (its ``output_dir``).
+
+        Returns:
+            The outputs concatenated along dim 0 on the CPU (tuples and dicts element-wise).
+        """
         paths = sorted(p for p in Path(directory).iterdir() if _NAME.match(p.name))
         if not paths:
             raise FileNotFoundError(f"PredictionWriter.read: no prediction files in {directory}")
