@@ -250,14 +250,18 @@ class Trainer:
     # -- public handles -------------------------------------------------------------------------
     @property
     def epoch(self) -> int:
+        """The current epoch, 0-based (``state.epoch``; after ``fit``, the number of epochs done)."""
         return self.state.epoch
 
     @property
     def global_step(self) -> int:
+        """Optimizer steps taken so far, over all epochs and resumes (``state.global_step``)."""
         return self.state.global_step
 
     @property
     def stop_training(self) -> bool:
+        """Keras's flag: set it to True in a callback to end training after the current batch (the epoch's
+        end hooks still run); [stop][fitkit.Trainer.stop] also records why."""
         return self.state.should_stop
 
     @stop_training.setter
@@ -265,7 +269,12 @@ class Trainer:
         self.state.should_stop = bool(value)
 
     def stop(self, reason: str) -> None:
-        """Ends training after the current batch (and the epoch's end hooks), recording why."""
+        """Ends training after the current batch (and the epoch's end hooks), recording why.
+
+        Args:
+            reason: why, in words (e.g. ``"EarlyStopping: val_loss did not improve for 3 epochs"``); kept in
+                ``trainer.state.stop_reason`` and in checkpoints, and shown when ``fit`` ends.
+        """
         self.state.should_stop = True
         self.state.stop_reason = reason
 
@@ -300,6 +309,7 @@ class Trainer:
 
     @property
     def world_size(self) -> int:
+        """The number of processes training together (1 without torchrun)."""
         return self._dist.world_size
 
     @property
@@ -318,6 +328,9 @@ class Trainer:
 
         Checkpoint callbacks use it so that a checkpoint holds the state after all callbacks ran,
         whatever their order in the list.
+
+        Args:
+            action: a function of no arguments, run once, in the order the actions were registered.
         """
         self._deferred.append(action)
 
@@ -705,6 +718,13 @@ class Trainer:
         parameters) and [optimizer_step][fitkit.Trainer.optimizer_step] as needed, set ``self.outputs`` for callbacks that want the
         outputs, and return a dict of 0-dim tensors (any keys); each is averaged over samples into the
         epoch logs. An optimizer whose ``step`` needs a closure (LBFGS) is stepped with one here.
+
+        Args:
+            batch: the batch as the data yields it, already on the trainer's device: Keras's layouts ``x``,
+                ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)`` for the default step, any structure for yours.
+
+        Returns:
+            The step's values as 0-dim tensors, ``"loss"`` included; keep them on the device (no ``.item()``).
         """
         inputs, targets, sample_weight = split_batch(batch)
         if self._class_weight is not None:
@@ -755,6 +775,15 @@ class Trainer:
         Default: ``loss(outputs, targets)``; with ``sample_weight`` (a batch's third element, or
         ``fit(class_weight=...)``) the batch mean of ``weight * per-sample loss`` (Keras's "sum over batch
         size"); with ``loss=None``, the loss the model returned (``outputs["loss"]`` or ``outputs.loss``).
+
+        Args:
+            inputs: the batch's inputs (``x``), as the model received them.
+            targets: the batch's targets (``y``), or None for a batch without them.
+            outputs: the model's outputs for ``inputs``.
+            sample_weight: one weight per sample, ``(N,)``, or None (unweighted).
+
+        Returns:
+            The batch's loss, a 0-dim tensor on the device.
         """
         if self.loss is None:
             return _loss_from_outputs(outputs)
@@ -804,7 +833,15 @@ class Trainer:
         return (values * sample_weight.reshape(n).to(values.dtype)).sum() / n
 
     def eval_step(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Forward and [compute_loss][fitkit.Trainer.compute_loss] under ``no_grad`` in eval mode; override like [train_step][fitkit.Trainer.train_step]."""
+        """Forward and [compute_loss][fitkit.Trainer.compute_loss] under ``no_grad`` in eval mode; override
+        like [train_step][fitkit.Trainer.train_step].
+
+        Args:
+            batch: a validation batch, already on the trainer's device (the layouts ``train_step`` takes).
+
+        Returns:
+            ``{"loss": ...}`` and any other values, as 0-dim tensors; averaged over samples into the logs.
+        """
         inputs, targets, sample_weight = split_batch(batch)
         with self.autocast():
             self.outputs = outputs = self.forward(inputs, training=False)
@@ -813,14 +850,24 @@ class Trainer:
         return {"loss": loss}
 
     def predict_step(self, batch: Any) -> Any:
-        """The model's outputs for a batch of inputs (targets, if the batch has them, are ignored)."""
+        """The model's outputs for a batch of inputs (targets, if the batch has them, are ignored).
+
+        Args:
+            batch: a batch of ``predict``'s data, already on the trainer's device.
+        """
         inputs = split_batch(batch)[0]
         with self.autocast():
             return self.forward(inputs, training=False)
 
     def forward(self, inputs: Any, training: bool = True) -> Any:
         """Calls the model: a tensor as one argument, a tuple/list as positional and a dict as keyword
-        arguments."""
+        arguments.
+
+        Args:
+            inputs: the model's input(s): a tensor, a tuple or list, or a dict.
+            training: True (the default) calls the module training uses (DDP/FSDP-wrapped, compiled when
+                ``compile=True``); False the one evaluation and prediction use. Train/eval mode is the loop's.
+        """
         module = self._train_module if training else self._eval_module
         if isinstance(inputs, torch.Tensor):
             return module(inputs)
@@ -969,7 +1016,13 @@ class Trainer:
 
     def update_metrics(self, outputs: Any, targets: Any, sample_weight: torch.Tensor | None = None) -> None:
         """Updates the metrics of the running phase (training, or validation/evaluate); the weighted metrics
-        get the batch's sample weights (unweighted without them, as in Keras)."""
+        get the batch's sample weights (unweighted without them, as in Keras).
+
+        Args:
+            outputs: the model's outputs for the batch (each metric selects its part with ``output=``).
+            targets: the batch's targets.
+            sample_weight: one weight per sample, ``(N,)``, or None.
+        """
         for metric in self._metrics_in_use:
             metric.update(outputs, targets)
         for metric in self._weighted_in_use:
@@ -1002,6 +1055,15 @@ class Trainer:
 
         As in Keras, only the ``callbacks`` given here see its ``on_validation_*`` events (the trainer's
         own callbacks belong to ``fit``).
+
+        Args:
+            data: a DataLoader, a re-iterable of batches, a generator (read once), or in-memory ``(x, y)``
+                with ``batch_size``.
+            batch_size: the batch size for in-memory data (default 32, as in Keras); an error with a DataLoader.
+            callbacks: callbacks for this call only.
+
+        Returns:
+            ``loss`` and each metric as Python floats (no ``val_`` prefix); under torchrun, over all ranks.
         """
         loaders = self._as_val_loaders(data, batch_size, "data", single_pass=True)  # a generator: one pass
         return self._validate(loaders, "", CallbackList(arguments.check_callbacks(callbacks), self))
@@ -1136,6 +1198,7 @@ class Trainer:
 
         Args:
             data: a DataLoader, a re-iterable of batches, or in-memory ``x`` / ``(x, y)`` with ``batch_size``.
+            batch_size: the batch size for in-memory data (default 32, as in Keras); an error with a DataLoader.
             callbacks: callbacks for this call only; they get ``on_predict_begin``/``_end`` and, per batch,
                 ``on_predict_batch_begin``/``_end`` whose logs hold ``"outputs"`` (on the device) and
                 ``"indices"`` (each output row's position in ``predict``'s result, a CPU LongTensor).
@@ -1321,6 +1384,9 @@ class Trainer:
         (the generators before this epoch's ``iter(loader)``, mid-epoch only), ``train_tracker`` (the
         epoch's running sums) and ``accumulation`` (a partial accumulation group's gradients). Also
         ``data`` (the training data's size), ``world_size`` and ``precision``, checked on load.
+
+        Args:
+            weights: False leaves ``model`` and ``optimizers`` out (None); keyword only, default True.
         """
         mid_epoch = self.state.batch_in_epoch > 0
         accumulation = self._accumulation.state_dict()
@@ -1373,6 +1439,14 @@ class Trainer:
         With ``strict=False`` another world size, other data sizes and a model that only partly fits
         are accepted (what fits is loaded; the run is then not an exact continuation). ``weights=False``
         restores everything but the model and optimizers, and checks nothing (the caller did).
+
+        Args:
+            state: what ``state_dict`` returned (read back from a checkpoint).
+            strict: True (the default) refuses a state that would not continue the run exactly.
+            weights: False skips the model and optimizers (keyword only, default True).
+
+        Raises:
+            CheckpointError: a state that does not fit this trainer, naming each mismatch.
         """
         if not isinstance(state, dict) or state.get("fitkit", {}).get("kind") != "full":
             raise checkpoint.CheckpointError(
@@ -1425,7 +1499,15 @@ class Trainer:
     def save_checkpoint(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
         """Writes the full training state to ``path`` atomically; in a distributed run every rank's
         own part goes in and rank 0 writes (every rank must call it). Under FSDP ``path`` becomes a
-        sharded (DCP) checkpoint directory that every rank writes its shard of (`fitkit.sharded_checkpoint`)."""
+        sharded (DCP) checkpoint directory that every rank writes its shard of (`fitkit.sharded_checkpoint`).
+
+        Args:
+            path: the file (or, under FSDP, the directory) to write; recorded in its folder's manifest.
+            meta: plain values to record with it in the manifest, next to the epoch and step.
+
+        Returns:
+            ``path`` as a ``Path``.
+        """
         if distributed.is_fsdp(self._dist):
             from fitkit import sharded_checkpoint
 
@@ -1449,7 +1531,12 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path, strict: bool = True) -> None:
         """Loads a checkpoint written by fitkit (verified, ``weights_only``) into this trainer; a sharded
-        (DCP) checkpoint directory loads into any trainer, each rank reading its part."""
+        (DCP) checkpoint directory loads into any trainer, each rank reading its part.
+
+        Args:
+            path: a checkpoint file, or a sharded checkpoint directory.
+            strict: as in [load_state_dict][fitkit.Trainer.load_state_dict] (default True).
+        """
         if Path(path).is_dir():
             from fitkit import sharded_checkpoint
 

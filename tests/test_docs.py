@@ -213,12 +213,7 @@ def test_every_reference_entry_has_a_summary_and_documents_its_arguments():
         if entry == "fitkit.checkpoint":  # the module's own text, members listed one by one
             continue
         problems += _undocumented(entry, package[entry.removeprefix("fitkit.")], griffe)
-    # A ratchet: the gaps known when this test was written are listed in tests/reference_gaps.txt; a new gap
-    # fails, and so does a listed one that was fixed (delete its line): the list only shrinks.
-    known = set((ROOT / "tests" / "reference_gaps.txt").read_text(encoding="utf-8").splitlines()) - {""}
-    new = [p for p in problems if p not in known]
-    assert not new, "docstrings to fix (a reference entry needs a summary and every argument described):\n" + "\n".join(
-        new
+    assert not problems, (
+        "docstrings to fix (a reference entry needs a summary and every argument described, Google style: "
+        "Args:/Returns:/Raises:):\n" + "\n".join(problems)
     )
-    fixed = sorted(known - set(problems))
-    assert not fixed, "fixed, so delete these lines from tests/reference_gaps.txt:\n" + "\n".join(fixed)

@@ -27,6 +27,9 @@ class LambdaCallback(Callback):
 
         losses = []
         LambdaCallback(on_epoch_end=lambda epoch, logs: losses.append(logs["loss"]))
+
+    Args:
+        **hooks: functions by hook name (fitkit's or Keras 3's), each called with that hook's arguments.
     """
 
     def __init__(self, **hooks: Callable[..., Any] | None) -> None:
