@@ -21,6 +21,9 @@ class TrainerState:
         last_validation_step: the ``global_step`` of the last finished validation in ``fit`` (None: none
             yet); a run resumed from before a step-level validation finished runs it again.
         train_time: seconds spent in ``fit``'s loop, summed across resumes (``max_time`` reads it).
+        run_id: names the run: made (at random, drawing on no generator) when a ``fit`` starts without
+            one, restored by a resume, so every checkpoint of one run, in any process, carries the same id
+            in its manifest record; checkpoint callbacks of a resumed run recognise their files by it.
     """
 
     epoch: int = 0
@@ -31,6 +34,7 @@ class TrainerState:
     stop_reason: str | None = None
     last_validation_step: int | None = None
     train_time: float = 0.0
+    run_id: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """Every field by name, as plain Python values."""

@@ -17,6 +17,7 @@ import datetime
 import itertools
 import math
 import signal
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -545,6 +546,8 @@ class Trainer:
 
     def _fit_loop(self, plan: _FitPlan) -> None:
         """The epochs: train, validate when scheduled, ``on_epoch_end``, deferred writes, stop check."""
+        if self.state.run_id is None:  # rank 0's for every rank; a resume replaces it with the run's own
+            self.state.run_id = distributed.broadcast_object(uuid.uuid4().hex, self._dist)
         callbacks = self._callbacks
         self._plan = plan
         # Started after a resume loaded the time already spent; only rank 0's clock decides (see Budget).
@@ -1511,7 +1514,7 @@ class Trainer:
         if distributed.is_fsdp(self._dist):
             from fitkit import sharded_checkpoint
 
-            return sharded_checkpoint.save(self, path, meta)
+            return sharded_checkpoint.save(self, path, {"run": self.state.run_id, **(meta or {})})
         path = Path(path)
         state = self.state_dict()
         everyone = distributed.gather_object({key: state[key] for key in self.PER_RANK}, self._dist)
@@ -1523,6 +1526,7 @@ class Trainer:
                 "epoch": self.state.epoch,
                 "global_step": self.state.global_step,
                 "batch_in_epoch": self.state.batch_in_epoch,
+                "run": self.state.run_id,  # ModelCheckpoint knows its run's files by it (after a crash, say)
                 **(meta or {}),
             }
             checkpoint.atomic_save(state, path, info)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -750,3 +751,39 @@ def test_ctrl_c_inside_validation_saves_and_raises_keyboard_interrupt(tmp_path: 
     with pytest.raises(KeyboardInterrupt):
         _fit(val=DL, trainer={"callbacks": [Interrupt(), ModelCheckpoint(tmp_path / "e{epoch}.pt", monitor=None)]})
     assert checkpoint.load(tmp_path / "last.pt")["trainer"]["batch_in_epoch"] == 5
+
+
+def _slow_job(folder: str, started: str, release: str) -> None:
+    class Wait(fitkit.Callback):
+        def on_batch_end(self, batch: int, logs: Any = None) -> None:
+            Path(started).touch()
+            deadline = time.monotonic() + 30
+            while not Path(release).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    _fit(trainer={"callbacks": [Wait(), ModelCheckpoint(Path(folder) / "e{epoch}.pt", monitor=None)]})
+
+
+@pytest.mark.parametrize("second", ["ModelCheckpoint", "BackupAndRestore"])
+def test_two_jobs_writing_one_folder_at_once_the_second_is_refused(tmp_path: Path, second: str) -> None:
+    from resume_utils import run_child
+
+    folder, started, release = tmp_path / "ckpt", tmp_path / "started", tmp_path / "release"
+    first = run_child(_slow_job, str(folder), str(started), str(release))
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        callback = ModelCheckpoint(folder / "x{epoch}.pt", monitor=None) if second == "ModelCheckpoint" else (
+            BackupAndRestore(folder))  # fmt: skip
+        batches = _Batches()
+        with pytest.raises(ValueError, match=rf"{second}\(.*\): another fit is writing checkpoints into {folder} right now "
+                           rf"\(pid {first.pid} on .*\); two runs in one folder would overwrite"):  # fmt: skip
+            _fit(trainer={"callbacks": [batches, callback]})
+        assert batches.count == 0
+    finally:
+        release.touch()
+        first.join(30)
+    assert first.exitcode == 0
+    _fit(trainer={"callbacks": [ModelCheckpoint(folder / "e{epoch}.pt", monitor=None)]}, resume="auto", epochs=2)
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["e1.pt", "e2.pt"]

@@ -31,6 +31,7 @@ from fitkit.callbacks import (
     MLflowLogger,
     ModelCheckpoint,
     OptunaPruning,
+    PredictionWriter,
     ProgressBar,
     ReduceLROnPlateau,
     TensorBoard,
@@ -62,6 +63,7 @@ def _every_builtin_callback(tmp_path: Path, optimizer: torch.optim.Optimizer) ->
         ProgressBar(refresh_interval=1e-9, file=_Terminal()),  # a refresh (a read) on every batch
         ProgressBar(mode="epoch", log_every_seconds=1e-9, file=io.StringIO()),  # a line on every batch
         LambdaCallback(on_batch_end=lambda batch, logs: None),
+        PredictionWriter(tmp_path / "predictions"),  # predict's callback: in fit it must cost nothing
     ]
 
 

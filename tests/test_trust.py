@@ -305,3 +305,62 @@ def test_verify_names_trust_as_the_way_to_load_a_file_without_manifest(tmp_path:
         warnings.simplefilter("error")
         checkpoint.trust(tmp_path / "w.pt")
     checkpoint.verify(tmp_path / "w.pt")
+
+
+# -- a crash-restart may rewrite what the crashed process wrote after its last backup -------------------
+class _CrashAfterEpochWrites(fitkit.Callback):
+    """Raises after epoch ``epoch``'s checkpoint files are written (listed last, its action runs last)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if epoch == self.epoch:
+            self.trainer.after_callbacks(lambda: os.kill(os.getpid(), signal.SIGKILL))
+
+
+def _crash_restart_job(folder: str, crash: bool) -> None:
+    root = Path(folder)
+    callbacks: list[Any] = [
+        BackupAndRestore(root / "backup", save_freq=1, delete_checkpoint=False),
+        ModelCheckpoint(root / "ckpt" / "best.pt", monitor="val_loss", save_best_only=True, save_last=True),
+        ModelCheckpoint(root / "top" / "e{epoch}.pt", monitor="val_loss", save_top_k=2),
+    ]
+    trainer, train, val = build(callbacks=callbacks + ([_CrashAfterEpochWrites(1)] if crash else []))
+    trainer.fit(train, val, epochs=3)
+    checkpoint.atomic_save(final_state(trainer), root / "final.pt")
+
+
+def test_a_restart_after_a_kill_rewrites_the_files_its_run_wrote_after_the_last_backup(tmp_path: Path) -> None:
+    from resume_utils import assert_same_state, run_child
+
+    reference = run_child(_crash_restart_job, str(tmp_path / "reference"), False)
+    reference.join(60)
+    killed = run_child(_crash_restart_job, str(tmp_path / "run"), True)
+    killed.join(60)
+    assert killed.exitcode == -signal.SIGKILL
+    # The kill came after epoch 2's files (e2.pt, best.pt, last.pt) but before the next backup: the restart
+    # replays epoch 2's end and writes those names again, as the uninterrupted run did.
+    assert checkpoint.load(tmp_path / "run" / "backup" / "backup.pt")["trainer"]["global_step"] == 12
+    restarted = run_child(_crash_restart_job, str(tmp_path / "run"), False)
+    restarted.join(60)
+    assert restarted.exitcode == 0
+    assert_same_state(
+        checkpoint.load(tmp_path / "run" / "final.pt"), checkpoint.load(tmp_path / "reference" / "final.pt")
+    )
+    for sub in ("ckpt", "top"):
+        assert _pt(tmp_path / "run" / sub) == _pt(tmp_path / "reference" / sub)
+    for name in ("ckpt/best.pt", "ckpt/last.pt", "top/e3.pt"):
+        ours, theirs = (checkpoint.load(tmp_path / run / name)["model"] for run in ("run", "reference"))
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+
+
+def test_a_new_run_in_a_folder_of_another_run_is_still_refused_after_a_resume(tmp_path: Path) -> None:
+    """The run id vouches only for the resumed run's own files: another run's are still refused."""
+    _two_epochs(tmp_path / "other")
+    trainer, train, val = build(callbacks=[ModelCheckpoint(tmp_path / "mine" / "e{epoch}.pt", monitor=None)])
+    trainer.fit(train, val, epochs=1)
+    trainer.save_checkpoint(tmp_path / "mine.pt")
+    trainer, train, val = build(callbacks=[ModelCheckpoint(tmp_path / "other" / "e{epoch}.pt", monitor=None)])
+    with pytest.raises(ValueError, match=r"already holds 2 checkpoint file\(s\) this fit did not write"):
+        trainer.fit(train, val, epochs=3, resume=tmp_path / "mine.pt")

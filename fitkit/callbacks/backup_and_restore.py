@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fitkit.callbacks.base import Callback, Logs
-from fitkit.callbacks.files import check_writable
+from fitkit.callbacks.files import acquire_run_lock, check_writable, release_run_lock
 from fitkit.callbacks.model_checkpoint import weights_are_finite
 from fitkit.checkpoint import newest_good, read_manifest, remove_checkpoint
 from fitkit.signals import TrainingInterrupted
@@ -57,6 +57,8 @@ class BackupAndRestore(Callback):
     def on_train_begin(self, logs: Logs | None = None) -> None:
         if getattr(self.trainer, "is_global_zero", True):  # a file or a read-only folder: now, not at the save
             check_writable(self.checkpoint_dir, f"BackupAndRestore({str(self.checkpoint_dir)!r})")
+            acquire_run_lock(self.checkpoint_dir, f"BackupAndRestore({str(self.checkpoint_dir)!r})")  # one job
+            self._locked = True
         self._batches_since_save = 0
         self._failed = False
         self._wrote = False
@@ -86,11 +88,16 @@ class BackupAndRestore(Callback):
             self._backup()
 
     def on_train_end(self, logs: Logs | None = None) -> None:
-        resumed = getattr(self.trainer, "resumed_from", None)
-        ours = self._wrote or (resumed is not None and Path(resumed).resolve() == self.path.resolve())
-        vouched = self.path.name in read_manifest(self.checkpoint_dir)["files"]  # never a file fitkit did not write
-        if self.delete_checkpoint and not self._failed and ours and vouched and self.trainer.is_global_zero:
-            remove_checkpoint(self.path)
+        try:
+            resumed = getattr(self.trainer, "resumed_from", None)
+            ours = self._wrote or (resumed is not None and Path(resumed).resolve() == self.path.resolve())
+            vouched = self.path.name in read_manifest(self.checkpoint_dir)["files"]  # never a file fitkit did not write
+            if self.delete_checkpoint and not self._failed and ours and vouched and self.trainer.is_global_zero:
+                remove_checkpoint(self.path)
+        finally:
+            if getattr(self, "_locked", False):
+                self._locked = False
+                release_run_lock(self.checkpoint_dir)
 
     def state_dict(self) -> dict[str, Any]:
         return {"batches_since_save": self._batches_since_save}

@@ -140,3 +140,54 @@ def check_writable(path: str | Path, who: str, kind: str = "folder") -> None:
             f"{who}: cannot write into {existing} (read-only, or no write permission for this user); checked "
             "before training, so nothing is lost: choose a writable folder or fix its permissions"
         )
+
+
+#: The file a checkpoint callback locks for the length of a ``fit``, in its folder (hidden: never a checkpoint).
+RUN_LOCK = ".fitkit-run.lock"
+_held: dict[str, list[int]] = {}  # resolved folder -> [file descriptor, callbacks of this process holding it]
+
+
+def acquire_run_lock(folder: str | Path, who: str) -> None:
+    """Marks ``folder`` as written by this process's ``fit`` until `release_run_lock`: a second job
+    (another process) that starts writing checkpoints into it gets a ``ValueError`` naming the first one,
+    before it trains, instead of both overwriting and deleting each other's files. A POSIX record lock
+    (``lockf``): the kernel drops it when the process dies, SIGKILL included, and DataLoader workers forked
+    meanwhile do not inherit it. Callbacks of one process share it."""
+    import fcntl
+    import socket
+    import time
+
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if key in _held:
+        _held[key][1] += 1
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ValueError(
+            f"{who}: another fit is writing checkpoints into {folder} right now ({holder}); two runs in one folder "
+            "would overwrite and delete each other's files. Wait for that run to end (or stop it), or give this "
+            "run its own folder"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(
+        fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0
+    )
+    _held[key] = [fd, 1]
+
+
+def release_run_lock(folder: str | Path) -> None:
+    """Ends this process's claim on ``folder`` once every callback that took it has released it."""
+    key = str(Path(folder).resolve())
+    entry = _held.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _held[key]
+        os.close(entry[0])  # closing the descriptor releases the lock

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from fitkit import distributed
+from fitkit.arguments import check_flags
 from fitkit.callbacks import files
 from fitkit.callbacks.base import Logs
 from fitkit.callbacks.monitor import MonitorCallback, check_key_can_exist
@@ -86,8 +87,6 @@ class ModelCheckpoint(MonitorCallback):
             raise ValueError(f"save_freq must be 'epoch' or an int >= 1 (training batches), got {save_freq!r}")
         if save_top_k is not None and (not isinstance(save_top_k, int) or save_top_k < 1):
             raise ValueError(f"save_top_k must be None (keep every file) or an int >= 1, got {save_top_k!r}")
-        from fitkit.arguments import check_flags
-
         check_flags(save_best_only=save_best_only, save_weights_only=save_weights_only, save_last=save_last,
                     verbose=verbose)  # fmt: skip
         if not isinstance(filepath, (str, Path)) or not str(filepath).strip():
@@ -136,12 +135,19 @@ class ModelCheckpoint(MonitorCallback):
         self._trained = False  # a failure before this fit's first batch leaves no crash.pt (nothing to inspect)
         if getattr(self.trainer, "is_global_zero", True):  # a file or a read-only folder: now, not after an epoch
             files.check_writable(self.checkpoint_dir, f"ModelCheckpoint({self.filepath!r})")
+            files.acquire_run_lock(self.checkpoint_dir, f"ModelCheckpoint({self.filepath!r})")  # one job per folder
+            self._locked = True
         for field in self._fields:  # a typo in the template is an error now, not at the first save
             if field not in ("epoch", "step", "batch"):
                 check_key_can_exist(field, self.trainer, f"ModelCheckpoint(filepath={self.filepath!r})")
         if self.monitor_key is not None and (self.save_best_only or self.save_top_k):
             self.check_monitor_key()
             _ = self.resolved_mode  # fail before training when mode='auto' cannot tell the direction
+
+    def on_train_end(self, logs: Logs | None = None) -> None:
+        if getattr(self, "_locked", False):
+            self._locked = False
+            files.release_run_lock(self.checkpoint_dir)
 
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
         if not self._folder_checked:  # once per fit, after fit's resume has loaded (or not) a checkpoint
@@ -288,7 +294,7 @@ class ModelCheckpoint(MonitorCallback):
             if not (path.is_file() or path.is_dir()) or path.name.startswith(".") or str(path) in ours:
                 continue
             last = self.save_last and path.parent == self.checkpoint_dir and path.name == "last.pt"
-            if last or pattern.fullmatch(str(path.resolve())):
+            if (last or pattern.fullmatch(str(path.resolve()))) and not self._same_run(path):
                 found.append(path)
         if found and self.trainer.is_global_zero:
             shown = ", ".join(str(f) for f in found[:5]) + (" ..." if len(found) > 5 else "")
@@ -298,6 +304,16 @@ class ModelCheckpoint(MonitorCallback):
                 "resume='auto' (or a checkpoint path in this folder) to continue that run, or write to another "
                 "folder, or move those files away to start over."
             )
+
+    def _same_run(self, path: Path) -> bool:
+        """True when this fit resumed a run and that run wrote ``path`` (its manifest record carries the
+        run's id): a restart after a crash replays what the crashed process wrote after its last checkpoint
+        (an epoch's file, ``last.pt`` saved on SIGTERM), and may write those names again."""
+        run = getattr(self.trainer.state, "run_id", None)
+        if run is None or getattr(self.trainer, "resumed_from", None) is None:
+            return False
+        entry = read_manifest(path.parent)["files"].get(path.name)
+        return entry is not None and any(record.get("run") == run for record in entry.get("versions", [])[:1])
 
     def _check_rewrites(self) -> None:
         """A second ``fit`` of this callback would render names the first one wrote (the epochs restart at
@@ -324,7 +340,12 @@ class ModelCheckpoint(MonitorCallback):
     def _check_overwrite(self, path: Path) -> None:
         if self.save_last and path == self.checkpoint_dir / "last.pt" and str(path) in self._written:
             return  # last.pt is the newest state of this callback's runs: every save replaces it
-        if path.exists() and str(path) not in self._written_this_fit and not self._continues_here():
+        if (
+            path.exists()
+            and str(path) not in self._written_this_fit
+            and not self._continues_here()
+            and not self._same_run(path)
+        ):
             raise ValueError(
                 f"ModelCheckpoint: {path} exists and was not written by this run; refusing to overwrite it. "
                 "Calling fit again with the same trainer renders the same names from epoch 1: pass "
@@ -379,7 +400,10 @@ class ModelCheckpoint(MonitorCallback):
             # machine without the GPU it was trained on.
             weights = move_to_device(trainer.model_state_dict(), torch.device("cpu"))
             if trainer.is_global_zero:
-                atomic_save(weights, path, {"kind": "weights", "epoch": trainer.state.epoch, "global_step": step})
+                run = getattr(trainer.state, "run_id", None)
+                atomic_save(
+                    weights, path, {"kind": "weights", "epoch": trainer.state.epoch, "global_step": step, "run": run}
+                )
         else:
             trainer.save_checkpoint(path)
         self._written.add(str(path))
@@ -396,6 +420,7 @@ class ModelCheckpoint(MonitorCallback):
             "kept": [list(item) for item in self.kept],
             "pending_removal": list(self._pending_removal),
             "batches_since_save": self._batches_since_save,
+            "wrote_last": str(self.checkpoint_dir / "last.pt") in self._written,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -420,6 +445,14 @@ class ModelCheckpoint(MonitorCallback):
                 stacklevel=2,
             )
         self.kept = kept
+        # The run this fit continues wrote these (a crash-restart from BackupAndRestore's folder, say): its
+        # files may be replaced as they would have been without the crash, when the folder's manifest lists them.
+        ours = {name for _, _, name in kept if files.owns(self.filepath, self.checkpoint_dir, name)}
+        last = self.checkpoint_dir / "last.pt"
+        if state.get("wrote_last") and self.save_last and last.name in read_manifest(self.checkpoint_dir)["files"]:
+            ours.add(str(last))
+        self._written |= ours
+        self._written_this_fit |= ours
         self._pending_removal = [
             str(n) for n in state.get("pending_removal", []) if files.inside(self.checkpoint_dir, n)
         ]
