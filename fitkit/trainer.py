@@ -536,6 +536,8 @@ class Trainer:
                 stacklevel=3,
             )
         self.resumed_from, self._rng_before_validation = None, None
+        if self.state.run_id is None:  # rank 0's for every rank; a resume replaces it with the run's own
+            self.state.run_id = distributed.broadcast_object(uuid.uuid4().hex, self._dist)
         self._check_batch = self._check_inputs = True
         self._non_finite_reported = False
         return _FitPlan(
@@ -546,8 +548,6 @@ class Trainer:
 
     def _fit_loop(self, plan: _FitPlan) -> None:
         """The epochs: train, validate when scheduled, ``on_epoch_end``, deferred writes, stop check."""
-        if self.state.run_id is None:  # rank 0's for every rank; a resume replaces it with the run's own
-            self.state.run_id = distributed.broadcast_object(uuid.uuid4().hex, self._dist)
         callbacks = self._callbacks
         self._plan = plan
         # Started after a resume loaded the time already spent; only rank 0's clock decides (see Budget).
