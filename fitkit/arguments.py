@@ -488,3 +488,9 @@ def warn_unreachable_validation_epochs(validation_freq: Any, epochs: int | None)
             f"are never validated. Pass epochs={max(beyond)} or drop them from validation_freq",
             stacklevel=4,
         )
+
+
+def check_path(path: Any, name: str) -> None:
+    """A file path argument: a non-empty str or ``os.PathLike``; anything else is a ``TypeError``."""
+    if isinstance(path, bool) or not (isinstance(path, str) or hasattr(path, "__fspath__")) or not str(path).strip():
+        raise TypeError(f"{name} needs a file path (str or pathlib.Path) such as 'ckpt/last.pt', got {path!r}")

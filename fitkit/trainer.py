@@ -294,6 +294,11 @@ class Trainer:
         name = next(iter(self.optimizers)) if len(self.optimizers) == 1 else None
         if name is None:
             raise AttributeError("this trainer has several optimizers: replace one in trainer.optimizers[name]")
+        if not isinstance(optimizer, torch.optim.Optimizer):  # a name is resolved only by the Trainer itself
+            raise TypeError(
+                f"trainer.optimizer must be set to a torch.optim.Optimizer over the model's parameters, got "
+                f"{type(optimizer).__name__} {optimizer!r}; e.g. trainer.optimizer = torch.optim.Adam(model.parameters())"
+            )
         self.optimizers = {name: optimizer}
         self._trainable_params.clear()
 
@@ -816,7 +821,9 @@ class Trainer:
         if targets is None or self._class_weight is None:
             return sample_weight
         classes = targets.argmax(dim=-1) if targets.ndim == 2 and targets.shape[1] > 1 else targets.reshape(-1)
-        weights = self._class_weight[classes.long()]
+        classes, size = classes.long(), self._class_weight.shape[0]
+        known = (classes >= 0) & (classes < size)  # a class the dict does not list weighs 1.0 (no host read)
+        weights = torch.where(known, self._class_weight[classes.clamp(0, size - 1)], 1.0)
         return weights if sample_weight is None else sample_weight * weights
 
     def _loss(self, inputs: Any, targets: Any, outputs: Any, sample_weight: Any) -> torch.Tensor:
@@ -1511,6 +1518,7 @@ class Trainer:
         Returns:
             ``path`` as a ``Path``.
         """
+        arguments.check_path(path, "save_checkpoint")
         if distributed.is_fsdp(self._dist):
             from fitkit import sharded_checkpoint
 
@@ -1541,6 +1549,7 @@ class Trainer:
             path: a checkpoint file, or a sharded checkpoint directory.
             strict: as in [load_state_dict][fitkit.Trainer.load_state_dict] (default True).
         """
+        arguments.check_path(path, "load_checkpoint")
         if Path(path).is_dir():
             from fitkit import sharded_checkpoint
 

@@ -589,6 +589,24 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
         r"notes\.txt is not listed in .*fitkit\.checkpoint\.trust\('notes\.txt'\)",
     ),
     (
+        "trainer.optimizer = 'adam'",
+        lambda: setattr(_trainer(), "optimizer", "adam"),
+        TypeError,
+        r"trainer\.optimizer must be set to a torch\.optim\.Optimizer over the model's parameters, got str 'adam'",
+    ),
+    (
+        "save_checkpoint(None)",
+        lambda: _trainer().save_checkpoint(None),
+        TypeError,
+        r"save_checkpoint needs a file path \(str or pathlib\.Path\) such as 'ckpt/last\.pt', got None",
+    ),
+    (
+        "load_checkpoint(None)",
+        lambda: _trainer().load_checkpoint(None),
+        TypeError,
+        r"load_checkpoint needs a file path \(str or pathlib\.Path\) such as 'ckpt/last\.pt', got None",
+    ),
+    (
         "trust() a missing file",
         lambda: checkpoint.trust("nope.pt"),
         checkpoint.CheckpointError,
@@ -787,3 +805,12 @@ def test_two_jobs_writing_one_folder_at_once_the_second_is_refused(tmp_path: Pat
     assert first.exitcode == 0
     _fit(trainer={"callbacks": [ModelCheckpoint(folder / "e{epoch}.pt", monitor=None)]}, resume="auto", epochs=2)
     assert sorted(p.name for p in folder.glob("*.pt")) == ["e1.pt", "e2.pt"]
+
+
+def test_class_weight_for_fewer_classes_than_the_labels_weighs_the_rest_1() -> None:
+    """Documented: classes not listed weigh 1.0 (it was an IndexError for labels beyond the largest key)."""
+    fitkit.seed_everything(0)
+    short = _fit((X, Y), class_weight={0: 2.0}, epochs=2)
+    fitkit.seed_everything(0)
+    full = _fit((X, Y), class_weight={0: 2.0, 1: 1.0, 2: 1.0}, epochs=2)
+    _same(short, full)
