@@ -45,8 +45,10 @@ def _snapshot(trainer: fitkit.Trainer, loader: DataLoader) -> dict:
 
 
 def _assert_same(before: dict, after: dict, two_trainers: bool = False) -> None:
-    if two_trainers:  # wall time and checkpoint folders differ between two trainers, never within one
-        before, after = ({**d, "callbacks": None, "state": {**d["state"], "train_time": 0}} for d in (before, after))
+    if two_trainers:  # wall time, run ids and checkpoint folders differ between two trainers, never within one
+        before, after = (
+            {**d, "callbacks": None, "state": {**d["state"], "train_time": 0, "run_id": None}} for d in (before, after)
+        )
     assert before.keys() == after.keys()
     for key in before:
         a, b = before[key], after[key]

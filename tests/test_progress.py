@@ -93,3 +93,14 @@ def test_format_logs():
 def test_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ProgressBar(**kwargs)
+
+
+def test_ipykernel_imported_outside_a_kernel_is_no_notebook(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))  # imported, but no kernel runs
+    x, y = make_classification(n=16)
+    out = io.StringIO()
+    make_trainer(callbacks=[ProgressBar(file=out)]).fit((x, y), epochs=2, batch_size=8)
+    assert [line.split(" - ")[0] for line in out.getvalue().splitlines()] == ["Epoch 1/2", "Epoch 2/2"]

@@ -67,7 +67,7 @@ class ProgressBar(Callback):
     def _interactive(self) -> bool:
         if self.mode != "bar":
             return False
-        if "ipykernel" in sys.modules:  # a notebook: tqdm.auto draws a widget
+        if _in_notebook():  # tqdm.auto draws a widget (or, without ipywidgets, a line updated in place)
             return True
         stream = self._stream()
         return bool(getattr(stream, "isatty", lambda: False)())
@@ -98,7 +98,7 @@ class ProgressBar(Callback):
         self._val_bar: Any = None
         self._is_bar = self._interactive()
         # In Jupyter without ipywidgets tqdm would print every refresh as a new output: a line updated in place.
-        self._notebook_text = self._is_bar and "ipykernel" in sys.modules and not _has_ipywidgets()
+        self._notebook_text = self._is_bar and _in_notebook() and not _has_ipywidgets()
         self._bar = None
         # A run resumed mid-epoch gets no on_epoch_begin: the first batch then opens the epoch's display.
         self.__dict__.pop("_epoch_start", None)
@@ -189,6 +189,15 @@ class ProgressBar(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _in_notebook() -> bool:
+    """True inside a Jupyter kernel (not merely with ipykernel imported, as a test process may have it)."""
+    if "ipykernel" not in sys.modules:
+        return False
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+    shell = get_ipython() if get_ipython is not None else None
+    return getattr(shell, "kernel", None) is not None
 
 
 def _has_ipywidgets() -> bool:
