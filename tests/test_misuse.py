@@ -814,3 +814,28 @@ def test_class_weight_for_fewer_classes_than_the_labels_weighs_the_rest_1() -> N
     fitkit.seed_everything(0)
     full = _fit((X, Y), class_weight={0: 2.0, 1: 1.0, 2: 1.0}, epochs=2)
     _same(short, full)
+
+
+def test_a_lock_file_that_cannot_be_created_or_locked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    real_open = os.open
+
+    def denied(path: Any, flags: int, *args: Any) -> int:
+        if str(path).endswith(".fitkit-run.lock"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", denied)  # what os.access cannot see: ACLs, root squash on NFS
+    with pytest.raises(PermissionError, match=r"ModelCheckpoint\(.*\): cannot create .*\.fitkit-run\.lock \(Permission "
+                       r"denied\); checked before training"):  # fmt: skip
+        _fit(trainer={"callbacks": [ModelCheckpoint(tmp_path / "a" / "e{epoch}.pt", monitor=None)]})
+    monkeypatch.setattr(os, "open", real_open)
+
+    def no_locks(*args: Any) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)  # a file system without locks: train, but say so
+    with pytest.warns(UserWarning, match=r"cannot lock .* \(No locks available; a file system without locks\?\)"):
+        _fit(trainer={"callbacks": [ModelCheckpoint(tmp_path / "b" / "e{epoch}.pt", monitor=None)]})
+    assert (tmp_path / "b" / "e1.pt").exists()

@@ -8,9 +8,11 @@ callback deletes only files that match its own pattern, inside its own folder, t
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import string
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -162,11 +164,25 @@ def acquire_run_lock(folder: str | Path, who: str) -> None:
     if key in _held:
         _held[key][1] += 1
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # permissions the access check could not see (ACLs, root squash on NFS)
+        raise PermissionError(
+            f"{who}: cannot create {folder / RUN_LOCK} ({exc.strerror}); checked before training, so nothing is "
+            "lost: choose a writable folder or fix its permissions"
+        ) from exc
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):  # no lock support here (ENOLCK): do not block training
+            os.close(fd)
+            warnings.warn(
+                f"{who}: cannot lock {folder} ({exc.strerror}; a file system without locks?): a second job "
+                "writing checkpoints into it at the same time would not be detected",
+                stacklevel=3,
+            )
+            return
         holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise ValueError(
