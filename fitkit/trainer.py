@@ -22,12 +22,23 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from fitkit import _compat, arguments, arrays, checkpoint, checks, distributed, rng, schedule, tensor_batches
+from fitkit import (
+    _compat,
+    arguments,
+    arrays,
+    checkpoint,
+    checks,
+    distributed,
+    rng,
+    schedule,
+    sharded_checkpoint,
+    tensor_batches,
+)
 from fitkit.callback_list import CallbackList, HookTimer
 from fitkit.callbacks.base import Callback
 from fitkit.callbacks.history import History
@@ -36,14 +47,13 @@ from fitkit.data import batch_size_of, is_map_style, move_to_device, resume_load
 from fitkit.devices import channels_last as to_channels_last
 from fitkit.devices import pinned, resolve_device
 from fitkit.loaders import SkippableLoader, as_loader, concat_outputs, data_signature, num_batches, split_in_memory
+from fitkit.lr_finder import LRFinder, LRFindResult
 from fitkit.metrics import Metric, get_metric
 from fitkit.signals import SignalGuard, TrainingInterrupted
 from fitkit.state import GradientAccumulation, TrainerState
 from fitkit.strategies import DDPStrategy, FSDPStrategy
+from fitkit.summary import summarize
 from fitkit.tracker import EpochTracker
-
-if TYPE_CHECKING:
-    from fitkit.lr_finder import LRFindResult
 
 
 @runtime_checkable
@@ -1314,8 +1324,6 @@ class Trainer:
         Returns:
             an [LRFindResult][fitkit.lr_finder.LRFindResult] with ``lrs``, ``losses``, ``suggestion``, ``plot()``.
         """
-        from fitkit.lr_finder import LRFinder
-
         finder = LRFinder(start_lr, end_lr, num_steps, mode, smooth, stop_divergence)  # checks the arguments
         if distributed.is_fsdp(self._dist):
             raise NotImplementedError("lr_find does not support strategy='fsdp'; run it with strategy='ddp' or 'none'")
@@ -1377,8 +1385,6 @@ class Trainer:
         Args:
             depth: levels of child modules to list (0: totals only).
         """
-        from fitkit.summary import summarize
-
         return summarize(self, depth)
 
     # -- state ----------------------------------------------------------------------------------
@@ -1520,8 +1526,6 @@ class Trainer:
         """
         arguments.check_path(path, "save_checkpoint")
         if distributed.is_fsdp(self._dist):
-            from fitkit import sharded_checkpoint
-
             return sharded_checkpoint.save(self, path, {"run": self.state.run_id, **(meta or {})})
         path = Path(path)
         state = self.state_dict()
@@ -1551,8 +1555,6 @@ class Trainer:
         """
         arguments.check_path(path, "load_checkpoint")
         if Path(path).is_dir():
-            from fitkit import sharded_checkpoint
-
             sharded_checkpoint.load(self, path, strict=strict)
             return
         self.load_state_dict(checkpoint.load(Path(path), map_location="cpu"), strict=strict)
