@@ -129,8 +129,8 @@ class Trainer:
         handle_signals: on SIGINT/SIGTERM, stop at the next batch boundary, let checkpoint callbacks save,
             then exit with the conventional status (KeyboardInterrupt / exit code 143).
         process_group_timeout: seconds a collective waits before failing, when fitkit starts the process group.
-        fast_tensor_batches: cut the batches of a training ``DataLoader(TensorDataset(...))`` (default
-            collate, no workers) by indexing its tensors with the loader's own sampler indices, instead of
+        fast_tensor_batches: cut the batches of a training or validation ``DataLoader(TensorDataset(...))``
+            (default collate, no workers) by indexing its tensors with the loader's own sampler indices, instead of
             collating samples one by one: the same batches and random draws, bit for bit, at in-memory
             speed. False: always iterate the DataLoader itself.
     """
@@ -1178,7 +1178,11 @@ class Trainer:
         tracker.reset()
         try:
             batch_begin, batch_end = hooks["on_validation_batch_begin"], hooks["on_validation_batch_end"]
-            batches = iter(distributed.shard_eval(loader, self._dist))
+            loader = distributed.shard_eval(loader, self._dist)
+            # The same fast path as training: validation DataLoader(TensorDataset) batches cut by indexing,
+            # with the same draws (its iterator's base seed) as iterating the DataLoader.
+            fast = self.fast_tensor_batches and tensor_batches.eligible(loader)
+            batches = tensor_batches.iterate(loader) if fast else iter(loader)
             if steps is not None:
                 batches = itertools.islice(batches, steps)
             with self._sync_window():

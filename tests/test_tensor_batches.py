@@ -124,3 +124,21 @@ def test_a_mid_epoch_resume_on_the_fast_path_is_exact(tmp_path):
 def test_fast_tensor_batches_must_be_a_bool():
     with pytest.raises(TypeError, match=r"fast_tensor_batches must be True or False, got 'yes'"):
         make_trainer(fast_tensor_batches="yes")
+
+
+def test_validation_on_the_fast_path_equals_the_dataloader_and_draws_the_same(monkeypatch):
+    x, y = make_classification(30, seed=3)
+    val = DataLoader(TensorDataset(x, y), batch_size=8)
+    results = []
+    for fast in (True, False):
+        calls = []
+        original = tensor_batches.iterate
+        monkeypatch.setattr(tensor_batches, "iterate", lambda loader: (calls.append(1), original(loader))[1])
+        torch.manual_seed(0)
+        trainer = make_trainer(metrics=["accuracy"], fast_tensor_batches=fast)
+        logs = trainer.evaluate(val)
+        results.append((logs, torch.get_rng_state(), len(calls)))
+    (fast_logs, fast_rng, fast_calls), (slow_logs, slow_rng, slow_calls) = results
+    assert fast_calls == 1 and slow_calls == 0  # the fast path really served the validation batches
+    assert fast_logs == slow_logs
+    assert torch.equal(fast_rng, slow_rng)  # the DataLoader iterator's base-seed draw is made on both paths
