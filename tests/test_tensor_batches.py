@@ -130,10 +130,15 @@ def test_validation_on_the_fast_path_equals_the_dataloader_and_draws_the_same(mo
     x, y = make_classification(30, seed=3)
     val = DataLoader(TensorDataset(x, y), batch_size=8)
     results = []
+    original = tensor_batches.iterate
     for fast in (True, False):
-        calls = []
-        original = tensor_batches.iterate
-        monkeypatch.setattr(tensor_batches, "iterate", lambda loader: (calls.append(1), original(loader))[1])
+        calls: list[int] = []
+
+        def counting(loader, calls=calls):
+            calls.append(1)
+            return original(loader)
+
+        monkeypatch.setattr(tensor_batches, "iterate", counting)
         torch.manual_seed(0)
         trainer = make_trainer(metrics=["accuracy"], fast_tensor_batches=fast)
         logs = trainer.evaluate(val)
