@@ -184,6 +184,18 @@ def concat_outputs(outputs: list[Any]) -> Any:
     raise TypeError(f"predict: cannot concatenate outputs of type {type(first).__name__}")
 
 
+def take_rows(outputs: Any, order: torch.Tensor) -> Any:
+    """``outputs`` (a tensor, or tuples/lists/dicts of them) with their rows in ``order`` (predictions gathered
+    from ranks or files put back in sample order)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs[order]
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(take_rows(o, order) for o in outputs)
+    if isinstance(outputs, dict):
+        return {k: take_rows(v, order) for k, v in outputs.items()}
+    return outputs
+
+
 def data_signature(loader: Any) -> dict[str, Any]:
     """The training data's size (batches, samples), as far as the loader tells: a resume checks it."""
     signature: dict[str, Any] = {"num_batches": None, "num_samples": None}

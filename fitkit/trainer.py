@@ -46,7 +46,15 @@ from fitkit.callbacks.progress import ProgressBar
 from fitkit.data import batch_size_of, is_map_style, move_to_device, resume_loader_iterator, split_batch
 from fitkit.devices import channels_last as to_channels_last
 from fitkit.devices import pinned, resolve_device
-from fitkit.loaders import SkippableLoader, as_loader, concat_outputs, data_signature, num_batches, split_in_memory
+from fitkit.loaders import (
+    SkippableLoader,
+    as_loader,
+    concat_outputs,
+    data_signature,
+    num_batches,
+    split_in_memory,
+    take_rows,
+)
 from fitkit.lr_finder import LRFinder, LRFindResult
 from fitkit.metrics import Metric, get_metric
 from fitkit.signals import SignalGuard, TrainingInterrupted
@@ -1275,7 +1283,7 @@ class Trainer:
             shares = distributed.gather_object((outputs, positions), self._dist)
             outputs = [o for part, _ in shares for o in part]
             order = torch.argsort(torch.cat([p for _, ranks in shares for p in ranks]))
-            return _take(concat_outputs(outputs), order)
+            return take_rows(concat_outputs(outputs), order)
         return concat_outputs(outputs)
 
     def _as_loader(
@@ -1667,17 +1675,6 @@ def _loss_from_outputs(outputs: Any) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"the model's output 'loss' must be a tensor, got {type(loss).__name__}")
     return loss
-
-
-def _take(outputs: Any, order: torch.Tensor) -> Any:
-    """``outputs`` (a tensor, or tuples/lists/dicts of them) with their rows in ``order``."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs[order]
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(_take(o, order) for o in outputs)
-    if isinstance(outputs, dict):
-        return {k: _take(v, order) for k, v in outputs.items()}
-    return outputs
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 
 from fitkit.callbacks.base import Callback, Logs
 from fitkit.data import move_to_device
-from fitkit.loaders import concat_outputs
+from fitkit.loaders import concat_outputs, take_rows
 
 _NAME = re.compile(r"^predictions-rank\d{5}-batch\d{9}\.pt$")
 
@@ -106,14 +106,4 @@ class PredictionWriter(Callback):
         records = [torch.load(p, weights_only=True) for p in paths]
         outputs = concat_outputs([r["outputs"] for r in records])
         order = torch.argsort(torch.cat([r["indices"] for r in records]))
-        return _take(outputs, order)
-
-
-def _take(outputs: Any, order: torch.Tensor) -> Any:
-    if isinstance(outputs, torch.Tensor):
-        return outputs[order]
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(_take(o, order) for o in outputs)
-    if isinstance(outputs, dict):
-        return {k: _take(v, order) for k, v in outputs.items()}
-    return outputs
+        return take_rows(outputs, order)
