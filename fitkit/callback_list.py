@@ -7,6 +7,7 @@ and costs the loop nothing. `HookTimer` finds a callback that slows training dow
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,8 +19,8 @@ from fitkit.callbacks.base import (
     Callback,
     Logs,
     bound_hook,
+    check_hook_methods,
     check_hook_names,
-    hook_hint,
 )
 
 if TYPE_CHECKING:
@@ -98,20 +99,15 @@ def trainer_hooks(trainer: Trainer) -> dict[str, Hook]:
     bound to it: they run before the callbacks' in ``fit``, ``evaluate`` and ``predict``, so state such
     as an RNN's hidden state is reset wherever batches run. An ``on_*`` method that is no hook is an error,
     as in a callback."""
+    own = list(itertools.takewhile(lambda cls: cls.__module__ != "fitkit.trainer", type(trainer).__mro__))
+    check_hook_methods(own)
     hooks: dict[str, Hook] = {}
-    for cls in type(trainer).__mro__:
-        if cls.__module__ == "fitkit.trainer" or cls is object:
-            break
+    for cls in own:
         defined: dict[str, str] = {}
         for name, value in vars(cls).items():
             if not name.startswith("on_") or not callable(value):
                 continue
             event = KERAS_ALIASES.get(name, name)  # a Keras 3 name runs as the fitkit hook it aliases
-            if event not in HOOKS:
-                raise TypeError(
-                    f"{cls.__name__}.{name} is not a fitkit callback hook and would never be called; "
-                    f"{hook_hint(name)}. (Name helpers without the 'on_' prefix.)"
-                )
             if event in defined:
                 raise TypeError(f"{cls.__name__} defines both {defined[event]} and {name}: one event; keep one")
             defined[event] = name

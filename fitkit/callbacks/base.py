@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import itertools
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -355,9 +357,20 @@ def check_hook_names(callback: Callback) -> None:
                 f"{type(callback).__name__} instance attribute {name} is not a fitkit callback hook and would "
                 f"never be called; {hook_hint(name)}."
             )
-    for cls in type(callback).__mro__:
-        if cls is Callback or cls is object:
-            break
+    check_hook_methods(itertools.takewhile(lambda cls: cls not in (Callback, object), type(callback).__mro__))
+
+
+def check_hook_methods(classes: Iterable[type]) -> None:
+    """Raises when one of ``classes`` (a callback's or a Trainer subclass's own classes) defines an ``on_*``
+    method that is neither a fitkit hook nor a Keras 3 alias of one: it would never be called.
+
+    Args:
+        classes: the classes to check, e.g. the part of an MRO above the base class.
+
+    Raises:
+        TypeError: naming the class and method, and the hook meant (see `hook_hint`).
+    """
+    for cls in classes:
         for name in vars(cls):
             if not name.startswith("on_") or name in HOOKS or name in KERAS_ALIASES or not callable(getattr(cls, name)):
                 continue

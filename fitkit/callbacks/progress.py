@@ -78,18 +78,22 @@ class ProgressBar(Callback):
             self._bar = _NotebookLine(total=total, desc=f"Epoch {epoch + 1}/{self._epochs}")
             self._shown = 0
             return
+        self._bar = self._tqdm(total, f"Epoch {epoch + 1}/{self._epochs}", leave=True)
+        self._shown = 0
+
+    def _tqdm(self, total: int | None, desc: str, leave: bool) -> Any:
+        """A tqdm bar in batches on this callback's stream (the epoch's, kept; validation's, cleared)."""
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(
+        return tqdm(
             total=total,
-            desc=f"Epoch {epoch + 1}/{self._epochs}",
+            desc=desc,
             file=self._stream(),
-            leave=True,
+            leave=leave,
             dynamic_ncols=True,
             unit="batch",
             mininterval=self.refresh_interval,
         )
-        self._shown = 0
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
@@ -154,19 +158,9 @@ class ProgressBar(Callback):
     def on_validation_begin(self, logs: Logs | None = None) -> None:
         if not self._is_bar or self._notebook_text:  # a notebook's text display keeps one output per epoch
             return
-        from tqdm.auto import tqdm
-
         counts = list(getattr(self.trainer, "num_val_batches", {}).values())
         total = None if not counts or None in counts else sum(counts)
-        self._val_bar = tqdm(
-            total=total,
-            desc=f"Validation (step {self.trainer.global_step})",
-            file=self._stream(),
-            leave=False,
-            dynamic_ncols=True,
-            unit="batch",
-            mininterval=self.refresh_interval,
-        )
+        self._val_bar = self._tqdm(total, f"Validation (step {self.trainer.global_step})", leave=False)
         self._val_seen = 0
         self._val_next = time.monotonic() + self.refresh_interval
 
