@@ -16,7 +16,9 @@ import datetime
 import itertools
 import math
 import os
+import pickle
 import socket
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence, Sized
@@ -157,7 +159,7 @@ def setup(strategy: Strategy, device: torch.device, timeout_s: float) -> DistInf
         options=options if options is not None else DDPStrategy(),  # "auto" under a launcher: DDP
     )
     if world_size > 1:
-        info.reduce = _SumOverRanks(device if chosen_device is None else chosen_device, info)
+        info.reduce = _SumOverRanks(info)
     return info
 
 
@@ -177,27 +179,16 @@ def _has_fsdp2() -> bool:
 class _SumOverRanks:
     """``info.reduce``: sums the epoch's flat sums over the ranks; ``common_keys`` first agrees on their layout."""
 
-    def __init__(self, device: torch.device, info: DistInfo) -> None:
-        self.device, self.info = device, info
+    def __init__(self, info: DistInfo) -> None:
+        self.info = info
 
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
-        return _all_reduce_sum(values, self.device)
+        return _all_reduce(values.to("cpu", copy=True), self.info)  # on the host, on fitkit's gloo control group
 
     def common_keys(self, keys: list[str]) -> list[str]:
         """The union of every rank's keys, in rank order (a host-side gather): a rank that saw no batch has
         none, and its all-reduce must still have the length of the others' (a shorter one hangs nccl)."""
         return list(dict.fromkeys(key for rank_keys in gather_object(list(keys), self.info) for key in rank_keys))
-
-
-def _all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Sums a small CPU float64 tensor over the ranks (through the GPU with nccl, which has no CPU path)."""
-    if dist.get_backend() == "nccl":
-        on_device = values.to(device)
-        dist.all_reduce(on_device)
-        return on_device.cpu()
-    values = values.clone()
-    dist.all_reduce(values)
-    return values
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -355,13 +346,92 @@ def _control(info: DistInfo) -> Any:
     return info.control_group
 
 
+class _InFlight:
+    """The tensors that fitkit's collectives handed to gloo, until gloo's worker threads let go of them.
+
+    A gloo collective runs on a worker thread of its process group, which drops its reference to the
+    operation just after completing it: with it the last C++ reference to the tensors, whose Python
+    objects it then releases, under the GIL. If that thread is still on its way there when the
+    interpreter finalizes (the main thread went on to exit right after the collective returned),
+    CPython ends the thread while it waits for the GIL, and unwinding through the C++ destructor aborts
+    the process: "terminate called without an active exception", exit code -6, on a run that finished.
+    So every collective on the control group goes through `_run`, which records its tensors, and `drain`
+    (run at exit) waits until the workers have released them.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[list[Any]] = []  # [tensor, its use count before the collective, the Work or None]
+        self.registered = False
+
+    def add(self, tensors: Sequence[torch.Tensor], bases: Sequence[int], work: Any) -> None:
+        if not self.registered:  # after init_process_group's teardown: atexit runs this first (LIFO)
+            atexit.register(self.drain)
+            self.registered = True
+        self.entries = [entry for entry in self.entries if not self._released(entry)]
+        self.entries.extend([tensor, base, work] for tensor, base in zip(tensors, bases))
+
+    @staticmethod
+    def _released(entry: list[Any]) -> bool:
+        tensor, base, work = entry
+        if work is not None:
+            if not work.is_completed():
+                return False
+            entry[2] = None  # the worker may still hold the Work (and so the tensor) a moment longer
+        return _use_count(tensor) <= base
+
+    def let_go(self) -> None:
+        """Drops every Work it holds (the control group is being closed): a Work holds the group's
+        connections open, and they must close for the other ranks to be released. The tensors of the
+        collectives that completed are still waited for at exit; the others never complete."""
+        for entry in self.entries:
+            entry[2] = None if entry[2] is None or entry[2].is_completed() else False
+        self.entries = [entry for entry in self.entries if entry[2] is not False]
+
+    def drain(self, timeout_s: float = 5.0) -> bool:
+        """Waits (releasing the GIL) until gloo holds none of the tensors of a completed collective; True
+        when it got there. A collective that never completed (a peer that died) is not waited for."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.entries = [entry for entry in self.entries if not self._released(entry)]
+            if all(work is not None for _, _, work in self.entries):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+
+
+_in_flight = _InFlight()
+
+
+def _use_count(tensor: torch.Tensor) -> int:
+    """How many C++ references the tensor has (1: only its Python object); 1 on a torch without the count."""
+    count = getattr(tensor, "_use_count", None)
+    return int(count()) if count is not None else 1
+
+
+def _run(
+    collective: Callable[..., Any], tensors: Sequence[torch.Tensor | list[torch.Tensor]], info: DistInfo, **kwargs: Any
+) -> Any:
+    """Starts ``collective(*tensors, group=<control group>, async_op=True, **kwargs)``; returns its Work.
+    ``tensors`` are its arguments, each a tensor or a list of tensors (all_gather's outputs)."""
+    flat = [t for arg in tensors for t in (arg if isinstance(arg, list) else [arg])]
+    bases = [_use_count(t) for t in flat]
+    work = collective(*tensors, group=_control(info), async_op=True, **kwargs)
+    _in_flight.add(flat, bases, work)
+    return work
+
+
+def _all_reduce(tensor: torch.Tensor, info: DistInfo, op: Any = None) -> torch.Tensor:
+    """``tensor`` reduced over the ranks in place (SUM unless ``op``) on the control group; returns it."""
+    _run(dist.all_reduce, [tensor], info, op=dist.ReduceOp.SUM if op is None else op).wait()
+    return tensor
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank when ``flag`` is True on any (a host-side gloo all-reduce of one number)."""
     if info.world_size == 1:
         return flag
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control(info))
-    return bool(value.item())
+    return bool(_all_reduce(torch.tensor([int(flag)]), info, dist.ReduceOp.MAX).item())
 
 
 class StopVote:
@@ -381,7 +451,7 @@ class StopVote:
 
     def start(self, flag: bool) -> None:
         self._value = torch.tensor([int(flag)])
-        self._work = dist.all_reduce(self._value, op=dist.ReduceOp.MAX, group=_control(self.info), async_op=True)
+        self._work = _run(dist.all_reduce, [self._value], self.info, op=dist.ReduceOp.MAX)
 
     def stop_now(self) -> bool:
         """The last started vote's result (True when any rank voted to stop); False when none is pending."""
@@ -396,9 +466,7 @@ def any_signal(signum: int | None, info: DistInfo) -> int | None:
     """The signal number any rank received (the largest), on every rank; None when none did."""
     if info.world_size == 1:
         return signum
-    value = torch.tensor([signum or 0])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control(info))
-    return int(value.item()) or None
+    return int(_all_reduce(torch.tensor([signum or 0]), info, dist.ReduceOp.MAX).item()) or None
 
 
 def mean_over_ranks(values: dict[str, float], info: DistInfo | None) -> dict[str, float]:
@@ -406,32 +474,49 @@ def mean_over_ranks(values: dict[str, float], info: DistInfo | None) -> dict[str
     if info is None or info.world_size == 1 or not values:
         return values
     keys = sorted(values)
-    summed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(summed, group=_control(info))
+    summed = _all_reduce(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64), info)
     return {k: v / info.world_size for k, v in zip(keys, summed.tolist())}
 
 
+def _to_bytes(obj: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+
+
+def _from_bytes(data: torch.Tensor) -> Any:
+    return pickle.loads(data.numpy().tobytes())  # from the job's own ranks, as torch's *_object collectives do
+
+
 def broadcast_object(obj: Any, info: DistInfo) -> Any:
-    """Rank 0's ``obj`` on every rank."""
+    """Rank 0's ``obj`` on every rank (pickled, like ``torch.distributed.broadcast_object_list``)."""
     if info.world_size == 1:
         return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0, group=_control(info))
-    return holder[0]
+    payload = _to_bytes(obj) if info.rank == 0 else torch.empty(0, dtype=torch.uint8)
+    size = torch.tensor([payload.numel()], dtype=torch.int64)
+    _run(dist.broadcast, [size], info, src=0).wait()
+    if info.rank != 0:
+        payload = torch.empty(int(size.item()), dtype=torch.uint8)
+    _run(dist.broadcast, [payload], info, src=0).wait()
+    return obj if info.rank == 0 else _from_bytes(payload)
 
 
 def gather_object(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's ``obj``, on every rank (a list of one without distribution)."""
     if info.world_size == 1:
         return [obj]
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj, group=_control(info))
-    return out
+    payload = _to_bytes(obj)
+    sizes = torch.zeros(info.world_size, dtype=torch.int64)
+    sizes[info.rank] = payload.numel()
+    widths = _all_reduce(sizes, info).tolist()
+    padded = torch.zeros(max(widths), dtype=torch.uint8)
+    padded[: payload.numel()] = payload
+    rows = [torch.empty_like(padded) for _ in range(info.world_size)]
+    _run(dist.all_gather, [rows, padded], info).wait()
+    return [_from_bytes(row[:width]) for row, width in zip(rows, widths)]
 
 
 def barrier(info: DistInfo) -> None:
     if info.world_size > 1:
-        dist.barrier(group=_control(info))
+        _all_reduce(torch.zeros(1), info)
 
 
 def _store() -> Any:
@@ -463,6 +548,7 @@ def on_failure(exc: BaseException, info: DistInfo) -> PeerFailure | None:
         except Exception:  # the store itself is gone (its host died): nothing better to report
             first = mine
     info.closed_by = first
+    _in_flight.let_go()
     group, info.control_group = info.control_group, None
     with contextlib.suppress(Exception):
         dist.destroy_process_group(group)

@@ -4,6 +4,8 @@ asynchronous stop vote. Forked gloo ranks on the CPU (see ``dist_utils``)."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ def test_a_rank_without_validation_batches_reduces_the_same_layout(tmp_path: Pat
 
 
 def test_the_common_layout_is_the_union_of_the_ranks_keys_in_rank_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    reducer = distributed._SumOverRanks(torch.device("cpu"), distributed.DistInfo(world_size=2))
+    reducer = distributed._SumOverRanks(distributed.DistInfo(world_size=2))
     monkeypatch.setattr(distributed, "gather_object", lambda obj, info: [["loss", "aux"], []])
     assert reducer.common_keys([]) == ["loss", "aux"]
 
@@ -128,3 +130,103 @@ def test_an_asynchronous_stop_vote_stops_every_rank_after_the_same_step(tmp_path
     assert [r["epochs"] for r in ranks] == [epochs, epochs]
     assert [r["reason"] for r in ranks] == ["stopped on another rank", "rank 1 had enough"]
     assert os.environ.get("RANK") is None  # the parent stays a plain process
+
+
+# -- exit: no gloo worker still holds a collective's tensors when the interpreter finalizes -------------
+class _Held:
+    """Stands in for a tensor that a gloo worker thread still references (its use count above the base)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def _use_count(self) -> int:
+        return self.count
+
+
+class _Work:
+    def __init__(self, completed: bool) -> None:
+        self.completed = completed
+
+    def is_completed(self) -> bool:
+        return self.completed
+
+
+def _in_flight() -> distributed._InFlight:
+    flight = distributed._InFlight()
+    flight.registered = True  # no atexit hook from a test
+    return flight
+
+
+def test_the_exit_drain_waits_until_the_worker_lets_go_of_a_completed_collective() -> None:
+    flight, held = _in_flight(), _Held(3)
+    flight.add([held], [1], _Work(completed=True))
+    threading.Timer(0.2, setattr, (held, "count", 1)).start()  # the worker drops its references 0.2 s later
+    start = time.monotonic()
+    assert flight.drain(timeout_s=10)
+    assert time.monotonic() - start >= 0.19
+    assert flight.entries == []
+
+
+def test_the_exit_drain_does_not_wait_for_a_collective_that_never_completed() -> None:
+    flight = _in_flight()
+    flight.add([_Held(3)], [1], _Work(completed=False))  # a vote whose peer died: it would never end
+    start = time.monotonic()
+    assert flight.drain(timeout_s=10)
+    assert time.monotonic() - start < 1
+    flight = _in_flight()
+    flight.add([_Held(3)], [1], _Work(completed=True))  # completed, but never released: bounded
+    assert not flight.drain(timeout_s=0.1)
+
+
+def test_closing_the_control_group_lets_go_of_every_work() -> None:
+    flight, done, stuck = _in_flight(), _Held(2), _Held(2)
+    flight.add([done], [1], _Work(completed=True))
+    flight.add([stuck], [1], _Work(completed=False))
+    flight.let_go()  # a Work holds the group's connections open: the other ranks wait until they close
+    assert [(entry[0], entry[2]) for entry in flight.entries] == [(done, None)]
+
+
+def _control_messages(rank: int, out: Path) -> dict[str, Any]:
+    from torch import distributed as dist
+
+    trainer = build(callbacks=[fitkit.callbacks.ModelCheckpoint(str(out / f"r{rank}" / "{epoch}.pt"), monitor=None)])
+    info = trainer._dist
+    calls: dict[str, int] = {"control": 0, "tracked": 0}
+    for name in ("all_reduce", "broadcast", "all_gather", "all_gather_object", "broadcast_object_list", "barrier"):
+        original = getattr(dist, name)
+
+        def counted(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            calls["control"] += kwargs.get("group") is info.control_group
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    run = distributed._run
+
+    def tracked(*args: Any, **kwargs: Any) -> Any:
+        calls["tracked"] += 1
+        return run(*args, **kwargs)
+
+    distributed._run = tracked
+    trainer.fit(DataLoader(make_data(), batch_size=16), DataLoader(make_data(40), batch_size=16), epochs=2)
+    trainer.predict(DataLoader(make_data(24), batch_size=8))
+    objects = {
+        "gathered": distributed.gather_object(
+            {"rank": rank, "blob": b"x" * (1000 * rank), "t": torch.ones(rank)}, info
+        ),
+        "broadcast": distributed.broadcast_object(("from", rank, torch.arange(3)), info),
+        "mean": distributed.mean_over_ranks({"a": float(rank), "b": 2.0}, info),
+    }
+    distributed.barrier(info)
+    drained = distributed._in_flight.drain(timeout_s=10)
+    return {**objects, **calls, "drained": drained, "left": len(distributed._in_flight.entries)}
+
+
+def test_every_control_message_is_tracked_until_gloo_lets_go_of_it(tmp_path: Path) -> None:
+    for rank, result in enumerate(run_ranks(_control_messages, tmp_path, timeout=60).check()):
+        assert result["control"] > 10 and result["control"] == result["tracked"], result  # none bypasses _run
+        assert result["drained"] and result["left"] == 0
+        gathered = result["gathered"]
+        assert [g["rank"] for g in gathered] == [0, 1] and [len(g["blob"]) for g in gathered] == [0, 1000]
+        assert [g["t"].tolist() for g in gathered] == [[], [1.0]]
+        assert result["broadcast"][:2] == ("from", 0) and result["broadcast"][2].tolist() == [0, 1, 2], rank
+        assert result["mean"] == {"a": 0.5, "b": 2.0}
