@@ -15,7 +15,9 @@ which lets one rank's ``stop_training`` stop all), both ways: synchronous (``dis
 fitkit did before: the whole round trip after every batch) and as the loop runs it now
 (``distributed.StopVote``: started after a batch, read once the next batch has been fetched from the
 training DataLoader), counting only the time the loop waits in ``start`` and ``stop_now``. Both are
-reported against the step time.
+reported against the step time. The loop votes only when something can stop training mid-epoch: the plain
+job has no such hook and no per-batch collective at all; a second N-process row ("+ batch hook") adds a
+callback whose ``on_batch_end`` may stop, so that the ranks vote after every batch, and shows what it costs.
 
 On CUDA the DataLoaders are what a GPU job should use: ``--workers`` worker processes (default 2) with
 ``pin_memory=True`` and persistent workers, so the host-to-device copies are asynchronous.
@@ -72,6 +74,11 @@ def worker(args: argparse.Namespace) -> None:
     feeding: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0}
     if args.device == "cuda":
         feeding["pin_memory"] = True  # non-blocking host-to-device copies
+
+    class BatchHook(fitkit.Callback):  # a batch-level hook that might stop training: the ranks vote per batch
+        def on_batch_end(self, batch: int, logs: Any = None) -> None:
+            pass
+
     fitkit.seed_everything(0)
     model = build_model(args.workload)
     trainer = fitkit.Trainer(
@@ -80,6 +87,7 @@ def worker(args: argparse.Namespace) -> None:
         "cross_entropy",
         device=args.device,
         verbose=0,
+        callbacks=[BatchHook()] if args.batch_hook else [],
     )
     warmup = DataLoader(
         TensorDataset(x[: workload.batch_size * 20], y[: workload.batch_size * 20]),
@@ -113,6 +121,7 @@ def worker(args: argparse.Namespace) -> None:
         "samples": share,
         "stop_flag_us": flag_us,
         "stop_vote_us": vote_us,
+        "voted_per_batch": trainer._stop_vote,
         "strategy": type(trainer._train_module).__name__,
     }
     Path(args.out, f"rank{trainer.dist.rank}.json").write_text(json.dumps(result))
@@ -145,26 +154,30 @@ def _async_vote_us(trainer: Any, calls: int) -> float:
 
 # -- the parent: launches torchrun, alternates process counts, reports -------------------------------
 def _launch(
-    workload: str, nproc: int, device: str, epochs: int, out: str, workers: int | None = None
+    workload: str, nproc: int, device: str, epochs: int, out: str, workers: int | None = None, batch_hook: bool = False
 ) -> subprocess.Popen[str]:
     env = dict(os.environ, OMP_NUM_THREADS="1") if device == "cpu" else dict(os.environ)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(Path(__file__).resolve()),
-        "--worker",
-        "--workload",
-        workload,
-        "--device",
-        device,
-        "--epochs",
-        str(epochs),
-        "--out",
-        out,
-    ] + (["--workers", str(workers)] if workers is not None else [])
+    command = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--workload",
+            workload,
+            "--device",
+            device,
+            "--epochs",
+            str(epochs),
+            "--out",
+            out,
+        ]
+        + (["--workers", str(workers)] if workers is not None else [])
+        + (["--batch-hook"] if batch_hook else [])
+    )
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -176,14 +189,17 @@ def run_once(
     timeout: float,
     independent: int = 1,
     workers: int | None = None,
+    batch_hook: bool = False,
 ) -> dict[str, Any]:
     """One torchrun launch of ``nproc`` processes; or, with ``independent=k``, k single-process launches at
-    once (no communication: what the machine gives k processes, the ceiling for a k-process run)."""
+    once (no communication: what the machine gives k processes, the ceiling for a k-process run).
+    ``batch_hook``: the job has a callback with an ``on_batch_end`` that may stop training (the ranks vote
+    after every batch); without it nothing can stop mid-epoch and the loop has no per-batch collective."""
     with tempfile.TemporaryDirectory() as root:
         outs = [str(Path(root, str(i))) for i in range(independent)]
         for out in outs:
             Path(out).mkdir()
-        launches = [_launch(workload, nproc, device, epochs, out, workers) for out in outs]
+        launches = [_launch(workload, nproc, device, epochs, out, workers, batch_hook) for out in outs]
         for launch in launches:
             _, stderr = launch.communicate(timeout=timeout)
             if launch.returncode != 0:
@@ -201,6 +217,7 @@ def run_once(
         "strategy": ranks[0]["strategy"],
         "stop_flag_us": statistics.mean(r["stop_flag_us"] for r in ranks),
         "stop_vote_us": statistics.mean(r.get("stop_vote_us", 0.0) for r in ranks),
+        "voted_per_batch": ranks[0]["voted_per_batch"],
     }
 
 
@@ -227,7 +244,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="DataLoader workers per process (default: 2 with pin_memory on CUDA, 0 on the CPU)",
     )
+    parser.add_argument(
+        "--no-vote-row",
+        action="store_true",
+        help="skip the N-process rows whose job has a batch hook that may stop training (a stop vote per batch)",
+    )
     parser.add_argument("--json", default=str(HERE / "results" / "scaling.json"))
+    parser.add_argument("--batch-hook", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -249,27 +272,32 @@ def main(argv: list[str] | None = None) -> None:
     else:
         counts = [1, 2]
     workloads = args.workloads.split(",")
-    # (processes, independent launches): (n, 1) is one n-process job; (1, n) is n one-process jobs at once.
-    configs = [(n, 1) for n in counts]
+    # (processes, independent launches, batch hook): (n, 1, False) is one n-process job; (n, 1, True) the same
+    # job with a batch hook that may stop training (a stop vote per batch); (1, n, False) is n one-process jobs.
+    configs = [(n, 1, False) for n in counts]
+    if not args.no_vote_row:
+        configs += [(n, 1, True) for n in counts if n > 1]
     if args.device == "cpu" and not args.no_control:
-        configs += [(1, n) for n in counts if n > 1]
-    samples: dict[tuple[str, int, int], list[dict[str, Any]]] = {(w, n, k): [] for w in workloads for n, k in configs}
+        configs += [(1, n, False) for n in counts if n > 1]
+    samples: dict[tuple[str, int, int, bool], list[dict[str, Any]]] = {
+        (w, n, k, v): [] for w in workloads for n, k, v in configs
+    }
     failures: list[str] = []
     for round_index in range(args.rounds):
         for workload in workloads:
-            for n, k in configs:  # alternate, so that a busy neighbour slows every configuration alike
+            for n, k, v in configs:  # alternate, so that a busy neighbour slows every configuration alike
                 try:
                     result = run_once(
-                        workload, n, args.device, args.epochs, args.timeout, independent=k, workers=args.workers
+                        workload, n, args.device, args.epochs, args.timeout, k, args.workers, batch_hook=v
                     )
                 except RuntimeError as exc:  # reported, and counted in the JSON; one retry
                     print(f"launch failed, retrying once: {exc}", file=sys.stderr, flush=True)
                     failures.append(str(exc)[-3000:])
                     result = run_once(
-                        workload, n, args.device, args.epochs, args.timeout, independent=k, workers=args.workers
+                        workload, n, args.device, args.epochs, args.timeout, k, args.workers, batch_hook=v
                     )
-                samples[(workload, n, k)].append(result)
-                label = f"x{n}" if k == 1 else f"{k} independent x1"
+                samples[(workload, n, k, v)].append(result)
+                label = (f"x{n}" if k == 1 else f"{k} independent x1") + (" + batch hook" if v else "")
                 print(
                     f"round {round_index + 1}/{args.rounds} {workload} {label}: {result['samples_per_s']:,.0f} "
                     f"samples/s ({result['step_ms']:.2f} ms/step)",
@@ -281,20 +309,22 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for workload in workloads:
-        base = statistics.median(r["samples_per_s"] for r in samples[(workload, counts[0], 1)]) / counts[0]
-        for n, k in configs:
-            runs = samples[(workload, n, k)]
+        base = statistics.median(r["samples_per_s"] for r in samples[(workload, counts[0], 1, False)]) / counts[0]
+        for n, k, v in configs:
+            runs = samples[(workload, n, k, v)]
             rate = statistics.median(r["samples_per_s"] for r in runs)
             step_ms = statistics.median(r["step_ms"] for r in runs)
             flag_us = statistics.median(r["stop_flag_us"] for r in runs)
             vote_us = statistics.median(r["stop_vote_us"] for r in runs)
-            ceiling = samples.get((workload, 1, n)) if k == 1 and n > 1 else None
+            ceiling = samples.get((workload, 1, n, False)) if k == 1 and n > 1 else None
             rows.append(
                 {
                     "workload": workload,
                     "device": args.device,
                     "processes": n * k,
-                    "run": f"{n}-process job" if k == 1 else f"{k} independent 1-process jobs (control)",
+                    "run": (f"{n}-process job" if k == 1 else f"{k} independent 1-process jobs (control)")
+                    + (" + batch hook" if v else ""),
+                    "voted_per_batch": runs[0]["voted_per_batch"],
                     "batch_per_process": WORKLOADS[workload].batch_size,
                     "effective_batch": WORKLOADS[workload].batch_size * n,
                     "strategy": runs[0]["strategy"],
@@ -326,18 +356,20 @@ def main(argv: list[str] | None = None) -> None:
         f"load {report['machine'].get('loadavg_1min', float('nan')):.2f}; median of {args.rounds} rounds\n"
     )
     print(
-        "| workload | run | batch/process | samples/s | speed-up | of the control | ms/step "
+        "| workload | run | batch/process | samples/s | speed-up | of the control | ms/step | votes per batch "
         "| stop vote, synchronous | stop vote, asynchronous (waited) |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
     for row in rows:
         distributed_run = row["processes"] > 1 and "control" not in row["run"]
         flag = f"{row['stop_flag_us']:.0f} µs ({row['stop_flag_share']:.1%})" if distributed_run else "-"
         vote = f"{row['stop_vote_us']:.0f} µs ({row['stop_vote_share']:.1%})" if distributed_run else "-"
         control = f"{row['of_control']:.0%}" if row["of_control"] is not None else "-"
+        voted = ("yes" if row["voted_per_batch"] else "no") if distributed_run else "-"
         print(
             f"| {row['workload']} | {row['run']} ({row['device']}) | {row['batch_per_process']} | "
-            f"{row['samples_per_s']:,.0f} | {row['speedup']:.2f}x | {control} | {row['step_ms']:.2f} | {flag} | {vote} |"
+            f"{row['samples_per_s']:,.0f} | {row['speedup']:.2f}x | {control} | {row['step_ms']:.2f} | {voted} "
+            f"| {flag} | {vote} |"
         )
     print(f"\nwritten: {args.json}")
 

@@ -167,6 +167,7 @@ class HookTimer:
             fn(batch, logs)
             spent[batch - first] += time.perf_counter() - start
 
+        timed.__wrapped__ = fn  # type: ignore[attr-defined]  # what it times (read by may_stop_mid_epoch)
         return timed
 
     def _restore(self) -> None:

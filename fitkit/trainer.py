@@ -40,7 +40,7 @@ from fitkit import (
     tensor_batches,
 )
 from fitkit.callback_list import CallbackList, HookTimer
-from fitkit.callbacks.base import Callback
+from fitkit.callbacks.base import MID_EPOCH_HOOKS, Callback, may_stop_mid_epoch
 from fitkit.callbacks.history import History
 from fitkit.callbacks.progress import ProgressBar
 from fitkit.data import batch_size_of, is_map_style, move_to_device, resume_loader_iterator, split_batch
@@ -232,7 +232,7 @@ class Trainer:
         self._rng_before_validation: dict[str, Any] | None = None
         self.resumed_from: Path | None = None  # the checkpoint the current fit continues, if any
         self._check_batch = self._check_inputs = True  # fitkit's first-batch checks (checks.py) still to run
-        self._non_finite_reported = False
+        self._non_finite_reported = self._unvoted_stop_warned = self._stop_vote = False
         if not isinstance(fast_tensor_batches, bool):
             raise TypeError(f"fast_tensor_batches must be True or False, got {fast_tensor_batches!r}")
         self.fast_tensor_batches = fast_tensor_batches
@@ -562,7 +562,7 @@ class Trainer:
         if self.state.run_id is None:  # rank 0's for every rank; a resume replaces it with the run's own
             self.state.run_id = distributed.broadcast_object(uuid.uuid4().hex, self._dist)
         self._check_batch = self._check_inputs = True
-        self._non_finite_reported = False
+        self._non_finite_reported = self._unvoted_stop_warned = False
         return _FitPlan(
             train_loader, val_loaders, epochs, steps_per_epoch, validate_at,
             step_validation=None if every is None else schedule.StepValidation(every),
@@ -575,6 +575,8 @@ class Trainer:
         self._plan = plan
         # Started after a resume loaded the time already spent; only rank 0's clock decides (see Budget).
         self._budget = schedule.Budget(plan.max_steps, plan.max_time, self.state, decides=self.is_global_zero)
+        # Agreed by every rank (their callbacks differ: rank-0-only ones exist on rank 0 alone).
+        self._stop_vote = self._dist.world_size > 1 and distributed.any_rank(self._may_stop_mid_epoch(), self._dist)
         epochs = itertools.count(self.state.epoch) if plan.epochs is None else range(self.state.epoch, plan.epochs)
         if plan.max_steps is not None and self.state.global_step >= plan.max_steps:
             return  # resumed at the step budget: nothing to train (fit warned)
@@ -600,6 +602,28 @@ class Trainer:
             self.state.should_stop = distributed.any_rank(self.state.should_stop, self._dist)
             if self.state.should_stop:
                 break
+
+    def _may_stop_mid_epoch(self) -> bool:
+        """Whether anything on this rank may stop training inside an epoch, so that the ranks must vote after
+        every batch: a step or time budget (rank 0's clock decides), validation every N steps, a Trainer
+        subclass (its step may), or a batch-level hook not declared ``stops_mid_epoch = False``."""
+        plan = self._plan
+        if plan.max_steps is not None or plan.max_time is not None or plan.step_validation is not None:
+            return True
+        if type(self) is not Trainer:
+            return True
+        return any(may_stop_mid_epoch(fn) for name in MID_EPOCH_HOOKS for fn in self._callbacks.hooks[name])
+
+    def _unvoted_stop(self) -> None:
+        if not self._unvoted_stop_warned:
+            self._unvoted_stop_warned = True
+            warnings.warn(
+                f"training was stopped mid-epoch ({self.state.stop_reason or 'stop_training = True'}) by code that "
+                "fitkit did not expect to stop there, in a distributed run whose ranks skip the per-batch stop "
+                "vote: every rank stops at this epoch's end instead. A callback that stops in a batch-level hook "
+                "must not declare stops_mid_epoch = False",
+                stacklevel=2,
+            )
 
     def _report_non_finite(self, epoch: int) -> None:
         """Warns once per fit, naming the epoch and the first bad batch (read back now, not per batch)."""
@@ -628,8 +652,8 @@ class Trainer:
         batch_begin, batch_end = hooks["on_batch_begin"], hooks["on_batch_end"]
         tracker, total, state = self._train_tracker, self.num_train_batches, self.state
         accumulation, k = self._accumulation, self.accumulate_grad_batches
-        sync_stop = self._dist.world_size > 1  # every rank must leave the loop at the same step
-        vote = distributed.StopVote(self._dist) if sync_stop else None  # started after a batch, read at the next
+        distributed_run = self._dist.world_size > 1  # every rank must leave the loop at the same step
+        vote = distributed.StopVote(self._dist) if self._stop_vote else None  # started after a batch, read at the next
         voted_stop = False
         train_step = self.train_step
         step_validation, budget = self._plan.step_validation, self._budget
@@ -650,7 +674,9 @@ class Trainer:
                 self.batch = batch = self._to_device(batch)
                 self.outputs = None
                 accumulation.step_now = k == 1 or (batch_idx + 1) % k == 0 or batch_idx + 1 == total
-                if sync_stop and k > 1 and total is not None:  # no all-reduce while accumulating (read in forward)
+                if (
+                    distributed_run and k > 1 and total is not None
+                ):  # no all-reduce while accumulating (read in forward)
                     distributed.set_grad_sync(self._train_module, accumulation.step_now)
                 step_logs = train_step(batch)
                 if self._stepped:
@@ -670,7 +696,9 @@ class Trainer:
                 if vote is not None:  # read before the next batch's step; the epoch's end reads the last one
                     vote.start(state.should_stop)
                 elif state.should_stop:
-                    break
+                    if not distributed_run:
+                        break
+                    self._unvoted_stop()  # the other ranks cannot know: all stop at the epoch's end
         if vote is not None and (voted_stop or vote.stop_now()) and not state.should_stop:
             self.stop("stopped on another rank")
         self._check_interrupt()

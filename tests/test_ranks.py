@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fitkit
 from fitkit import distributed, rng
+from fitkit.callbacks.base import may_stop_mid_epoch
 
 pytestmark = pytest.mark.distributed
 
@@ -112,24 +114,91 @@ def test_cuda_dropout_resumes_exactly_from_the_devices_generator(tmp_path: Path)
 
 
 # -- the asynchronous stop vote ---------------------------------------------------------------------------
-def _stop_at(rank: int, out: Path, step: int) -> dict[str, Any]:
+def _stop_at(
+    rank: int, out: Path, step: int, on_ranks: tuple[int, ...] = (0, 1), declared: bool = False, extra: Any = ()
+) -> dict[str, Any]:
     class StopOnRankOne(fitkit.Callback):
+        stops_mid_epoch = not declared  # declared: it wrongly says it never stops mid-epoch
+
         def on_batch_end(self, batch: int, logs: Any = None) -> None:
             if self.trainer.dist.rank == 1 and self.trainer.global_step == step:
                 self.trainer.stop("rank 1 had enough")
 
-    trainer = build(callbacks=[StopOnRankOne()])
-    trainer.fit(DataLoader(make_data(), batch_size=16, shuffle=True), epochs=3)
-    return {"steps": trainer.global_step, "reason": trainer.state.stop_reason, "epochs": len(trainer.history.epoch)}
+    votes = []
+    start = distributed.StopVote.start
+    distributed.StopVote.start = lambda vote, flag: (votes.append(flag), start(vote, flag))[1]  # type: ignore[method-assign]
+    callbacks = [StopOnRankOne()] if rank in on_ranks else []
+    trainer = build(callbacks=[*callbacks, *(make() for make in extra)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(DataLoader(make_data(), batch_size=16, shuffle=True), epochs=3)
+    return {
+        "steps": trainer.global_step,
+        "reason": trainer.state.stop_reason,
+        "epochs": len(trainer.history.epoch),
+        "votes": len(votes),
+        "warnings": [str(w.message) for w in caught if "stop vote" in str(w.message)],
+    }
 
 
+@pytest.mark.parametrize("on_ranks", [(0, 1), (1,)])  # (1,): rank 0 has no such callback, yet votes with rank 1
 @pytest.mark.parametrize("step, epochs", [(2, 1), (3, 1), (6, 2)])  # mid-epoch, and an epoch's last batch
-def test_an_asynchronous_stop_vote_stops_every_rank_after_the_same_step(tmp_path: Path, step: int, epochs: int) -> None:
-    ranks = run_ranks(_stop_at, tmp_path, step=step, timeout=30).check()
+def test_an_asynchronous_stop_vote_stops_every_rank_after_the_same_step(
+    tmp_path: Path, step: int, epochs: int, on_ranks: tuple[int, ...]
+) -> None:
+    ranks = run_ranks(_stop_at, tmp_path, step=step, on_ranks=on_ranks, timeout=30).check()
     assert [r["steps"] for r in ranks] == [step, step]
     assert [r["epochs"] for r in ranks] == [epochs, epochs]
     assert [r["reason"] for r in ranks] == ["stopped on another rank", "rank 1 had enough"]
+    assert [r["votes"] for r in ranks] == [step, step]  # one vote per batch, on both ranks
     assert os.environ.get("RANK") is None  # the parent stays a plain process
+
+
+def test_no_stop_vote_when_nothing_can_stop_mid_epoch(tmp_path: Path) -> None:
+    """Batch-level hooks of the built-in callbacks that never stop training cost no collective per batch."""
+    extra = (
+        lambda: fitkit.callbacks.ModelCheckpoint(
+            str(tmp_path / "ckpt" / "{epoch}-{step}.pt"), monitor=None, save_freq=2
+        ),
+        lambda: fitkit.callbacks.EMA(decay=0.9),
+        lambda: fitkit.callbacks.ProgressBar(),
+    )
+    ranks = run_ranks(_stop_at, tmp_path, step=99, on_ranks=(), extra=extra, timeout=60).check()
+    assert [(r["votes"], r["steps"], r["epochs"]) for r in ranks] == [(0, 9, 3), (0, 9, 3)]
+
+
+def test_a_stop_from_a_hook_declared_never_to_stop_lands_at_the_epochs_end_on_every_rank(tmp_path: Path) -> None:
+    ranks = run_ranks(_stop_at, tmp_path, step=4, declared=True, timeout=30).check()
+    assert [(r["votes"], r["steps"], r["epochs"]) for r in ranks] == [(0, 6, 2), (0, 6, 2)]  # no hang, same step
+    assert ranks[0]["warnings"] == [] and len(ranks[1]["warnings"]) == 1
+    assert ranks[1]["warnings"][0].startswith("training was stopped mid-epoch (rank 1 had enough) by code that")
+    assert [r["reason"] for r in ranks] == [None, "rank 1 had enough"]
+
+
+def test_only_the_class_that_declares_it_has_hooks_that_never_stop() -> None:
+    class Bar(fitkit.callbacks.ProgressBar):  # overrides on_batch_end: it may stop again
+        def on_batch_end(self, batch: int, logs: Any = None) -> None:
+            self.trainer.stop("mine")
+
+    class Quiet(fitkit.callbacks.ProgressBar):  # inherits ProgressBar's declared hook
+        pass
+
+    assert may_stop_mid_epoch(Bar().on_batch_end)
+    assert not may_stop_mid_epoch(Quiet().on_batch_end)
+    assert not may_stop_mid_epoch(fitkit.callbacks.ProgressBar().on_batch_end)
+    assert may_stop_mid_epoch(fitkit.callbacks.TerminateOnNaN().on_batch_end)
+    assert may_stop_mid_epoch(lambda batch, logs=None: None)
+
+
+def test_the_built_in_callbacks_that_never_stop_mid_epoch_say_so() -> None:
+    import fitkit.callbacks as module
+    from fitkit.callbacks.base import MID_EPOCH_HOOKS
+
+    classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, fitkit.Callback)]
+    with_hooks = {c.__name__ for c in classes if any(h in vars(k) for k in c.__mro__[:-2] for h in MID_EPOCH_HOOKS)}
+    declared = {c.__name__ for c in classes if any(vars(k).get("stops_mid_epoch") is False for k in c.__mro__)}
+    assert declared == {"ProgressBar", "TensorBoard", "ModelCheckpoint", "BackupAndRestore", "LRScheduler", "EMA"}
+    assert with_hooks - declared == {"TerminateOnNaN"}  # it stops after the batch whose loss is not finite
 
 
 # -- exit: no gloo worker still holds a collective's tensors when the interpreter finalizes -------------

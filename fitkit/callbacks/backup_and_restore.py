@@ -70,6 +70,8 @@ class BackupAndRestore(Callback):
         else:
             warnings.warn("BackupAndRestore: not backing up non-finite weights", stacklevel=2)
 
+    stops_mid_epoch = False  # on_batch_end only writes backups: under torchrun, no per-batch stop vote for it
+
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if not isinstance(self.save_freq, int):  # "epoch"
             return

@@ -84,6 +84,11 @@ class Callback:
     #: True for callbacks that only write files or draw (progress bars, loggers): in a distributed run
     #: they run on rank 0 only. Callbacks that take decisions run on every rank.
     rank_zero_only: bool = False
+    #: False when the batch-level hooks this class defines (``on_batch_begin``, ``on_batch_end``,
+    #: ``on_before_backward``, ``on_before_optimizer_step``) never stop training. Under torchrun the ranks
+    #: then skip their per-batch vote on "did any rank stop?" (see Scaling out). It covers the hooks defined
+    #: in the class that sets it: a subclass that overrides one counts as able to stop until it sets it too.
+    stops_mid_epoch: bool = True
 
     def set_trainer(self, trainer: Trainer) -> None:
         """Binds the trainer (``fit`` calls it before ``on_train_begin``; a unit test may pass a fake).
@@ -317,6 +322,23 @@ def overrides(callback: Callback, hook: str) -> bool:
     if hook in getattr(callback, "__dict__", ()):
         return True
     return getattr(type(callback), hook, None) is not getattr(Callback, hook)
+
+
+MID_EPOCH_HOOKS = ("on_batch_begin", "on_batch_end", "on_before_backward", "on_before_optimizer_step")
+
+
+def may_stop_mid_epoch(fn: Any) -> bool:
+    """Whether a bound batch-level hook may stop training: unless the class that defines it declares
+    ``stops_mid_epoch = False`` itself (a plain function or a callable attribute: it may)."""
+    while hasattr(fn, "__wrapped__"):  # fitkit's hook timer
+        fn = fn.__wrapped__
+    owner, func = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
+    if owner is None or func is None:
+        return True
+    for cls in type(owner).__mro__:
+        if cls.__dict__.get(func.__name__) is func:
+            return bool(cls.__dict__.get("stops_mid_epoch", True))
+    return True
 
 
 def bound_hook(callback: Callback, hook: str) -> Any:

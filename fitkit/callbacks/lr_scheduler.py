@@ -331,6 +331,8 @@ class LRScheduler(Callback):
             return int(self.trainer.state.global_step)
         return int(self.trainer.state.optimizer_steps.get(self._optimizer_name, 0))
 
+    stops_mid_epoch = False  # on_batch_end only steps the schedule: under torchrun, no per-batch stop vote for it
+
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if self.interval == "step" and self._steps() != self._seen_step:
             self._catch_up()

@@ -155,6 +155,8 @@ class ModelCheckpoint(MonitorCallback):
             self._check_folder()
             self._remove_pending()
 
+    stops_mid_epoch = False  # on_batch_end only writes checkpoints: under torchrun, no per-batch stop vote for it
+
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         self._trained = True
         if isinstance(self.save_freq, str):  # "epoch"

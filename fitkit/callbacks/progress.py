@@ -116,6 +116,8 @@ class ProgressBar(Callback):
         if self._is_bar:
             self._open_bar(epoch)
 
+    stops_mid_epoch = False  # on_batch_end only draws: under torchrun, no per-batch stop vote for it
+
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         now = time.monotonic()
         if now < self._next:  # the common case: a clock read and a comparison

@@ -128,6 +128,8 @@ class TensorBoard(ExperimentLogger):
         if self.write_graph and not self._graph_written and self._graph_hook is None:
             self._graph_hook = self.model.register_forward_pre_hook(self._capture_input, with_kwargs=True)
 
+    stops_mid_epoch = False  # on_batch_end only logs: under torchrun, no per-batch stop vote for it
+
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if self._graph_inputs is not None:
             with self.trainer.allow_sync():  # tracing the graph runs the model once, on purpose

@@ -220,6 +220,8 @@ class EMA(_WeightAveraging):
         super().on_train_begin(logs)
         self._seen_step = self.trainer.global_step
 
+    stops_mid_epoch = False  # on_batch_end only updates the average: under torchrun, no per-batch stop vote for it
+
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if self.trainer.global_step != self._seen_step:  # an optimizer step happened: an int comparison
             self._steps_done()
