@@ -269,6 +269,17 @@ def _sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
+def _checkpoint_path(path: Any, function: str) -> Path:
+    """``path`` as a Path, or a TypeError in fitkit's words (None is the usual mistake: a best-checkpoint
+    path read before any checkpoint was written)."""
+    if isinstance(path, (str, os.PathLike)) and os.fspath(path) not in ("", b""):
+        return Path(os.fsdecode(os.fspath(path)))
+    raise TypeError(
+        f"fitkit.checkpoint.{function}() takes the path of a checkpoint file or sharded checkpoint directory "
+        f"(a str or pathlib.Path), got {path!r}" + (": no checkpoint written yet?" if path is None else "")
+    )
+
+
 def verify(path: str | Path) -> dict[str, Any]:
     """Returns the manifest record that vouches for ``path``'s bytes.
 
@@ -278,7 +289,7 @@ def verify(path: str | Path) -> dict[str, Any]:
     Raises:
         CheckpointError: no manifest entry, or the size or SHA-256 differs (a truncated or altered file).
     """
-    path = Path(path)
+    path = _checkpoint_path(path, "verify")
     if path.is_dir():
         return _verify_directory(path)
     if not path.is_file():
@@ -318,6 +329,7 @@ def load(path: str | Path, map_location: Any = "cpu", verify_file: bool = True) 
         verify_file: False skips the manifest check (only for a file you vouch for; see
             [trust][fitkit.checkpoint.trust] to record one instead).
     """
+    path = _checkpoint_path(path, "load")
     if verify_file:
         verify(path)
     try:
@@ -500,6 +512,16 @@ def _remove_directory(path: Path, entry: dict[str, Any] | None) -> None:
 
 def _verify_directory(path: Path) -> dict[str, Any]:
     entry = read_manifest(path.parent, strict=True)["files"].get(path.name)
+    if entry is None and not (path / SHARDED_METADATA).exists() and not (path / SHARDED_STATE).exists():
+        listed = sorted(read_manifest(path, strict=False)["files"]) if (path / MANIFEST).exists() else []
+        found = listed or sorted(p.name for p in path.glob("*.pt"))
+        example = f"{str(path / found[-1])!r}" if found else "'ckpt/e03.pt'"
+        raise CheckpointError(
+            f"{path} is a folder, not a checkpoint: give one checkpoint file, e.g. {example}"
+            + (f" (it holds {', '.join(found[:5])}{', ...' if len(found) > 5 else ''})" if found else "")
+            + ", or resume='auto' to take the newest good one that the trainer's ModelCheckpoint or "
+            "BackupAndRestore wrote (a sharded checkpoint directory holds .metadata and fitkit-state.pt)"
+        )
     if entry is None:
         raise CheckpointError(
             f"the checkpoint directory {path} is not listed in {path.parent / MANIFEST}: fitkit did not finish "
@@ -741,7 +763,7 @@ def trust(path: str | Path) -> dict[str, Any]:
     Args:
         path: the checkpoint file (or sharded checkpoint directory) to vouch for.
     """
-    path = Path(path)
+    path = _checkpoint_path(path, "trust")
     directory = path.is_dir()
     if not directory and not path.is_file():
         raise CheckpointError(f"trust: no file at {path}")

@@ -3,12 +3,14 @@
 Pure functions, run once on the first batch of a fit (never per batch: no host sync in the loop but the
 one deliberate read of the first batch's label range), plus `explain_loss_error`, which turns a later
 raw torch error from the loss (an ``IndexError`` for a label out of range, a CUDA device-side assert, a
-shape or dtype ``RuntimeError``) into the same message. Each message says what was received, what is
-allowed, and how to fix it.
+shape or dtype ``RuntimeError``) into the same message, and `explain_forward_error`, which does the same
+for the model's first mismatched layer (inputs with the wrong number of features or channels). Each message
+says what was received, what is allowed, and how to fix it.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -109,6 +111,22 @@ def _check_class_targets(loss_fn: Any, name: str, outputs: torch.Tensor, targets
     low, high = (int(v) for v in torch.stack([valid.min(), valid.max()]).tolist())  # the one deliberate read
     if low < 0 or high >= num_classes:
         raise ValueError(_label_message(name, low if low < 0 else high, num_classes))
+
+
+def check_class_weight(class_weight: torch.Tensor, outputs: Any) -> None:
+    """``fit(class_weight=...)`` against the first batch's outputs: a key past the model's classes would
+    weigh no sample (a typo, or a 1-based class), so it is an error rather than silently ignored.
+    ``class_weight`` is the weights by class index (its length: the largest key + 1)."""
+    if not isinstance(outputs, torch.Tensor) or outputs.ndim < 1:
+        return
+    # (N, C) logits: C classes; (N,) or (N, 1) binary outputs: classes 0 and 1
+    num_classes = outputs.shape[1] if outputs.ndim >= 2 and outputs.shape[1] > 1 else 2
+    if class_weight.shape[0] > num_classes:
+        raise ValueError(
+            f"class_weight lists class {class_weight.shape[0] - 1}, but the model's outputs "
+            f"{tuple(outputs.shape)} have {num_classes} classes: its keys are class indices in [0, {num_classes}) "
+            "(0-based, as the labels)"
+        )
 
 
 def _label_message(name: str, label: int | None, num_classes: int | None) -> str:
@@ -215,4 +233,48 @@ def warn_non_finite_loss(epoch: int, batch: int | None) -> None:
         "there on. Lower the learning rate, clip gradients (grad_clip_norm=1.0), check the data for NaN/inf, or "
         "add fitkit.callbacks.TerminateOnNaN() to stop at the first such batch. (Reported once per fit.)",
         stacklevel=3,
+    )
+
+
+_MATMUL = re.compile(r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)")
+_CHANNELS = re.compile(
+    r"weight of size \[(\d+), (\d+)[^\]]*\], expected input\[([\d, ]+)\] to have (\d+) channels, but got (\d+) channels"
+)
+
+
+def explain_forward_error(exc: BaseException, model: nn.Module, inputs: Any) -> Exception | None:
+    """torch's shape error from a ``Linear`` or ``ConvNd`` of ``model``, in fitkit's words: which layer, what
+    it takes, what it got, and whether the data (the model's first such layer) or the model is to fix. None
+    for any other error (it is raised as it was)."""
+    text = str(exc)
+    kinds: tuple[type[nn.Module], ...]
+    if (found := _MATMUL.search(text)) is not None:  # F.linear: (N x got) @ (takes x out)
+        got, takes, out = int(found[2]), int(found[3]), int(found[4])
+        kinds, size = (nn.Linear,), ("in_features", "out_features")
+        what, unit = f"Linear(in_features={takes}, out_features={out})", "features"
+    elif (found := _CHANNELS.search(text)) is not None:  # weight [out, in/groups, ...]
+        out, takes, got = int(found[1]), int(found[4]), int(found[5])
+        kinds, size = (nn.Conv1d, nn.Conv2d, nn.Conv3d), ("in_channels", "out_channels")
+        what, unit = f"a convolution with in_channels={takes}, out_channels={out}", "channels"
+    else:
+        return None
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+    matching = [(name, m) for name, m in layers if (getattr(m, size[0]), getattr(m, size[1])) == (takes, out)]
+    if not matching:
+        return None
+    name, layer = matching[0]
+    where = f"'{name}'" if name else "the model"
+    first = next((m for m in model.modules() if next(m.children(), None) is None and m._parameters), None)
+    dim = -1 if unit == "features" else 1
+    fed_by_data = isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 and inputs.shape[dim] == got
+    if layer is first and fed_by_data:
+        shape = f" (shape {tuple(inputs.shape)})"
+        return ValueError(
+            f"the inputs have {got} {unit}{shape}, but the model's first layer {where}, {what}, takes {takes}: "
+            f"give it inputs with {takes} {unit} (check the data's columns or layout), or build that layer with "
+            f"{size[0]}={got}"
+        )
+    return ValueError(
+        f"the model's layer {where}, {what}, received {got} {unit}: the layers before it output {got}, not "
+        f"{takes}. Build it with {size[0]}={got} (nn.LazyLinear / nn.LazyConv2d infer it)"
     )

@@ -851,6 +851,8 @@ class Trainer:
             self._check_batch = False
             with self.allow_sync():
                 checks.check_loss_inputs(self.loss, outputs, targets)
+            if self._class_weight is not None:
+                checks.check_class_weight(self._class_weight, outputs)
         try:
             if sample_weight is None:
                 return self.loss(outputs, targets)
@@ -925,13 +927,19 @@ class Trainer:
                 ``compile=True``); False the one evaluation and prediction use. Train/eval mode is the loop's.
         """
         module = self._train_module if training else self._eval_module
-        if isinstance(inputs, torch.Tensor):
+        try:
+            if isinstance(inputs, torch.Tensor):
+                return module(inputs)
+            if isinstance(inputs, dict):
+                return module(**inputs)
+            if isinstance(inputs, (list, tuple)):
+                return module(*inputs)
             return module(inputs)
-        if isinstance(inputs, dict):
-            return module(**inputs)
-        if isinstance(inputs, (list, tuple)):
-            return module(*inputs)
-        return module(inputs)
+        except RuntimeError as exc:  # torch's shape error of a Linear/Conv: which layer, and what to fix
+            explained = checks.explain_forward_error(exc, self.model, inputs)
+            if explained is None:
+                raise
+            raise explained from exc
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The mixed-precision context of this trainer (a no-op at ``precision="32"``)."""

@@ -349,6 +349,17 @@ def test_bad_class_weights_are_refused(class_weight, match):
         make_trainer().fit(make_classification(8), batch_size=4, class_weight=class_weight)
 
 
+def test_a_class_weight_past_the_models_classes_is_an_error_before_any_step():
+    trainer = make_trainer()  # TinyNet: 3 classes
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^class_weight lists class 3, but the model's outputs \(4, 3\) have 3 "):
+        trainer.fit(make_classification(8), batch_size=4, class_weight={1: 2.0, 3: 5.0})  # 1-based by mistake
+    assert trainer.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    trainer.fit(make_classification(8), batch_size=4, class_weight={0: 2.0, 2: 5.0})  # every key a class: trains
+    assert trainer.global_step == 2
+
+
 def test_sum_reduced_losses_are_warned_about_when_built():
     with pytest.warns(UserWarning, match=r"CrossEntropyLoss\(reduction='sum'\) returns a per-batch sum: the logged "
                       r"loss .* is then batch-size times a per-sample value. Use reduction='mean'"):  # fmt: skip

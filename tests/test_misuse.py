@@ -612,6 +612,44 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
         checkpoint.CheckpointError,
         r"trust: no file at nope\.pt",
     ),
+    # -- the model against the data: torch's shape error, in fitkit's words
+    (
+        "inputs of the wrong width",
+        lambda: _fit((torch.randn(8, 5), torch.randint(0, 3, (8,))), batch_size=4),
+        ValueError,
+        r"^the inputs have 5 features \(shape \(4, 5\)\), but the model's first layer the model, "
+        r"Linear\(in_features=4, out_features=3\), takes 4: give it inputs with 4 features",
+    ),
+    (
+        "predict on inputs of the wrong width",
+        lambda: _trainer().predict(torch.randn(8, 6)),
+        ValueError,
+        r"^the inputs have 6 features \(shape \(8, 6\)\), but the model's first layer",
+    ),
+    (
+        "a hidden layer of the wrong width",
+        lambda: _fit(trainer={"model": nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(6, 3))}),
+        ValueError,
+        r"^the model's layer '2', Linear\(in_features=6, out_features=3\), received 8 features: the layers before "
+        r"it output 8, not 6\. Build it with in_features=8",
+    ),
+    (
+        "grayscale images for an RGB model",
+        lambda: _fit(
+            (torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))),
+            batch_size=4,
+            trainer={"model": nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 3))},
+        ),
+        ValueError,
+        r"^the inputs have 1 channels \(shape \(4, 1, 6, 6\)\), but the model's first layer '0', a convolution "
+        r"with in_channels=3, out_channels=4, takes 3",
+    ),
+    (
+        "class_weight for a class the model lacks",
+        lambda: _fit((X, Y), class_weight={0: 1.0, 7: 2.0}),
+        ValueError,
+        r"^class_weight lists class 7, but the model's outputs \(\d+, 3\) have 3 classes",
+    ),
 ]
 
 

@@ -307,6 +307,27 @@ def test_verify_names_trust_as_the_way_to_load_a_file_without_manifest(tmp_path:
     checkpoint.verify(tmp_path / "w.pt")
 
 
+@pytest.mark.parametrize("function", [checkpoint.load, checkpoint.verify, checkpoint.trust])
+@pytest.mark.parametrize("path", [None, "", 3])
+def test_the_checkpoint_functions_name_a_path_that_is_no_path(function: Any, path: Any) -> None:
+    with pytest.raises(
+        TypeError, match=rf"^fitkit\.checkpoint\.{function.__name__}\(\) takes the path of a checkpoint"
+    ):
+        function(path)
+
+
+def test_resuming_from_a_folder_of_checkpoints_names_its_files_and_resume_auto(tmp_path: Path) -> None:
+    trainer, train, _ = build(callbacks=[ModelCheckpoint(str(tmp_path / "ckpt" / "e{epoch}.pt"), monitor=None)])
+    trainer.fit(train, epochs=2)
+    again, train, _ = build()
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        again.fit(train, epochs=3, resume=str(tmp_path / "ckpt"))
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'ckpt'} is a folder, not a checkpoint: give one checkpoint file, e.g. ")
+    assert "(it holds e1.pt, e2.pt), or resume='auto'" in message
+    assert again.global_step == 0
+
+
 # -- a crash-restart may rewrite what the crashed process wrote after its last backup -------------------
 class _CrashAfterEpochWrites(fitkit.Callback):
     """Raises after epoch ``epoch``'s checkpoint files are written (listed last, its action runs last)."""
