@@ -168,3 +168,29 @@ def test_mode_auto_that_cannot_tell_fails_before_training(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="cannot tell whether 'score' should go up or down"):
         trainer.fit(train, val, epochs=1)
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, best, score",
+    [
+        ({"save_top_k": 2}, "e3.pt", 1.0),  # the best of the two kept, by monitor (min)
+        ({"save_top_k": 2, "mode": "max"}, "e2.pt", 4.0),
+        ({"save_best_only": True}, "e3.pt", 1.0),
+        ({"monitor": None}, "e4.pt", None),  # no ranking: the newest file
+        ({"save_top_k": 3}, "e3.pt", 1.0),  # a NaN never wins
+    ],
+)
+def test_best_model_path_and_score(tmp_path: Path, kwargs: dict[str, Any], best: str, score: float | None) -> None:
+    ckpt = _fit(tmp_path, [3.0, 4.0, 1.0, float("nan")], **kwargs)
+    assert ckpt.best_model_path == str(tmp_path / best)
+    assert ckpt.best_model_score == score
+
+
+def test_best_model_path_is_none_before_a_write_and_restored_on_resume(tmp_path: Path) -> None:
+    assert ModelCheckpoint(tmp_path / "e{epoch}.pt", monitor="score", save_top_k=2).best_model_path is None
+    _fit(tmp_path, [3.0, 1.0, 2.0], save_top_k=2, save_last=True)
+    again = ModelCheckpoint(tmp_path / "e{epoch}.pt", monitor="score", mode="min", save_top_k=2, save_last=True)
+    trainer, train, val = build(callbacks=[Script([3.0, 1.0, 2.0, 5.0]), again])
+    trainer.fit(train, val, epochs=4, resume=str(tmp_path / "last.pt"))
+    assert trainer.resumed_from == tmp_path / "last.pt"
+    assert (again.best_model_path, again.best_model_score) == (str(tmp_path / "e2.pt"), 1.0)

@@ -253,6 +253,28 @@ class ModelCheckpoint(MonitorCallback):
             )
         return rendered
 
+    @property
+    def best_model_path(self) -> str | None:
+        """The best file by ``monitor`` among those this callback keeps (``save_best_only`` and ``save_top_k``
+        rank them by it; the newest of equal scores), as Lightning names it; without a ranking (``monitor=None``,
+        or neither option) the newest file it keeps. None before the first write. A resumed fit restores it."""
+        best = self._best_kept()
+        return None if best is None else best[2]
+
+    @property
+    def best_model_score(self) -> float | None:
+        """The ``monitor`` value of [best_model_path][fitkit.callbacks.ModelCheckpoint.best_model_path]; None
+        without a ranking."""
+        best = self._best_kept()
+        return None if best is None else best[0]
+
+    def _best_kept(self) -> tuple[float | None, int, str] | None:
+        scored = [item for item in self.kept if item[0] is not None and math.isfinite(item[0])]
+        if not scored:
+            return max(self.kept, key=lambda item: item[1], default=None)  # the newest
+        sign = 1.0 if self.resolved_mode == "min" else -1.0
+        return min(scored, key=lambda item: (sign * float(item[0] or 0.0), -item[1]))
+
     def _better(self, a: float, b: float | None) -> bool:
         if not math.isfinite(a):
             return False  # NaN/inf never enters a full top k
