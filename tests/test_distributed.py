@@ -548,6 +548,13 @@ def _failing_job(rank: int, out: Path, where: str, stay_alive: bool = False) -> 
             if where == "callback" and self.trainer._dist.rank == 1 and self.trainer.global_step == 3:
                 raise ValueError("boom in callback")
 
+    class QuietBoom(fitkit.Callback):  # declared never to stop: the ranks do not vote after each batch
+        stops_mid_epoch = False
+
+        def on_batch_end(self, batch: int, logs: Any = None) -> None:
+            if where == "quiet callback" and self.trainer._dist.rank == 1 and self.trainer.global_step == 3:
+                raise ValueError("boom in quiet callback")
+
     class BoomNet(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -556,18 +563,21 @@ def _failing_job(rank: int, out: Path, where: str, stay_alive: bool = False) -> 
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             self.calls += 1
-            if where == "forward" and int(os.environ["RANK"]) == 1 and self.calls == 3:
-                raise ValueError("boom in forward")
+            if where.startswith("forward") and int(os.environ["RANK"]) == 1 and self.calls == 3:
+                raise ValueError(f"boom in {where}")
             return self.net(x)
 
     class Slow(fitkit.Callback):  # so that training outlasts the kill in the SIGKILL test
+        stops_mid_epoch = False
+
         def on_batch_end(self, batch: int, logs: Any = None) -> None:
             time.sleep(0.005)
 
     fitkit.seed_everything(0)
     model = BoomNet()
+    callbacks = [QuietBoom(), Slow()] if where in ("quiet callback", "forward unvoted") else [Boom(), Slow()]
     trainer = fitkit.Trainer(
-        model, "sgd", "cross_entropy", callbacks=[Boom(), Slow()], device="cpu", verbose=0, process_group_timeout=120
+        model, "sgd", "cross_entropy", callbacks=callbacks, device="cpu", verbose=0, process_group_timeout=120
     )
     start = time.monotonic()
     try:
@@ -587,7 +597,16 @@ def _failing_job(rank: int, out: Path, where: str, stay_alive: bool = False) -> 
     return {"error": None}
 
 
-@pytest.mark.parametrize("where, stay_alive", [("callback", True), ("callback", False), ("forward", False)])
+@pytest.mark.parametrize(
+    "where, stay_alive",
+    [
+        ("callback", True),
+        ("callback", False),
+        ("forward", False),
+        ("quiet callback", False),
+        ("forward unvoted", False),
+    ],
+)
 def test_an_exception_on_one_rank_ends_every_rank_within_seconds(tmp_path: Path, where: str, stay_alive: bool) -> None:
     run = run_ranks(_failing_job, tmp_path, where=where, stay_alive=stay_alive, timeout=60)
     rank0, rank1 = run.check()

@@ -29,13 +29,10 @@ CUDA = torch.cuda.is_available()
 
 # -- import cost ---------------------------------------------------------------------------------
 _IMPORT_PROBE = """
-import json, sys, time
-start = time.perf_counter()
+import json, sys
 import torch
-after_torch = time.perf_counter()
 import fitkit
-done = time.perf_counter()
-print(json.dumps({"torch": after_torch - start, "fitkit": done - after_torch, "modules": sorted(sys.modules)}))
+print(json.dumps({"modules": sorted(sys.modules)}))
 """
 _OPTIONAL = (
     "torchvision", "tensorboard", "torch.utils.tensorboard", "matplotlib", "sklearn", "lightning", "mlflow", "optuna",
@@ -48,17 +45,11 @@ def _import_probe() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # fresh interpreters import torch, up to 5 times
-def test_import_fitkit_adds_at_most_100ms_over_torch_and_no_optional_package():
-    # The least of a few runs: a busy machine can only make a run slower, never faster.
-    runs = []
-    for _ in range(5):
-        runs.append(_import_probe())
-        if min(r["fitkit"] for r in runs) <= 0.1:
-            break
-    best = min(r["fitkit"] for r in runs)
-    assert best <= 0.1, f"import fitkit took {best:.3f} s on top of import torch (best of {len(runs)} runs)"
-    loaded = [name for name in _OPTIONAL if name in runs[0]["modules"]]
+def test_import_fitkit_imports_no_optional_package():
+    """The time ``import fitkit`` adds is a benchmark figure (``benchmarks/overhead.py``: from cached bytecode,
+    and compiling from source), not a timed test; what it imports is checked here."""
+    modules = _import_probe()["modules"]
+    loaded = [name for name in _OPTIONAL if name in modules]
     assert loaded == [], f"import fitkit imported optional packages {loaded}; import them where they are used"
 
 
