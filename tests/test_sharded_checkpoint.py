@@ -103,6 +103,9 @@ def test_a_directory_counts_only_when_every_file_is_in_place(tmp_path: Path) -> 
         checkpoint.verify(path)
     uncommitted = tmp_path / "c.pt"
     uncommitted.mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match=r"c\.pt is a folder, not a checkpoint: give one checkpoint"):
+        checkpoint.verify(uncommitted)  # nothing of a sharded checkpoint in it
+    (uncommitted / ".metadata").write_bytes(b"dcp")  # a sharded checkpoint copied without its manifest
     with pytest.raises(checkpoint.CheckpointError, match=r"is not listed in .*fitkit-manifest.json: fitkit did not"):
         checkpoint.verify(uncommitted)
 
