@@ -78,6 +78,11 @@ class Callback:
     A callback with state worth keeping across a restart (best value, counters) overrides
     [state_dict][fitkit.callbacks.Callback.state_dict] and [load_state_dict][fitkit.callbacks.Callback.load_state_dict], returning plain Python values and tensors only, and
     resets its per-fit counters in ``on_train_begin`` so that one instance can serve several ``fit`` calls.
+
+    Two class attributes matter under torchrun: ``rank_zero_only = True`` for a callback that only writes files
+    or draws (it then exists on rank 0 only), and ``stops_mid_epoch = False`` for one whose batch-level hooks
+    never stop training (the ranks then need not vote after every batch on whether any rank stopped; see
+    [Writing callbacks](../writing-callbacks.md#under-torchrun-which-rank-runs-what)).
     """
 
     trainer: Trainer
