@@ -663,42 +663,46 @@ class Trainer:
             self._step_validation()  # resumed from a checkpoint written before this step's validation finished
             if state.should_stop:
                 batches = iter(())
-        with self._sync_window():
-            for batch in batches:
-                if vote is not None and vote.stop_now():  # a rank stopped after the last batch: all stop there
-                    voted_stop = True
-                    break
-                batch_idx = state.batch_in_epoch
-                for fn in batch_begin:
-                    fn(batch_idx, {})
-                self.batch = batch = self._to_device(batch)
-                self.outputs = None
-                accumulation.step_now = k == 1 or (batch_idx + 1) % k == 0 or batch_idx + 1 == total
-                if (
-                    distributed_run and k > 1 and total is not None
-                ):  # no all-reduce while accumulating (read in forward)
-                    distributed.set_grad_sync(self._train_module, accumulation.step_now)
-                step_logs = train_step(batch)
-                if self._stepped:
-                    self._finish_iteration()
-                if batch_idx == 0:
-                    arguments.check_step_logs(step_logs)
-                tracker.add(step_logs, self._current_n)
-                state.batch_in_epoch = batch_idx + 1
-                for fn in batch_end:
-                    fn(batch_idx, step_logs)
-                if check_budget and not state.should_stop and (reason := budget.check()) is not None:
-                    self.stop(reason)  # before the writes: a checkpoint of this batch holds its train_time
-                if self._deferred:
-                    self._run_deferred()
-                if step_validation is not None and step_validation.due(state):
-                    self._step_validation()
-                if vote is not None:  # read before the next batch's step; the epoch's end reads the last one
-                    vote.start(state.should_stop)
-                elif state.should_stop:
-                    if not distributed_run:
+        try:
+            with self._sync_window():
+                for batch in batches:
+                    if vote is not None and vote.stop_now():  # a rank stopped after the last batch: all stop there
+                        voted_stop = True
                         break
-                    self._unvoted_stop()  # the other ranks cannot know: all stop at the epoch's end
+                    batch_idx = state.batch_in_epoch
+                    for fn in batch_begin:
+                        fn(batch_idx, {})
+                    self.batch = batch = self._to_device(batch)
+                    self.outputs = None
+                    accumulation.step_now = k == 1 or (batch_idx + 1) % k == 0 or batch_idx + 1 == total
+                    if distributed_run and k > 1 and total is not None:  # no all-reduce while accumulating
+                        distributed.set_grad_sync(self._train_module, accumulation.step_now)
+                    step_logs = train_step(batch)
+                    if self._stepped:
+                        self._finish_iteration()
+                    if batch_idx == 0:
+                        arguments.check_step_logs(step_logs)
+                    tracker.add(step_logs, self._current_n)
+                    state.batch_in_epoch = batch_idx + 1
+                    for fn in batch_end:
+                        fn(batch_idx, step_logs)
+                    if check_budget and not state.should_stop and (reason := budget.check()) is not None:
+                        self.stop(reason)  # before the writes: a checkpoint of this batch holds its train_time
+                    if self._deferred:
+                        self._run_deferred()
+                    if step_validation is not None and step_validation.due(state):
+                        self._step_validation()
+                    if vote is not None:  # read before the next batch's step; the epoch's end reads the last one
+                        vote.start(state.should_stop)
+                    elif state.should_stop:
+                        if not distributed_run:
+                            break
+                        self._unvoted_stop()  # the other ranks cannot know: all stop at the epoch's end
+        finally:
+            # A failing step keeps this frame in the exception's traceback: drop the epoch's iterator here, so that
+            # a DataLoader's workers shut down now. Left to a later garbage collection, multiprocessing's own
+            # finalizers close their queues first and each worker is waited for 5 s, then killed.
+            del batches
         if vote is not None and (voted_stop or vote.stop_now()) and not state.should_stop:
             self.stop("stopped on another rank")
         self._check_interrupt()
@@ -1229,20 +1233,23 @@ class Trainer:
             batches = tensor_batches.iterate(loader) if fast else iter(loader)
             if steps is not None:
                 batches = itertools.islice(batches, steps)
-            with self._sync_window():
-                for batch_idx, batch in enumerate(batches):
-                    for fn in batch_begin:
-                        fn(batch_idx, {})
-                    self.batch = batch = self._to_device(batch)
-                    self.outputs = None
-                    step_logs = self.eval_step(batch)
-                    if batch_idx == 0:
-                        arguments.check_step_logs(step_logs)
-                    tracker.add(step_logs, self._current_n)
-                    for fn in batch_end:
-                        fn(batch_idx, step_logs)
-                    if self._interrupted():
-                        break
+            try:
+                with self._sync_window():
+                    for batch_idx, batch in enumerate(batches):
+                        for fn in batch_begin:
+                            fn(batch_idx, {})
+                        self.batch = batch = self._to_device(batch)
+                        self.outputs = None
+                        step_logs = self.eval_step(batch)
+                        if batch_idx == 0:
+                            arguments.check_step_logs(step_logs)
+                        tracker.add(step_logs, self._current_n)
+                        for fn in batch_end:
+                            fn(batch_idx, step_logs)
+                        if self._interrupted():
+                            break
+            finally:
+                del batches  # as in _run_epoch: a DataLoader's workers shut down now, even on an exception
             if tracker.count == 0 and self._dist.world_size == 1:
                 raise ValueError("validation data yielded no batches; pass a non-empty DataLoader or None")
             logs = tracker.compute(self._dist.reduce)

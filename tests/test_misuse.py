@@ -877,3 +877,28 @@ def test_a_lock_file_that_cannot_be_created_or_locked(tmp_path: Path, monkeypatc
     with pytest.warns(UserWarning, match=r"cannot lock .* \(No locks available; a file system without locks\?\)"):
         _fit(trainer={"callbacks": [ModelCheckpoint(tmp_path / "b" / "e{epoch}.pt", monitor=None)]})
     assert (tmp_path / "b" / "e1.pt").exists()
+
+
+# -- a failing fit leaves no DataLoader workers behind -------------------------------------------------
+@pytest.mark.parametrize("where", ["training", "validation"])
+def test_a_fit_that_fails_shuts_its_dataloader_workers_down_at_once(where: str) -> None:
+    """The exception's traceback keeps the loop's frame alive; its DataLoader iterator must not wait for a
+    garbage collection, where multiprocessing's finalizers close the queues first (10 s for 2 workers)."""
+    import multiprocessing
+
+    class Fail(fitkit.Callback):
+        def on_batch_end(self, batch: int, logs: Any = None) -> None:
+            if where == "training" and batch == 2:
+                raise RuntimeError("boom")
+
+        def on_validation_batch_end(self, batch: int, logs: Any = None) -> None:
+            if where == "validation" and batch == 1:
+                raise RuntimeError("boom")
+
+    data = TensorDataset(torch.randn(96, 4), torch.randint(0, 3, (96,)))
+    loaders = [DataLoader(data, batch_size=8, num_workers=2, shuffle=True) for _ in range(2)]
+    trainer = fitkit.Trainer(nn.Linear(4, 3), "sgd", "cross_entropy", callbacks=[Fail()], device="cpu", verbose=0)
+    with pytest.raises(RuntimeError, match="boom") as caught:
+        trainer.fit(loaders[0], loaders[1], epochs=1)
+    assert caught.value.__traceback__ is not None  # still held, with the frames of the loop
+    assert multiprocessing.active_children() == []
