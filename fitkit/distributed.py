@@ -519,6 +519,17 @@ def barrier(info: DistInfo) -> None:
         _all_reduce(torch.zeros(1), info)
 
 
+def on_every_rank(error: BaseException) -> BaseException:
+    """Marks ``error`` as raised by every rank at the same point (an agreed decision): ``fit`` then raises it
+    as it is, not as one rank's failure (see `on_failure`)."""
+    error.__dict__["_fitkit_on_every_rank"] = True
+    return error
+
+
+def raised_on_every_rank(error: BaseException) -> bool:
+    return bool(getattr(error, "__dict__", {}).get("_fitkit_on_every_rank", False))
+
+
 def _store() -> Any:
     try:
         return _compat.default_store()

@@ -636,8 +636,10 @@ class Trainer:
         """Runs ``on_exception`` and returns what ``fit`` raises: a signal's conventional exit, the
         first failing rank's error in a distributed run, or ``exc`` itself."""
         self._deferred.clear()
-        # Another rank's failure reaches this one as a failed collective: report the first failure.
-        peer_failure = None if isinstance(exc, TrainingInterrupted) else distributed.on_failure(exc, self._dist)
+        # Another rank's failure reaches this one as a failed collective: report the first failure. An error
+        # that every rank raised together (a signal, a decision they agreed on) is no one rank's failure.
+        together = isinstance(exc, TrainingInterrupted) or distributed.raised_on_every_rank(exc)
+        peer_failure = None if together else distributed.on_failure(exc, self._dist)
         self._callbacks.fire("on_exception", exc)
         if isinstance(exc, TrainingInterrupted):
             return exc.exit_exception()

@@ -365,6 +365,61 @@ def test_only_rank_zero_writes_files(tmp_path: Path) -> None:
     assert len(rows) == 1 + 3
 
 
+def _late_rank_one(rank: int, out: Path, existing: bool) -> dict[str, Any]:
+    folder = out.parent / "weights"
+
+    class Late(fitkit.Callback):  # rank 1 reaches the epoch's writes long after rank 0 could have written
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            if rank == 1:
+                time.sleep(0.3)
+            elif existing and epoch == 1:  # another job's file appears after the fit's start-up checks
+                (folder / "w2.pt").write_bytes(b"someone else's")
+
+    trainer = build(callbacks=[ModelCheckpoint(folder / "w{epoch}.pt", monitor=None, save_weights_only=True), Late()])
+    try:
+        trainer.fit(DataLoader(make_data(), batch_size=24), epochs=2)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"error": None, "files": sorted(p.name for p in folder.glob("*.pt"))}
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_every_rank_takes_rank_zeros_overwrite_decision(tmp_path: Path, existing: bool) -> None:
+    """Rank 0 alone writes, and may have written w1.pt before rank 1 looks: rank 1 must not refuse it as a
+    stranger's file; a real stranger's file (``existing``) is refused on every rank with the same error."""
+    ranks = run_ranks(_late_rank_one, tmp_path / "out", existing=existing, timeout=60).check()
+    if not existing:
+        assert [r["error"] for r in ranks] == [None, None]
+        assert ranks[0]["files"] == ["w1.pt", "w2.pt"]
+    else:
+        errors = [r["error"] for r in ranks]  # the same error on both ranks, not rank 1's PeerFailure
+        assert errors[0] == errors[1] and errors[0].startswith("ValueError: ModelCheckpoint: "), errors
+        assert "w2.pt exists and was not written by this run; refusing to overwrite it" in errors[0]
+
+
+def _foreign_folder(rank: int, out: Path) -> dict[str, Any]:
+    folder = out.parent / "weights"
+    if rank == 0:
+        folder.mkdir(exist_ok=True)
+        (folder / "w2.pt").write_bytes(b"someone else's")
+    trainer = build(callbacks=[ModelCheckpoint(folder / "w{epoch}.pt", monitor=None, save_weights_only=True)])
+    try:
+        trainer.fit(DataLoader(make_data(), batch_size=24), epochs=2)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "steps": trainer.global_step}
+    return {"error": None}
+
+
+def test_a_folder_check_on_rank_zero_fails_every_rank_alike_before_training(tmp_path: Path) -> None:
+    ranks = run_ranks(_foreign_folder, tmp_path / "out", timeout=60).check()
+    assert ranks[0]["error"] == ranks[1]["error"], ranks  # not a raw gloo error, nor a PeerFailure, on rank 1
+    assert (
+        ranks[0]["error"].startswith("ValueError: ModelCheckpoint(")
+        and "already holds 1 checkpoint" in ranks[0]["error"]
+    )
+    assert [r["steps"] for r in ranks] == [0, 0]
+
+
 def _progress_bars(rank: int, out: Path) -> dict[str, Any]:
     import io
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fitkit.callbacks.base import Callback, Logs
-from fitkit.callbacks.files import acquire_run_lock, check_writable, release_run_lock
+from fitkit.callbacks.files import acquire_run_lock, check_writable, checked_on_rank_zero, release_run_lock
 from fitkit.callbacks.model_checkpoint import weights_are_finite
 from fitkit.checkpoint import newest_good, read_manifest, remove_checkpoint
 from fitkit.signals import TrainingInterrupted
@@ -55,13 +55,15 @@ class BackupAndRestore(Callback):
         return newest_good([self.checkpoint_dir], "BackupAndRestore: ignoring a bad backup")
 
     def on_train_begin(self, logs: Logs | None = None) -> None:
-        if getattr(self.trainer, "is_global_zero", True):  # a file or a read-only folder: now, not at the save
-            check_writable(self.checkpoint_dir, f"BackupAndRestore({str(self.checkpoint_dir)!r})")
-            acquire_run_lock(self.checkpoint_dir, f"BackupAndRestore({str(self.checkpoint_dir)!r})")  # one job
-            self._locked = True
+        checked_on_rank_zero(self.trainer, self._claim_folder)  # a file or a read-only folder: now, not at the save
         self._batches_since_save = 0
         self._failed = False
         self._wrote = False
+
+    def _claim_folder(self) -> None:
+        check_writable(self.checkpoint_dir, f"BackupAndRestore({str(self.checkpoint_dir)!r})")
+        acquire_run_lock(self.checkpoint_dir, f"BackupAndRestore({str(self.checkpoint_dir)!r})")  # one job
+        self._locked = True
 
     def _backup(self) -> None:
         if weights_are_finite(self.model):

@@ -13,10 +13,11 @@ import os
 import re
 import string
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from fitkit import distributed
 from fitkit.checkpoint import read_manifest
 
 # What a placeholder renders to: an int or a float in any format (nan/inf included).
@@ -207,3 +208,30 @@ def release_run_lock(folder: str | Path) -> None:
     if entry[1] == 0:
         del _held[key]
         os.close(entry[0])  # closing the descriptor releases the lock
+
+
+def checked_on_rank_zero(trainer: Any, check: Callable[[], None]) -> None:
+    """Runs ``check`` (a look at files that rank 0 alone writes) on rank 0 only, and raises its error on every
+    rank: a rank that raised alone would leave the others waiting in their next collective, and a rank that
+    looked itself could see a file rank 0 has just written. The others raise the same type and message."""
+    error: Exception | None = None
+    if getattr(trainer, "is_global_zero", True):
+        try:
+            check()
+        except Exception as exc:
+            error = exc
+    info = getattr(trainer, "dist", None)
+    if info is None or info.world_size == 1:
+        if error is not None:
+            raise error
+        return
+    told = distributed.broadcast_object(None if error is None else (type(error), str(error)), info)
+    if error is not None:
+        raise distributed.on_every_rank(error)
+    if told is not None:
+        kind, message = told
+        try:
+            raised = kind(message)
+        except Exception:  # an exception class that takes other arguments
+            raised = RuntimeError(message)
+        raise distributed.on_every_rank(raised)

@@ -133,16 +133,18 @@ class ModelCheckpoint(MonitorCallback):
         self._folder_checked = False
         self._written_this_fit = set()
         self._trained = False  # a failure before this fit's first batch leaves no crash.pt (nothing to inspect)
-        if getattr(self.trainer, "is_global_zero", True):  # a file or a read-only folder: now, not after an epoch
-            files.check_writable(self.checkpoint_dir, f"ModelCheckpoint({self.filepath!r})")
-            files.acquire_run_lock(self.checkpoint_dir, f"ModelCheckpoint({self.filepath!r})")  # one job per folder
-            self._locked = True
+        files.checked_on_rank_zero(self.trainer, self._claim_folder)  # a file or a read-only folder: now
         for field in self._fields:  # a typo in the template is an error now, not at the first save
             if field not in ("epoch", "step", "batch"):
                 check_key_can_exist(field, self.trainer, f"ModelCheckpoint(filepath={self.filepath!r})")
         if self.monitor_key is not None and (self.save_best_only or self.save_top_k):
             self.check_monitor_key()
             _ = self.resolved_mode  # fail before training when mode='auto' cannot tell the direction
+
+    def _claim_folder(self) -> None:
+        files.check_writable(self.checkpoint_dir, f"ModelCheckpoint({self.filepath!r})")
+        files.acquire_run_lock(self.checkpoint_dir, f"ModelCheckpoint({self.filepath!r})")  # one job per folder
+        self._locked = True
 
     def on_train_end(self, logs: Logs | None = None) -> None:
         if getattr(self, "_locked", False):
@@ -152,7 +154,7 @@ class ModelCheckpoint(MonitorCallback):
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
         if not self._folder_checked:  # once per fit, after fit's resume has loaded (or not) a checkpoint
             self._folder_checked = True
-            self._check_folder()
+            files.checked_on_rank_zero(self.trainer, self._check_folder)
             self._remove_pending()
 
     stops_mid_epoch = False  # on_batch_end only writes checkpoints: under torchrun, no per-batch stop vote for it
@@ -320,7 +322,7 @@ class ModelCheckpoint(MonitorCallback):
             last = self.save_last and path.parent == self.checkpoint_dir and path.name == "last.pt"
             if (last or pattern.fullmatch(str(path.resolve()))) and not self._same_run(path):
                 found.append(path)
-        if found and self.trainer.is_global_zero:
+        if found:
             shown = ", ".join(str(f) for f in found[:5]) + (" ..." if len(found) > 5 else "")
             raise ValueError(
                 f"ModelCheckpoint({self.filepath!r}): {self.checkpoint_dir} already holds {len(found)} checkpoint "
@@ -344,7 +346,7 @@ class ModelCheckpoint(MonitorCallback):
         ``initial_epoch``): refused before training, when the template's names depend on the epoch and step
         only (a name with a logged value may or may not come again; the write itself checks it then)."""
         fields = set(self._fields)
-        if fields - {"epoch", "step", "batch"} or not self.trainer.is_global_zero:
+        if fields - {"epoch", "step", "batch"}:
             return
         state = self.trainer.state
         planned = getattr(self.trainer, "epochs_planned", None)
@@ -362,20 +364,31 @@ class ModelCheckpoint(MonitorCallback):
             self._check_overwrite(path)
 
     def _check_overwrite(self, path: Path) -> None:
+        problem = self._overwrite_problem(path)
+        if problem is not None:
+            raise ValueError(problem)
+
+    def _check_writes(self, path: Path) -> None:
+        self._check_overwrite(path)
+        if self.save_last:
+            self._check_overwrite(self.checkpoint_dir / "last.pt")
+
+    def _overwrite_problem(self, path: Path) -> str | None:
         if self.save_last and path == self.checkpoint_dir / "last.pt" and str(path) in self._written:
-            return  # last.pt is the newest state of this callback's runs: every save replaces it
+            return None  # last.pt is the newest state of this callback's runs: every save replaces it
         if (
             path.exists()
             and str(path) not in self._written_this_fit
             and not self._continues_here()
             and not self._same_run(path)
         ):
-            raise ValueError(
+            return (
                 f"ModelCheckpoint: {path} exists and was not written by this run; refusing to overwrite it. "
                 "Calling fit again with the same trainer renders the same names from epoch 1: pass "
                 "initial_epoch= to continue the numbering, resume='auto' to continue from the checkpoint, "
                 "or another filepath."
             )
+        return None
 
     def _remove_pending(self) -> None:
         """Completes top-k removals that a killed process did not finish (recorded in the checkpoint)."""
@@ -390,9 +403,8 @@ class ModelCheckpoint(MonitorCallback):
             warnings.warn(f"ModelCheckpoint: skipped {path}: the model holds non-finite weights", stacklevel=2)
             return
         self._remove_pending()
-        self._check_overwrite(path)
-        if self.save_last:
-            self._check_overwrite(self.checkpoint_dir / "last.pt")
+        # Rank 0 alone writes, and may already have written this very file when another rank would look.
+        files.checked_on_rank_zero(self.trainer, lambda: self._check_writes(path))
         # The checkpoint records the top k as it is after this write, and the files this write makes
         # redundant: a kill before they are removed leaves them to the resumed run (_remove_pending).
         before = self.kept
