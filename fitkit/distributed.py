@@ -383,9 +383,9 @@ class _InFlight:
         """Drops every Work it holds (the control group is being closed): a Work holds the group's
         connections open, and they must close for the other ranks to be released. The tensors of the
         collectives that completed are still waited for at exit; the others never complete."""
-        for entry in self.entries:
-            entry[2] = None if entry[2] is None or entry[2].is_completed() else False
-        self.entries = [entry for entry in self.entries if entry[2] is not False]
+        self.entries = [
+            [tensor, base, None] for tensor, base, work in self.entries if work is None or work.is_completed()
+        ]
 
     def drain(self, timeout_s: float = 5.0) -> bool:
         """Waits (releasing the GIL) until gloo holds none of the tensors of a completed collective; True
@@ -522,12 +522,12 @@ def barrier(info: DistInfo) -> None:
 def on_every_rank(error: BaseException) -> BaseException:
     """Marks ``error`` as raised by every rank at the same point (an agreed decision): ``fit`` then raises it
     as it is, not as one rank's failure (see `on_failure`)."""
-    error.__dict__["_fitkit_on_every_rank"] = True
+    error._fitkit_on_every_rank = True  # type: ignore[attr-defined]
     return error
 
 
 def raised_on_every_rank(error: BaseException) -> bool:
-    return bool(getattr(error, "__dict__", {}).get("_fitkit_on_every_rank", False))
+    return getattr(error, "_fitkit_on_every_rank", False) is True
 
 
 def _store() -> Any:

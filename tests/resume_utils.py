@@ -70,22 +70,23 @@ def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a["history"] == b["history"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    _assert_nested_equal(a["optimizer"], b["optimizer"])
+    assert_nested_equal(a["optimizer"], b["optimizer"], "optimizer")
 
 
-def _assert_nested_equal(a: Any, b: Any, where: str = "optimizer") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_nested_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_nested_equal(x, y, f"{where}[{i}]")
+def assert_nested_equal(actual: Any, expected: Any, where: str = "state") -> None:
+    """Nested dicts/lists of tensors and plain values (an optimizer's state_dict, a hidden state), equal exactly."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and torch.equal(actual, expected), where
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), where
+        for key in expected:
+            assert_nested_equal(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_nested_equal(a, e, f"{where}[{i}]")
     else:
-        assert a == b, where
+        assert actual == expected, where
 
 
 def crash_during_save(phase: str, save_index: int) -> None:

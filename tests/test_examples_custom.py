@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from resume_utils import assert_nested_equal
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -80,22 +81,6 @@ def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, tor
     assert actual.keys() == expected.keys()
     different = [key for key in expected if not torch.equal(actual[key], expected[key])]
     assert not different, f"not bit-identical: {different}"
-
-
-def assert_same_state(actual: Any, expected: Any, where: str = "state") -> None:
-    """Nested dicts/lists of tensors and plain values, equal exactly."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and torch.equal(actual, expected), where
-    elif isinstance(expected, dict):
-        assert isinstance(actual, dict) and actual.keys() == expected.keys(), where
-        for key in expected:
-            assert_same_state(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), where
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_same_state(a, e, f"{where}[{i}]")
-    else:
-        assert actual == expected, where
 
 
 def interrupted_then_resumed(
@@ -198,7 +183,7 @@ def test_gan_resumes_mid_epoch_exactly(tmp_path):
     resumed = interrupted_then_resumed(tmp_path, _gan_trainer, _gan_fit, crash_after=5)  # epoch 2, batch 2
     assert_same_tensors(resumed.model.state_dict(), uninterrupted.model.state_dict())
     for name in ("generator", "discriminator"):  # Adam's moments of both optimizers
-        assert_same_state(resumed.optimizers[name].state_dict(), uninterrupted.optimizers[name].state_dict(), name)
+        assert_nested_equal(resumed.optimizers[name].state_dict(), uninterrupted.optimizers[name].state_dict(), name)
     schedules = [cb.scheduler.state_dict() for cb in resumed.callbacks if isinstance(cb, fitkit.callbacks.LRScheduler)]
     expected = [
         cb.scheduler.state_dict() for cb in uninterrupted.callbacks if isinstance(cb, fitkit.callbacks.LRScheduler)
@@ -298,7 +283,7 @@ def test_vae_resumes_mid_epoch_exactly(tmp_path):
     _vae_fit(uninterrupted)
     resumed = interrupted_then_resumed(tmp_path, _vae_trainer, _vae_fit, crash_after=6)  # epoch 2, batch 2
     assert_same_tensors(resumed.model.state_dict(), uninterrupted.model.state_dict())
-    assert_same_state(resumed.optimizer.state_dict(), uninterrupted.optimizer.state_dict())
+    assert_nested_equal(resumed.optimizer.state_dict(), uninterrupted.optimizer.state_dict())
     assert resumed.history.history == uninterrupted.history.history
 
 
@@ -416,8 +401,8 @@ def test_lstm_language_model_resumes_mid_epoch_with_its_hidden_state(tmp_path):
     crash = 2 * per_epoch + per_epoch // 2  # in the middle of epoch 3, after a plateau step
     resumed = interrupted_then_resumed(tmp_path, _lstm_trainer, _lstm_fit, crash_after=crash)
     assert_same_tensors(resumed.model.state_dict(), uninterrupted.model.state_dict())
-    assert_same_state(resumed.optimizer.state_dict(), uninterrupted.optimizer.state_dict())
-    assert_same_state(resumed.hidden, uninterrupted.hidden, "hidden")
+    assert_nested_equal(resumed.optimizer.state_dict(), uninterrupted.optimizer.state_dict())
+    assert_nested_equal(resumed.hidden, uninterrupted.hidden, "hidden")
     plateau = [
         cb
         for trainer in (resumed, uninterrupted)
@@ -510,7 +495,7 @@ def test_lbfgs_resumes_mid_epoch_exactly(tmp_path):
     fit(uninterrupted)
     resumed = interrupted_then_resumed(tmp_path, _lbfgs_trainer, fit, crash_after=3)  # epoch 2, batch 1
     assert_same_tensors(resumed.model.state_dict(), uninterrupted.model.state_dict())
-    assert_same_state(resumed.optimizer.state_dict(), uninterrupted.optimizer.state_dict())
+    assert_nested_equal(resumed.optimizer.state_dict(), uninterrupted.optimizer.state_dict())
 
 
 # -- the scripts, as a user runs them -------------------------------------------------------------------------

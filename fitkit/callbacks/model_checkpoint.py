@@ -364,31 +364,25 @@ class ModelCheckpoint(MonitorCallback):
             self._check_overwrite(path)
 
     def _check_overwrite(self, path: Path) -> None:
-        problem = self._overwrite_problem(path)
-        if problem is not None:
-            raise ValueError(problem)
-
-    def _check_writes(self, path: Path) -> None:
-        self._check_overwrite(path)
-        if self.save_last:
-            self._check_overwrite(self.checkpoint_dir / "last.pt")
-
-    def _overwrite_problem(self, path: Path) -> str | None:
         if self.save_last and path == self.checkpoint_dir / "last.pt" and str(path) in self._written:
-            return None  # last.pt is the newest state of this callback's runs: every save replaces it
+            return  # last.pt is the newest state of this callback's runs: every save replaces it
         if (
             path.exists()
             and str(path) not in self._written_this_fit
             and not self._continues_here()
             and not self._same_run(path)
         ):
-            return (
+            raise ValueError(
                 f"ModelCheckpoint: {path} exists and was not written by this run; refusing to overwrite it. "
                 "Calling fit again with the same trainer renders the same names from epoch 1: pass "
                 "initial_epoch= to continue the numbering, resume='auto' to continue from the checkpoint, "
                 "or another filepath."
             )
-        return None
+
+    def _check_writes(self, path: Path) -> None:
+        self._check_overwrite(path)
+        if self.save_last:
+            self._check_overwrite(self.checkpoint_dir / "last.pt")
 
     def _remove_pending(self) -> None:
         """Completes top-k removals that a killed process did not finish (recorded in the checkpoint)."""
