@@ -9,7 +9,7 @@ test.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +44,47 @@ def compiled_module_inner(module: nn.Module) -> nn.Module:
 def foreach_div_(tensors: Sequence[torch.Tensor], divisor: float) -> None:
     """Divides every tensor in place by ``divisor`` in one fused call (``torch._foreach_div_``)."""
     torch._foreach_div_(list(tensors), divisor)
+
+
+def tensor_use_count(tensor: torch.Tensor) -> int:
+    """How many C++ references ``tensor`` has (``Tensor._use_count``; 1: only its Python object), so that a
+    caller can tell when a worker thread has let go of it; 1 on a torch without the count."""
+    count = getattr(tensor, "_use_count", None)
+    return int(count()) if count is not None else 1
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for every batch-norm layer, whose running statistics follow the data (``_BatchNorm``: BatchNorm1d,
+    2d, 3d, their lazy forms and SyncBatchNorm)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def own_parameters(module: nn.Module) -> Mapping[str, nn.Parameter | None]:
+    """The parameters registered on ``module`` itself, not on its children (``Module._parameters``), with the
+    ones registered as None (``bias=False``) included."""
+    return module._parameters
+
+
+#: What an LR scheduler writes on the optimizer it wraps to check that ``optimizer.step()`` runs before
+#: ``scheduler.step()``: torch 2.3 counts the steps (``_step_count``), torch >= 2.4 notes that one ran
+#: (``_opt_called``).
+_STEP_MARKS = ("_step_count", "_opt_called")
+
+
+def optimizer_step_marks(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The marks an LR scheduler keeps on ``optimizer`` about its steps (empty when no scheduler wrapped it), to
+    put back with `set_optimizer_step_marks` after steps that must leave no trace."""
+    return {name: optimizer.__dict__[name] for name in _STEP_MARKS if name in optimizer.__dict__}
+
+
+def set_optimizer_step_marks(optimizer: torch.optim.Optimizer, marks: Mapping[str, Any]) -> None:
+    """Makes ``optimizer``'s step marks ``marks`` (from `optimizer_step_marks`): each mark is set, and a mark
+    ``marks`` lacks is removed."""
+    for name in _STEP_MARKS:
+        if name in marks:
+            optimizer.__dict__[name] = marks[name]
+        else:
+            optimizer.__dict__.pop(name, None)
 
 
 # -- torch.distributed ----------------------------------------------------------------------------

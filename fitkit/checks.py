@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fitkit import _compat
+
 #: Losses whose targets are class indices ``(N,)`` (or ``(N, d1, ...)``) in ``[0, num_classes)``.
 CLASSIFICATION_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
 #: Losses that compare outputs and targets element-wise and broadcast silently when their shapes differ.
@@ -264,7 +266,7 @@ def explain_forward_error(exc: BaseException, model: nn.Module, inputs: Any) -> 
         return None
     name, layer = matching[0]
     where = f"'{name}'" if name else "the model"
-    first = next((m for m in model.modules() if next(m.children(), None) is None and m._parameters), None)
+    first = next((m for m in model.modules() if next(m.children(), None) is None and _compat.own_parameters(m)), None)
     dim = -1 if unit == "features" else 1
     fed_by_data = isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 and inputs.shape[dim] == got
     if layer is first and fed_by_data:

@@ -96,3 +96,57 @@ def test_torchmetrics_without_sync_switches_the_sync_off_and_restores_it():
         assert metric._to_sync is False and metric._computed is None
         assert metric.compute().item() == 2.0
     assert metric._to_sync is True and metric._computed is cached
+
+
+def test_tensor_use_count_counts_the_cpp_references():
+    assert hasattr(torch.Tensor, "_use_count"), "Tensor._use_count is gone: tensor_use_count would always say 1"
+    tensor = torch.ones(4)
+    assert _compat.tensor_use_count(tensor) == 1  # its Python object only
+    view = tensor.view(2, 2)  # a view keeps a C++ reference to its base
+    assert _compat.tensor_use_count(tensor) == 2
+    del view
+    assert _compat.tensor_use_count(tensor) == 1
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.BatchNorm1d(3), nn.BatchNorm2d(3), nn.BatchNorm3d(3), nn.LazyBatchNorm1d(), nn.SyncBatchNorm(3)],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_is_batchnorm_covers_every_batch_norm_layer(layer: nn.Module):
+    assert _compat.is_batchnorm(layer)
+
+
+@pytest.mark.parametrize("layer", [nn.LayerNorm(3), nn.GroupNorm(1, 3), nn.InstanceNorm1d(3), nn.Linear(3, 3)])
+def test_is_batchnorm_leaves_out_other_layers(layer: nn.Module):
+    assert not _compat.is_batchnorm(layer)
+
+
+def test_own_parameters_are_the_module_s_own_with_the_empty_ones():
+    linear = nn.Linear(2, 3, bias=False)
+    own = _compat.own_parameters(linear)
+    assert list(own) == ["weight", "bias"] and own["weight"] is linear.weight and own["bias"] is None
+    assert not _compat.own_parameters(nn.ReLU())
+    parent = nn.Sequential(linear)
+    assert not _compat.own_parameters(parent)  # the child's parameters are not the parent's own
+    assert list(parent.parameters()) == [linear.weight]
+
+
+def test_optimizer_step_marks_are_what_an_lr_scheduler_writes_on_the_optimizer():
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert _compat.optimizer_step_marks(optimizer) == {}  # no scheduler: no marks
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    before = _compat.optimizer_step_marks(optimizer)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    after = _compat.optimizer_step_marks(optimizer)
+    assert after and after != before, (
+        f"an optimizer step under an LR scheduler left the marks {before} as they were ({after}): the scheduler "
+        "now tracks optimizer.step() under another attribute; add it to _compat._STEP_MARKS"
+    )
+    _compat.set_optimizer_step_marks(optimizer, before)
+    assert _compat.optimizer_step_marks(optimizer) == before
+    # What the marks are for: put back, they make the scheduler see no optimizer step, as before the step.
+    with pytest.warns(UserWarning, match=r"lr_scheduler\.step\(\)` before `optimizer\.step\(\)"):
+        scheduler.step()
