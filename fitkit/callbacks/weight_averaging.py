@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fitkit import distributed
+from fitkit import _compat, distributed
 from fitkit.callbacks.base import Callback, Logs
 from fitkit.data import move_to_device, split_batch
 
@@ -356,14 +356,12 @@ class SWA(_WeightAveraging):
 
         trainer = self.trainer
         model = trainer.model
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if not any(_compat.is_batchnorm(m) for m in model.modules()):
             return
         with torch.no_grad():
             update_bn(_Inputs(trainer), _Forward(trainer))
         if trainer.world_size > 1:  # each rank saw its shard: average the statistics over the ranks
-            buffers = [
-                b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()
-            ]
+            buffers = [b for m in model.modules() if _compat.is_batchnorm(m) for b in m.buffers()]
             everyone = distributed.gather_object([b.detach().cpu() for b in buffers], trainer.dist)
             with torch.no_grad():
                 for i, b in enumerate(buffers):
