@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fitkit import _compat
+from fitkit._structure import describe, tensors
 
 #: Losses whose targets are class indices ``(N,)`` (or ``(N, d1, ...)``) in ``[0, num_classes)``.
 CLASSIFICATION_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
@@ -30,16 +31,6 @@ ELEMENTWISE_LOSSES = (
     nn.BCEWithLogitsLoss,
     nn.BCELoss,
 )
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
-    if isinstance(value, dict):
-        return f"a dict with keys {sorted(map(str, value))}"
-    if isinstance(value, (list, tuple)):
-        return f"a {type(value).__name__} of {len(value)} ({', '.join(type(v).__name__ for v in value[:4])})"
-    return f"a {type(value).__name__}"
 
 
 def _loss_name(loss_fn: Any) -> str:
@@ -56,12 +47,12 @@ def check_loss_inputs(loss_fn: Any, outputs: Any, targets: Any) -> None:
     name = _loss_name(loss_fn)
     if not isinstance(outputs, torch.Tensor):
         raise TypeError(
-            f"{name} expects the model's output to be a tensor, but the model returned {_describe(outputs)}. "
+            f"{name} expects the model's output to be a tensor, but the model returned {describe(outputs, 'items')}. "
             "Return the logits tensor from forward, or compute the loss from the structure yourself: override "
             "Trainer.compute_loss(inputs, targets, outputs) (e.g. return self.loss(outputs[0], targets))"
         )
     if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"{name} expects the targets to be a tensor, got {_describe(targets)}")
+        raise TypeError(f"{name} expects the targets to be a tensor, got {describe(targets, 'items')}")
     if isinstance(loss_fn, CLASSIFICATION_LOSSES):
         _check_class_targets(loss_fn, name, outputs, targets)
     elif outputs.shape != targets.shape:
@@ -89,7 +80,7 @@ def _check_class_targets(loss_fn: Any, name: str, outputs: torch.Tensor, targets
         if targets.shape == outputs.shape:
             return  # class probabilities (soft labels): CrossEntropyLoss accepts them
         raise TypeError(
-            f"{name} got {_describe(targets)} as targets: class labels must be integers (int64). Cast them: "
+            f"{name} got {describe(targets, 'items')} as targets: class labels must be integers (int64). Cast them: "
             "y.long() (NumPy: y.astype('int64')); for class probabilities, pass targets of the outputs' shape "
             f"{tuple(outputs.shape)}"
         )
@@ -178,7 +169,7 @@ def check_input_dtypes(inputs: Any, model: nn.Module, name: str = "the data") ->
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     if param is None:
         return
-    for tensor in _tensors(inputs):
+    for tensor in tensors(inputs):
         if tensor.is_floating_point() and tensor.dtype != param.dtype:
             data, model_dtype = str(tensor.dtype).replace("torch.", ""), str(param.dtype).replace("torch.", "")
             raise TypeError(
@@ -186,16 +177,6 @@ def check_input_dtypes(inputs: Any, model: nn.Module, name: str = "the data") ->
                 f"(x.to(torch.{model_dtype}); NumPy: x.astype('{model_dtype}')), or the model "
                 f"(model.to(torch.{data})) before building the Trainer"
             )
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 def check_last_batch(model: nn.Module, loader: Any, steps_per_epoch: int | None) -> None:

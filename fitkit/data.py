@@ -13,37 +13,21 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from fitkit._structure import describe, leaves, map_structure
+
 
 def move_to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """Moves every tensor nested in tuples, lists and dicts to ``device``; other leaves are kept."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=non_blocking)
-    if isinstance(obj, Mapping):
-        moved = {k: move_to_device(v, device, non_blocking) for k, v in obj.items()}
-        if type(obj) is dict:
-            return moved
-        mapping_type: Any = type(obj)  # a Mapping subclass: most are built from a dict
-        try:
-            return mapping_type(moved)
-        except TypeError:  # a mapping whose constructor takes other arguments (defaultdict): a plain dict
-            return moved
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(move_to_device(v, device, non_blocking) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(move_to_device(v, device, non_blocking) for v in obj)
-    return obj
+
+    def move(leaf: Any) -> Any:
+        return leaf.to(device, non_blocking=non_blocking) if isinstance(leaf, torch.Tensor) else leaf
+
+    return map_structure(move, obj)
 
 
 def first_tensor(obj: Any) -> torch.Tensor | None:
     """The first tensor found depth-first in a nested batch, or None."""
-    if isinstance(obj, torch.Tensor):
-        return obj
-    values = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (list, tuple)) else ()
-    for value in values:
-        found = first_tensor(value)
-        if found is not None:
-            return found
-    return None
+    return next((leaf for leaf in leaves(obj) if isinstance(leaf, torch.Tensor)), None)
 
 
 def batch_size_of(batch: Any) -> int:
@@ -65,18 +49,6 @@ def batch_size_of(batch: Any) -> int:
             "with a batch dimension. Yield (inputs, targets) tensors, or override Trainer.train_step/eval_step."
         )
     return tensor.shape[0]
-
-
-def describe(obj: Any) -> str:
-    """A short structural description of a batch for error messages."""
-    if isinstance(obj, torch.Tensor):
-        return f"Tensor(shape={tuple(obj.shape)}, dtype={obj.dtype})"
-    if isinstance(obj, Mapping):
-        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in list(obj.items())[:6]) + "}"
-    if isinstance(obj, (list, tuple)):
-        inner = ", ".join(describe(v) for v in obj[:6]) + (", ..." if len(obj) > 6 else "")
-        return f"{type(obj).__name__}({inner})" if isinstance(obj, tuple) else f"[{inner}]"
-    return type(obj).__name__
 
 
 def split_batch(batch: Any) -> tuple[Any, Any, Any]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from fitkit import _structure
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -58,20 +59,9 @@ def pinned(loader: Any, device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     if isinstance(loader, list) and loader:
-        tensors = list(_tensors(loader[0]))
+        tensors = _structure.tensors(loader[0])
         return bool(tensors) and all(t.device.type == "cuda" or t.is_pinned() for t in tensors)
     return bool(getattr(loader, "pin_memory", False))
-
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _tensors(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _tensors(value)
 
 
 def fits_on_device(tensors: list[torch.Tensor], device: torch.device) -> bool:
@@ -85,10 +75,10 @@ def fits_on_device(tensors: list[torch.Tensor], device: torch.device) -> bool:
 
 def channels_last(batch: Any) -> Any:
     """Every 4-D tensor nested in ``batch`` in the channels-last memory format."""
-    if isinstance(batch, torch.Tensor):
-        return batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 else batch
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(channels_last(b) for b in batch)
-    if isinstance(batch, dict):
-        return {k: channels_last(v) for k, v in batch.items()}
-    return batch
+
+    def convert(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor) and leaf.ndim == 4:
+            return leaf.contiguous(memory_format=torch.channels_last)
+        return leaf
+
+    return _structure.map_structure(convert, batch)

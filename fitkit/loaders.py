@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from fitkit import arrays, distributed
+from fitkit._structure import map_structure
 from fitkit.data import InMemoryLoader, check_reiterable, first_tensor, to_tensor
 from fitkit.devices import fits_on_device, pinned
 
@@ -174,26 +175,19 @@ def num_batches(loader: Any, steps: int | None) -> int | None:
 
 def concat_outputs(outputs: list[Any]) -> Any:
     """``predict``'s per-batch outputs joined along dim 0 (tuples and dicts element-wise)."""
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(outputs)
-    if isinstance(first, (list, tuple)):
-        return type(first)(concat_outputs([o[i] for o in outputs]) for i in range(len(first)))
-    if isinstance(first, dict):
-        return {k: concat_outputs([o[k] for o in outputs]) for k in first}
-    raise TypeError(f"predict: cannot concatenate outputs of type {type(first).__name__}")
+    return map_structure(_concat, *outputs)
+
+
+def _concat(first: Any, *rest: Any) -> torch.Tensor:
+    if not isinstance(first, torch.Tensor):
+        raise TypeError(f"predict: cannot concatenate outputs of type {type(first).__name__}")
+    return torch.cat([first, *rest])
 
 
 def take_rows(outputs: Any, order: torch.Tensor) -> Any:
     """``outputs`` (a tensor, or tuples/lists/dicts of them) with their rows in ``order`` (predictions gathered
     from ranks or files put back in sample order)."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs[order]
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(take_rows(o, order) for o in outputs)
-    if isinstance(outputs, dict):
-        return {k: take_rows(v, order) for k, v in outputs.items()}
-    return outputs
+    return map_structure(lambda leaf: leaf[order] if isinstance(leaf, torch.Tensor) else leaf, outputs)
 
 
 def data_signature(loader: Any) -> dict[str, Any]:

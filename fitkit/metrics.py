@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from fitkit._structure import describe
 from fitkit.devices import sum_dtype
 
 
@@ -54,7 +55,7 @@ class Metric:
                 return getattr(outputs, self.output)
             raise ValueError(
                 f"metric {self.name!r}: output={self.output!r} does not pick anything from the model's outputs "
-                f"({_describe(outputs)}); use an index for a tuple or a key for a dict"
+                f"({describe(outputs, 'size')}); use an index for a tuple or a key for a dict"
             ) from None
 
     def batch_sum(self, outputs: Any, targets: Any) -> tuple[torch.Tensor, int]:
@@ -244,7 +245,7 @@ class Accuracy(Metric):
         """
         if isinstance(outputs, (tuple, list, dict)) or hasattr(outputs, "keys"):
             raise TypeError(
-                f"{self.name}: the model returns {_describe(outputs)}, not one tensor; pick the output this "
+                f"{self.name}: the model returns {describe(outputs, 'size')}, not one tensor; pick the output this "
                 f"metric reads with output=, e.g. Accuracy(output=0) or Accuracy(output='logits')"
             )
         if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
@@ -378,14 +379,6 @@ def get_metric(metric: Any) -> Metric:
         f"cannot use {metric!r} as a metric: expected a string, a fitkit.metrics.Metric, a "
         "torchmetrics.Metric or a function (outputs, targets) -> tensor"
     )
-
-
-def _describe(outputs: Any) -> str:
-    if isinstance(outputs, dict):
-        return f"a dict with keys {sorted(outputs)}"
-    if isinstance(outputs, (tuple, list)):
-        return f"a {type(outputs).__name__} of {len(outputs)}"
-    return type(outputs).__name__
 
 
 __all__ = ["Metric", "Mean", "Accuracy", "get_metric"]
