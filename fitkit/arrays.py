@@ -18,8 +18,24 @@ from torch import nn
 _SMALL_INTS = (torch.int8, torch.int16, torch.int32, torch.uint8)
 
 
-def _is_array(obj: Any) -> bool:
+def is_array(obj: Any) -> bool:
+    """True for a tensor or a NumPy array."""
     return isinstance(obj, torch.Tensor) or (type(obj).__module__ == "numpy" and hasattr(obj, "shape"))
+
+
+def to_tensor(array: Any, name: str) -> torch.Tensor:
+    """``array`` as a tensor: a tensor as it is, a NumPy array sharing its memory; anything else is a
+    ``TypeError`` that names ``name`` (Python lists are converted before, by `from_python`)."""
+    if isinstance(array, torch.Tensor):
+        return array
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with tensorboard
+        pass
+    else:
+        if isinstance(array, np.ndarray):
+            return torch.from_numpy(array)
+    raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got {type(array).__name__}")
 
 
 def is_python_array(obj: Any) -> bool:
@@ -35,10 +51,10 @@ def is_python_array(obj: Any) -> bool:
 
 
 def _list_of_arrays(obj: Any) -> bool:
-    return isinstance(obj, list) and bool(obj) and all(_is_array(item) for item in obj[:8])
+    return isinstance(obj, list) and bool(obj) and all(is_array(item) for item in obj[:8])
 
 
-def to_tensor(value: Any, name: str) -> torch.Tensor:
+def _list_to_tensor(value: Any, name: str) -> torch.Tensor:
     """A (nested) Python list of numbers as a tensor, as ``np.asarray`` reads it (floats: float64, ints:
     int64; the model's dtype is applied by `follow_model`)."""
     import numpy as np
@@ -74,14 +90,14 @@ def from_python(data: Any, name: str) -> Any:
                 "them from a DataLoader whose batches are ((x1, x2), y)"
             )
         if any(is_python_array(part) for part in data) and all(
-            is_python_array(part) or _is_array(part) for part in data
+            is_python_array(part) or is_array(part) for part in data
         ):
             return tuple(
-                to_tensor(part, f"{name}[{i}]") if is_python_array(part) else part for i, part in enumerate(data)
+                _list_to_tensor(part, f"{name}[{i}]") if is_python_array(part) else part for i, part in enumerate(data)
             )
         return data
     if isinstance(data, list) and is_python_array(data):
-        return to_tensor(data, name)  # x alone, as Keras's predict(x) takes a list of rows
+        return _list_to_tensor(data, name)  # x alone, as Keras's predict(x) takes a list of rows
     return data
 
 
@@ -95,12 +111,11 @@ def follow_model(data: Any, float_dtype: torch.dtype | None, class_labels: bool)
     """In-memory ``x``, ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)`` with every floating part cast to
     ``float_dtype`` (Keras casts to the model's float type) and, when ``class_labels``, integer ``y`` of
     another width cast to int64. Anything else (a DataLoader, a list of batches) is returned unchanged."""
-    if _is_array(data):
+    if is_array(data):
         return _cast(data, float_dtype, False)
-    if isinstance(data, tuple) and 1 <= len(data) <= 3 and _is_array(data[0]):
+    if isinstance(data, tuple) and 1 <= len(data) <= 3 and is_array(data[0]):
         return tuple(
-            _cast(part, float_dtype, class_labels and i == 1) if _is_array(part) else part
-            for i, part in enumerate(data)
+            _cast(part, float_dtype, class_labels and i == 1) if is_array(part) else part for i, part in enumerate(data)
         )
     return data
 

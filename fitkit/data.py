@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from fitkit._structure import describe, leaves, map_structure
+from fitkit.arrays import to_tensor
 
 
 def move_to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -66,19 +67,6 @@ def split_batch(batch: Any) -> tuple[Any, Any, Any]:
         "(x,), (x, y) or (x, y, sample_weight), where x may itself be a tuple of tensors or a dict. Make the "
         "dataset return one of these, or subclass Trainer and override train_step(batch) / eval_step(batch)."
     )
-
-
-def to_tensor(array: Any, name: str) -> torch.Tensor:
-    if isinstance(array, torch.Tensor):
-        return array
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy ships with tensorboard
-        pass
-    else:
-        if isinstance(array, np.ndarray):
-            return torch.from_numpy(array)
-    raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got {type(array).__name__}")
 
 
 class InMemoryLoader:

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from fitkit import arrays, distributed
 from fitkit._structure import map_structure
-from fitkit.data import InMemoryLoader, check_reiterable, first_tensor, to_tensor
+from fitkit.arrays import is_array, to_tensor
+from fitkit.data import InMemoryLoader, check_reiterable, first_tensor
 from fitkit.devices import fits_on_device, pinned
 
 
@@ -29,11 +30,6 @@ class SkippableLoader(Protocol):
     def skip_next(self, num_batches: int) -> None: ...
 
     def __iter__(self) -> Iterator[Any]: ...
-
-
-def is_array(obj: Any) -> bool:
-    """True for a tensor or a NumPy array."""
-    return isinstance(obj, torch.Tensor) or (type(obj).__module__ == "numpy" and hasattr(obj, "shape"))
 
 
 def as_loader(
@@ -71,23 +67,7 @@ def as_loader(
             "its batches as (x, y, sample_weight), or use the DataLoader's own drop_last="
         )
     if isinstance(data, DataLoader):
-        if batch_size is not None:
-            raise ValueError(
-                f"batch_size is for in-memory data; {name} is a DataLoader with its own "
-                f"batch_size ({data.batch_size}). Drop batch_size= or pass (x, y) tensors."
-            )
-        if not isinstance(data.dataset, IterableDataset) and len(data) == 0:
-            raise ValueError(
-                f"{name} is an empty DataLoader (dataset of {len(data.dataset)} samples"  # type: ignore[arg-type]
-                f"{', drop_last=True' if data.drop_last else ''}); there is nothing to iterate"
-            )
-        if device.type == "cuda" and not data.pin_memory:
-            warnings.warn(
-                f"{name}: a DataLoader with pin_memory=False on a CUDA run: copying each batch from pageable "
-                "memory to the GPU waits for it (a host sync per batch); pass pin_memory=True (and "
-                "num_workers>0 to load batches while the GPU computes)",
-                stacklevel=4,
-            )
+        _check_data_loader(data, batch_size, name, device)
         return distributed.shard_train(data, dist) if training else data
     if is_array(data):  # x alone, as Keras's fit(x)/predict(x) take it; iterating it would yield single rows
         data = (data,)
@@ -121,6 +101,27 @@ def as_loader(
         f"{name} must be a DataLoader, a re-iterable of (inputs, targets) batches, or an (x, y) "
         f"tuple of tensors/arrays; got {type(data).__name__}"
     )
+
+
+def _check_data_loader(loader: DataLoader, batch_size: int | None, name: str, device: torch.device) -> None:
+    """`as_loader`'s checks of a DataLoader: no ``batch_size=`` beside it, not empty, pinned on a CUDA run."""
+    if batch_size is not None:
+        raise ValueError(
+            f"batch_size is for in-memory data; {name} is a DataLoader with its own "
+            f"batch_size ({loader.batch_size}). Drop batch_size= or pass (x, y) tensors."
+        )
+    if not isinstance(loader.dataset, IterableDataset) and len(loader) == 0:
+        raise ValueError(
+            f"{name} is an empty DataLoader (dataset of {len(loader.dataset)} samples"  # type: ignore[arg-type]
+            f"{', drop_last=True' if loader.drop_last else ''}); there is nothing to iterate"
+        )
+    if device.type == "cuda" and not loader.pin_memory:
+        warnings.warn(
+            f"{name}: a DataLoader with pin_memory=False on a CUDA run: copying each batch from pageable "
+            "memory to the GPU waits for it (a host sync per batch); pass pin_memory=True (and "
+            "num_workers>0 to load batches while the GPU computes)",
+            stacklevel=5,  # the caller of fit/evaluate/predict, as as_loader's own warnings
+        )
 
 
 def _in_memory(
