@@ -11,14 +11,16 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fitkit.callbacks.base import Callback, check_hook_names
 from fitkit.callbacks.files import check_file_collisions
-from fitkit.metrics import Metric
+
+if TYPE_CHECKING:
+    from fitkit.metrics import Metric
 
 PRECISIONS = {
     "32": "32",
@@ -81,17 +83,70 @@ def resolve_precision(precision: str | int, device: torch.device) -> str:
     return resolved
 
 
-def positive_or_none(value: float | None, name: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-        raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
+# -- scalar arguments: one family, one wording --------------------------------------------------------
+def _means(meaning: str) -> str:
+    return f" ({meaning})" if meaning else ""
+
+
+def _is_int_from(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_positive_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def check_int(value: Any, name: str, minimum: int, meaning: str = "") -> int:
+    """``value`` when it is an int >= ``minimum`` (a bool is not); else a ``ValueError`` that says so.
+
+    Args:
+        value: what the user passed.
+        name: the argument's name, as the message shows it.
+        minimum: the smallest int allowed.
+        meaning: what the number counts, shown in the message ("optimizer steps between updates"); "" for none.
+    """
+    if not _is_int_from(value, minimum):
+        raise ValueError(f"{name} must be an int >= {minimum}{_means(meaning)}, got {value!r}")
+    return value
+
+
+def check_optional_int(value: Any, name: str, meaning: str = "", minimum: int = 1, none_means: str = "") -> int | None:
+    """`check_int` that also takes None (returned as it is), with ``minimum`` 1 unless told.
+
+    Args:
+        value: what the user passed.
+        name: the argument's name, as the message shows it.
+        meaning: what the number counts, shown in the message; "" for none.
+        minimum: the smallest int allowed.
+        none_means: what None stands for, shown in the message ("epoch logs only"); "" for none.
+    """
+    if value is not None and not _is_int_from(value, minimum):
+        raise ValueError(
+            f"{name} must be None{_means(none_means)} or an int >= {minimum}{_means(meaning)}, got {value!r}"
+        )
+    return value
+
+
+def check_positive_number(value: Any, name: str, meaning: str = "") -> float:
+    """``value`` as a float when it is a finite int or float > 0 (a bool is not); else a ``ValueError``.
+
+    Args:
+        value: what the user passed.
+        name: the argument's name, as the message shows it.
+        meaning: what the number is, shown in the message ("the first step's learning rate"); "" for none.
+    """
+    if not _is_positive_number(value):
+        raise ValueError(f"{name} must be a positive number{_means(meaning)}, got {value!r}")
     return float(value)
 
 
-def check_int(value: Any, name: str, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+def positive_or_none(value: float | None, name: str) -> float | None:
+    """`check_positive_number` that also takes None (an option that is off)."""
+    if value is None:
+        return None
+    if not _is_positive_number(value):
+        raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def resolve_optimizer(optimizer: torch.optim.Optimizer | str, model: nn.Module) -> torch.optim.Optimizer:
@@ -285,9 +340,7 @@ def validation_schedule(validation_freq: int | Sequence[int]) -> Callable[[int],
 
 
 def check_accumulate_grad_batches(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"accumulate_grad_batches must be an int >= 1 (batches per optimizer step), got {value!r}")
-    return value
+    return check_int(value, "accumulate_grad_batches", 1, "batches per optimizer step")
 
 
 def check_verbose(verbose: Any) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fitkit._structure import describe
+from fitkit.arguments import check_int
 from fitkit.devices import sum_dtype
 
 
@@ -220,8 +221,7 @@ class Accuracy(Metric):
     def __init__(
         self, top_k: int = 1, threshold: float = 0.0, name: str | None = None, output: int | str | None = None
     ) -> None:
-        if not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        check_int(top_k, "top_k", 1)
         super().__init__(name or ("accuracy" if top_k == 1 else f"top{top_k}_accuracy"), output=output)
         self.top_k = top_k
         self.threshold = threshold
