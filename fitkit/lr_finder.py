@@ -177,10 +177,7 @@ class LRFinder(Callback):
         return self.start_lr + (self.end_lr - self.start_lr) * fraction
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
-        optimizers = getattr(self.trainer, "optimizers", None)
-        if isinstance(optimizers, dict) and optimizers:
-            return list(optimizers.values())
-        return [self.trainer.optimizer]
+        return list(self.trainer.optimizers.values())
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:

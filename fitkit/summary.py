@@ -3,7 +3,7 @@ forward pass, so no output shapes: those would need one)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from torch import nn
 from fitkit.loaders import data_signature
 
 if TYPE_CHECKING:
-    from fitkit.trainer import Trainer
+    from fitkit.callbacks.base import TrainerLike
 
 
 def _bytes(n: int) -> str:
@@ -42,20 +42,20 @@ def _rows(module: nn.Module, depth: int, prefix: str = "", level: int = 1) -> li
     return rows
 
 
-def _data_lines(trainer: Any) -> list[str]:
-    loader = getattr(trainer, "train_loader", None)
+def _data_lines(trainer: TrainerLike) -> list[str]:
+    loader = trainer.train_loader
     if loader is None:
         return []
     signature = data_signature(loader)
     samples = signature["num_samples"]
-    batches = getattr(trainer, "num_train_batches", None) or signature["num_batches"]
+    batches = trainer.num_train_batches or signature["num_batches"]
     lines = [
         "Training data: "
         + (f"{samples:,} samples, " if samples is not None else "")
         + (f"{batches:,} batches per epoch" if batches is not None else "batches per epoch unknown")
     ]
-    val_batches = getattr(trainer, "num_val_batches", None) or {}
-    if getattr(trainer, "has_validation", False) and val_batches:
+    val_batches = trainer.num_val_batches
+    if trainer.has_validation and val_batches:
         parts = [
             ("" if name is None else f"{name}: ") + (f"{n:,} batches" if n is not None else "batches unknown")
             for name, n in val_batches.items()
@@ -64,7 +64,7 @@ def _data_lines(trainer: Any) -> list[str]:
     return lines
 
 
-def summarize(trainer: Trainer | Any, depth: int = 1) -> str:
+def summarize(trainer: TrainerLike, depth: int = 1) -> str:
     """The table [fitkit.Trainer.summary][] returns.
 
     Args:
@@ -96,13 +96,10 @@ def summarize(trainer: Trainer | Any, depth: int = 1) -> str:
     if buffers:
         out.append(f"Buffers: {sum(b.numel() for b in buffers):,} values ({_bytes(buffer_bytes)})")
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()}) or ["-"]
-    device = getattr(trainer, "device", None)
-    precision = getattr(trainer, "precision", None)
-    strategy = getattr(trainer, "strategy", None)
-    world = getattr(trainer, "world_size", 1)
+    world = trainer.world_size
     out.append(
-        f"Device: {device} | Precision: {precision} (weights {', '.join(dtypes)})"
-        + (f" | Strategy: {strategy}, {world} processes" if world and world > 1 else "")
+        f"Device: {trainer.device} | Precision: {trainer.precision} (weights {', '.join(dtypes)})"
+        + (f" | Strategy: {trainer.strategy}, {world} processes" if world > 1 else "")
     )
     out += _data_lines(trainer)
     return "\n".join(out)

@@ -9,6 +9,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,7 +114,9 @@ class FakeTrainer:
     """Just enough of a Trainer to drive callback hooks by hand, without a training loop.
 
     Holds a real tiny model and SGD optimizer (so callbacks can copy weights and set learning rates), a
-    real ``TrainerState``, and the public handles callbacks use. Bind it with ``callback.set_trainer(fake)``.
+    real ``TrainerState``, and every member of ``TrainerLike`` (fitkit/callbacks/_contract.py, what a callback
+    may use) with the value a single-process CPU fit would give it; test_callback_contract.py checks that
+    none is missing. Bind it with ``callback.set_trainer(fake)``.
     """
 
     def __init__(
@@ -122,27 +125,60 @@ class FakeTrainer:
         *,
         lr: float = 0.1,
         metrics: list[Any] | None = None,
+        weighted_metrics: list[Any] | None = None,
         has_validation: bool = True,
         precision: str = "32",
         num_train_batches: int | None = 4,
         epochs_planned: int = 10,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
+        from fitkit.callbacks.history import History
+        from fitkit.distributed import DistInfo
         from fitkit.metrics import get_metric
         from fitkit.state import TrainerState
 
         self.model = model if model is not None else nn.Linear(3, 2)
-        self.optimizer = optimizer if optimizer is not None else torch.optim.SGD(self.model.parameters(), lr=lr)
+        optimizer = optimizer if optimizer is not None else torch.optim.SGD(self.model.parameters(), lr=lr)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {"optimizer": optimizer}
         self.metrics = [get_metric(m) for m in (metrics or [])]
+        self.weighted_metrics = [get_metric(m) for m in (weighted_metrics or [])]
         self.state = TrainerState()
-        self.has_validation = has_validation
-        self.is_global_zero = True
+        self.history = History()
+        # How it trains, the processes.
+        self.device = torch.device("cpu")
         self.precision = precision
+        self.strategy = "auto"
+        self.accumulate_grad_batches = 1
+        self.grad_clip_norm: float | None = None
+        self.grad_clip_value: float | None = None
+        self.dist = DistInfo()
+        self.is_global_zero = True
+        self.world_size = 1
         self.last_step_skipped = False
+        # The current fit.
+        self.train_loader: Any = None
         self.num_train_batches = num_train_batches
         self.epochs_planned = epochs_planned
-        self.accumulate_grad_batches = 1
+        self.has_validation = has_validation
+        self.validate_every_n_steps: int | None = None
+        self.num_val_batches: dict[str | None, int | None] = {None: None} if has_validation else {}  # length unknown
+        self.validation_set: str | None = None
+        self.resumed_from: Path | None = None
+        self.predicting_sharded = False
+        self.active_callbacks: list[Callback] = []
+        self.batch: Any = None
+        self.outputs: Any = None
+        # What the fake records: actions queued with after_callbacks, paths given to save_checkpoint.
         self.deferred: list[Any] = []
+        self.saved: list[Path] = []
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return next(iter(self.optimizers.values()))
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizers = {"optimizer": optimizer}
 
     @property
     def epoch(self) -> int:
@@ -171,6 +207,14 @@ class FakeTrainer:
 
     def allow_sync(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
+
+    def model_state_dict(self) -> dict[str, Any]:
+        return self.model.state_dict()
+
+    def save_checkpoint(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+        """Records the path (writes nothing: a callback's file logic is tested with a real Trainer)."""
+        self.saved.append(Path(path))
+        return Path(path)
 
     def lrs(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]

@@ -93,7 +93,7 @@ class BackupAndRestore(Callback):
 
     def on_train_end(self, logs: Logs | None = None) -> None:
         try:
-            resumed = getattr(self.trainer, "resumed_from", None)
+            resumed = self.trainer.resumed_from
             ours = self._wrote or (resumed is not None and Path(resumed).resolve() == self.path.resolve())
             vouched = self.path.name in read_manifest(self.checkpoint_dir)["files"]  # never a file fitkit did not write
             if self.delete_checkpoint and not self._failed and ours and vouched and self.trainer.is_global_zero:

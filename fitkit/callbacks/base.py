@@ -5,12 +5,11 @@ from __future__ import annotations
 import difflib
 import itertools
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from fitkit.trainer import Trainer
+from fitkit.callbacks._contract import TrainerLike
 
 Logs = dict[str, Any]
 
@@ -79,13 +78,16 @@ class Callback:
     [state_dict][fitkit.callbacks.Callback.state_dict] and [load_state_dict][fitkit.callbacks.Callback.load_state_dict], returning plain Python values and tensors only, and
     resets its per-fit counters in ``on_train_begin`` so that one instance can serve several ``fit`` calls.
 
+    ``self.trainer`` is typed as ``TrainerLike`` (this module): the public members of the Trainer that a hook may
+    use; a unit test's fake trainer provides the same members.
+
     Two class attributes matter under torchrun: ``rank_zero_only = True`` for a callback that only writes files
     or draws (it then exists on rank 0 only), and ``stops_mid_epoch = False`` for one whose batch-level hooks
     never stop training (the ranks then need not vote after every batch on whether any rank stopped; see
     [Writing callbacks](../writing-callbacks.md#under-torchrun-which-rank-runs-what)).
     """
 
-    trainer: Trainer
+    trainer: TrainerLike
     #: True for callbacks that only write files or draw (progress bars, loggers): in a distributed run
     #: they run on rank 0 only. Callbacks that take decisions run on every rank.
     rank_zero_only: bool = False
@@ -95,11 +97,12 @@ class Callback:
     #: in the class that sets it: a subclass that overrides one counts as able to stop until it sets it too.
     stops_mid_epoch: bool = True
 
-    def set_trainer(self, trainer: Trainer) -> None:
+    def set_trainer(self, trainer: TrainerLike) -> None:
         """Binds the trainer (``fit`` calls it before ``on_train_begin``; a unit test may pass a fake).
 
         Args:
-            trainer: the [Trainer][fitkit.Trainer] whose events this callback receives.
+            trainer: the [Trainer][fitkit.Trainer] whose events this callback receives, or anything else with
+                the members of ``fitkit.callbacks.base.TrainerLike`` (what a hook may use).
         """
         self.trainer = trainer
 

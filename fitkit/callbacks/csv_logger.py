@@ -86,9 +86,9 @@ class CSVLogger(ExperimentLogger):
     def log_epoch(self, epoch: int, logs: dict[str, float]) -> None:
         if self.keys is None:
             keys = set(logs)
-            if getattr(self.trainer, "has_validation", False):
+            if self.trainer.has_validation:
                 # Keras adds the validation columns it expects, for an epoch that validation_freq skipped.
-                metrics = [*getattr(self.trainer, "metrics", []), *getattr(self.trainer, "weighted_metrics", [])]
+                metrics = [*self.trainer.metrics, *self.trainer.weighted_metrics]
                 names = ["loss"] + [m.name for m in metrics]
                 keys.update(f"val_{name}" for name in names)
             self.keys = sorted(keys)

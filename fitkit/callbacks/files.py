@@ -15,10 +15,13 @@ import string
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from fitkit import distributed
 from fitkit.checkpoint import read_manifest
+
+if TYPE_CHECKING:
+    from fitkit.callbacks.base import TrainerLike
 
 # What a placeholder renders to: an int or a float in any format (nan/inf included).
 _NUMBER = r"(?:[-+]?(?:[0-9][0-9_,.]*(?:[eE][-+]?[0-9]+)?|\.[0-9]+|nan|inf|NaN|Infinity)%?)"
@@ -210,18 +213,18 @@ def release_run_lock(folder: str | Path) -> None:
         os.close(entry[0])  # closing the descriptor releases the lock
 
 
-def checked_on_rank_zero(trainer: Any, check: Callable[[], None]) -> None:
+def checked_on_rank_zero(trainer: TrainerLike, check: Callable[[], None]) -> None:
     """Runs ``check`` (a look at files that rank 0 alone writes) on rank 0 only, and raises its error on every
     rank: a rank that raised alone would leave the others waiting in their next collective, and a rank that
     looked itself could see a file rank 0 has just written. The others raise the same type and message."""
     error: Exception | None = None
-    if getattr(trainer, "is_global_zero", True):
+    if trainer.is_global_zero:
         try:
             check()
         except Exception as exc:
             error = exc
-    info = getattr(trainer, "dist", None)
-    if info is None or info.world_size == 1:
+    info = trainer.dist
+    if info.world_size == 1:
         if error is not None:
             raise error
         return

@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from fitkit.callbacks.base import Callback, Logs
+from fitkit.callbacks.base import Callback, Logs, TrainerLike
 
 #: How `ExperimentLogger.end_run` is told the way ``fit`` ended.
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
@@ -81,13 +81,10 @@ def numbers_in(logs: Logs | None) -> dict[str, float]:
     return {k: float(v) for k, v in (logs or {}).items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
 
 
-def first_optimizer(trainer: Any) -> torch.optim.Optimizer:
+def first_optimizer(trainer: TrainerLike) -> torch.optim.Optimizer:
     """The trainer's optimizer, or the first of several (``trainer.optimizers``): its param group 0 is the
     ``lr`` a logger records."""
-    optimizers = getattr(trainer, "optimizers", None)
-    if isinstance(optimizers, dict) and optimizers:
-        return next(iter(optimizers.values()))
-    return trainer.optimizer
+    return next(iter(trainer.optimizers.values()))
 
 
 def check_log_every_n_steps(value: Any, name: str = "log_every_n_steps") -> int | None:
@@ -176,24 +173,24 @@ class ExperimentLogger(Callback):
         ``weight_decay`` are the first one's."""
         trainer = self.trainer
         optimizer = first_optimizer(trainer)
-        optimizers = getattr(trainer, "optimizers", None)
-        if isinstance(optimizers, dict) and len(optimizers) > 1:
+        optimizers = trainer.optimizers
+        if len(optimizers) > 1:
             name = ",".join(f"{key}={type(opt).__name__}" for key, opt in optimizers.items())
         else:
             name = type(optimizer).__name__
         group = optimizer.param_groups[0]
-        loader = getattr(trainer, "train_loader", None)  # DataLoader and in-memory batches both say it
+        loader = trainer.train_loader  # DataLoader and in-memory batches both say it
         batch_size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "loader", None), "batch_size", None)
         candidates = {
             "optimizer": name,
             "lr": group.get("initial_lr", group["lr"]),
             "weight_decay": group.get("weight_decay"),
             "batch_size": batch_size,
-            "precision": getattr(trainer, "precision", None),
-            "accumulate_grad_batches": getattr(trainer, "accumulate_grad_batches", None),
-            "grad_clip_norm": getattr(trainer, "grad_clip_norm", None),
-            "grad_clip_value": getattr(trainer, "grad_clip_value", None),
-            "epochs": getattr(trainer, "epochs_planned", None),
+            "precision": trainer.precision,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "grad_clip_norm": trainer.grad_clip_norm,
+            "grad_clip_value": trainer.grad_clip_value,
+            "epochs": trainer.epochs_planned,
         }
         params: dict[str, str | bool | int | float] = {}
         for key, value in candidates.items():
@@ -235,7 +232,7 @@ class ExperimentLogger(Callback):
     def on_validation_end(self, logs: Logs | None = None) -> None:
         # Validations in fit carry "step"; with step-level validation on, each is logged at its step.
         # Without it, the validation's keys come with the epoch logs (evaluate()'s carry no "step").
-        if not logs or "step" not in logs or getattr(self.trainer, "validate_every_n_steps", None) is None:
+        if not logs or "step" not in logs or self.trainer.validate_every_n_steps is None:
             return
         metrics = {
             (k if k.startswith("val_") else f"val_{k}"): v
@@ -255,7 +252,7 @@ class ExperimentLogger(Callback):
         self._status_exception = exception
 
     def on_train_end(self, logs: Logs | None = None) -> None:
-        self.end_run(run_status(self._status_exception, getattr(self.trainer.state, "stop_reason", None)))
+        self.end_run(run_status(self._status_exception, self.trainer.state.stop_reason))
         self._status_exception = None
 
     # -- per-step values ------------------------------------------------------------------------

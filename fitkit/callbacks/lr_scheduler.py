@@ -313,7 +313,7 @@ class LRScheduler(Callback):
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
-        optimizers = getattr(self.trainer, "optimizers", None) or {"optimizer": self.trainer.optimizer}
+        optimizers = self.trainer.optimizers
         names = [name for name, optimizer in optimizers.items() if optimizer is self.scheduler.optimizer]
         if not names:
             raise ValueError(
@@ -353,7 +353,7 @@ class LRScheduler(Callback):
     def _catch_up(self) -> None:
         step = self._steps()
         steps, self._seen_step = step - self._seen_step, step
-        if getattr(self.trainer, "precision", "32") == "fp16":
+        if self.trainer.precision == "fp16":
             with self.trainer.allow_sync():  # reads the GradScaler's scale back: fp16's per-step price
                 skipped = self.trainer.last_step_skipped
             if skipped:

@@ -156,7 +156,7 @@ class MLflowLogger(ExperimentLogger):
     def _checkpoint_files(self) -> list[Path]:
         """The files the trainer's ModelCheckpoint callbacks keep now (top-k, ``last.pt``)."""
         files: list[Path] = []
-        for callback in getattr(self.trainer, "active_callbacks", []):
+        for callback in self.trainer.active_callbacks:
             if not isinstance(callback, ModelCheckpoint):
                 continue
             candidates = [Path(path) for _, _, path in callback.kept]

@@ -169,7 +169,7 @@ class ModelCheckpoint(MonitorCallback):
             with self.trainer.allow_sync():  # the batch's values, read back every save_freq batches
                 values = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, torch.Tensor) and v.ndim == 0}
             # A batch's values differ between ranks: decide on their mean, so every rank saves (collectively) or none.
-            values = distributed.mean_over_ranks(values, getattr(self.trainer, "dist", None))
+            values = distributed.mean_over_ranks(values, self.trainer.dist)
             self._consider(self.trainer.state.epoch, values, batch=batch)
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
@@ -301,7 +301,7 @@ class ModelCheckpoint(MonitorCallback):
     # -- files ----------------------------------------------------------------------------------
     def _continues_here(self) -> bool:
         """True when this fit resumed from a checkpoint inside this callback's folder (its own run)."""
-        resumed = getattr(self.trainer, "resumed_from", None)
+        resumed = self.trainer.resumed_from
         return resumed is not None and files.inside(self.checkpoint_dir, resumed)
 
     def _check_folder(self) -> None:
@@ -335,8 +335,8 @@ class ModelCheckpoint(MonitorCallback):
         """True when this fit resumed a run and that run wrote ``path`` (its manifest record carries the
         run's id): a restart after a crash replays what the crashed process wrote after its last checkpoint
         (an epoch's file, ``last.pt`` saved on SIGTERM), and may write those names again."""
-        run = getattr(self.trainer.state, "run_id", None)
-        if run is None or getattr(self.trainer, "resumed_from", None) is None:
+        run = self.trainer.state.run_id
+        if run is None or self.trainer.resumed_from is None:
             return False
         entry = read_manifest(path.parent)["files"].get(path.name)
         return entry is not None and any(record.get("run") == run for record in entry.get("versions", [])[:1])
@@ -349,7 +349,7 @@ class ModelCheckpoint(MonitorCallback):
         if fields - {"epoch", "step", "batch"}:
             return
         state = self.trainer.state
-        planned = getattr(self.trainer, "epochs_planned", None)
+        planned = self.trainer.epochs_planned
         template = files.absolute_template(self.filepath)
         for name in sorted(self._written):
             path = Path(name)
@@ -430,7 +430,7 @@ class ModelCheckpoint(MonitorCallback):
             # machine without the GPU it was trained on.
             weights = move_to_device(trainer.model_state_dict(), torch.device("cpu"))
             if trainer.is_global_zero:
-                run = getattr(trainer.state, "run_id", None)
+                run = trainer.state.run_id
                 atomic_save(
                     weights, path, {"kind": "weights", "epoch": trainer.state.epoch, "global_step": step, "run": run}
                 )

@@ -8,11 +8,10 @@ mode when ``value - min_delta > best`` (strictly, so a change of exactly ``min_d
 from __future__ import annotations
 
 import difflib
-import importlib
 import math
 from typing import Any
 
-from fitkit.callbacks.base import Callback, Logs, overrides
+from fitkit.callbacks.base import Callback, Logs, TrainerLike, overrides
 
 _MODES = ("auto", "min", "max")
 
@@ -59,8 +58,7 @@ class MonitorCallback(Callback):
         name = self.monitor[4:] if self.monitor.startswith("val_") else self.monitor
         if name == "loss" or (self.monitor.startswith("val_") and name.endswith("_loss")):  # val_<set>_loss
             return "min"
-        trainer = getattr(self, "trainer", None)
-        for metric in [*(getattr(trainer, "metrics", None) or []), *(getattr(trainer, "weighted_metrics", None) or [])]:
+        for metric in [*self.trainer.metrics, *self.trainer.weighted_metrics]:
             named_set = self.monitor.startswith("val_") and name.endswith("_" + metric.name)  # val_<set>_<metric>
             if (metric.name == name or named_set) and metric.higher_is_better is not None:
                 return "max" if metric.higher_is_better else "min"
@@ -91,7 +89,7 @@ class MonitorCallback(Callback):
     # -- reading the logs -----------------------------------------------------------------------
     def check_monitor_key(self) -> None:
         """Raises before the first epoch when ``monitor`` cannot appear in this fit's epoch logs."""
-        check_key_can_exist(self.monitor, getattr(self, "trainer", None), f"{type(self).__name__}(monitor=...)")
+        check_key_can_exist(self.monitor, self.trainer, f"{type(self).__name__}(monitor=...)")
 
     def get_monitor_value(self, logs: Logs | None) -> float | None:
         """The monitored value, or None on an epoch that ``validation_freq`` did not validate.
@@ -107,10 +105,9 @@ class MonitorCallback(Callback):
         logs = logs or {}
         if self.monitor in logs:
             return float(logs[self.monitor])
-        trainer = getattr(self, "trainer", None)
         if (
             self.monitor.startswith("val_")
-            and getattr(trainer, "has_validation", False)
+            and self.trainer.has_validation
             and not any(k.startswith("val_") for k in logs)
         ):
             return None  # validation_freq skipped this epoch
@@ -131,8 +128,7 @@ class MonitorCallback(Callback):
         Args:
             logs: an ``on_validation_end`` event's logs to check as well, or None to ask about the fit only.
         """
-        trainer = getattr(self, "trainer", None)
-        by_steps = getattr(trainer, "validate_every_n_steps", None) is not None and self.monitor.startswith("val_")
+        by_steps = self.trainer.validate_every_n_steps is not None and self.monitor.startswith("val_")
         return by_steps and (logs is None or "step" in logs)
 
     # -- state ----------------------------------------------------------------------------------
@@ -148,13 +144,14 @@ class MonitorCallback(Callback):
         self.best = state["best"]
 
 
-def check_key_can_exist(key: str, trainer: Any, who: str) -> None:
+def check_key_can_exist(key: str, trainer: TrainerLike, who: str) -> None:
     """Raises a ``ValueError`` when ``key`` cannot be in the epoch logs of ``trainer``'s current fit: a
     ``val_`` key without validation data, or (with the default steps, whose keys are known) a key that is
     neither the loss, a metric, a learning rate nor their ``val_`` forms; names the closest key."""
-    trainer_cls = importlib.import_module("fitkit.trainer").Trainer
-    if not isinstance(trainer, trainer_cls):
-        return  # a fake or partial trainer: nothing to check against
+    from fitkit.trainer import Trainer  # here: fitkit.trainer imports the callbacks
+
+    if not isinstance(trainer, Trainer):
+        return  # a unit test's fake trainer: its keys are whatever the test scripts
     if any(_may_add_keys(cb) for cb in trainer.active_callbacks):
         return  # a callback of the user's may write this key into the logs itself (Keras allows it)
     if key.startswith("val_") and not trainer.has_validation:
@@ -162,13 +159,9 @@ def check_key_can_exist(key: str, trainer: Any, who: str) -> None:
             f"{who}: {key!r} is a validation key but this fit has no validation data; pass val_data (or "
             f"validation_split) to fit, or monitor a training key such as {key[4:]!r}"
         )
-    custom = any(
-        getattr(type(trainer), name, None) is not getattr(trainer_cls, name, None)
-        for name in ("train_step", "eval_step")
-    )
-    if custom:
+    if type(trainer).train_step is not Trainer.train_step or type(trainer).eval_step is not Trainer.eval_step:
         return  # an overridden step may log any key
-    known = ["loss"] + [m.name for m in [*trainer.metrics, *getattr(trainer, "weighted_metrics", [])]]
+    known = ["loss"] + [m.name for m in [*trainer.metrics, *trainer.weighted_metrics]]
     name = key[4:] if key.startswith("val_") else key
     if name.startswith("lr") or any(name == k or name.endswith("_" + k) for k in known):
         return  # named validation sets log val_<set>_<key>

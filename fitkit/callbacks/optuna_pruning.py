@@ -67,7 +67,7 @@ class OptunaPruning(Callback):
     def on_train_begin(self, logs: Logs | None = None) -> None:
         if self.trial is None and self.trainer.is_global_zero:
             raise ValueError("OptunaPruning(trial=None) on rank 0: rank 0 reports to the trial; pass the trial")
-        self._by_steps = getattr(self.trainer, "validate_every_n_steps", None) is not None
+        self._by_steps = self.trainer.validate_every_n_steps is not None
         self._pruned = None
 
     def on_train_end(self, logs: Logs | None = None) -> None:
@@ -85,7 +85,7 @@ class OptunaPruning(Callback):
             return
         logs = logs or {}
         skipped = self.monitor not in logs and not any(k.startswith("val_") for k in logs)
-        if skipped and self.monitor.startswith("val_") and getattr(self.trainer, "has_validation", False):
+        if skipped and self.monitor.startswith("val_") and self.trainer.has_validation:
             return  # validation_freq skipped this epoch
         self._report(self._value(logs), epoch)
 

@@ -160,8 +160,9 @@ class ProgressBar(Callback):
     def on_validation_begin(self, logs: Logs | None = None) -> None:
         if not self._is_bar or self._notebook_text:  # a notebook's text display keeps one output per epoch
             return
-        counts = list(getattr(self.trainer, "num_val_batches", {}).values())
-        total = None if not counts or None in counts else sum(counts)
+        counts = list(self.trainer.num_val_batches.values())
+        known = [n for n in counts if n is not None]
+        total = sum(known) if counts and len(known) == len(counts) else None
         self._val_bar = self._tqdm(total, f"Validation (step {self.trainer.global_step})", leave=False)
         self._val_seen = 0
         self._val_next = time.monotonic() + self.refresh_interval

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fitkit import _compat, distributed
-from fitkit.callbacks.base import Callback, Logs
+from fitkit.callbacks.base import Callback, Logs, TrainerLike
 from fitkit.data import move_to_device, split_batch
 
 
@@ -302,10 +302,7 @@ class SWA(_WeightAveraging):
             a.copy_(average(a, c, n))
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        optimizers = getattr(self.trainer, "optimizers", None)
-        if isinstance(optimizers, dict) and optimizers:
-            return dict(optimizers)
-        return {"optimizer": self.trainer.optimizer}
+        return dict(self.trainer.optimizers)
 
     def _ensure_schedulers(self) -> None:
         if self.schedulers is not None:
@@ -386,7 +383,7 @@ class SWA(_WeightAveraging):
 class _Inputs:
     """The training data's inputs on the trainer's device, for ``update_bn``."""
 
-    def __init__(self, trainer: Any) -> None:
+    def __init__(self, trainer: TrainerLike) -> None:
         self.trainer = trainer
 
     def __iter__(self) -> Iterator[Any]:
@@ -406,7 +403,7 @@ class _Forward(nn.Module):
     """The model called as the trainer calls it (a tuple of inputs as positional arguments, a dict as
     keyword arguments), for ``update_bn``."""
 
-    def __init__(self, trainer: Any) -> None:
+    def __init__(self, trainer: TrainerLike) -> None:
         super().__init__()
         self.model = trainer.model
         self._trainer = [trainer]  # not a submodule
