@@ -547,3 +547,38 @@ def check_path(path: Any, name: str) -> None:
     """A file path argument: a non-empty str or ``os.PathLike``; anything else is a ``TypeError``."""
     if isinstance(path, bool) or not (isinstance(path, str) or hasattr(path, "__fspath__")) or not str(path).strip():
         raise TypeError(f"{name} needs a file path (str or pathlib.Path) such as 'ckpt/last.pt', got {path!r}")
+
+
+__all__ = [
+    "PRECISIONS",
+    "LOSSES",
+    "OPTIMIZERS",
+    "FUSED_ON_CUDA",
+    "resolve_precision",
+    "check_int",
+    "check_optional_int",
+    "check_positive_number",
+    "positive_or_none",
+    "resolve_optimizer",
+    "resolve_optimizers",
+    "check_optimizers_hold_model",
+    "needs_closure",
+    "resolve_loss",
+    "check_loss",
+    "check_step_logs",
+    "validation_schedule",
+    "check_accumulate_grad_batches",
+    "check_verbose",
+    "check_debug_sync",
+    "check_callbacks",
+    "check_metric_names",
+    "check_step_setup",
+    "per_sample_loss",
+    "class_weight_tensor",
+    "check_bool",
+    "check_flags",
+    "metric_list",
+    "check_resume",
+    "warn_unreachable_validation_epochs",
+    "check_path",
+]

@@ -130,3 +130,6 @@ def _cast(part: Any, float_dtype: torch.dtype | None, labels: bool) -> Any:
     if labels and part.dtype in _SMALL_INTS:
         return part.long()
     return part
+
+
+__all__ = ["is_array", "to_tensor", "is_python_array", "from_python", "model_float_dtype", "follow_model"]

@@ -878,3 +878,33 @@ def read_sharded_state(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("fitkit", {}).get("layout") != SHARDED_LAYOUT:
         raise CheckpointError(f"{path / SHARDED_STATE} is not the state file of a fitkit sharded checkpoint")
     return state
+
+
+__all__ = [
+    "MANIFEST",
+    "LOCK",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "ManifestError",
+    "read_manifest",
+    "manifest_lock",
+    "atomic_save",
+    "remove_checkpoint",
+    "verify",
+    "load",
+    "temporary_directory",
+    "hash_files",
+    "commit_directory",
+    "header",
+    "upgrade",
+    "check_fits",
+    "candidates",
+    "newest_good",
+    "unvouched_files",
+    "trust",
+    "SHARDED_STATE",
+    "SHARDED_METADATA",
+    "SHARDED_LAYOUT",
+    "read_sharded_metadata",
+    "read_sharded_state",
+]

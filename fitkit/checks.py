@@ -261,3 +261,16 @@ def explain_forward_error(exc: BaseException, model: nn.Module, inputs: Any) -> 
         f"the model's layer {where}, {what}, received {got} {unit}: the layers before it output {got}, not "
         f"{takes}. Build it with {size[0]}={got} (nn.LazyLinear / nn.LazyConv2d infer it)"
     )
+
+
+__all__ = [
+    "CLASSIFICATION_LOSSES",
+    "ELEMENTWISE_LOSSES",
+    "check_loss_inputs",
+    "check_class_weight",
+    "explain_loss_error",
+    "check_input_dtypes",
+    "check_last_batch",
+    "warn_non_finite_loss",
+    "explain_forward_error",
+]

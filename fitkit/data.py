@@ -294,3 +294,17 @@ def check_reiterable(data: Iterable[Any], name: str) -> None:
             f"{name} is a one-shot iterator ({type(data).__name__}); fit needs data it can iterate once per "
             "epoch. Pass a DataLoader, a list of batches, or an (x, y) tuple of tensors with batch_size=."
         )
+
+
+__all__ = [
+    "move_to_device",
+    "first_tensor",
+    "batch_size_of",
+    "split_batch",
+    "InMemoryLoader",
+    "is_map_style",
+    "LOADER_SETTINGS",
+    "rebuild_loader",
+    "resume_loader_iterator",
+    "check_reiterable",
+]

@@ -82,3 +82,6 @@ def channels_last(batch: Any) -> Any:
         return leaf
 
     return _structure.map_structure(convert, batch)
+
+
+__all__ = ["resolve_device", "sum_dtype", "to_host_float64", "pinned", "fits_on_device", "channels_last"]

@@ -205,3 +205,14 @@ def data_signature(loader: Any) -> dict[str, Any]:
     elif hasattr(loader, "loader"):
         signature["num_samples"] = getattr(loader.loader, "num_samples", None)
     return signature
+
+
+__all__ = [
+    "SkippableLoader",
+    "as_loader",
+    "split_in_memory",
+    "num_batches",
+    "concat_outputs",
+    "take_rows",
+    "data_signature",
+]

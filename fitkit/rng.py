@@ -168,3 +168,6 @@ _LAST_SEED: int | None = None
 def last_seed() -> int | None:
     """The seed given to the last [seed_everything][fitkit.seed_everything] call in this process, if any."""
     return _LAST_SEED
+
+
+__all__ = ["seed_everything", "capture", "restore", "capture_loader", "restore_loader", "last_seed"]

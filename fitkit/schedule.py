@@ -147,3 +147,14 @@ class Budget:
             if self.decides and elapsed >= self.max_time:
                 return f"max_time: {elapsed:.6g} s of training reached max_time={self.max_time:g} s"
         return None
+
+
+__all__ = [
+    "clock",
+    "resolve_max_time",
+    "check_validation_freq",
+    "epochs_for",
+    "val_loaders",
+    "StepValidation",
+    "Budget",
+]

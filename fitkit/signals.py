@@ -68,3 +68,6 @@ class SignalGuard:
     ) -> None:
         self._put_back()
         self._previous = {}
+
+
+__all__ = ["TrainingInterrupted", "SignalGuard"]

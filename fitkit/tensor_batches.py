@@ -65,3 +65,6 @@ def _batches(loader: DataLoader, index_batches: Iterable[Sequence[int]]) -> Iter
         # default_collate returns a list for tuple samples (a torch backwards-compatibility choice).
         batch = [tensor[index] for tensor in tensors]
         yield [part.pin_memory() for part in batch] if pin else batch
+
+
+__all__ = ["eligible", "iterate", "resume"]

@@ -139,3 +139,6 @@ class EpochTracker:
         self._losses = []
         for metric, metric_state in zip(self.metrics, state["metrics"]):
             metric.load_state_dict(metric_state, device)
+
+
+__all__ = ["EpochTracker"]
