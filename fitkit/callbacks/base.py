@@ -76,7 +76,8 @@ class Callback:
 
     A callback with state worth keeping across a restart (best value, counters) overrides
     [state_dict][fitkit.callbacks.Callback.state_dict] and [load_state_dict][fitkit.callbacks.Callback.load_state_dict], returning plain Python values and tensors only, and
-    resets its per-fit counters in ``on_train_begin`` so that one instance can serve several ``fit`` calls.
+    resets its per-fit counters in ``on_train_begin`` so that one instance can serve several ``fit`` calls (a
+    resumed fit loads the saved state after ``on_train_begin``, over the reset, as Keras does).
 
     ``self.trainer`` is typed as ``TrainerLike`` (this module): the public members of the Trainer that a hook may
     use; a unit test's fake trainer provides the same members.
@@ -113,11 +114,14 @@ class Callback:
 
     # -- run ------------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
-        """Called once when ``fit`` starts, after a resumed state has been loaded.
+        """Called once when ``fit`` starts, before a resumed checkpoint is loaded (Keras's order): a resumed
+        fit then calls each callback's [load_state_dict][fitkit.callbacks.Callback.load_state_dict], then
+        ``on_epoch_begin``.
 
         Args:
-            logs: an empty dict (Keras's signature); ``self.trainer.state`` holds the epoch and step that
-                training starts from (not 0 after a resume).
+            logs: an empty dict (Keras's signature). ``self.trainer.state`` is not yet the resumed run's: the
+                epoch and step that training continues from are known from ``on_epoch_begin`` on (from
+                ``on_batch_begin`` for an epoch resumed mid-way).
         """
 
     def on_train_end(self, logs: Logs | None = None) -> None:
@@ -317,7 +321,8 @@ class Callback:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores what [state_dict][fitkit.callbacks.Callback.state_dict] returned (on resume, before ``on_train_begin``).
+        """Restores what [state_dict][fitkit.callbacks.Callback.state_dict] returned (on resume: after ``on_train_begin``,
+        before the first epoch's or batch's hooks).
 
         Args:
             state: a dict that this callback's ``state_dict`` returned, read back from a checkpoint.
