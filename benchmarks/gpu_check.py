@@ -122,7 +122,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-from fitkit import distributed
+from fitkit import strategies
 from fitkit.strategies import FSDPStrategy
 
 device = sys.argv[1]
@@ -134,7 +134,7 @@ torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(64, 128), *[nn.Sequential(nn.Linear(128, 128), nn.GELU()) for _ in range(4)],
                       nn.Linear(128, 10)).to(device)
 precision = "bf16" if device == "cuda" else "32"
-blocks = distributed.shard_blocks(model, FSDPStrategy(), precision)
+blocks = strategies.shard_blocks(model, FSDPStrategy(), precision)
 assert all(isinstance(b, FSDPModule) for b in blocks) and isinstance(model, FSDPModule), blocks
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 x, y = torch.randn(256, 64, device=device), torch.randint(0, 10, (256,), device=device)

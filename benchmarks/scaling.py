@@ -114,15 +114,15 @@ def worker(args: argparse.Namespace) -> None:
     vote_us = _async_vote_us(trainer, calls) if trainer.world_size > 1 else 0.0
     share = len(trainer.train_loader.sampler) * args.epochs  # this rank's samples (its DistributedSampler's)
     result = {
-        "rank": trainer._dist.rank,
+        "rank": trainer.dist.rank,
         "world_size": trainer.world_size,
         "seconds": seconds,
         "steps": steps,
         "samples": share,
         "stop_flag_us": flag_us,
         "stop_vote_us": vote_us,
-        "voted_per_batch": trainer._stop_vote,
-        "strategy": type(trainer._train_module).__name__,
+        "voted_per_batch": trainer._run.stop_vote,
+        "strategy": type(trainer._modules.train).__name__,
     }
     Path(args.out, f"rank{trainer.dist.rank}.json").write_text(json.dumps(result))
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from fitkit.trainer import Trainer
 
 Hook = Callable[..., Any]
+_FITKIT_TRAINER = ("fitkit.trainer", "fitkit._steps")  # the modules of Trainer and its base class
 
 
 class CallbackList:
@@ -99,7 +100,7 @@ def trainer_hooks(trainer: Trainer) -> dict[str, Hook]:
     bound to it: they run before the callbacks' in ``fit``, ``evaluate`` and ``predict``, so state such
     as an RNN's hidden state is reset wherever batches run. An ``on_*`` method that is no hook is an error,
     as in a callback."""
-    own = list(itertools.takewhile(lambda cls: cls.__module__ != "fitkit.trainer", type(trainer).__mro__))
+    own = list(itertools.takewhile(lambda cls: cls.__module__ not in _FITKIT_TRAINER, type(trainer).__mro__))
     check_hook_methods(own)
     hooks: dict[str, Hook] = {}
     for cls in own:

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -37,9 +36,8 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from fitkit import _compat, rng, strategies
+from fitkit import _compat, rng
 from fitkit.data import InMemoryLoader, rebuild_loader
-from fitkit.strategies import DDPStrategy, FSDPStrategy, Strategy
 
 _setups = itertools.count()  # numbers each setup() in this process: every rank builds its Trainers in order
 
@@ -67,14 +65,7 @@ class DistInfo:
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     failure_key: str = ""
     closed_by: str | None = None
-    options: DDPStrategy | FSDPStrategy | None = None  # the strategy's settings (see fitkit.strategies)
     _sharded: weakref.WeakKeyDictionary[Any, Any] = field(default_factory=weakref.WeakKeyDictionary)
-
-
-def resolve_strategy(strategy: Strategy) -> str:
-    """The strategy's name: ``"auto"``, ``"ddp"``, ``"fsdp"`` or ``"none"`` (a DDPStrategy/FSDPStrategy
-    gives its own)."""
-    return strategies.resolve(strategy)[0]
 
 
 def _launched() -> bool:
@@ -83,13 +74,13 @@ def _launched() -> bool:
     )
 
 
-def setup(strategy: Strategy, device: torch.device, timeout_s: float) -> DistInfo:
+def setup(strategy: str, device: torch.device, timeout_s: float) -> DistInfo:
     """Joins (or starts) the process group when the strategy asks for it.
 
     Args:
-        strategy: ``"auto"`` (distributed when launched with WORLD_SIZE > 1 or when the user initialised a
-            process group of several ranks), ``"ddp"``, ``"fsdp"``, ``"none"``, or a
-            [DDPStrategy][fitkit.DDPStrategy] / [FSDPStrategy][fitkit.FSDPStrategy] with options.
+        strategy: the strategy's name (`fitkit.strategies.resolve`): ``"auto"`` (distributed when launched
+            with WORLD_SIZE > 1 or when the user initialised a process group of several ranks), ``"ddp"``,
+            ``"fsdp"`` or ``"none"``.
         device: the device the Trainer resolved; a CUDA device is replaced by ``cuda:LOCAL_RANK``.
         timeout_s: seconds a collective waits before failing, for the groups fitkit creates.
     """
@@ -103,17 +94,11 @@ def setup(strategy: Strategy, device: torch.device, timeout_s: float) -> DistInf
             f"process_group_timeout must be a finite number of seconds > 0, got {timeout_s!r}; it "
             "bounds how long a collective waits for a rank that stopped answering"
         )
-    strategy, options = strategies.resolve(strategy)
     if strategy == "none" or (strategy == "auto" and not _launched()):
         return DistInfo()
     if not dist.is_available():
         raise RuntimeError(
             f"strategy={strategy!r} needs torch.distributed, which this torch build lacks; use strategy='none'"
-        )
-    if strategy == "fsdp" and not _has_fsdp2():
-        raise ValueError(
-            "strategy='fsdp' needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6), which "
-            f"torch {torch.__version__} lacks; use strategy='ddp'"
         )
     timeout = datetime.timedelta(seconds=float(timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -156,7 +141,6 @@ def setup(strategy: Strategy, device: torch.device, timeout_s: float) -> DistInf
         created_group=created,
         control_group=control,
         failure_key=f"fitkit/failure/{next(_setups)}",
-        options=options if options is not None else DDPStrategy(),  # "auto" under a launcher: DDP
     )
     if world_size > 1:
         info.reduce = _SumOverRanks(info)
@@ -166,14 +150,6 @@ def setup(strategy: Strategy, device: torch.device, timeout_s: float) -> DistInf
 def _teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _has_fsdp2() -> bool:
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class _SumOverRanks:
@@ -191,148 +167,9 @@ class _SumOverRanks:
         return list(dict.fromkeys(key for rank_keys in gather_object(list(keys), self.info) for key in rank_keys))
 
 
-# -- the model ----------------------------------------------------------------------------------
-def wrap_model(
-    model: nn.Module,
-    strategy: str,
-    info: DistInfo,
-    optimizers: Sequence[torch.optim.Optimizer] = (),
-    precision: str = "32",
-) -> nn.Module:
-    """The module that runs training forward passes: DDP around ``model`` (with ``info.options``), or
-    ``model`` sharded in place with FSDP2, block by block (`shard_blocks`; every optimizer's
-    parameters are then swapped for the sharded ones, in place)."""
-    if info.world_size == 1:
-        return model
-    if strategy == "fsdp":
-        with torch.no_grad():  # rank 0's initial weights everywhere, as DDP does; fully_shard keeps each rank's
-            for tensor in itertools.chain(model.parameters(), model.buffers()):
-                dist.broadcast(tensor, src=0)
-        before = dict(model.named_parameters())
-        options = info.options if isinstance(info.options, FSDPStrategy) else FSDPStrategy()
-        shard_blocks(model, options, precision)
-        for optimizer in optimizers:
-            _swap_optimizer_params(optimizer, before, dict(model.named_parameters()))
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [info.device.index] if info.device is not None else None
-    ddp_options = info.options if isinstance(info.options, DDPStrategy) else DDPStrategy()
-    return DistributedDataParallel(model, device_ids=device_ids, **ddp_options.ddp_kwargs())
-
-
-def shard_blocks(model: nn.Module, options: FSDPStrategy, precision: str = "32") -> list[nn.Module]:
-    """``fully_shard`` on each block ([fitkit.strategies.find_blocks][]), deepest first, then on the root.
-
-    Returns the blocks. Each block's parameters are gathered just before its forward (and backward) and
-    freed after it (``reshard_after_forward``); the root keeps its own parameters gathered. With
-    ``precision="bf16"`` and ``options.mixed_precision``, the gathered parameters are bfloat16 and the
-    gradients are reduced in float32.
-    """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    if any(not p.is_contiguous() for p in model.parameters()):
-        raise ValueError(
-            "strategy='fsdp' cannot shard non-contiguous parameters (a model converted with "
-            "model.to(memory_format=torch.channels_last), say); keep the model contiguous: with "
-            "Trainer(channels_last=True) fitkit then makes only the inputs channels-last under FSDP"
-        )
-    policy = MixedPrecisionPolicy()
-    if precision == "bf16" and options.mixed_precision:
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    blocks = strategies.find_blocks(model, options.block_classes)
-    depth = {id(m): len(name.split(".")) for name, m in model.named_modules()}
-    for block in sorted(blocks, key=lambda m: -depth[id(m)]):  # bottom-up: inner blocks before outer ones
-        fully_shard(block, reshard_after_forward=options.reshard_after_forward, mp_policy=policy)
-    fully_shard(model, reshard_after_forward=not blocks and options.reshard_after_forward, mp_policy=policy)
-    return blocks
-
-
-def _swap_optimizer_params(
-    optimizer: torch.optim.Optimizer, before: dict[str, nn.Parameter], after: dict[str, nn.Parameter]
-) -> None:
-    """FSDP2 registers new (sharded) Parameter objects; an optimizer built before must update those."""
-    new_of = {id(p): after[name] for name, p in before.items() if name in after}
-    if any(optimizer.state.values()):
-        raise ValueError(
-            "strategy='fsdp' shards the model after the optimizer was built, so the optimizer must "
-            "not hold state yet (momentum buffers); build it fresh, or load its state after "
-            "building the Trainer"
-        )
-    for group in optimizer.param_groups:
-        group["params"] = [new_of.get(id(p), p) for p in group["params"]]
-
-
-def is_fsdp(info: DistInfo) -> bool:
-    return info.world_size > 1 and info.strategy == "fsdp"
-
-
-def set_grad_sync(module: nn.Module, enabled: bool) -> None:
-    """Turns the gradient all-reduce of the next forward/backward on or off (off on the accumulating
-    batches of a group). DDP reads the flag in ``forward``, so it is set before the forward, not
-    around ``backward`` only. The Trainer keeps it on for epochs of unknown length, whose last group
-    ends after the loop."""
-    wrapper: Any = _compat.compiled_module_inner(module)  # under torch.compile's wrapper: DDP or FSDP2
-    if hasattr(wrapper, "require_backward_grad_sync"):  # DistributedDataParallel
-        wrapper.require_backward_grad_sync = enabled
-        return
-    set_requires_gradient_sync = getattr(wrapper, "set_requires_gradient_sync", None)  # FSDP2
-    if set_requires_gradient_sync is not None:
-        set_requires_gradient_sync(enabled)
-
-
-def full_model_state_dict(model: nn.Module, info: DistInfo) -> dict[str, Any]:
-    """The model's unsharded state (a collective under FSDP, whose result only rank 0 holds; else
-    ``model.state_dict()``)."""
-    if not is_fsdp(info):
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    # Gathered on rank 0 only, on the CPU (the other ranks get {}): rank 0 writes checkpoints.
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> dict[str, Any]:
-    """The optimizer's unsharded state (a collective under FSDP, whose result only rank 0 holds)."""
-    if not is_fsdp(info):
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return _to_cpu_tensors(state)
-
-
-def load_full_model_state_dict(model: nn.Module, state: dict[str, Any], info: DistInfo, strict: bool) -> None:
-    if not is_fsdp(info):
-        model.load_state_dict(state, strict=strict)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
-
-
-def load_full_optimizer_state_dict(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], info: DistInfo
-) -> None:
-    if not is_fsdp(info):
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def _to_cpu_tensors(obj: Any) -> Any:
-    """Plain CPU tensors (not DTensors) all the way down, so a checkpoint loads with weights_only=True."""
-    if isinstance(obj, torch.Tensor):
-        if hasattr(obj, "full_tensor"):
-            obj = obj.full_tensor()
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu_tensors(v) for v in obj)
-    return obj
+def broadcast_from_rank_zero(tensor: torch.Tensor) -> None:
+    """Overwrites ``tensor`` on every rank with rank 0's values, in place (a collective on the default group)."""
+    dist.broadcast(tensor, src=0)
 
 
 # -- control messages ---------------------------------------------------------------------------
@@ -377,7 +214,7 @@ class _InFlight:
             if not work.is_completed():
                 return False
             entry[2] = None  # the worker may still hold the Work (and so the tensor) a moment longer
-        return _use_count(tensor) <= base
+        return _compat.tensor_use_count(tensor) <= base
 
     def let_go(self) -> None:
         """Drops every Work it holds (the control group is being closed): a Work holds the group's
@@ -403,19 +240,13 @@ class _InFlight:
 _in_flight = _InFlight()
 
 
-def _use_count(tensor: torch.Tensor) -> int:
-    """How many C++ references the tensor has (1: only its Python object); 1 on a torch without the count."""
-    count = getattr(tensor, "_use_count", None)
-    return int(count()) if count is not None else 1
-
-
 def _run(
     collective: Callable[..., Any], tensors: Sequence[torch.Tensor | list[torch.Tensor]], info: DistInfo, **kwargs: Any
 ) -> Any:
     """Starts ``collective(*tensors, group=<control group>, async_op=True, **kwargs)``; returns its Work.
     ``tensors`` are its arguments, each a tensor or a list of tensors (all_gather's outputs)."""
     flat = [t for arg in tensors for t in (arg if isinstance(arg, list) else [arg])]
-    bases = [_use_count(t) for t in flat]
+    bases = [_compat.tensor_use_count(t) for t in flat]
     work = collective(*tensors, group=_control(info), async_op=True, **kwargs)
     _in_flight.add(flat, bases, work)
     return work
@@ -674,14 +505,14 @@ class _StridedSampler:
         return len(self.indices)
 
 
-def shard_eval(loader: Any, info: DistInfo) -> Any:
+def shard_eval(loader: Any, info: DistInfo, split: bool = True) -> Any:
     """A per-rank share of the evaluation data; each sample is counted exactly once across ranks.
 
     Shares differ by at most one sample (no padding duplicates). Under FSDP every forward pass is a
     collective, so every rank must run the same number of batches: there each rank evaluates all the data
     and the all-reduced sums give the same means (at ``world_size`` times the work).
     """
-    if info.world_size == 1 or is_fsdp(info):
+    if info.world_size == 1 or not split:
         return loader
     with contextlib.suppress(KeyError, TypeError):
         return info._sharded[loader]
@@ -711,11 +542,11 @@ def shard_eval(loader: Any, info: DistInfo) -> Any:
     return sharded
 
 
-def shard_predict(loader: Any, info: DistInfo) -> tuple[Any, bool]:
+def shard_predict(loader: Any, info: DistInfo, split: bool = True) -> tuple[Any, bool]:
     """``predict``'s per-rank share of ``loader`` (as `shard_eval` splits it) and whether it is
     strided: rank r holds samples r, r + world_size, ... of the data in order. False when every rank reads
     all of it (one process, FSDP, or data that cannot be split)."""
-    sharded = shard_eval(loader, info)
+    sharded = shard_eval(loader, info, split)
     return sharded, sharded is not loader and not isinstance(sharded, _Replicated)
 
 

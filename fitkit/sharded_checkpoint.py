@@ -163,16 +163,38 @@ def load(trainer: Trainer, path: str | Path, strict: bool = True) -> None:
     """
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     path = Path(path)
-    info = trainer.dist
+    _verify_on_rank_zero(trainer, path)
+    state = checkpoint.upgrade(checkpoint.load(path / STATE, verify_file=False))  # verified with the directory
+    shapes = _saved_shapes(checkpoint.read_sharded_metadata(path))
+    if strict:
+        _check_fits(trainer, path, state, shapes)
+    targets = {
+        f"model.{fqn}": value
+        for fqn, value in get_model_state_dict(trainer.model).items()
+        if isinstance(value, torch.Tensor) and tuple(shapes.get(f"model.{fqn}", ())) == tuple(value.shape)
+    }
+    optimizer_states = _optimizer_targets(trainer, state, targets, strict)
+    try:
+        # Each rank reads its own part, in place; one process (not a DCP job) reads without collectives.
+        with warnings.catch_warnings():  # DCP warns that no_dist means one process: that is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp_load(targets, storage_reader=FileSystemReader(path), no_dist=trainer.world_size == 1)
+    except Exception as exc:
+        raise checkpoint.CheckpointError(
+            f"cannot read the sharded checkpoint {path}: {type(exc).__name__}: {exc}"
+        ) from exc
+    loaded_model: dict[str, Any] = {k[len("model.") :]: v for k, v in targets.items() if k.startswith("model.")}
+    loaded_model.update(state.get("model_rest") or {})
+    set_model_state_dict(trainer.model, loaded_model, options=StateDictOptions(strict=strict))
+    _load_optimizers(trainer, state, optimizer_states, strict)
+    trainer.load_state_dict(state, strict=strict, weights=False)
+
+
+def _verify_on_rank_zero(trainer: Trainer, path: Path) -> None:
+    """Rank 0 verifies the directory against its manifest; its verdict is raised on every rank."""
     error = None
     if trainer.is_global_zero:
         try:
@@ -180,42 +202,39 @@ def load(trainer: Trainer, path: str | Path, strict: bool = True) -> None:
             checkpoint.read_sharded_metadata(path)
         except checkpoint.CheckpointError as exc:
             error = str(exc)
-    error = distributed.broadcast_object(error, info)
+    error = distributed.broadcast_object(error, trainer.dist)
     if error is not None:
         raise checkpoint.CheckpointError(error)
-    state = checkpoint.upgrade(checkpoint.load(path / STATE, verify_file=False))  # verified with the directory
-    shapes = _saved_shapes(checkpoint.read_sharded_metadata(path))
+
+
+def _check_fits(trainer: Trainer, path: Path, state: dict[str, Any], shapes: dict[str, torch.Size]) -> None:
+    """The checkpoint fits ``trainer`` (shapes from DCP's metadata); another world size warns instead."""
     saved_world = state.get("world_size", 1)
-    if saved_world != trainer.world_size:
+    same_world = saved_world == trainer.world_size
+    if not same_world:
         warnings.warn(
             f"resuming {path}, written by {saved_world} process(es), on {trainer.world_size}: DCP reshards the "
             "model and optimizer states, but the run is not bit-exact (each rank's data order, random streams "
             "and share of the epoch's running sums differ from an uninterrupted run). Resume with the same "
             "world size for an exact continuation.",
-            stacklevel=3,
+            stacklevel=5,
         )
-    model_state = get_model_state_dict(trainer.model)
-    if strict:
-        same_world = saved_world == trainer.world_size
-        checkpoint.check_fits(
-            {
-                **state,
-                "model": {
-                    k[len("model.") :]: torch.empty(v, device="meta")
-                    for k, v in shapes.items()
-                    if k.startswith("model.")
-                },
-            },
-            model=trainer.model,
-            optimizers=trainer.optimizers,
-            world_size=trainer.world_size if same_world else saved_world,
-            data=data_signature(trainer.train_loader) if same_world else {},
-        )
-    targets = {
-        f"model.{fqn}": value
-        for fqn, value in model_state.items()
-        if isinstance(value, torch.Tensor) and tuple(shapes.get(f"model.{fqn}", ())) == tuple(value.shape)
-    }
+    model = {k[len("model.") :]: torch.empty(v, device="meta") for k, v in shapes.items() if k.startswith("model.")}
+    checkpoint.check_fits(
+        {**state, "model": model},
+        model=trainer.model,
+        optimizers=trainer.optimizers,
+        world_size=trainer.world_size if same_world else saved_world,
+        data=data_signature(trainer.train_loader) if same_world else {},
+    )
+
+
+def _optimizer_targets(
+    trainer: Trainer, state: dict[str, Any], targets: dict[str, Any], strict: bool
+) -> dict[str, dict[str, Any]]:
+    """Each optimizer's state to load, its tensors added to ``targets`` (DCP reads into them in place)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     optimizer_states = {}
     for name, optimizer in trainer.optimizers.items():
         saved = state["optimizer_rest"].get(name)
@@ -240,18 +259,14 @@ def load(trainer: Trainer, path: str | Path, strict: bool = True) -> None:
         for fqn, entry in saved["values"].items():
             loaded.setdefault(fqn, dict(entry))
         optimizer_states[name] = {"state": loaded, "param_groups": saved["param_groups"]}
-    try:
-        # Each rank reads its own part, in place; one process (not a DCP job) reads without collectives.
-        with warnings.catch_warnings():  # DCP warns that no_dist means one process: that is the intent
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            dcp_load(targets, storage_reader=FileSystemReader(path), no_dist=info.world_size == 1)
-    except Exception as exc:
-        raise checkpoint.CheckpointError(
-            f"cannot read the sharded checkpoint {path}: {type(exc).__name__}: {exc}"
-        ) from exc
-    loaded_model: dict[str, Any] = {k[len("model.") :]: v for k, v in targets.items() if k.startswith("model.")}
-    loaded_model.update(state.get("model_rest") or {})
-    set_model_state_dict(trainer.model, loaded_model, options=StateDictOptions(strict=strict))
+    return optimizer_states
+
+
+def _load_optimizers(
+    trainer: Trainer, state: dict[str, Any], optimizer_states: dict[str, dict[str, Any]], strict: bool
+) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
     for name, optimizer in trainer.optimizers.items():
         saved = state["optimizer_rest"].get(name)
         try:
@@ -264,7 +279,6 @@ def load(trainer: Trainer, path: str | Path, strict: bool = True) -> None:
                 raise checkpoint.CheckpointError(
                     f"checkpoint state of optimizer {name!r} does not fit this optimizer: {exc}"
                 ) from exc
-    trainer.load_state_dict(state, strict=strict, weights=False)
 
 
 def _saved_shapes(metadata: Any) -> dict[str, torch.Size]:

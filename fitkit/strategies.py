@@ -1,17 +1,32 @@
-"""The options of the distributed strategies, and how FSDP2 finds the blocks it shards one by one.
+"""The distributed strategies: their options, and the objects that carry out each one.
 
 ``Trainer(strategy="ddp")`` and ``strategy="fsdp"`` use the defaults; pass a [DDPStrategy][fitkit.DDPStrategy] or an
-[FSDPStrategy][fitkit.FSDPStrategy] to change them, as Lightning's ``DDPStrategy(find_unused_parameters=True)`` does. The
-process group, the wrapping and the sharding themselves live in `fitkit.distributed`.
+[FSDPStrategy][fitkit.FSDPStrategy] to change them, as Lightning's ``DDPStrategy(find_unused_parameters=True)`` does.
+
+Each Trainer holds one strategy object (`build`): `SingleDevice` (one process), `DDP` or `FSDP`. It owns
+everything that differs between them: wrapping (or sharding) the model, turning the gradient all-reduce off on
+accumulating batches, gathering and loading the model's and optimizers' state, writing and reading checkpoints
+(one file, or a sharded DCP directory under FSDP), and whether evaluation data is split over the ranks. The
+loop and the callbacks ask the strategy; none of them branches on which one it is. A new strategy is a
+subclass here and an entry in `build`. The process group and the collectives live in `fitkit.distributed`.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
+
+from fitkit import _compat, checkpoint, distributed, sharded_checkpoint
+
+if TYPE_CHECKING:
+    from fitkit.distributed import DistInfo
+    from fitkit.trainer import Trainer
 
 NAMES = ("auto", "ddp", "fsdp", "none")
 
@@ -104,7 +119,7 @@ class FSDPStrategy:
                 raise TypeError(f"FSDPStrategy({option}=...) must be True or False, got {value!r}")
 
 
-Strategy = str | DDPStrategy | FSDPStrategy
+StrategyArg = str | DDPStrategy | FSDPStrategy
 
 
 def resolve(strategy: Any) -> tuple[str, DDPStrategy | FSDPStrategy | None]:
@@ -123,6 +138,25 @@ def resolve(strategy: Any) -> tuple[str, DDPStrategy | FSDPStrategy | None]:
             else ""
         )
     )
+
+
+def name_of(strategy: Any) -> str:
+    """The strategy's name (`resolve`), checked against this torch before any process group is joined."""
+    name = resolve(strategy)[0]
+    if name == "fsdp" and not _has_fsdp2():
+        raise ValueError(
+            "strategy='fsdp' needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6), which "
+            f"torch {torch.__version__} lacks; use strategy='ddp'"
+        )
+    return name
+
+
+def _has_fsdp2() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def find_blocks(model: nn.Module, block_classes: Sequence[type[nn.Module] | str] | None = None) -> list[nn.Module]:
@@ -187,4 +221,241 @@ def _outermost(modules: list[nn.Module]) -> list[nn.Module]:
     return [m for m in modules if id(m) not in inside]
 
 
-__all__ = ["DDPStrategy", "FSDPStrategy", "find_blocks"]
+def shard_blocks(model: nn.Module, options: FSDPStrategy, precision: str = "32") -> list[nn.Module]:
+    """``fully_shard`` on each block ([fitkit.strategies.find_blocks][]), deepest first, then on the root.
+
+    Returns the blocks. Each block's parameters are gathered just before its forward (and backward) and
+    freed after it (``reshard_after_forward``); the root keeps its own parameters gathered. With
+    ``precision="bf16"`` and ``options.mixed_precision``, the gathered parameters are bfloat16 and the
+    gradients are reduced in float32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if any(not p.is_contiguous() for p in model.parameters()):
+        raise ValueError(
+            "strategy='fsdp' cannot shard non-contiguous parameters (a model converted with "
+            "model.to(memory_format=torch.channels_last), say); keep the model contiguous: with "
+            "Trainer(channels_last=True) fitkit then makes only the inputs channels-last under FSDP"
+        )
+    policy = MixedPrecisionPolicy()
+    if precision == "bf16" and options.mixed_precision:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    blocks = find_blocks(model, options.block_classes)
+    depth = {id(m): len(name.split(".")) for name, m in model.named_modules()}
+    for block in sorted(blocks, key=lambda m: -depth[id(m)]):  # bottom-up: inner blocks before outer ones
+        fully_shard(block, reshard_after_forward=options.reshard_after_forward, mp_policy=policy)
+    fully_shard(model, reshard_after_forward=not blocks and options.reshard_after_forward, mp_policy=policy)
+    return blocks
+
+
+def _swap_optimizer_params(
+    optimizer: torch.optim.Optimizer, before: dict[str, nn.Parameter], after: dict[str, nn.Parameter]
+) -> None:
+    """FSDP2 registers new (sharded) Parameter objects; an optimizer built before must update those."""
+    new_of = {id(p): after[name] for name, p in before.items() if name in after}
+    if any(optimizer.state.values()):
+        raise ValueError(
+            "strategy='fsdp' shards the model after the optimizer was built, so the optimizer must "
+            "not hold state yet (momentum buffers); build it fresh, or load its state after "
+            "building the Trainer"
+        )
+    for group in optimizer.param_groups:
+        group["params"] = [new_of.get(id(p), p) for p in group["params"]]
+
+
+def _to_cpu_tensors(obj: Any) -> Any:
+    """Plain CPU tensors (not DTensors) all the way down, so a checkpoint loads with weights_only=True."""
+    if isinstance(obj, torch.Tensor):
+        if hasattr(obj, "full_tensor"):
+            obj = obj.full_tensor()
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu_tensors(v) for v in obj)
+    return obj
+
+
+# -- the strategies at work -----------------------------------------------------------------------
+class SingleDevice:
+    """One process: the model as it is, its own state dicts, checkpoints as one file."""
+
+    name = "none"
+    #: Every rank holds a shard of each parameter (FSDP): code that reads or writes whole parameters (EMA,
+    #: SWA) must gather them first.
+    shards_parameters = False
+    #: Evaluation and prediction data are split over the ranks (each sample counted once).
+    splits_eval_data = False
+
+    def __init__(self, info: DistInfo) -> None:
+        self.info = info
+
+    def wrap(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], precision: str) -> nn.Module:
+        """The module that runs training forward passes."""
+        return model
+
+    def channels_last(self, model: nn.Module) -> nn.Module:
+        """``model`` in the channels-last memory format (``Trainer(channels_last=True)``)."""
+        return model.to(memory_format=torch.channels_last)
+
+    def set_grad_sync(self, module: nn.Module, enabled: bool) -> None:
+        """Turns the gradient all-reduce of the next forward/backward on or off (off on the accumulating
+        batches of a group); nothing to do in one process."""
+
+    def model_state_dict(self, model: nn.Module) -> dict[str, Any]:
+        """The model's whole state (under FSDP a collective whose result rank 0 holds)."""
+        return model.state_dict()
+
+    def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's whole state (under FSDP a collective whose result rank 0 holds)."""
+        return optimizer.state_dict()
+
+    def load_model_state_dict(self, model: nn.Module, state: dict[str, Any], strict: bool) -> None:
+        """Loads a whole model state (as `model_state_dict` returns it)."""
+        model.load_state_dict(state, strict=strict)
+
+    def load_optimizer_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
+        """Loads a whole optimizer state (as `optimizer_state_dict` returns it)."""
+        optimizer.load_state_dict(state)
+
+    def check_supported(self, feature: str) -> None:
+        """Raises NotImplementedError when this strategy cannot do ``feature`` (``"lr_find"``,
+        ``"partial_accumulation_checkpoint"``)."""
+
+    def save_checkpoint(self, trainer: Trainer, path: Path, meta: dict[str, Any]) -> Path:
+        """Writes ``trainer``'s full state to the file ``path`` atomically: every rank's own part goes in
+        (``Trainer.PER_RANK``) and rank 0 writes it; every rank calls it."""
+        state = trainer.state_dict()
+        everyone = distributed.gather_object({key: state[key] for key in trainer.PER_RANK}, self.info)
+        if self.info.world_size > 1:
+            state["per_rank"] = everyone
+        if self.info.rank == 0:
+            position = {
+                "kind": "full",
+                "epoch": trainer.state.epoch,
+                "global_step": trainer.state.global_step,
+                "batch_in_epoch": trainer.state.batch_in_epoch,
+                **meta,
+            }
+            checkpoint.atomic_save(state, path, position)
+        distributed.barrier(self.info)
+        return path
+
+    def load_checkpoint(self, trainer: Trainer, path: Path, strict: bool) -> None:
+        """Loads a checkpoint file, or a sharded (DCP) directory, which loads into any strategy."""
+        if path.is_dir():
+            sharded_checkpoint.load(trainer, path, strict=strict)
+        else:
+            trainer.load_state_dict(checkpoint.load(path, map_location="cpu"), strict=strict)
+
+
+class DDP(SingleDevice):
+    """DistributedDataParallel (with `DDPStrategy`'s options): every rank holds the whole model."""
+
+    name = "ddp"
+    splits_eval_data = True
+
+    def __init__(self, info: DistInfo, options: DDPStrategy | None = None) -> None:
+        super().__init__(info)
+        self.options = options if options is not None else DDPStrategy()
+
+    def wrap(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], precision: str) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.info.device.index] if self.info.device is not None else None
+        return DistributedDataParallel(model, device_ids=device_ids, **self.options.ddp_kwargs())
+
+    def set_grad_sync(self, module: nn.Module, enabled: bool) -> None:
+        # DDP reads the flag in forward, so it is set before the forward, not around backward only.
+        wrapper: Any = _compat.compiled_module_inner(module)  # under torch.compile's wrapper
+        wrapper.require_backward_grad_sync = enabled
+
+
+class FSDP(SingleDevice):
+    """FSDP2 (``fully_shard``) per block, then the root (with `FSDPStrategy`'s options): each rank holds a
+    shard of every parameter; checkpoints are sharded DCP directories every rank writes its part of."""
+
+    name = "fsdp"
+    shards_parameters = True
+    # Every forward pass is a collective, so every rank runs the same batches: each evaluates all the data
+    # and the all-reduced sums give the same means (at world_size times the work).
+    splits_eval_data = False
+
+    def __init__(self, info: DistInfo, options: FSDPStrategy | None = None) -> None:
+        super().__init__(info)
+        self.options = options if options is not None else FSDPStrategy()
+
+    def wrap(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], precision: str) -> nn.Module:
+        """Shards ``model`` in place, block by block (`shard_blocks`), from rank 0's initial weights (as
+        DDP does); every optimizer's parameters are swapped for the sharded ones, in place."""
+        with torch.no_grad():  # fully_shard keeps each rank's own values otherwise
+            for tensor in itertools.chain(model.parameters(), model.buffers()):
+                distributed.broadcast_from_rank_zero(tensor)
+        before = dict(model.named_parameters())
+        shard_blocks(model, self.options, precision)
+        for optimizer in optimizers:
+            _swap_optimizer_params(optimizer, before, dict(model.named_parameters()))
+        return model
+
+    def channels_last(self, model: nn.Module) -> nn.Module:
+        return model  # FSDP2 shards contiguous parameters only: the inputs alone are converted
+
+    def set_grad_sync(self, module: nn.Module, enabled: bool) -> None:
+        wrapper: Any = _compat.compiled_module_inner(module)
+        wrapper.set_requires_gradient_sync(enabled)
+
+    def model_state_dict(self, model: nn.Module) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # Gathered on rank 0 only, on the CPU (the other ranks get {}): rank 0 writes checkpoints.
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return _to_cpu_tensors(get_optimizer_state_dict(model, optimizer, options=options))
+
+    def load_model_state_dict(self, model: nn.Module, state: dict[str, Any], strict: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+    def load_optimizer_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def check_supported(self, feature: str) -> None:
+        if feature == "lr_find":
+            raise NotImplementedError("lr_find does not support strategy='fsdp'; run it with strategy='ddp' or 'none'")
+        if feature == "partial_accumulation_checkpoint":
+            raise NotImplementedError(
+                "saving a checkpoint in the middle of an accumulation group is not supported "
+                "with strategy='fsdp' (the partial gradients are sharded); save at group "
+                "ends: ModelCheckpoint/BackupAndRestore(save_freq=a multiple of "
+                "accumulate_grad_batches) or 'epoch'"
+            )
+
+    def save_checkpoint(self, trainer: Trainer, path: Path, meta: dict[str, Any]) -> Path:
+        """Every rank writes its shard into a DCP directory at ``path`` (`fitkit.sharded_checkpoint`)."""
+        return sharded_checkpoint.save(trainer, path, meta)
+
+
+def build(strategy: StrategyArg, info: DistInfo) -> SingleDevice:
+    """The strategy object for ``Trainer(strategy=...)`` once the process group is known (``info``):
+    one process always trains as `SingleDevice`; under a launcher, ``"auto"`` is DDP. A new strategy is
+    a `SingleDevice` subclass and a line here."""
+    name, options = resolve(strategy)
+    if info.world_size == 1:
+        return SingleDevice(info)
+    if name == "fsdp":
+        return FSDP(info, options if isinstance(options, FSDPStrategy) else None)
+    return DDP(info, options if isinstance(options, DDPStrategy) else None)
+
+
+__all__ = ["DDPStrategy", "FSDPStrategy", "find_blocks", "shard_blocks"]

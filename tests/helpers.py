@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+import fitkit._pipeline
 from fitkit import Callback, Trainer
 from fitkit.callbacks.base import HOOKS
 
@@ -147,7 +148,8 @@ class FakeTrainer:
         # How it trains, the processes.
         self.device = torch.device("cpu")
         self.precision = precision
-        self.strategy = "auto"
+        self.strategy = "none"
+        self.shards_parameters = False
         self.accumulate_grad_batches = 1
         self.grad_clip_norm: float | None = None
         self.grad_clip_value: float | None = None
@@ -318,9 +320,5 @@ def pretend_cuda(trainer: Trainer, monkeypatch: Any) -> Trainer:
     CUDA how much memory is free)."""
     trainer.device = torch.device("cuda")
 
-    def to_device(batch: Any) -> Any:
-        trainer._current_n = len(batch[1])
-        return batch
-
-    monkeypatch.setattr(trainer, "_to_device", to_device)
+    monkeypatch.setattr(fitkit._pipeline, "move_to_device", lambda batch, device, non_blocking=False: batch)
     return trainer

@@ -99,13 +99,13 @@ def _fit_dataloader(rank: int, out: Path, batch_size: int, accumulate: int = 1) 
             all_reduces.append(trainer.global_step)
             return allreduce_hook(state, bucket)
 
-        trainer._train_module.register_comm_hook(None, counting_hook)
+        trainer._modules.train.register_comm_hook(None, counting_hook)
     history = trainer.fit(train, DataLoader(TensorDataset(*make_data(50)[:]), batch_size=16), epochs=3)
     return {
         "weights": weights(trainer),
         "history": history.history,
         "steps": trainer.global_step,
-        "sampler": type(trainer._train_loader.sampler).__name__,
+        "sampler": type(trainer.train_loader.sampler).__name__,
         "batches": trainer.num_train_batches,
         "all_reduces": all_reduces,
     }
@@ -204,7 +204,7 @@ class LocalValLoss(fitkit.Callback):
         self.x, self.y, self.values = x, y, []
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        rank, world = self.trainer._dist.rank, self.trainer.world_size
+        rank, world = self.trainer.dist.rank, self.trainer.world_size
         with torch.no_grad():
             loss = nn.functional.cross_entropy(self.model(self.x[rank::world]), self.y[rank::world])
         self.values.append(loss.item())
@@ -262,7 +262,7 @@ class StopOnRank(fitkit.Callback):
         self.rank, self.step = rank, step
 
     def on_batch_end(self, batch: int, logs: Any = None) -> None:
-        if self.trainer._dist.rank == self.rank and self.trainer.global_step == self.step:
+        if self.trainer.dist.rank == self.rank and self.trainer.global_step == self.step:
             self.trainer.stop("rank 1 had enough")
 
 
@@ -576,7 +576,7 @@ def test_every_rank_resumes_from_the_checkpoint_rank_zero_chose(tmp_path: Path) 
 def _stalled_rank(rank: int, out: Path) -> dict[str, Any]:
     class Stall(fitkit.Callback):  # rank 1 stops answering for longer than the timeout, without failing
         def on_batch_end(self, batch: int, logs: Any = None) -> None:
-            if self.trainer._dist.rank == 1 and self.trainer.global_step == 2:
+            if self.trainer.dist.rank == 1 and self.trainer.global_step == 2:
                 time.sleep(4)
 
     trainer = build(callbacks=[Stall()], process_group_timeout=1.5)
@@ -600,14 +600,14 @@ def test_the_process_group_timeout_is_configurable(tmp_path: Path) -> None:
 def _failing_job(rank: int, out: Path, where: str, stay_alive: bool = False) -> dict[str, Any]:
     class Boom(fitkit.Callback):
         def on_batch_end(self, batch: int, logs: Any = None) -> None:
-            if where == "callback" and self.trainer._dist.rank == 1 and self.trainer.global_step == 3:
+            if where == "callback" and self.trainer.dist.rank == 1 and self.trainer.global_step == 3:
                 raise ValueError("boom in callback")
 
     class QuietBoom(fitkit.Callback):  # declared never to stop: the ranks do not vote after each batch
         stops_mid_epoch = False
 
         def on_batch_end(self, batch: int, logs: Any = None) -> None:
-            if where == "quiet callback" and self.trainer._dist.rank == 1 and self.trainer.global_step == 3:
+            if where == "quiet callback" and self.trainer.dist.rank == 1 and self.trainer.global_step == 3:
                 raise ValueError("boom in quiet callback")
 
     class BoomNet(nn.Module):
@@ -690,7 +690,7 @@ def test_a_killed_rank_ends_the_others_within_seconds(tmp_path: Path) -> None:
 def _terminated_job(rank: int, out: Path) -> dict[str, Any]:
     class TermRankOne(fitkit.Callback):
         def on_batch_end(self, batch: int, logs: Any = None) -> None:
-            if self.trainer._dist.rank == 1 and self.trainer.global_step == 4:
+            if self.trainer.dist.rank == 1 and self.trainer.global_step == 4:
                 os.kill(os.getpid(), signal.SIGTERM)
 
     trainer = build(callbacks=[BackupAndRestore(out.parent / "backup", save_freq=100), TermRankOne()])
@@ -787,12 +787,12 @@ def test_forcing_ddp_without_a_launcher_says_how_to_launch(monkeypatch: pytest.M
 
 def test_auto_strategy_without_a_launcher_trains_in_one_process() -> None:
     trainer = build()
-    assert trainer.world_size == 1 and trainer.is_global_zero and trainer._train_module is trainer.model
+    assert trainer.world_size == 1 and trainer.is_global_zero and trainer._modules.train is trainer.model
 
 
 def test_fsdp_without_fsdp2_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(distributed, "_has_fsdp2", lambda: False)
+    monkeypatch.setattr(fitkit.strategies, "_has_fsdp2", lambda: False)
     with pytest.raises(
         ValueError,
         match=r"^strategy='fsdp' needs FSDP2 \(torch.distributed.fsdp.fully_shard, "
@@ -886,7 +886,7 @@ def _fsdp_job(rank: int, out: Path, dropout: float = 0.0, kill_at: int | None = 
     val = DataLoader(TensorDataset(*make_data(99)[:]), batch_size=16)
     history = trainer.fit(train, val, epochs=3)
     return {
-        "weights": distributed.full_model_state_dict(trainer.model, trainer._dist),
+        "weights": trainer.model_state_dict(),
         "steps": trainer.global_step,
         "history": history.history,
         "sharded": type(next(trainer.model.parameters())).__name__,
@@ -1010,7 +1010,7 @@ def _own_group(rank: int, out: Path, user_group: bool) -> dict[str, Any]:
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     trainer = build()
     trainer.fit(DataLoader(make_data(), batch_size=16), epochs=1)
-    created = trainer._dist.created_group
+    created = trainer.dist.created_group
     distributed._teardown()  # what runs at exit when fitkit created the group
     return {"created": created, "initialized_after": torch.distributed.is_initialized(), "steps": trainer.global_step}
 

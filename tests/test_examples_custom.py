@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fitkit
+import fitkit._pipeline
 from fitkit.callbacks import BackupAndRestore
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -543,8 +544,6 @@ def test_example_steps_read_nothing_back_to_the_host(name, monkeypatch):
     reads of its loss and gradient norms, which fitkit marks with allow_sync()."""
     from helpers import FakeSyncMode
 
-    from fitkit.data import batch_size_of
-
     sync = FakeSyncMode().install(monkeypatch, record_reads=True)
     build = {"gan": _gan_trainer, "vae": _vae_trainer, "lstm_lm": _lstm_trainer, "lbfgs": _lbfgs_trainer}[name]
     train, val = _dataloaders(name)
@@ -552,11 +551,7 @@ def test_example_steps_read_nothing_back_to_the_host(name, monkeypatch):
     trainer.debug_sync = "error"
     trainer.device = torch.device("cuda")  # takes the CUDA paths; the model and the data stay on the CPU
 
-    def to_device(batch: Any) -> Any:
-        trainer._current_n = batch_size_of(batch)
-        return batch
-
-    monkeypatch.setattr(trainer, "_to_device", to_device)
+    monkeypatch.setattr(fitkit._pipeline, "move_to_device", lambda batch, device, non_blocking=False: batch)
     adam = importlib.import_module("torch.optim.adam")
     read_step_counter = adam._get_value
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fitkit
-from fitkit import distributed
+from fitkit import strategies
 from fitkit.strategies import DDPStrategy, FSDPStrategy, find_blocks
 
 pytestmark = pytest.mark.distributed
@@ -70,7 +70,7 @@ def _blocky_job(rank: int, out: Path, strategy: Any = "fsdp", precision: str = "
         train = DataLoader(data, batch_size=16, shuffle=True)
     history = trainer.fit(train, DataLoader(TensorDataset(*make_data(40)[:]), batch_size=16), epochs=2)
     return {
-        "weights": distributed.full_model_state_dict(trainer.model, trainer._dist),
+        "weights": trainer.model_state_dict(),
         "history": history.history,
         "blocks": [isinstance(b, FSDPModule) for b in trainer.model.blocks],
         "others": [isinstance(m, FSDPModule) for m in (trainer.model.inp, trainer.model.head)],
@@ -144,7 +144,7 @@ def _ddp_options_job(rank: int, out: Path, options: dict[str, Any]) -> dict[str,
     model = Branchy()
     trainer = fitkit.Trainer(model, "sgd", "cross_entropy", device="cpu", verbose=0, strategy=DDPStrategy(**options))
     trainer.fit(DataLoader(make_data(), batch_size=16, shuffle=True), epochs=1)
-    ddp = trainer._train_module
+    ddp = trainer._modules.train
     return {
         "find_unused": ddp.find_unused_parameters,
         "bucket_view": ddp.gradient_as_bucket_view,
@@ -183,7 +183,7 @@ def _conv_job(rank: int, out: Path) -> dict[str, Any]:
     # Each rank takes every other sample (fitkit shards in-memory data): 2 x 8 per step, as one process's 16.
     history = trainer.fit((x, y), batch_size=16 // trainer.world_size, epochs=2, shuffle=False)
     return {
-        "weights": distributed.full_model_state_dict(trainer.model, trainer._dist),
+        "weights": trainer.model_state_dict(),
         "loss": history.history["loss"],
         "channels_last_inputs": all(seen),
         "sharded": type(next(trainer.model.parameters())).__name__,
@@ -204,7 +204,7 @@ def test_fsdp_with_channels_last_converts_the_inputs_and_trains_like_one_process
 def _channels_last_model_job(rank: int, out: Path) -> dict[str, Any]:
     model = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
     try:
-        distributed.shard_blocks(model, FSDPStrategy())
+        strategies.shard_blocks(model, FSDPStrategy())
     except ValueError as exc:
         return {"error": str(exc)}
     return {"error": None}

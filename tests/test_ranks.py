@@ -259,7 +259,7 @@ def _control_messages(rank: int, out: Path) -> dict[str, Any]:
     from torch import distributed as dist
 
     trainer = build(callbacks=[fitkit.callbacks.ModelCheckpoint(str(out / f"r{rank}" / "{epoch}.pt"), monitor=None)])
-    info = trainer._dist
+    info = trainer.dist
     calls: dict[str, int] = {"control": 0, "tracked": 0}
     for name in ("all_reduce", "broadcast", "all_gather", "all_gather_object", "broadcast_object_list", "barrier"):
         original = getattr(dist, name)

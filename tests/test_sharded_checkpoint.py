@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fitkit
-from fitkit import checkpoint, distributed, sharded_checkpoint
+from fitkit import checkpoint, sharded_checkpoint, strategies
 from fitkit.callbacks import BackupAndRestore, ModelCheckpoint
 
 
@@ -274,7 +274,7 @@ def _dcp_job(
                 self.trainer.after_callbacks(lambda: os._exit(9))
 
     calls = {"gathers": 0, "commits": 0}
-    full_optimizer, commit = distributed.full_optimizer_state_dict, checkpoint.commit_directory
+    full_optimizer, commit = strategies.FSDP.optimizer_state_dict, checkpoint.commit_directory
 
     def counting_optimizer(*args: Any) -> Any:  # the full-checkpoint path gathers optimizer states
         calls["gathers"] += 1
@@ -286,7 +286,7 @@ def _dcp_job(
             os._exit(9)
         return commit(*args, **kwargs)
 
-    distributed.full_optimizer_state_dict = counting_optimizer  # type: ignore[assignment]
+    strategies.FSDP.optimizer_state_dict = counting_optimizer  # type: ignore[method-assign]
     checkpoint.commit_directory = crashing_commit  # type: ignore[assignment]
     reads: list[int] = []
     from torch.distributed.checkpoint.filesystem import FileSystemReader
@@ -316,8 +316,8 @@ def _dcp_job(
         history = trainer.fit(train, DataLoader(_data(40), batch_size=16), epochs=epochs, resume=resume)
     gathers = calls["gathers"]
     return {
-        "weights": distributed.full_model_state_dict(trainer.model, trainer.dist),
-        "optimizer": distributed.full_optimizer_state_dict(trainer.model, trainer.optimizer, trainer.dist),
+        "weights": trainer.model_state_dict(),
+        "optimizer": trainer._strategy.optimizer_state_dict(trainer.model, trainer.optimizer),
         "history": history.history,
         "steps": trainer.global_step,
         "gathers": gathers,
@@ -413,11 +413,9 @@ def _load_only(rank: int, out: Path, path: Path) -> dict[str, Any]:
     class Record(fitkit.Callback):
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             if not seen:  # collectives: every rank gathers, rank 0 holds the result
-                full = distributed.full_model_state_dict(self.trainer.model, self.trainer.dist)
+                full = self.trainer.model_state_dict()
                 seen["weights"] = {k: v.detach().clone() for k, v in full.items()}  # training goes on in place
-                optimizer = distributed.full_optimizer_state_dict(
-                    self.trainer.model, self.trainer.optimizer, self.trainer.dist
-                )
+                optimizer = self.trainer._strategy.optimizer_state_dict(self.trainer.model, self.trainer.optimizer)
                 first = next(iter(optimizer["state"].values()), None) if optimizer else None  # 0.weight's (or 0's)
                 seen["exp_avg_shape"] = list(first["exp_avg"].shape) if first else None
                 seen["step"] = self.trainer.global_step

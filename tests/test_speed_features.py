@@ -76,7 +76,7 @@ def test_compile_trains_like_eager_and_checkpoints_keep_the_plain_keys(tmp_path)
         return trainer
 
     eager, compiled = run(False), run(True)
-    assert compiled._train_module is not compiled.model  # the compiled wrapper runs the steps ...
+    assert compiled._modules.train is not compiled.model  # the compiled wrapper runs the steps ...
     assert (
         list(compiled.model.state_dict())
         == list(eager.model.state_dict())
@@ -192,8 +192,8 @@ def test_a_slow_callback_is_named_once_with_its_time_per_batch(one_thread):
     assert "every N batches, or in on_epoch_end" in messages[0]
     assert slow.calls == cheap.calls == 60  # timed or not, every hook ran on every batch
     # The timers are gone: the loop calls the callbacks' own bound methods again.
-    assert trainer._callbacks.hooks["on_batch_end"] == [slow.on_batch_end]
-    assert trainer._callbacks.hooks["on_batch_begin"] == [cheap.on_batch_begin]
+    assert trainer._run.callbacks.hooks["on_batch_end"] == [slow.on_batch_end]
+    assert trainer._run.callbacks.hooks["on_batch_begin"] == [cheap.on_batch_begin]
     assert _fit_recording_warnings(trainer, n_batches=30) == []  # once per Trainer
 
 
@@ -282,7 +282,7 @@ def test_debug_sync_window_covers_batches_not_deliberate_syncs(monkeypatch):
     trainer.device = torch.device("cuda")
     monkeypatch.setattr(fitkit.loaders, "fits_on_device", lambda tensors, device: False)
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # host batches would be pinned for CUDA
-    monkeypatch.setattr(trainer, "_to_device", lambda batch: (setattr(trainer, "_current_n", len(batch[1])), batch)[1])
+    monkeypatch.setattr(fitkit._pipeline, "move_to_device", lambda batch, device, non_blocking=False: batch)
     trainer.fit((x, y), (x, y), batch_size=4, epochs=1)
     assert fake.seen == [
         ("epoch_begin", 0),
@@ -332,21 +332,30 @@ def test_non_blocking_copies_follow_the_loader_being_iterated():
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_pinned_training_loader_is_copied_without_blocking_even_with_an_unpinned_validation_one():
     x, y = make_classification(64)
-    seen = []
+    seen, copies = [], []
+    move = fitkit._pipeline.move_to_device
+
+    def recording(batch, device, non_blocking=False):  # what each batch's copy was asked to do
+        copies.append(non_blocking)
+        return move(batch, device, non_blocking)
 
     class Probe(Callback):
         def on_batch_end(self, batch, logs=None):
-            seen.append(("train", self.trainer._non_blocking))
+            seen.append(("train", copies[-1]))
 
         def on_validation_batch_end(self, batch, logs=None):
-            seen.append(("val", self.trainer._non_blocking))
+            seen.append(("val", copies[-1]))
 
     trainer = fitkit.Trainer(TinyNet(), "sgd", "cross_entropy", device="cuda", verbose=0, callbacks=[Probe()])
-    trainer.fit(
-        DataLoader(TensorDataset(x, y), batch_size=32, pin_memory=True),
-        DataLoader(TensorDataset(x, y), batch_size=32, num_workers=1),
-        epochs=1,
-    )
+    fitkit._pipeline.move_to_device = recording  # type: ignore[assignment]
+    try:
+        trainer.fit(
+            DataLoader(TensorDataset(x, y), batch_size=32, pin_memory=True),
+            DataLoader(TensorDataset(x, y), batch_size=32, num_workers=1),
+            epochs=1,
+        )
+    finally:
+        fitkit._pipeline.move_to_device = move  # type: ignore[assignment]
     assert seen == [("train", True), ("train", True), ("val", False), ("val", False)]
 
 
@@ -356,7 +365,7 @@ def test_cuda_pinned_loader_copies_without_blocking_and_unpinned_one_warns():
     x, y = make_classification(64)
     trainer = fitkit.Trainer(TinyNet(), "sgd", "cross_entropy", device="cuda", verbose=0, debug_sync="error")
     trainer.fit(DataLoader(TensorDataset(x, y), batch_size=16, pin_memory=True), epochs=1)  # no sync: no error
-    assert trainer._non_blocking
+    assert trainer._run.plan.train.feed.non_blocking
     trainer = fitkit.Trainer(TinyNet(), "sgd", "cross_entropy", device="cuda", verbose=0)
     with pytest.warns(UserWarning, match="a DataLoader with pin_memory=False on a CUDA run"):
         trainer.fit(DataLoader(TensorDataset(x, y), batch_size=16), epochs=1)

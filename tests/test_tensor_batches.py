@@ -93,7 +93,7 @@ def _fit(fast, resume=None, tmp=None, epochs=3):
 
 def test_fit_gives_the_same_weights_with_and_without_the_fast_path():
     fast, slow = _fit(True), _fit(False)
-    assert fast._fast_batches and not slow._fast_batches
+    assert fast._run.plan.train.fast and not slow._run.plan.train.fast
     assert all(torch.equal(p, q) for p, q in zip(params_of(fast.model), params_of(slow.model)))
     assert fast.history.history == slow.history.history
 

@@ -64,7 +64,7 @@ class _WeightAveraging(Callback):
 
     # -- averages -------------------------------------------------------------------------------
     def _check_model(self) -> None:
-        if distributed.is_fsdp(self.trainer.dist):
+        if self.trainer.shards_parameters:
             raise NotImplementedError(
                 f"{type(self).__name__} does not support strategy='fsdp' (its parameters are sharded); "
                 "use strategy='ddp'"
