@@ -5,8 +5,8 @@ in-memory arrays as Keras reads them, DataLoaders sharded over the ranks), and t
 object per fit, `TrainBatches`, for each epoch's batches (`TrainBatches.epoch`): the fast tensor path, the
 random state snapshot before ``iter(loader)`` and the mid-epoch resume skip are decided there. Every batch
 reaches the device through a `DeviceFeed` (device copy, channels-last, the first batch's dtype check).
-The parts it assembles live in `fitkit.arrays` (array conversion), `fitkit.loaders` (loaders),
-`fitkit.tensor_batches` (the fast path), `fitkit.data` (device moves, replays) and `fitkit.distributed`
+The parts it assembles live in `fitkit._arrays` (array conversion), `fitkit._loaders` (loaders),
+`fitkit._tensor_batches` (the fast path), `fitkit.data` (device moves, replays) and `fitkit.distributed`
 (per-rank shares).
 """
 
@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fitkit import arrays, checks, distributed, rng, schedule, tensor_batches
+from fitkit import _arrays, _checks, _tensor_batches, distributed, rng, schedule
+from fitkit._devices import channels_last as to_channels_last
+from fitkit._devices import pinned
+from fitkit._loaders import SkippableLoader, as_loader, num_batches
+from fitkit._warn import user_stacklevel
 from fitkit.data import batch_size_of, is_map_style, move_to_device, resume_loader_iterator, split_batch
-from fitkit.devices import channels_last as to_channels_last
-from fitkit.devices import pinned
-from fitkit.loaders import SkippableLoader, as_loader, num_batches
 
 if TYPE_CHECKING:
     from fitkit.trainer import Trainer
@@ -40,9 +41,9 @@ def make_loader(
 ) -> Any:
     """``data`` as a loader of this rank's batches: in-memory data as Keras reads it (Python lists converted,
     floats in the model's dtype), a DataLoader sharded over the ranks."""
-    data = arrays.follow_model(
-        arrays.from_python(data, name), arrays.model_float_dtype(trainer.model),
-        isinstance(trainer.loss, checks.CLASSIFICATION_LOSSES),
+    data = _arrays.follow_model(
+        _arrays.from_python(data, name), _arrays.model_float_dtype(trainer.model),
+        isinstance(trainer.loss, _checks.CLASSIFICATION_LOSSES),
     )  # fmt: skip
     return as_loader(
         data, batch_size=batch_size, shuffle=shuffle, name=name, device=trainer.device, dist=trainer.dist,
@@ -61,7 +62,7 @@ def val_loaders(
 
 class DeviceFeed:
     """Puts a loader's batches on the device: ``feed(batch)`` returns the batch there and sets ``n`` (its
-    samples). The first batch's input dtypes are checked against the model's (``checks.py``)."""
+    samples). The first batch's input dtypes are checked against the model's (``_checks.py``)."""
 
     def __init__(self, trainer: Trainer, loader: Any) -> None:
         self.device = trainer.device
@@ -74,7 +75,7 @@ class DeviceFeed:
     def __call__(self, batch: Any) -> Any:
         self.n = batch_size_of(batch)
         if self.model is not None:
-            checks.check_input_dtypes(split_batch(batch)[0], self.model)
+            _checks.check_input_dtypes(split_batch(batch)[0], self.model)
             self.model = None
         if not self.copy:
             return batch
@@ -95,7 +96,7 @@ class TrainBatches:
     def __init__(self, trainer: Trainer, loader: Any, steps_per_epoch: int | None) -> None:
         self.loader = loader
         self.steps = steps_per_epoch
-        self.fast = trainer.fast_tensor_batches and tensor_batches.eligible(loader)
+        self.fast = trainer.fast_tensor_batches and _tensor_batches.eligible(loader)
         self.info = trainer.dist
         self.feed = DeviceFeed(trainer, loader)
 
@@ -106,7 +107,7 @@ class TrainBatches:
         distributed.set_epoch(loader, epoch)
         if skip == 0:
             epoch_rng = rng.capture(loader)
-            iterator: Iterator[Any] = tensor_batches.iterate(loader) if self.fast else iter(loader)
+            iterator: Iterator[Any] = _tensor_batches.iterate(loader) if self.fast else iter(loader)
         elif epoch_rng is None:
             raise RuntimeError("internal: mid-epoch resume without the epoch's random state")
         else:
@@ -125,7 +126,7 @@ class TrainBatches:
             loader.skip_next(skip)
             iterator = iter(loader)
         elif self.fast or is_map_style(loader):
-            resumed = tensor_batches.resume if self.fast else resume_loader_iterator
+            resumed = _tensor_batches.resume if self.fast else resume_loader_iterator
             iterator = resumed(loader, skip)
             # The replay drew the whole epoch's indices from the loader's own generators, and a
             # RandomSampler draws once more when it is exhausted: keep them where the uninterrupted
@@ -137,7 +138,7 @@ class TrainBatches:
             warnings.warn(
                 f"resuming mid-epoch on {type(loader).__name__} without random access: "
                 f"re-reading {skip} batches to skip them (they do not reach the model)",
-                stacklevel=5,
+                stacklevel=user_stacklevel(),
             )
             iterator = iter(loader)
             for _ in range(skip):
@@ -152,8 +153,8 @@ def eval_batches(trainer: Trainer, loader: Any, steps: int | None, split: bool) 
     """One validation set's batches for this rank (at most ``steps``) and the loader they come from. The
     same fast path as training: DataLoader(TensorDataset) batches cut by indexing, with the same draws."""
     loader = distributed.shard_eval(loader, trainer.dist, split)
-    fast = trainer.fast_tensor_batches and tensor_batches.eligible(loader)
-    batches: Iterator[Any] = tensor_batches.iterate(loader) if fast else iter(loader)
+    fast = trainer.fast_tensor_batches and _tensor_batches.eligible(loader)
+    batches: Iterator[Any] = _tensor_batches.iterate(loader) if fast else iter(loader)
     if steps is not None:
         batches = itertools.islice(batches, steps)
     return batches, loader

@@ -34,14 +34,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fitkit import _pipeline, arguments, checks, distributed, rng, schedule
+from fitkit import _arguments, _checks, _pipeline, distributed, rng, schedule
+from fitkit._callback_list import CallbackList
+from fitkit._loaders import concat_outputs, num_batches, split_in_memory, take_rows
 from fitkit._precision import NO_CONTEXT
-from fitkit.callback_list import CallbackList
+from fitkit._tracker import EpochTracker
+from fitkit._warn import user_stacklevel
 from fitkit.callbacks.base import MID_EPOCH_HOOKS, may_stop_mid_epoch
-from fitkit.loaders import concat_outputs, num_batches, split_in_memory, take_rows
 from fitkit.metrics import Metric
 from fitkit.signals import TrainingInterrupted
-from fitkit.tracker import EpochTracker
 
 if TYPE_CHECKING:
     from fitkit.trainer import Trainer
@@ -97,7 +98,7 @@ class Run:
         self.n = 0  # its samples
         self.stepped = False  # an optimizer stepped in this iteration (GradScaler.update, global_step)
         self.phase: MetricSet = trainer._train_set  # whose metrics update_metrics feeds
-        self.check_loss_inputs = True  # the first batch's loss-input checks (checks.py) still to run
+        self.check_loss_inputs = True  # the first batch's loss-input checks (_checks.py) still to run
         self.class_weight: torch.Tensor | None = None
         self.per_sample_loss: Callable[..., torch.Tensor] | None = None  # the loss with reduction="none"
         self.deferred: list[Callable[[], None]] = []  # saves asked for by callbacks (after_callbacks)
@@ -204,7 +205,7 @@ class Run:
                     self.n, self.outputs = feed.n, None
                     step_logs = eval_step(batch)
                     if batch_idx == 0:
-                        arguments.check_step_logs(step_logs)
+                        _arguments.check_step_logs(step_logs)
                     tracker.add(step_logs, feed.n)
                     for fn in batch_end:
                         fn(batch_idx, step_logs)
@@ -315,13 +316,13 @@ class FitRun(Run):
             warnings.warn(
                 f"nothing to train: the run is at epoch {state.epoch} and epochs={plan.epochs}; "
                 "pass a larger epochs= to train further",
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
         elif plan.max_steps is not None and state.global_step >= plan.max_steps:
             warnings.warn(
                 f"nothing to train: the run is at step {state.global_step} and "
                 f"max_steps={plan.max_steps}; pass a larger max_steps= to train further",
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
 
     def may_stop_mid_epoch(self) -> bool:
@@ -343,7 +344,7 @@ class FitRun(Run):
         self.non_finite_reported = True
         found = self.trainer._train_set.tracker.first_non_finite()
         batch = None if found is None else self.trainer.state.batch_in_epoch - found[1] + found[0]
-        checks.warn_non_finite_loss(epoch, batch)
+        _checks.warn_non_finite_loss(epoch, batch)
 
     # -- one epoch ------------------------------------------------------------------------------------------
     def run_epoch(self, epoch: int) -> dict[str, float]:
@@ -403,7 +404,7 @@ class FitRun(Run):
         if self.stepped:
             self.finish_iteration()
         if batch_idx == 0:
-            arguments.check_step_logs(step_logs)
+            _arguments.check_step_logs(step_logs)
         trainer._train_set.tracker.add(step_logs, feed.n)
         state.batch_in_epoch = batch_idx + 1
         for fn in hooks["on_batch_end"]:
@@ -438,7 +439,7 @@ class FitRun(Run):
                 "code that fitkit did not expect to stop there, in a distributed run whose ranks skip the per-batch "
                 "stop vote: every rank stops at this epoch's end instead. A callback that stops in a batch-level "
                 "hook must not declare stops_mid_epoch = False",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
@@ -520,22 +521,22 @@ def plan_fit(
 ) -> FitPlan:
     """Checks ``fit``'s arguments and builds what it iterates (see ``Trainer.fit`` for each argument)."""
     if epochs is not None:
-        arguments.check_int(epochs, "epochs", 0)
-    arguments.check_int(initial_epoch, "initial_epoch", 0)
-    arguments.check_flags(shuffle=shuffle, drop_last=drop_last)
+        _arguments.check_int(epochs, "epochs", 0)
+    _arguments.check_int(initial_epoch, "initial_epoch", 0)
+    _arguments.check_flags(shuffle=shuffle, drop_last=drop_last)
     if steps_per_epoch is not None:
-        arguments.check_int(steps_per_epoch, "steps_per_epoch", 1)
-    every = schedule.check_optional_int(validate_every_n_steps, "validate_every_n_steps", "optimizer steps")
-    validation_steps = schedule.check_optional_int(validation_steps, "validation_steps", "batches per set")
-    max_steps = schedule.check_optional_int(max_steps, "max_steps", "optimizer steps of the whole run")
+        _arguments.check_int(steps_per_epoch, "steps_per_epoch", 1)
+    every = _arguments.check_optional_int(validate_every_n_steps, "validate_every_n_steps", "optimizer steps")
+    validation_steps = _arguments.check_optional_int(validation_steps, "validation_steps", "batches per set")
+    max_steps = _arguments.check_optional_int(max_steps, "max_steps", "optimizer steps of the whole run")
     max_time = schedule.resolve_max_time(max_time)
-    validate_at = arguments.validation_schedule(schedule.check_validation_freq(validation_freq, every))
+    validate_at = _arguments.validation_schedule(schedule.check_validation_freq(validation_freq, every))
     train_data, val_data = _split_off_validation(train_data, val_data, validation_split)
     train_loader = _pipeline.make_loader(
         trainer, train_data, batch_size, shuffle, "train_data", training=True, sample_weight=sample_weight,
         drop_last=drop_last,
     )  # fmt: skip
-    weights = arguments.class_weight_tensor(class_weight, trainer.device)
+    weights = _arguments.class_weight_tensor(class_weight, trainer.device)
     val_loaders = {} if val_data is None else _pipeline.val_loaders(trainer, val_data, batch_size, "val_data")
     if every is not None and not val_loaders:
         raise ValueError(f"validate_every_n_steps={every} needs validation data; pass val_data (or validation_split)")
@@ -543,7 +544,7 @@ def plan_fit(
     k = trainer.accumulate_grad_batches
     steps_in_epoch = None if num_train_batches is None else -(-num_train_batches // k)
     epochs = schedule.epochs_for(epochs, max_steps, max_time, steps_in_epoch)
-    arguments.warn_unreachable_validation_epochs(validation_freq, epochs)
+    _arguments.warn_unreachable_validation_epochs(validation_freq, epochs)
     return FitPlan(
         _pipeline.TrainBatches(trainer, train_loader, steps_per_epoch), val_loaders, epochs, validate_at,
         num_train_batches, step_validation=None if every is None else schedule.StepValidation(every),
@@ -566,19 +567,19 @@ def _split_off_validation(train_data: Any, val_data: Any, validation_split: Any)
 
 def _check_train_batches(trainer: Trainer, loader: Any, steps_per_epoch: int | None) -> int | None:
     """The training batches per epoch (None: unknown), refusing none and warning about a too large
-    ``steps_per_epoch`` and a last batch of one sample under BatchNorm (``checks.py``)."""
+    ``steps_per_epoch`` and a last batch of one sample under BatchNorm (``_checks.py``)."""
     count = num_batches(loader, steps_per_epoch)
     if count == 0:
         raise ValueError(
             "train_data yields no batches (an empty dataset, or drop_last=True with fewer "
             "samples than batch_size); fit has nothing to train on"
         )
-    checks.check_last_batch(trainer.model, loader, steps_per_epoch)
+    _checks.check_last_batch(trainer.model, loader, steps_per_epoch)
     if steps_per_epoch is not None and count is not None and count < steps_per_epoch:
         warnings.warn(
             f"steps_per_epoch={steps_per_epoch} but train_data holds {count} batches: each "
             f"epoch ends after {count} (the data runs out). Lower steps_per_epoch, or repeat the data",
-            stacklevel=5,
+            stacklevel=user_stacklevel(),
         )
     return count
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fitkit import _compat, arguments, checks, distributed
+from fitkit import _arguments, _checks, _compat, distributed
 from fitkit.data import split_batch
 
 if TYPE_CHECKING:
@@ -29,23 +29,23 @@ if TYPE_CHECKING:
 class Steps:
     """The step API of [Trainer][fitkit.Trainer] (documented there); state lives on the Trainer."""
 
-    # Set by Trainer.__init__.
-    model: nn.Module
-    optimizers: dict[str, torch.optim.Optimizer]
-    loss: Any
-    state: TrainerState
-    accumulate_grad_batches: int
-    grad_clip_norm: float | None
-    grad_clip_value: float | None
-    _closure_optimizers: list[str]
-    _trainable_params: dict[str, list[torch.Tensor]]
-    _accumulation: GradientAccumulation
-    _amp: Precision
-    _run: Run
-    _train_set: MetricSet
-    _modules: Any
-    _strategy: SingleDevice
-    optimizer: torch.optim.Optimizer  # a property of Trainer
+    if TYPE_CHECKING:  # set by Trainer.__init__ (documented there)
+        model: nn.Module
+        optimizers: dict[str, torch.optim.Optimizer]
+        loss: Any
+        state: TrainerState
+        accumulate_grad_batches: int
+        grad_clip_norm: float | None
+        grad_clip_value: float | None
+        _closure_optimizers: list[str]
+        _trainable_params: dict[str, list[torch.Tensor]]
+        _accumulation: GradientAccumulation
+        _amp: Precision
+        _run: Run
+        _train_set: MetricSet
+        _modules: Any
+        _strategy: SingleDevice
+        optimizer: torch.optim.Optimizer  # a property of Trainer
 
     @property
     def metrics(self) -> list[Metric]:
@@ -154,18 +154,18 @@ class Steps:
                 "inputs, targets, outputs), or pass loss=None if the model returns its loss"
             )
         run = self._run
-        if run.check_loss_inputs:  # the first batch of a call: checks.py (one deliberate read of its label range)
+        if run.check_loss_inputs:  # the first batch of a call: _checks.py (one deliberate read of its label range)
             run.check_loss_inputs = False
             with self.allow_sync():
-                checks.check_loss_inputs(self.loss, outputs, targets)
+                _checks.check_loss_inputs(self.loss, outputs, targets)
             if run.class_weight is not None:
-                checks.check_class_weight(run.class_weight, outputs)
+                _checks.check_class_weight(run.class_weight, outputs)
         try:
             if sample_weight is None:
                 return self.loss(outputs, targets)
             return self._weighted_loss(outputs, targets, sample_weight)
         except (IndexError, RuntimeError, ValueError, TypeError) as exc:  # a later batch: the same message
-            explained = checks.explain_loss_error(exc, self.loss, outputs, targets)
+            explained = _checks.explain_loss_error(exc, self.loss, outputs, targets)
             if explained is None:
                 raise
             raise explained from exc
@@ -192,7 +192,7 @@ class Steps:
     def _weighted_loss(self, outputs: Any, targets: Any, sample_weight: torch.Tensor) -> torch.Tensor:
         per_sample = self._run.per_sample_loss
         if per_sample is None:
-            per_sample = self._run.per_sample_loss = arguments.per_sample_loss(self.loss)
+            per_sample = self._run.per_sample_loss = _arguments.per_sample_loss(self.loss)
         values = per_sample(outputs, targets)
         n = values.shape[0] if values.ndim else 1
         values = values.reshape(n, -1).mean(dim=1) if values.ndim > 1 else values.reshape(n)
@@ -244,7 +244,7 @@ class Steps:
                 return module(*inputs)
             return module(inputs)
         except RuntimeError as exc:  # torch's shape error of a Linear/Conv: which layer, and what to fix
-            explained = checks.explain_forward_error(exc, self.model, inputs)
+            explained = _checks.explain_forward_error(exc, self.model, inputs)
             if explained is None:
                 raise
             raise explained from exc
@@ -264,7 +264,7 @@ class Steps:
         """
         accumulation, run = self._accumulation, self._run
         if not accumulation.pending:
-            arguments.check_loss(loss)
+            _arguments.check_loss(loss)
         for fn in run.callbacks.hooks["on_before_backward"]:
             fn(loss)
         if self.accumulate_grad_batches > 1:

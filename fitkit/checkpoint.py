@@ -37,6 +37,8 @@ from typing import IO, Any, cast
 
 import torch
 
+from fitkit._warn import user_stacklevel
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no advisory locks; one writer per folder there
@@ -127,7 +129,9 @@ def read_manifest(folder: Path, strict: bool = False) -> dict[str, Any]:
             "the files you trust with fitkit.checkpoint.trust(path) (it checks each loads weights-only), or "
             "write to another folder."
         )
-    warnings.warn(f"ignoring unreadable checkpoint manifest {path}: {problem or 'empty file'}", stacklevel=2)
+    warnings.warn(
+        f"ignoring unreadable checkpoint manifest {path}: {problem or 'empty file'}", stacklevel=user_stacklevel()
+    )
     return {"version": 1, "files": {}}
 
 
@@ -506,7 +510,7 @@ def _remove_directory(path: Path, entry: dict[str, Any] | None) -> None:
         left = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
         warnings.warn(
             f"removed the checkpoint {path} but left the directory: it holds files fitkit did not write ({left[:5]})",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -682,7 +686,7 @@ def newest_good(folders: list[Path], warning: str) -> Path | None:
         try:
             verify(path)
         except CheckpointError as exc:
-            warnings.warn(f"{warning}: {exc}", stacklevel=4)
+            warnings.warn(f"{warning}: {exc}", stacklevel=user_stacklevel())
             continue
         return path
     unvouched = [f for folder in folders for f in unvouched_files(folder)]
@@ -785,7 +789,9 @@ def trust(path: str | Path) -> dict[str, Any]:
         except ManifestError as exc:
             aside = folder / (MANIFEST + ".unreadable")
             os.replace(folder / MANIFEST, aside)
-            warnings.warn(f"trust: moved the unreadable manifest aside to {aside} ({exc})", stacklevel=2)
+            warnings.warn(
+                f"trust: moved the unreadable manifest aside to {aside} ({exc})", stacklevel=user_stacklevel()
+            )
             manifest = {"version": 1, "files": {}}
         if directory:
             files = hash_files(path, sorted(p for p in path.rglob("*") if p.is_file()))

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from fitkit._arrays import to_tensor
 from fitkit._structure import describe, leaves, map_structure
-from fitkit.arrays import to_tensor
 
 
 def move_to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:

@@ -37,6 +37,7 @@ from torch.utils.data import (
 )
 
 from fitkit import _compat, rng
+from fitkit._warn import user_stacklevel
 from fitkit.data import InMemoryLoader, rebuild_loader
 
 _setups = itertools.count()  # numbers each setup() in this process: every rank builds its Trainers in order
@@ -125,7 +126,7 @@ def setup(strategy: str, device: torch.device, timeout_s: float) -> DistInfo:
         warnings.warn(
             "the process group uses gloo on a CUDA run: gradient all-reduces go through the host; "
             "initialise it with backend='nccl' (fitkit does when it creates the group)",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     # fitkit's own host-side group, never the default one: a failing rank closes it to release the others
     # (see on_failure), and its messages never wait behind (or interleave with) DDP's gradient all-reduces.
@@ -456,7 +457,7 @@ def shard_train(loader: DataLoader, info: DistInfo) -> DataLoader:
             "an IterableDataset cannot be sharded by fitkit: make each rank yield its own part "
             "(torch.distributed.get_rank() / get_world_size()), with the same number of batches on "
             "every rank",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         return loader
     if _rank_aware(loader.sampler) or _rank_aware(getattr(loader.batch_sampler, "sampler", None)):
@@ -534,7 +535,7 @@ def shard_eval(loader: Any, info: DistInfo, split: bool = True) -> Any:
             f"validation data of type {type(loader).__name__} cannot be sharded: every rank evaluates "
             "all of it and the means stay right, at world_size times the work; pass a DataLoader over a "
             "map-style dataset or (x, y) tensors to split it",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         sharded = _Replicated(loader, info.world_size)
     with contextlib.suppress(TypeError):
@@ -623,3 +624,27 @@ class _ShardedInMemory:
         for start in range(skip * size, len(self) * size if self.loader.drop_last else len(mine), size):
             index = mine[start : start + size]
             yield self.loader.batch(index)
+
+
+__all__ = [
+    "DistInfo",
+    "PeerFailure",
+    "StopVote",
+    "any_rank",
+    "any_signal",
+    "barrier",
+    "broadcast_from_rank_zero",
+    "broadcast_object",
+    "gather_object",
+    "local_metric_values",
+    "mean_over_ranks",
+    "on_every_rank",
+    "on_failure",
+    "raised_on_every_rank",
+    "set_epoch",
+    "setup",
+    "shard_eval",
+    "shard_in_memory",
+    "shard_predict",
+    "shard_train",
+]

@@ -17,16 +17,10 @@ from typing import Any
 
 import torch
 
-from fitkit import distributed
+from fitkit import _arguments, distributed
 from fitkit.callbacks.base import Callback, Logs
 
 _MODES = ("exponential", "linear")
-
-
-def _check_positive_number(value: Any, name: str, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number ({what}), got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -135,8 +129,8 @@ class LRFinder(Callback):
         smooth: float = 0.05,
         stop_divergence: float | None = 4.0,
     ) -> None:
-        self.start_lr = _check_positive_number(start_lr, "start_lr", "the first step's learning rate")
-        self.end_lr = _check_positive_number(end_lr, "end_lr", "the last step's learning rate")
+        self.start_lr = _arguments.check_positive_number(start_lr, "start_lr", "the first step's learning rate")
+        self.end_lr = _arguments.check_positive_number(end_lr, "end_lr", "the last step's learning rate")
         if self.end_lr <= self.start_lr:
             raise ValueError(
                 f"end_lr must be larger than start_lr (the test sweeps upwards), got start_lr={start_lr!r}, "
@@ -232,3 +226,6 @@ class LRFinder(Callback):
 
     def on_train_end(self, logs: Logs | None = None) -> None:
         self.result.suggestion = suggest(self.result.lrs, self.result.losses, self.mode)
+
+
+__all__ = ["LRFindResult", "LRFinder", "suggest"]

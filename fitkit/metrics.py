@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
+from fitkit._arguments import check_int
+from fitkit._devices import sum_dtype
 from fitkit._structure import describe
-from fitkit.arguments import check_int
-from fitkit.devices import sum_dtype
 
 
 class Metric:

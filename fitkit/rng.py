@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from fitkit._warn import user_stacklevel
+
 try:
     import numpy as np
 except ImportError:  # pragma: no cover - numpy ships with tensorboard
@@ -140,7 +142,7 @@ def _warn_other_devices(device: int) -> None:
                 f"random numbers were drawn on cuda:{index}, but checkpoints save the generator of the "
                 f"trainer's device (cuda:{device}) only: a resume does not restore cuda:{index}'s stream. "
                 "Draw on the trainer's device, or save that generator yourself in a callback's state_dict",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
 
 

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from fitkit.arguments import check_optional_int as check_optional_int  # the loop calls it here; to go (issue 18)
 from fitkit.data import InMemoryLoader
 from fitkit.state import TrainerState
 

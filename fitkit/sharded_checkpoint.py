@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fitkit import checkpoint, distributed
-from fitkit.loaders import data_signature
+from fitkit._loaders import data_signature
+from fitkit._warn import user_stacklevel
 
 if TYPE_CHECKING:
     from fitkit.trainer import Trainer
@@ -217,7 +218,7 @@ def _check_fits(trainer: Trainer, path: Path, state: dict[str, Any], shapes: dic
             "model and optimizer states, but the run is not bit-exact (each rank's data order, random streams "
             "and share of the epoch's running sums differ from an uninterrupted run). Resume with the same "
             "world size for an exact continuation.",
-            stacklevel=5,
+            stacklevel=user_stacklevel(),
         )
     model = {k[len("model.") :]: torch.empty(v, device="meta") for k, v in shapes.items() if k.startswith("model.")}
     checkpoint.check_fits(

@@ -85,3 +85,6 @@ class GradientAccumulation:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pending = bool(state.get("pending", state.get("grads") is not None))
         self.units, self.first_n = float(state["units"]), int(state["first_n"])
+
+
+__all__ = ["GradientAccumulation", "TrainerState"]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fitkit import _compat, checkpoint, distributed, sharded_checkpoint
+from fitkit._structure import map_structure
 
 if TYPE_CHECKING:
     from fitkit.distributed import DistInfo
@@ -263,17 +264,13 @@ def _swap_optimizer_params(
         group["params"] = [new_of.get(id(p), p) for p in group["params"]]
 
 
-def _to_cpu_tensors(obj: Any) -> Any:
-    """Plain CPU tensors (not DTensors) all the way down, so a checkpoint loads with weights_only=True."""
-    if isinstance(obj, torch.Tensor):
-        if hasattr(obj, "full_tensor"):
-            obj = obj.full_tensor()
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu_tensors(v) for v in obj)
-    return obj
+def _to_cpu_tensor(value: Any) -> Any:
+    """A plain CPU tensor (not a DTensor), so that a checkpoint loads with ``weights_only=True``."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return value.detach().cpu()
 
 
 # -- the strategies at work -----------------------------------------------------------------------
@@ -416,7 +413,7 @@ class FSDP(SingleDevice):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return _to_cpu_tensors(get_optimizer_state_dict(model, optimizer, options=options))
+        return map_structure(_to_cpu_tensor, get_optimizer_state_dict(model, optimizer, options=options))
 
     def load_model_state_dict(self, model: nn.Module, state: dict[str, Any], strict: bool) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

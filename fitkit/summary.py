@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fitkit.loaders import data_signature
+from fitkit._loaders import data_signature
 
 if TYPE_CHECKING:
     from fitkit.callbacks.base import TrainerLike
@@ -103,3 +103,6 @@ def summarize(trainer: TrainerLike, depth: int = 1) -> str:
     )
     out += _data_lines(trainer)
     return "\n".join(out)
+
+
+__all__ = ["summarize"]

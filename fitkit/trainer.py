@@ -3,11 +3,11 @@ subclass overrides, and the entry points ``fit`` / ``evaluate`` / ``predict``.
 
 One call's state and its loop live in ``_run.py`` (``FitRun.run -> run_epoch -> run_batch / after_batch``); the
 data pipeline (user data -> loader -> this rank's batches -> device) in ``_pipeline.py``; what differs between
-one process, DDP and FSDP in ``strategies.py``; argument checks in ``arguments.py``; the callbacks of one call
-in ``callback_list.py``; files in ``checkpoint.py``. One training batch, file by file: ``_pipeline.TrainBatches``
+one process, DDP and FSDP in ``strategies.py``; argument checks in ``_arguments.py``; the callbacks of one call
+in ``_callback_list.py``; files in ``checkpoint.py``. One training batch, file by file: ``_pipeline.TrainBatches``
 yields it, ``_pipeline.DeviceFeed`` puts it on the device, ``FitRun.run_batch`` calls ``Trainer.train_step``
 (forward, ``compute_loss``, ``backward``, ``optimizer_step``), the running sums stay on the device
-(``tracker.py``), the per-batch hooks run (``callback_list.py``), and ``FitRun.after_batch`` checks the budgets,
+(``_tracker.py``), the per-batch hooks run (``_callback_list.py``), and ``FitRun.after_batch`` checks the budgets,
 writes the checkpoints callbacks asked for and runs a step-level validation.
 """
 
@@ -25,16 +25,16 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from fitkit import _compat, _pipeline, arguments, checkpoint, distributed, rng, strategies
+from fitkit import _arguments, _compat, _pipeline, checkpoint, distributed, rng, strategies
+from fitkit._callback_list import CallbackList, HookTimer
+from fitkit._devices import resolve_device
+from fitkit._loaders import data_signature
 from fitkit._precision import Precision
 from fitkit._run import FitRun, MetricSet, Run, plan_fit
 from fitkit._steps import Steps
-from fitkit.callback_list import CallbackList, HookTimer
 from fitkit.callbacks.base import Callback
 from fitkit.callbacks.history import History
 from fitkit.callbacks.progress import ProgressBar
-from fitkit.devices import resolve_device
-from fitkit.loaders import data_signature
 from fitkit.lr_finder import LRFinder, LRFindResult
 from fitkit.metrics import get_metric
 from fitkit.signals import SignalGuard, TrainingInterrupted
@@ -143,19 +143,19 @@ class Trainer(Steps):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.device = resolve_device(device)
-        self.precision = arguments.resolve_precision(precision, self.device)
-        self.grad_clip_norm = arguments.positive_or_none(grad_clip_norm, "grad_clip_norm")
-        self.grad_clip_value = arguments.positive_or_none(grad_clip_value, "grad_clip_value")
-        self.accumulate_grad_batches = arguments.check_accumulate_grad_batches(accumulate_grad_batches)
-        self.verbose = arguments.check_verbose(verbose)
-        self.debug_sync = arguments.check_debug_sync(debug_sync)
-        arguments.check_flags(
+        self.precision = _arguments.resolve_precision(precision, self.device)
+        self.grad_clip_norm = _arguments.positive_or_none(grad_clip_norm, "grad_clip_norm")
+        self.grad_clip_value = _arguments.positive_or_none(grad_clip_value, "grad_clip_value")
+        self.accumulate_grad_batches = _arguments.check_accumulate_grad_batches(accumulate_grad_batches)
+        self.verbose = _arguments.check_verbose(verbose)
+        self.debug_sync = _arguments.check_debug_sync(debug_sync)
+        _arguments.check_flags(
             compile=compile, channels_last=channels_last, handle_signals=handle_signals,
             fast_tensor_batches=fast_tensor_batches,
         )  # fmt: skip
         self.handle_signals, self.compile, self.channels_last = handle_signals, compile, channels_last
         self.fast_tensor_batches = fast_tensor_batches
-        self.callbacks: list[Callback] = arguments.check_callbacks(callbacks)
+        self.callbacks: list[Callback] = _arguments.check_callbacks(callbacks)
 
         name = strategies.name_of(strategy)  # checks it before any process group is joined
         self._strategy = strategies.build(strategy, distributed.setup(name, self.device, process_group_timeout))
@@ -166,18 +166,18 @@ class Trainer(Steps):
         self.model = model.to(self.device)
         if channels_last:
             self.model = self._strategy.channels_last(self.model)
-        self.optimizers = arguments.resolve_optimizers(optimizer, self.model)
-        self.loss = arguments.resolve_loss(loss)
+        self.optimizers = _arguments.resolve_optimizers(optimizer, self.model)
+        self.loss = _arguments.resolve_loss(loss)
         if isinstance(self.loss, nn.Module):  # a learnable loss (its parameters may be in an optimizer)
             self.loss.to(self.device)
-        arguments.check_optimizers_hold_model(self.optimizers, self.model, self.loss)
-        self._closure_optimizers = [name for name, opt in self.optimizers.items() if arguments.needs_closure(opt)]
-        arguments.check_step_setup(
+        _arguments.check_optimizers_hold_model(self.optimizers, self.model, self.loss)
+        self._closure_optimizers = [name for name, opt in self.optimizers.items() if _arguments.needs_closure(opt)]
+        _arguments.check_step_setup(
             self.optimizers, self._closure_optimizers, self.precision, self.accumulate_grad_batches
         )
-        train_metrics = [get_metric(m) for m in arguments.metric_list(metrics)]
-        weighted = [get_metric(m) for m in arguments.metric_list(weighted_metrics, "weighted_metrics")]
-        arguments.check_metric_names(train_metrics + weighted)
+        train_metrics = [get_metric(m) for m in _arguments.metric_list(metrics)]
+        weighted = [get_metric(m) for m in _arguments.metric_list(weighted_metrics, "weighted_metrics")]
+        _arguments.check_metric_names(train_metrics + weighted)
         self._train_set = MetricSet(train_metrics, weighted)
         self._val_set = MetricSet(copy.deepcopy(train_metrics), copy.deepcopy(weighted))
         self._modules = self._forward_modules()
@@ -434,7 +434,7 @@ class Trainer(Steps):
         Returns:
             the [History][fitkit.History] of this call.
         """
-        resume = arguments.check_resume(resume)
+        resume = _arguments.check_resume(resume)
         self._run = run = self._prepare_fit(
             train_data, val_data, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
             validation_freq=validation_freq, batch_size=batch_size, shuffle=shuffle,
@@ -558,7 +558,7 @@ class Trainer(Steps):
         """An ``evaluate``/``predict`` call's run, the current one while it lasts (a call made inside a
         fit, by a callback, gets its own and leaves the fit's as it was)."""
         outer = self._run
-        self._run = run = Run(self, CallbackList(arguments.check_callbacks(callbacks), self), outer=outer)
+        self._run = run = Run(self, CallbackList(_arguments.check_callbacks(callbacks), self), outer=outer)
         try:
             yield run
         finally:
@@ -798,7 +798,7 @@ class Trainer(Steps):
         Returns:
             ``path`` as a ``Path``.
         """
-        arguments.check_path(path, "save_checkpoint")
+        _arguments.check_path(path, "save_checkpoint")
         meta = {"run": self.state.run_id, **(meta or {})}  # ModelCheckpoint knows its run's files by the run id
         return self._strategy.save_checkpoint(self, Path(path), meta)
 
@@ -810,7 +810,7 @@ class Trainer(Steps):
             path: a checkpoint file, or a sharded checkpoint directory.
             strict: as in [load_state_dict][fitkit.Trainer.load_state_dict] (default True).
         """
-        arguments.check_path(path, "load_checkpoint")
+        _arguments.check_path(path, "load_checkpoint")
         self._strategy.load_checkpoint(self, Path(path), strict)
 
     def model_state_dict(self) -> dict[str, Any]:

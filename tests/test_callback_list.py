@@ -10,7 +10,7 @@ from helpers import make_classification, make_trainer
 
 import fitkit.checkpoint
 from fitkit import Callback
-from fitkit.callback_list import CallbackList
+from fitkit._callback_list import CallbackList
 from fitkit.callbacks import CSVLogger, EarlyStopping
 
 

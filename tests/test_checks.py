@@ -1,4 +1,4 @@
-"""checks.py: first-batch checks of targets, dtypes, outputs and BatchNorm, with their pinned messages."""
+"""_checks.py: first-batch checks of targets, dtypes, outputs and BatchNorm, with their pinned messages."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fitkit
-from fitkit import checks
+from fitkit import _checks
 
 
 def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "cross_entropy", **kwargs: object) -> None:
@@ -122,4 +122,4 @@ def test_monitoring_a_key_that_cannot_exist_fails_before_the_first_epoch() -> No
 
 
 def test_explain_loss_error_ignores_errors_it_does_not_know() -> None:
-    assert checks.explain_loss_error(RuntimeError("boom"), nn.MSELoss(), torch.zeros(2), torch.zeros(2)) is None
+    assert _checks.explain_loss_error(RuntimeError("boom"), nn.MSELoss(), torch.zeros(2), torch.zeros(2)) is None

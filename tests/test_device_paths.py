@@ -14,10 +14,10 @@ from helpers import TinyNet, make_classification
 from torch.utils.data import DataLoader, TensorDataset
 
 import fitkit
-from fitkit import distributed, loaders, metrics
+from fitkit import _loaders, distributed, metrics
+from fitkit._devices import pinned
 from fitkit.callbacks import ModelCheckpoint
 from fitkit.data import InMemoryLoader
-from fitkit.devices import pinned
 
 CUDA = torch.cuda.is_available()
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
@@ -26,7 +26,7 @@ CUDA_DEVICE = torch.device("cuda")  # a device object only: nothing here touches
 
 def _as_loader(data: Any, name: str = "train_data", **kwargs: Any) -> Any:
     kwargs.setdefault("batch_size", None)
-    return loaders.as_loader(
+    return _loaders.as_loader(
         data, shuffle=True, name=name, device=CUDA_DEVICE, dist=distributed.DistInfo(), training=True, **kwargs
     )
 
@@ -61,7 +61,7 @@ def test_a_list_of_unpinned_cpu_batches_on_cuda_warns() -> None:
 
 
 def test_in_memory_data_too_big_for_the_gpu_is_cut_into_pinned_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loaders, "fits_on_device", lambda tensors, device: False)
+    monkeypatch.setattr(_loaders, "fits_on_device", lambda tensors, device: False)
     loader = _as_loader(make_classification(8), batch_size=4)
     assert isinstance(loader, InMemoryLoader) and loader.pin_memory and loader.x.device.type == "cpu"
     assert pinned(loader, CUDA_DEVICE)  # so the loop copies its batches with non_blocking=True
@@ -81,7 +81,7 @@ def test_cuda_every_data_path_trains_without_a_per_batch_sync(
         pytest.skip("needs a CUDA device")
     x, y = make_classification(256)
     if case == "in-memory on the host":
-        monkeypatch.setattr(loaders, "fits_on_device", lambda tensors, device: False)
+        monkeypatch.setattr(_loaders, "fits_on_device", lambda tensors, device: False)
     data: Any = (x, y)
     kwargs: dict[str, Any] = {"batch_size": 32}
     if case == "pinned DataLoader with workers":

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fitkit
 import fitkit.rng
+from fitkit import _compat
 from fitkit.callbacks import CSVLogger, EarlyStopping, LRScheduler, ModelCheckpoint
 from fitkit.lr_finder import LRFinder, LRFindResult, suggest
 
@@ -32,7 +33,7 @@ def _snapshot(trainer: fitkit.Trainer, loader: DataLoader) -> dict:
         "grads": [None if p.grad is None else p.grad.clone() for p in trainer.model.parameters()],
         "optimizer": copy.deepcopy(optimizer.state_dict()["state"]),
         "groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
-        "step_count": optimizer.__dict__.get("_step_count"),
+        "step_marks": _compat.optimizer_step_marks(optimizer),
         "state": trainer.state.state_dict(),
         "callbacks": [cb.state_dict() for cb in trainer.callbacks],
         "history": dict(trainer.history.history),

@@ -19,10 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fitkit
-import fitkit.loaders
+import fitkit._loaders
 import fitkit.trainer as trainer_module
 from fitkit import Callback
-from fitkit.devices import pinned as loader_is_pinned
+from fitkit._devices import pinned as loader_is_pinned
 
 CUDA = torch.cuda.is_available()
 
@@ -280,7 +280,7 @@ def test_debug_sync_window_covers_batches_not_deliberate_syncs(monkeypatch):
     trainer = make_trainer(callbacks=[Probe()], debug_sync="error")
     # Only the window logic sees CUDA: the model and the data stay on the CPU.
     trainer.device = torch.device("cuda")
-    monkeypatch.setattr(fitkit.loaders, "fits_on_device", lambda tensors, device: False)
+    monkeypatch.setattr(fitkit._loaders, "fits_on_device", lambda tensors, device: False)
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # host batches would be pinned for CUDA
     monkeypatch.setattr(fitkit._pipeline, "move_to_device", lambda batch, device, non_blocking=False: batch)
     trainer.fit((x, y), (x, y), batch_size=4, epochs=1)

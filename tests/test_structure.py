@@ -85,3 +85,19 @@ def test_every_private_torch_attribute_goes_through_compat() -> None:
     ]
     assert not found, found
     assert torch.__version__  # the test reads the sources; torch imports for the pins in test_compat.py
+
+
+def test_warnings_from_deep_inside_fit_point_at_the_users_line() -> None:
+    """fitkit's warnings count their stack level (``_warn.user_stacklevel``) instead of a hand-set number that a
+    new helper between ``fit`` and the warning would silently shift into fitkit's own files."""
+    import warnings
+
+    x, y = make_classification(16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer().fit((x, y), batch_size=8, epochs=1, steps_per_epoch=10)  # plan_fit warns, 4 frames down
+        make_trainer(lr=1e30).fit((x * 1e30, y), batch_size=8, epochs=1)  # the loop warns: a non-finite loss
+    messages = {str(w.message).split(":")[0][:40]: w.filename for w in caught}
+    assert any("steps_per_epoch=10" in m for m in messages), messages
+    assert any("non-finite" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert {w.filename for w in caught} == {__file__}, [(w.filename, str(w.message)[:60]) for w in caught]

@@ -15,7 +15,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from fitkit import tensor_batches
+from fitkit import _tensor_batches
 
 
 def _data(n=30):
@@ -40,7 +40,7 @@ def test_batches_and_random_stream_equal_the_dataloaders(sampler, drop_last):
     torch.manual_seed(0)
     kwargs = SAMPLERS[sampler](ds)
     dl = DataLoader(ds, batch_size=4, drop_last=drop_last, **kwargs)
-    assert tensor_batches.eligible(dl)
+    assert _tensor_batches.eligible(dl)
     for _ in range(2):  # two epochs: the generators continue identically
         torch.manual_seed(1)
         own = None if dl.generator is None else dl.generator.get_state()
@@ -50,7 +50,7 @@ def test_batches_and_random_stream_equal_the_dataloaders(sampler, drop_last):
         torch.manual_seed(1)
         if own is not None:
             dl.generator.set_state(own)
-        got = list(tensor_batches.iterate(dl))
+        got = list(_tensor_batches.iterate(dl))
         if own is not None:
             assert torch.equal(dl.generator.get_state(), own_after)
         assert torch.equal(torch.rand(3), after_loader)
@@ -73,13 +73,13 @@ def test_batches_and_random_stream_equal_the_dataloaders(sampler, drop_last):
     ids=["collate_fn", "workers", "no_batching", "own_batch_sampler", "other_dataset", "subclass"],
 )
 def test_any_other_loader_keeps_the_normal_path(make):
-    assert not tensor_batches.eligible(make(_data()))
+    assert not _tensor_batches.eligible(make(_data()))
 
 
 def test_a_batch_sampler_subclass_keeps_the_normal_path():
     ds = _data()
     custom = type("Mine", (BatchSampler,), {})(SequentialSampler(ds), 4, False)
-    assert not tensor_batches.eligible(DataLoader(ds, batch_sampler=custom))
+    assert not _tensor_batches.eligible(DataLoader(ds, batch_sampler=custom))
 
 
 def _fit(fast, resume=None, tmp=None, epochs=3):
@@ -130,7 +130,7 @@ def test_validation_on_the_fast_path_equals_the_dataloader_and_draws_the_same(mo
     x, y = make_classification(30, seed=3)
     val = DataLoader(TensorDataset(x, y), batch_size=8)
     results = []
-    original = tensor_batches.iterate
+    original = _tensor_batches.iterate
     for fast in (True, False):
         calls: list[int] = []
 
@@ -138,7 +138,7 @@ def test_validation_on_the_fast_path_equals_the_dataloader_and_draws_the_same(mo
             calls.append(1)
             return original(loader)
 
-        monkeypatch.setattr(tensor_batches, "iterate", counting)
+        monkeypatch.setattr(_tensor_batches, "iterate", counting)
         torch.manual_seed(0)
         trainer = make_trainer(metrics=["accuracy"], fast_tensor_batches=fast)
         logs = trainer.evaluate(val)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fitkit.tracker import EpochTracker
+from fitkit._tracker import EpochTracker
 
 
 def test_tracker_sums_equal_a_float64_running_sum_across_folds_and_batch_size_changes(monkeypatch):

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fitkit
 from fitkit import checkpoint
 from fitkit.callbacks import BackupAndRestore, EarlyStopping, ModelCheckpoint
-from fitkit.callbacks.files import check_file_collisions, collide
+from fitkit.callbacks._files import check_file_collisions, collide
 
 
 class Script(fitkit.Callback):

@@ -6,8 +6,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fitkit._warn import user_stacklevel
+from fitkit.callbacks._files import acquire_run_lock, check_writable, checked_on_rank_zero, release_run_lock
 from fitkit.callbacks.base import Callback, Logs
-from fitkit.callbacks.files import acquire_run_lock, check_writable, checked_on_rank_zero, release_run_lock
 from fitkit.callbacks.model_checkpoint import weights_are_finite
 from fitkit.checkpoint import newest_good, read_manifest, remove_checkpoint
 from fitkit.signals import TrainingInterrupted
@@ -70,7 +71,7 @@ class BackupAndRestore(Callback):
             self.trainer.save_checkpoint(self.path)
             self._wrote = True
         else:
-            warnings.warn("BackupAndRestore: not backing up non-finite weights", stacklevel=2)
+            warnings.warn("BackupAndRestore: not backing up non-finite weights", stacklevel=user_stacklevel())
 
     stops_mid_epoch = False  # on_batch_end only writes backups: under torchrun, no per-batch stop vote for it
 
@@ -108,3 +109,6 @@ class BackupAndRestore(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._batches_since_save = int(state["batches_since_save"])
+
+
+__all__ = ["BackupAndRestore"]

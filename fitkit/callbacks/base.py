@@ -425,3 +425,18 @@ def hook_hint(name: str, list_hooks: bool = False) -> str:
     if not close:
         return every
     return f"did you mean {close[0]!r}?" + (f" T{every[1:]}" if list_hooks else "")
+
+
+__all__ = [
+    "Callback",
+    "HOOKS",
+    "KERAS_ALIASES",
+    "Logs",
+    "MID_EPOCH_HOOKS",
+    "bound_hook",
+    "check_hook_methods",
+    "check_hook_names",
+    "hook_hint",
+    "may_stop_mid_epoch",
+    "overrides",
+]

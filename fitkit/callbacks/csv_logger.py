@@ -8,8 +8,9 @@ import warnings
 from pathlib import Path
 from typing import IO, Any
 
+from fitkit._warn import user_stacklevel
+from fitkit.callbacks._files import check_writable
 from fitkit.callbacks.base import Logs
-from fitkit.callbacks.files import check_writable
 from fitkit.callbacks.logger import ExperimentLogger
 
 
@@ -119,7 +120,7 @@ class CSVLogger(ExperimentLogger):
                 warnings.warn(
                     f"CSVLogger: {self.filename} holds {size} bytes but this run had written {keep}; "
                     "rows are missing from it (was the file replaced?). Appending after what is there.",
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
                 keep = size
             elif size > keep:
@@ -165,3 +166,6 @@ class CSVLogger(ExperimentLogger):
             self._validations.end_run("FINISHED")
             self._validations = None
         self._validations_state = state.get("validations")
+
+
+__all__ = ["CSVLogger"]

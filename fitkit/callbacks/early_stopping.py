@@ -6,15 +6,9 @@ from typing import Any
 
 import torch
 
+from fitkit import _arguments
 from fitkit.callbacks.base import Logs
 from fitkit.callbacks.monitor import MonitorCallback
-
-
-def check_non_negative_int(value: Any, name: str, meaning: str) -> int:
-    """Returns ``value`` when it is an int >= 0, else raises a ValueError that says what ``name`` means."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0 ({meaning}), got {value!r}")
-    return value
 
 
 class EarlyStopping(MonitorCallback):
@@ -72,13 +66,14 @@ class EarlyStopping(MonitorCallback):
         start_from_epoch: int = 0,
     ) -> None:
         super().__init__(monitor=monitor, mode=mode, min_delta=min_delta, baseline=baseline)
-        self.patience = check_non_negative_int(
+        self.patience = _arguments.check_int(
             patience,
             "patience",
+            0,
             "monitored epochs without improvement before stopping; 0 stops at the first epoch that does not improve",
         )
-        self.start_from_epoch = check_non_negative_int(
-            start_from_epoch, "start_from_epoch", "0-based epochs to skip before monitoring starts"
+        self.start_from_epoch = _arguments.check_int(
+            start_from_epoch, "start_from_epoch", 0, "0-based epochs to skip before monitoring starts"
         )
         if verbose not in (0, 1):
             raise ValueError(f"verbose must be 0 (silent) or 1 (print when stopping and restoring), got {verbose!r}")
@@ -176,3 +171,6 @@ class EarlyStopping(MonitorCallback):
         self.best_epoch = int(state["best_epoch"])
         weights = state["best_weights"]
         self.best_weights = None if weights is None else {k: v.detach().cpu() for k, v in weights.items()}
+
+
+__all__ = ["EarlyStopping"]

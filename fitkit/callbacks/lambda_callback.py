@@ -44,3 +44,6 @@ class LambdaCallback(Callback):
 
     def __repr__(self) -> str:
         return f"LambdaCallback({', '.join(f'{name}=...' for name in self.hooks)})"
+
+
+__all__ = ["LambdaCallback"]

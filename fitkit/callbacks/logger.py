@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from fitkit import _arguments
 from fitkit.callbacks.base import Callback, Logs, TrainerLike
 
 #: How `ExperimentLogger.end_run` is told the way ``fit`` ended.
@@ -87,17 +88,6 @@ def first_optimizer(trainer: TrainerLike) -> torch.optim.Optimizer:
     return next(iter(trainer.optimizers.values()))
 
 
-def check_log_every_n_steps(value: Any, name: str = "log_every_n_steps") -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"{name} must be None (epoch logs only) or an int >= 1 (optimizer steps between step-level "
-            f"points), got {value!r}"
-        )
-    return value
-
-
 class ExperimentLogger(Callback):
     """Base class of the loggers: decides what is logged when (see the module docstring); a subclass
     writes. Override [log_epoch][fitkit.callbacks.ExperimentLogger.log_epoch] and [log_step][fitkit.callbacks.ExperimentLogger.log_step], and as needed [log_validation][fitkit.callbacks.ExperimentLogger.log_validation],
@@ -112,7 +102,12 @@ class ExperimentLogger(Callback):
     rank_zero_only = True
 
     def __init__(self, log_every_n_steps: int | None = None) -> None:
-        self.log_every_n_steps = check_log_every_n_steps(log_every_n_steps)
+        self.log_every_n_steps = _arguments.check_optional_int(
+            log_every_n_steps,
+            "log_every_n_steps",
+            "optimizer steps between step-level points",
+            none_means="epoch logs only",
+        )
         self._seen_step = 0  # the global step up to which due steps have been logged
         self._step_lr: float | None = None
         self._last_batch_logs: Logs | None = None
@@ -282,3 +277,6 @@ class ExperimentLogger(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._seen_step = int(state["seen_step"])
+
+
+__all__ = ["ExperimentLogger", "first_optimizer", "numbers_in", "run_status"]

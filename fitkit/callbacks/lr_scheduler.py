@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler as torch_lr_scheduler
 
+from fitkit import _arguments
 from fitkit.callbacks.base import Callback, Logs
-from fitkit.callbacks.early_stopping import check_non_negative_int
 from fitkit.callbacks.monitor import MonitorCallback
 
 _INTERVALS = ("epoch", "step")
@@ -82,11 +82,11 @@ class ReduceLROnPlateau(MonitorCallback):
                 "use e.g. factor=0.5 to halve the learning rate"
             )
         self.factor: float = float(factor)
-        self.patience: int = check_non_negative_int(
-            patience, "patience", "epochs without improvement before a reduction"
+        self.patience: int = _arguments.check_int(
+            patience, "patience", 0, "epochs without improvement before a reduction"
         )
-        self.cooldown: int = check_non_negative_int(
-            cooldown, "cooldown", "epochs after a reduction before counting again"
+        self.cooldown: int = _arguments.check_int(
+            cooldown, "cooldown", 0, "epochs after a reduction before counting again"
         )
         if verbose not in (0, 1):
             raise ValueError(f"verbose must be 0 (silent) or 1 (print each reduction), got {verbose!r}")
@@ -368,3 +368,6 @@ class LRScheduler(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         self._seen_step = int(state["seen_step"])
+
+
+__all__ = ["LRScheduler", "LearningRateScheduler", "ReduceLROnPlateau", "set_lr"]

@@ -174,3 +174,6 @@ class MLflowLogger(ExperimentLogger):
         self.run_id = state["run_id"]
         self._params_logged = bool(state["params_logged"])
         self._active = False
+
+
+__all__ = ["MLflowLogger"]

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from fitkit import distributed
-from fitkit.arguments import check_flags
-from fitkit.callbacks import files
+from fitkit._arguments import check_flags
+from fitkit._warn import user_stacklevel
+from fitkit.callbacks import _files
 from fitkit.callbacks.base import Logs
 from fitkit.callbacks.monitor import MonitorCallback, check_key_can_exist
 from fitkit.checkpoint import atomic_save, read_manifest, remove_checkpoint
@@ -133,7 +134,7 @@ class ModelCheckpoint(MonitorCallback):
         self._folder_checked = False
         self._written_this_fit = set()
         self._trained = False  # a failure before this fit's first batch leaves no crash.pt (nothing to inspect)
-        files.checked_on_rank_zero(self.trainer, self._claim_folder)  # a file or a read-only folder: now
+        _files.checked_on_rank_zero(self.trainer, self._claim_folder)  # a file or a read-only folder: now
         for field in self._fields:  # a typo in the template is an error now, not at the first save
             if field not in ("epoch", "step", "batch"):
                 check_key_can_exist(field, self.trainer, f"ModelCheckpoint(filepath={self.filepath!r})")
@@ -142,19 +143,19 @@ class ModelCheckpoint(MonitorCallback):
             _ = self.resolved_mode  # fail before training when mode='auto' cannot tell the direction
 
     def _claim_folder(self) -> None:
-        files.check_writable(self.checkpoint_dir, f"ModelCheckpoint({self.filepath!r})")
-        files.acquire_run_lock(self.checkpoint_dir, f"ModelCheckpoint({self.filepath!r})")  # one job per folder
+        _files.check_writable(self.checkpoint_dir, f"ModelCheckpoint({self.filepath!r})")
+        _files.acquire_run_lock(self.checkpoint_dir, f"ModelCheckpoint({self.filepath!r})")  # one job per folder
         self._locked = True
 
     def on_train_end(self, logs: Logs | None = None) -> None:
         if getattr(self, "_locked", False):
             self._locked = False
-            files.release_run_lock(self.checkpoint_dir)
+            _files.release_run_lock(self.checkpoint_dir)
 
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
         if not self._folder_checked:  # once per fit, after fit's resume has loaded (or not) a checkpoint
             self._folder_checked = True
-            files.checked_on_rank_zero(self.trainer, self._check_folder)
+            _files.checked_on_rank_zero(self.trainer, self._check_folder)
             self._remove_pending()
 
     stops_mid_epoch = False  # on_batch_end only writes checkpoints: under torchrun, no per-batch stop vote for it
@@ -197,14 +198,17 @@ class ModelCheckpoint(MonitorCallback):
             return  # a save is collective, and the other ranks are not here to join it
         name = "last.pt" if interrupted else "crash.pt"
         if not weights_are_finite(self.model):
-            warnings.warn(f"ModelCheckpoint: not writing {name}: the model holds non-finite weights", stacklevel=2)
+            warnings.warn(
+                f"ModelCheckpoint: not writing {name}: the model holds non-finite weights", stacklevel=user_stacklevel()
+            )
             return
         path = self.checkpoint_dir / name
         try:
             self.trainer.save_checkpoint(path, meta=None if interrupted else {"kind": "crash"})
         except Exception as exc:  # the original exception matters more than this one
             warnings.warn(
-                f"ModelCheckpoint: could not save {path} after {type(exception).__name__}: {exc}", stacklevel=2
+                f"ModelCheckpoint: could not save {path} after {type(exception).__name__}: {exc}",
+                stacklevel=user_stacklevel(),
             )
             return
         if self.verbose:
@@ -302,7 +306,7 @@ class ModelCheckpoint(MonitorCallback):
     def _continues_here(self) -> bool:
         """True when this fit resumed from a checkpoint inside this callback's folder (its own run)."""
         resumed = self.trainer.resumed_from
-        return resumed is not None and files.inside(self.checkpoint_dir, resumed)
+        return resumed is not None and _files.inside(self.checkpoint_dir, resumed)
 
     def _check_folder(self) -> None:
         """Refuses to start writing into a folder that holds files of another run (matching this template,
@@ -312,7 +316,7 @@ class ModelCheckpoint(MonitorCallback):
         if self._continues_here() or not self.checkpoint_dir.is_dir():
             return
         self._check_rewrites()
-        pattern = files.template_regex(files.absolute_template(self.filepath))
+        pattern = _files.template_regex(_files.absolute_template(self.filepath))
         ours = self._written | {item[2] for item in self.kept}
         found = []
         for path in sorted(self.checkpoint_dir.rglob("*")):
@@ -350,10 +354,10 @@ class ModelCheckpoint(MonitorCallback):
             return
         state = self.trainer.state
         planned = self.trainer.epochs_planned
-        template = files.absolute_template(self.filepath)
+        template = _files.absolute_template(self.filepath)
         for name in sorted(self._written):
             path = Path(name)
-            values = files.template_values(template, path.resolve()) if path.exists() else None
+            values = _files.template_values(template, path.resolve()) if path.exists() else None
             if values is None or (path.name == "last.pt" and path.parent == self.checkpoint_dir):
                 continue
             epoch = int(values["epoch"]) - 1 if "epoch" in values else None
@@ -388,17 +392,19 @@ class ModelCheckpoint(MonitorCallback):
         """Completes top-k removals that a killed process did not finish (recorded in the checkpoint)."""
         pending, self._pending_removal = self._pending_removal, []
         for name in pending:
-            if self.trainer.is_global_zero and files.owns(self.filepath, self.checkpoint_dir, name):
+            if self.trainer.is_global_zero and _files.owns(self.filepath, self.checkpoint_dir, name):
                 remove_checkpoint(name)
 
     def _write(self, path: Path, score: float | None, step: int) -> None:
         trainer = self.trainer
         if not weights_are_finite(self.model):
-            warnings.warn(f"ModelCheckpoint: skipped {path}: the model holds non-finite weights", stacklevel=2)
+            warnings.warn(
+                f"ModelCheckpoint: skipped {path}: the model holds non-finite weights", stacklevel=user_stacklevel()
+            )
             return
         self._remove_pending()
         # Rank 0 alone writes, and may already have written this very file when another rank would look.
-        files.checked_on_rank_zero(self.trainer, lambda: self._check_writes(path))
+        _files.checked_on_rank_zero(self.trainer, lambda: self._check_writes(path))
         # The checkpoint records the top k as it is after this write, and the files this write makes
         # redundant: a kill before they are removed leaves them to the resumed run (_remove_pending).
         before = self.kept
@@ -462,8 +468,8 @@ class ModelCheckpoint(MonitorCallback):
         kept, dropped = [], []
         for item in state["kept"]:
             score, step, name = item[0], int(item[1]), str(item[2])
-            if files.inside(self.checkpoint_dir, name) and files.template_regex(
-                files.absolute_template(self.filepath)
+            if _files.inside(self.checkpoint_dir, name) and _files.template_regex(
+                _files.absolute_template(self.filepath)
             ).fullmatch(str(Path(name).resolve())):
                 kept.append((None if score is None else float(score), step, name))
             else:
@@ -472,18 +478,21 @@ class ModelCheckpoint(MonitorCallback):
             warnings.warn(
                 f"ModelCheckpoint({self.filepath!r}): the loaded checkpoint lists {len(dropped)} kept file(s) outside "
                 f"this callback's folder or template ({dropped[:3]}); they are ignored and will never be deleted",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         self.kept = kept
         # The run this fit continues wrote these (a crash-restart from BackupAndRestore's folder, say): its
         # files may be replaced as they would have been without the crash, when the folder's manifest lists them.
-        ours = {name for _, _, name in kept if files.owns(self.filepath, self.checkpoint_dir, name)}
+        ours = {name for _, _, name in kept if _files.owns(self.filepath, self.checkpoint_dir, name)}
         last = self.checkpoint_dir / "last.pt"
         if state.get("wrote_last") and self.save_last and last.name in read_manifest(self.checkpoint_dir)["files"]:
             ours.add(str(last))
         self._written |= ours
         self._written_this_fit |= ours
         self._pending_removal = [
-            str(n) for n in state.get("pending_removal", []) if files.inside(self.checkpoint_dir, n)
+            str(n) for n in state.get("pending_removal", []) if _files.inside(self.checkpoint_dir, n)
         ]
         self._batches_since_save = int(state["batches_since_save"])
+
+
+__all__ = ["ModelCheckpoint", "static_folder", "weights_are_finite"]

@@ -176,3 +176,6 @@ def _may_add_keys(callback: Callback) -> bool:
     ``on_epoch_end``: it may add keys to the epoch logs."""
     builtin = type(callback).__module__.startswith("fitkit.") and type(callback).__name__ != "LambdaCallback"
     return not builtin and overrides(callback, "on_epoch_end")
+
+
+__all__ = ["MonitorCallback", "check_key_can_exist"]

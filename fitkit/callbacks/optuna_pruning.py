@@ -116,3 +116,6 @@ class OptunaPruning(Callback):
                 self._pruned = message
                 return
             raise self._optuna.TrialPruned(message)
+
+
+__all__ = ["OptunaPruning", "PRUNED"]

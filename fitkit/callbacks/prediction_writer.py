@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from fitkit._loaders import concat_outputs, take_rows
 from fitkit.callbacks.base import Callback, Logs
 from fitkit.data import move_to_device
-from fitkit.loaders import concat_outputs, take_rows
 
 _NAME = re.compile(r"^predictions-rank\d{5}-batch\d{9}\.pt$")
 
@@ -107,3 +107,6 @@ class PredictionWriter(Callback):
         outputs = concat_outputs([r["outputs"] for r in records])
         order = torch.argsort(torch.cat([r["indices"] for r in records]))
         return take_rows(outputs, order)
+
+
+__all__ = ["PredictionWriter"]

@@ -240,3 +240,6 @@ class _NotebookLine:
         if self._handle is not None:
             self._handle.update(self._text())
             self._handle = None
+
+
+__all__ = ["ProgressBar", "format_logs"]

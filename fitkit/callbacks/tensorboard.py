@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from fitkit._warn import user_stacklevel
+from fitkit.callbacks._files import check_writable
 from fitkit.callbacks.base import Logs
-from fitkit.callbacks.files import check_writable
 from fitkit.callbacks.logger import FINISHED, ExperimentLogger
 
 
@@ -180,7 +181,7 @@ class TensorBoard(ExperimentLogger):
             warnings.warn(
                 "TensorBoard(write_graph=True): the model takes keyword inputs, which the graph tracer "
                 "cannot feed; no graph written",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
             return
         model = self.model
@@ -200,7 +201,7 @@ class TensorBoard(ExperimentLogger):
             warnings.warn(
                 f"TensorBoard(write_graph=True): could not trace {type(model).__name__} "
                 f"({type(exc).__name__}: {exc}); no graph written",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         finally:
             model.train(was_training)
@@ -230,3 +231,6 @@ class TensorBoard(ExperimentLogger):
         if state["graph_written"]:
             self._graph_written = True
             self._remove_graph_hook()
+
+
+__all__ = ["TensorBoard"]

@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from fitkit._warn import user_stacklevel
 from fitkit.callbacks.base import Callback, Logs
 
 
@@ -37,5 +38,8 @@ class TerminateOnNaN(Callback):
             f"after {state.global_step} optimizer step(s)"
         )
         reason = f"TerminateOnNaN: the training loss is {value} at {where}"
-        warnings.warn(f"{reason}; stopping training", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{reason}; stopping training", RuntimeWarning, stacklevel=user_stacklevel())
         self.trainer.stop(reason)
+
+
+__all__ = ["TerminateOnNaN"]

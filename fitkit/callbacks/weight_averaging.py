@@ -415,3 +415,6 @@ class _Forward(nn.Module):
         if isinstance(inputs, (list, tuple)):
             return self.model(*inputs)
         return self.model(inputs)
+
+
+__all__ = ["EMA", "SWA"]

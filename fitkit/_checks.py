@@ -19,6 +19,7 @@ from torch import nn
 
 from fitkit import _compat
 from fitkit._structure import describe, tensors
+from fitkit._warn import user_stacklevel
 
 #: Losses whose targets are class indices ``(N,)`` (or ``(N, d1, ...)``) in ``[0, num_classes)``.
 CLASSIFICATION_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
@@ -215,7 +216,7 @@ def warn_non_finite_loss(epoch: int, batch: int | None) -> None:
         f"the training loss became non-finite (NaN or inf) in {where}; the weights are probably ruined from "
         "there on. Lower the learning rate, clip gradients (grad_clip_norm=1.0), check the data for NaN/inf, or "
         "add fitkit.callbacks.TerminateOnNaN() to stop at the first such batch. (Reported once per fit.)",
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
 
 

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from fitkit._warn import user_stacklevel
+from fitkit.callbacks._files import check_file_collisions
 from fitkit.callbacks.base import Callback, check_hook_names
-from fitkit.callbacks.files import check_file_collisions
 
 if TYPE_CHECKING:
     from fitkit.metrics import Metric
@@ -243,7 +244,7 @@ def check_optimizers_hold_model(
         warnings.warn(
             f"{len(missing)} trainable parameter(s) are in no optimizer and will not be updated "
             f"(first: {missing[:3]}); set requires_grad=False on them if that is intended",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -277,7 +278,7 @@ def resolve_loss(loss: Callable[[Any, Any], torch.Tensor] | str | None) -> Calla
             f"the loss {type(loss).__name__}(reduction='sum') returns a per-batch sum: the logged loss (a mean "
             "over samples of the batch losses) is then batch-size times a per-sample value. Use "
             "reduction='mean' for a per-sample loss, or override Trainer.compute_loss to scale it yourself",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     if not callable(loss):
         raise TypeError(
@@ -539,7 +540,7 @@ def warn_unreachable_validation_epochs(validation_freq: Any, epochs: int | None)
         warnings.warn(
             f"validation_freq lists the 1-based epoch(s) {beyond}, but this fit stops after epoch {epochs}: they "
             f"are never validated. Pass epochs={max(beyond)} or drop them from validation_freq",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
 

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from fitkit._warn import user_stacklevel
 from fitkit.callbacks.base import (
     HOOKS,
     KERAS_ALIASES,
@@ -92,7 +93,9 @@ class CallbackList:
             if key in states:
                 callback.load_state_dict(states[key])
             elif strict and callback.state_dict():
-                warnings.warn(f"the checkpoint holds no state for callback {key}; it starts fresh", stacklevel=4)
+                warnings.warn(
+                    f"the checkpoint holds no state for callback {key}; it starts fresh", stacklevel=user_stacklevel()
+                )
 
 
 def trainer_hooks(trainer: Trainer) -> dict[str, Hook]:
@@ -194,5 +197,5 @@ class HookTimer:
                 f"{self.FIRST}-{self.STOP - 1}). Do its work less often (every N batches, or in on_epoch_end), "
                 "and avoid reading tensor values per batch (.item(), float(), .tolist()): that waits for the "
                 "device.",
-                stacklevel=5,
+                stacklevel=user_stacklevel(),
             )

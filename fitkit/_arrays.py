@@ -4,7 +4,7 @@ Keras's ``fit(x, y)`` turns lists into arrays (``np.asarray``) and casts floatin
 type. fitkit does the same for in-memory data (tensors, NumPy arrays, Python lists) once per ``fit`` /
 ``evaluate`` / ``predict`` call, before the first batch, so nothing is cast per batch; integer class labels
 (int32 from NumPy, say) become int64 for a classification loss. A DataLoader's batches are the user's and
-are never cast: a dtype mismatch there is an error that names the fix (`fitkit.checks.check_input_dtypes`).
+are never cast: a dtype mismatch there is an error that names the fix (`fitkit._checks.check_input_dtypes`).
 """
 
 from __future__ import annotations

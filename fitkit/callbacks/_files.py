@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from fitkit import distributed
+from fitkit._warn import user_stacklevel
 from fitkit.checkpoint import read_manifest
 
 if TYPE_CHECKING:
@@ -184,7 +185,7 @@ def acquire_run_lock(folder: str | Path, who: str) -> None:
             warnings.warn(
                 f"{who}: cannot lock {folder} ({exc.strerror}; a file system without locks?): a second job "
                 "writing checkpoints into it at the same time would not be detected",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
             return
         holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"

@@ -15,11 +15,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from fitkit import arrays, distributed
+from fitkit import _arrays, distributed
+from fitkit._arrays import is_array, to_tensor
+from fitkit._devices import fits_on_device, pinned
 from fitkit._structure import map_structure
-from fitkit.arrays import is_array, to_tensor
+from fitkit._warn import user_stacklevel
 from fitkit.data import InMemoryLoader, check_reiterable, first_tensor
-from fitkit.devices import fits_on_device, pinned
 
 
 @runtime_checkable
@@ -94,7 +95,7 @@ def as_loader(
                     f"{name}: a list of unpinned CPU batches on a CUDA run: copying each one to the GPU waits "
                     "for it (a host sync per batch); pin them (tensor.pin_memory()), or pass a "
                     "DataLoader(..., pin_memory=True)",
-                    stacklevel=4,
+                    stacklevel=user_stacklevel(),
                 )
         return data
     raise TypeError(
@@ -120,7 +121,7 @@ def _check_data_loader(loader: DataLoader, batch_size: int | None, name: str, de
             f"{name}: a DataLoader with pin_memory=False on a CUDA run: copying each batch from pageable "
             "memory to the GPU waits for it (a host sync per batch); pass pin_memory=True (and "
             "num_workers>0 to load batches while the GPU computes)",
-            stacklevel=5,  # the caller of fit/evaluate/predict, as as_loader's own warnings
+            stacklevel=user_stacklevel(),  # the caller of fit/evaluate/predict, as as_loader's own warnings
         )
 
 
@@ -155,7 +156,7 @@ def _in_memory(
 
 def split_in_memory(data: Any, fraction: float) -> tuple[Any, Any]:
     """``validation_split``: the last ``fraction`` of in-memory ``(x, y)`` held out, before shuffling (Keras)."""
-    data = arrays.from_python(data, "train_data")  # Python lists, converted as Keras does
+    data = _arrays.from_python(data, "train_data")  # Python lists, converted as Keras does
     if not (isinstance(data, tuple) and len(data) == 2 and is_array(data[0])):
         raise ValueError("validation_split works with in-memory (x, y) data only; for a DataLoader pass val_data")
     x, y = to_tensor(data[0], "x"), to_tensor(data[1], "y")

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fitkit.devices import sum_dtype, to_host_float64
+from fitkit._devices import sum_dtype, to_host_float64
 from fitkit.metrics import Metric
 
 
@@ -61,7 +61,7 @@ class EpochTracker:
         self.count += n
 
     def _fold(self) -> None:
-        """Adds the pending steps to the sums (see `fitkit.devices.sum_dtype`)."""
+        """Adds the pending steps to the sums (see `fitkit._devices.sum_dtype`)."""
         if not self._pending_steps:
             return
         for key, values in self._pending.items():
