@@ -276,6 +276,9 @@ class FitRun(Run):
         self.budget = schedule.Budget(None, None, trainer.state, decides=True)  # started by run()
         self.stop_vote = False  # the ranks vote after every batch (see may_stop_mid_epoch)
         self.unvoted_stop_warned = self.non_finite_reported = False
+        # Where the last step-level validation ran, (epoch, batch_in_epoch): the epoch's validation reuses its
+        # logs only when no batch has trained since (global_step alone misses a step that never counts).
+        self.step_validated_at: tuple[int, int] | None = None
 
     # -- the epochs -----------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -289,6 +292,8 @@ class FitRun(Run):
         epochs = itertools.count(state.epoch) if plan.epochs is None else range(state.epoch, plan.epochs)
         if plan.max_steps is not None and state.global_step >= plan.max_steps:
             return  # resumed at the step budget: nothing to train (fit warned)
+        if state.batch_in_epoch > 0 and self.validated_before_resume():
+            self.step_validated_at = (state.epoch, state.batch_in_epoch)
         for epoch in epochs:
             state.epoch = epoch
             if state.batch_in_epoch == 0:  # a resumed epoch already ran on_epoch_begin
@@ -472,7 +477,7 @@ class FitRun(Run):
         if not plan.val_loaders or not plan.validate_at(epoch) or self.interrupted():
             return {}
         last = history.validations[-1] if history.validations else None
-        if last is not None and last["step"] == state.global_step == state.last_validation_step:
+        if self.step_validated_at == (epoch, state.batch_in_epoch) and last is not None:
             return {k: v for k, v in last.items() if k not in ("step", "epoch")}
         # Kept until validation completes (not in a finally: on_exception's checkpoint needs it). Like the
         # hand-written loop, iter(val_loader) draws from the global generator here.
@@ -496,6 +501,17 @@ class FitRun(Run):
                 self.validate(plan.val_loaders, "val_", plan.validation_steps, in_fit=True)
         finally:
             rng.restore(saved)
+        state = self.trainer.state
+        self.step_validated_at = (state.epoch, state.batch_in_epoch)
+
+    def validated_before_resume(self) -> bool:
+        """A run resumed mid-epoch from a checkpoint written right after a step-level validation of this
+        epoch (nothing trained since): the epoch's validation, if it falls here, reuses its logs."""
+        state, validations = self.trainer.state, self.trainer.history.validations
+        if not validations or state.last_validation_step != state.global_step:
+            return False
+        last = validations[-1]
+        return last.get("step") == state.global_step and last.get("epoch") == state.epoch
 
 
 # -- planning a fit -----------------------------------------------------------------------------------------
