@@ -37,6 +37,7 @@ from typing import IO, Any, cast
 
 import torch
 
+from fitkit._safe_files import open_new, open_own
 from fitkit._warn import user_stacklevel
 
 try:
@@ -87,11 +88,14 @@ def _fsync_dir(folder: Path) -> None:
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open_new(tmp) as f:  # never through a link planted at the temporary's name
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class ManifestError(CheckpointError):
@@ -142,7 +146,7 @@ def manifest_lock(folder: Path) -> Iterator[None]:
     if fcntl is None:  # pragma: no cover
         yield
         return
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_own(folder / LOCK, os.O_RDWR | os.O_CREAT, CheckpointError)  # a planted link is refused
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -194,7 +198,7 @@ def atomic_save(obj: Any, path: str | Path, meta: dict[str, Any] | None = None) 
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as raw:
+        with open_new(tmp) as raw:  # never through a link planted at the temporary's name
             writer = _HashingWriter(raw)
             torch.save(obj, cast(IO[bytes], writer))  # it only writes and flushes
             raw.flush()
@@ -218,8 +222,7 @@ def atomic_save(obj: Any, path: str | Path, meta: dict[str, Any] | None = None) 
             raise
         raise _write_failed(path, exc, locals().get("writer")) from exc
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return record
 
 
@@ -590,6 +593,20 @@ def upgrade(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def world_size_mismatch(saved: int, now: int) -> CheckpointError:
+    """The error for a checkpoint of ``saved`` ranks resumed on ``now`` whose training data cannot be dealt
+    out to another number of ranks (a map-style DataLoader or in-memory data can)."""
+    return _mismatch(
+        "world size",
+        saved,
+        now,
+        "Resume with the same number of processes, or pass strict=False to continue with another (the data "
+        "order then differs from an uninterrupted run). A map-style DataLoader (RandomSampler, SequentialSampler "
+        "or DistributedSampler) or in-memory data resumes on any number of processes; an iterable dataset's "
+        "saved position belongs to the rank that wrote it.",
+    )
+
+
 def check_fits(
     state: dict[str, Any],
     *,
@@ -603,13 +620,7 @@ def check_fits(
     ``world_size`` and training ``data`` signature."""
     # First: another world size also changes the per-rank batch count, which would be reported instead.
     if state.get("world_size", 1) != world_size:
-        raise _mismatch(
-            "world size",
-            state.get("world_size"),
-            world_size,
-            "Resume with the same number of processes, or pass strict=False to continue with "
-            "another (the data order then differs from an uninterrupted run).",
-        )
+        raise world_size_mismatch(state.get("world_size", 1), world_size)
     model_state, current = state["model"], model.state_dict()
     missing = sorted(set(current) - set(model_state))
     unexpected = sorted(set(model_state) - set(current))
@@ -842,6 +853,18 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in DCP metadata")
 
 
+def _refuse_links(path: Path) -> None:
+    """A [CheckpointError][fitkit.CheckpointError] for the first symbolic link inside the directory ``path``: a
+    sharded checkpoint's files are its own, and a link would make fitkit vouch for (and load) a file elsewhere."""
+    for entry in sorted(path.rglob("*")):
+        if entry.is_symlink():
+            raise CheckpointError(
+                f"refused {path}: {entry.relative_to(path).as_posix()} is a link (to {os.readlink(entry)}), and a "
+                "sharded checkpoint's files must lie inside its directory, never link outside it. Copy the real "
+                "file in its place if you trust it, then call fitkit.checkpoint.trust again"
+            )
+
+
 def read_sharded_metadata(path: str | Path) -> Any:
     """DCP's ``.metadata`` of the directory ``path``, unpickled safely, after checking that it names
     tensors only, stored in files inside the directory; a [CheckpointError][fitkit.CheckpointError]
@@ -849,6 +872,7 @@ def read_sharded_metadata(path: str | Path) -> Any:
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
     path = Path(path)
+    _refuse_links(path)
     try:
         with open(path / SHARDED_METADATA, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -887,6 +911,7 @@ def read_sharded_state(path: str | Path) -> dict[str, Any]:
 
 
 __all__ = [
+    "world_size_mismatch",
     "MANIFEST",
     "LOCK",
     "FORMAT_VERSION",

@@ -31,6 +31,7 @@ import torch
 
 from fitkit import checkpoint, distributed
 from fitkit._loaders import data_signature
+from fitkit._safe_files import open_new
 from fitkit._warn import user_stacklevel
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ def _optimizer_key(name: str, fqn: str, key: str) -> str:
 
 
 def _save_state_file(state: dict[str, Any], path: Path) -> None:
-    with open(path, "wb") as f:
+    with open_new(path) as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
@@ -215,9 +216,9 @@ def _check_fits(trainer: Trainer, path: Path, state: dict[str, Any], shapes: dic
     if not same_world:
         warnings.warn(
             f"resuming {path}, written by {saved_world} process(es), on {trainer.world_size}: DCP reshards the "
-            "model and optimizer states, but the run is not bit-exact (each rank's data order, random streams "
-            "and share of the epoch's running sums differ from an uninterrupted run). Resume with the same "
-            "world size for an exact continuation.",
+            "model and optimizer states, but the run is not bit-exact (other batches per rank, another reduction "
+            "order, other random streams per rank; an interrupted epoch goes on with the samples no rank had "
+            "read). Resume with the same world size for an exact continuation.",
             stacklevel=user_stacklevel(),
         )
     model = {k[len("model.") :]: torch.empty(v, device="meta") for k, v in shapes.items() if k.startswith("model.")}

@@ -127,7 +127,7 @@ def test_prediction_writer_output_equals_predict_and_keeps_nothing_in_memory(tmp
     expected = trainer.predict(data)
     assert trainer.predict(data, callbacks=[PredictionWriter(tmp_path / "p")], return_outputs=False) is None
     files = sorted(p.name for p in (tmp_path / "p").iterdir())
-    assert files == [f"predictions-rank00000-batch{i:09d}.pt" for i in range(3)]
+    assert files == [f"predictions-rank00000-batch{i:09d}.pt" for i in range(3)] + ["predictions-rank00000-done.pt"]
     record = torch.load(tmp_path / "p" / files[2], weights_only=True)
     assert record["batch"] == 2 and record["rank"] == 0 and record["world_size"] == 1
     assert record["indices"].tolist() == [8, 9]
@@ -142,7 +142,11 @@ def test_prediction_writer_refuses_an_earlier_runs_files_unless_told(tmp_path):
         trainer.predict(_predict_data(), callbacks=[PredictionWriter(tmp_path)], return_outputs=False)
     x, _ = make_classification(n=4)
     trainer.predict(x, batch_size=4, callbacks=[PredictionWriter(tmp_path, overwrite=True)], return_outputs=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "predictions-rank00000-batch000000000.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes.txt",
+        "predictions-rank00000-batch000000000.pt",
+        "predictions-rank00000-done.pt",
+    ]
 
 
 def test_predict_arguments_are_checked():
@@ -150,3 +154,35 @@ def test_predict_arguments_are_checked():
         make_trainer().predict(_predict_data(), return_outputs=0)
     with pytest.raises(TypeError, match=r"directory must be a path \(str or os.PathLike\), got int"):
         PredictionWriter(3)
+
+
+def test_prediction_writer_output_of_a_predict_that_failed_is_refused_on_read_and_leaves_no_temporary(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    import fitkit.callbacks.prediction_writer as module
+
+    real_save, calls = torch.save, []
+
+    def save_until_the_disk_is_full(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(module.torch, "save", save_until_the_disk_is_full)
+    with pytest.raises(OSError, match="No space left"):
+        make_trainer().predict(_predict_data(), callbacks=[PredictionWriter(tmp_path)], return_outputs=False)
+    monkeypatch.setattr(module.torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions-rank00000-batch000000000.pt"]
+    with pytest.raises(ValueError, match=r"incomplete: the predict that wrote them did not finish .*rank 0"):
+        PredictionWriter.read(tmp_path)
+
+
+def test_prediction_writer_read_refuses_a_folder_missing_one_batch_file(tmp_path):
+    make_trainer().predict(_predict_data(), callbacks=[PredictionWriter(tmp_path)], return_outputs=False)
+    (tmp_path / "predictions-rank00000-batch000000001.pt").unlink()
+    with pytest.raises(ValueError, match=r"incomplete: rank 0 wrote 3 batch file\(s\) but 2 are here \(missing: 1\)"):
+        PredictionWriter.read(tmp_path)

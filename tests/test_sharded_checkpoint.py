@@ -436,3 +436,17 @@ def _load_only(rank: int, out: Path, path: Path) -> dict[str, Any]:
         warnings.simplefilter("always")
         trainer.fit(DataLoader(_data(), batch_size=16, shuffle=True), epochs=2, resume=path)
     return {**seen, "world": trainer.world_size, "warnings": [str(w.message) for w in caught]}
+
+
+def test_trust_refuses_a_dcp_directory_whose_shard_links_out_of_it(tmp_path: Path) -> None:
+    path = _saved_run(tmp_path)
+    copy, outside = tmp_path / "copied" / "step.pt", tmp_path / "outside"
+    shutil.copytree(path, copy)
+    outside.mkdir()
+    shutil.move(copy / "__0_0.distcp", outside / "victim.distcp")  # the same bytes: only the link is wrong
+    (copy / "__0_0.distcp").symlink_to(outside / "victim.distcp")
+    with pytest.raises(checkpoint.CheckpointError, match=r"__0_0\.distcp is a link .*outside"):
+        checkpoint.trust(copy)
+    assert not (copy.parent / checkpoint.MANIFEST).exists()
+    with pytest.raises(checkpoint.CheckpointError, match=r"is not listed in"):
+        checkpoint.verify(copy)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from fitkit import distributed
+from fitkit._safe_files import open_own
 from fitkit._warn import user_stacklevel
 from fitkit.checkpoint import read_manifest
 
@@ -149,6 +150,10 @@ def check_writable(path: str | Path, who: str, kind: str = "folder") -> None:
         )
 
 
+class _LinkRefused(Exception):
+    pass
+
+
 #: The file a checkpoint callback locks for the length of a ``fit``, in its folder (hidden: never a checkpoint).
 RUN_LOCK = ".fitkit-run.lock"
 _held: dict[str, list[int]] = {}  # resolved folder -> [file descriptor, callbacks of this process holding it]
@@ -171,7 +176,9 @@ def acquire_run_lock(folder: str | Path, who: str) -> None:
         return
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_own(folder / RUN_LOCK, os.O_RDWR | os.O_CREAT, _LinkRefused)  # a planted link is refused
+    except _LinkRefused as exc:
+        raise PermissionError(f"{who}: {exc}") from None
     except OSError as exc:  # permissions the access check could not see (ACLs, root squash on NFS)
         raise PermissionError(
             f"{who}: cannot create {folder / RUN_LOCK} ({exc.strerror}); checked before training, so nothing is "

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import IO, Any
 
+from fitkit._safe_files import open_own_text
 from fitkit._warn import user_stacklevel
 from fitkit.callbacks._files import check_writable
 from fitkit.callbacks.base import Logs
@@ -125,11 +126,11 @@ class CSVLogger(ExperimentLogger):
                 keep = size
             elif size > keep:
                 # Rows written after the checkpoint by the run that crashed: that run's future was discarded.
-                with open(self.filename, "r+", newline="") as f:
+                with open_own_text(self.filename, "r+") as f:
                     f.truncate(keep)
-            self._file = open(self.filename, "a", newline="")  # noqa: SIM115 - open until on_train_end
+            self._file = open_own_text(self.filename, "a")  # never through a planted link; open until the end
         else:
-            self._file = open(self.filename, "w", newline="")  # noqa: SIM115 - open until on_train_end
+            self._file = open_own_text(self.filename, "w")  # never through a planted link; open until the end
             keep = 0
 
         class Dialect(csv.excel):
