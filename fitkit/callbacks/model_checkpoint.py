@@ -58,7 +58,9 @@ class ModelCheckpoint(MonitorCallback):
         save_freq: ``"epoch"`` (at each epoch end) or an int N (every N training batches).
         save_top_k: keep only the k best files by ``monitor`` (or the k newest when ``monitor=None``);
             None keeps every file. A file leaves only after its replacement is complete.
-        save_last: also keep the full state in ``last.pt`` in the folder, at every save point.
+        save_last: also keep the full state in ``last.pt`` in the folder, rewritten at every save point
+            (every epoch, or every ``save_freq`` batches) whether or not that point's file is kept (as
+            Lightning's ``save_last``): ``last.pt`` is always the newest state, the one to resume from.
         verbose: print a line per save.
 
     Every write is atomic (temporary file, fsync, rename, manifest with SHA-256). Non-finite weights are
@@ -176,6 +178,8 @@ class ModelCheckpoint(MonitorCallback):
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
         if self.save_freq == "epoch" and not self._on_validations():
             self._consider(epoch, dict(logs or {}), batch=None)
+        elif self.save_freq == "epoch":  # the validations decide what is kept; last.pt still follows each epoch
+            self._save_last_only()
 
     def on_validation_end(self, logs: Logs | None = None) -> None:
         # validate_every_n_steps with a val_ monitor that decides what is kept: consider every validation.
@@ -220,18 +224,33 @@ class ModelCheckpoint(MonitorCallback):
         if self.monitor_key is not None and (self.save_best_only or self.save_top_k):
             score = self.get_monitor_value(logs)
             if score is None:
-                return  # validation_freq skipped this epoch
+                return self._save_last_only()  # validation_freq skipped this epoch
             if self.save_best_only:
                 if not self.is_improvement(score, self.best):
-                    return
+                    return self._save_last_only()
                 self.best = score
         path = self._render(epoch, logs, batch)
         if self.save_top_k is not None and score is not None and len(self.kept) >= self.save_top_k:
             worst = self._worst()
             if worst is not None and not self._better(score, worst[0]):
-                return  # would not enter the top k
+                return self._save_last_only()  # would not enter the top k
         step = self.trainer.state.global_step
         self.trainer.after_callbacks(lambda: self._write(path, score, step))
+
+    def _save_last_only(self) -> None:
+        """A save point whose file is not kept: ``last.pt`` is still the newest state (``save_last``)."""
+        if self.save_last:
+            self.trainer.after_callbacks(self._write_last)
+
+    def _write_last(self) -> None:
+        last = self.checkpoint_dir / "last.pt"
+        if not weights_are_finite(self.model):
+            warnings.warn(
+                f"ModelCheckpoint: skipped {last}: the model holds non-finite weights", stacklevel=user_stacklevel()
+            )
+            return
+        _files.checked_on_rank_zero(self.trainer, lambda: self._check_overwrite(last))
+        self._save_last()
 
     def _render(self, epoch: int, logs: dict[str, Any], batch: int | None) -> Path:
         values = {
@@ -445,9 +464,13 @@ class ModelCheckpoint(MonitorCallback):
         self._written.add(str(path))
         self._written_this_fit.add(str(path))
         if self.save_last and path.name != "last.pt":
-            trainer.save_checkpoint(self.checkpoint_dir / "last.pt")
-            self._written.add(str(self.checkpoint_dir / "last.pt"))
-            self._written_this_fit.add(str(self.checkpoint_dir / "last.pt"))
+            self._save_last()
+
+    def _save_last(self) -> None:
+        last = self.checkpoint_dir / "last.pt"
+        self.trainer.save_checkpoint(last)
+        self._written.add(str(last))
+        self._written_this_fit.add(str(last))
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
