@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 
-from fitkit import _arrays, _checks, _tensor_batches, distributed, rng, schedule
+from fitkit import _arrays, _checks, _reshard, _tensor_batches, _watch, checkpoint, distributed, rng, schedule
 from fitkit._devices import channels_last as to_channels_last
 from fitkit._devices import pinned
 from fitkit._loaders import SkippableLoader, as_loader, num_batches
@@ -90,39 +91,56 @@ class TrainBatches:
 
     ``epoch_rng`` holds the random generators as they were before the current epoch's ``iter(loader)``
     (checkpointed mid-epoch), so that a resumed run rebuilds the same order and worker seeds without
-    loading the batches it skips.
+    loading the batches it skips. Iterable data resumes from its own saved position when it has one
+    (``source``: a loader, or a dataset read in the main process, with ``state_dict``/``load_state_dict``).
+    A checkpoint of another number of ranks continues the interrupted epoch with the samples no rank had
+    read (``_reshard``). `position` is what a mid-epoch checkpoint records; `restore` takes it back.
     """
 
     def __init__(self, trainer: Trainer, loader: Any, steps_per_epoch: int | None) -> None:
+        # Random augmentation in workers without fitkit.data.seeded: watched, to warn at a mid-epoch checkpoint.
+        self.random_workers = _watch.RandomWorkers(loader) if _watch.unseeded_workers(loader) else None
+        if self.random_workers is not None:
+            loader = self.random_workers.loader  # a shallow copy: the user's loader is left alone
         self.loader = loader
         self.steps = steps_per_epoch
         self.fast = trainer.fast_tensor_batches and _tensor_batches.eligible(loader)
         self.info = trainer.dist
         self.feed = DeviceFeed(trainer, loader)
+        self.source = stateful_source(loader)  # whose state_dict() is the position in the data, if any
+        self.order = None if self.source is not None else _reshard.order_spec(loader)  # see _reshard
+        self.restored: dict[str, Any] | None = None  # what a resume loaded for the interrupted epoch
+        self.segment: dict[str, Any] | None = None  # the resharded epoch being read: where it began
 
     def epoch(self, epoch: int, skip: int, epoch_rng: dict[str, Any] | None) -> tuple[Iterator[Any], Any]:
         """The epoch's batch iterator, starting after ``skip`` batches (a mid-epoch resume, which needs
         the ``epoch_rng`` recorded when the epoch began), and the generators' state before it began."""
         loader, steps = self.loader, self.steps
         distributed.set_epoch(loader, epoch)
+        restored, self.restored, self.segment = self.restored, None, None
         if skip == 0:
             epoch_rng = rng.capture(loader)
             iterator: Iterator[Any] = _tensor_batches.iterate(loader) if self.fast else iter(loader)
+        elif restored is not None and restored.get("resharded") is not None:
+            iterator = self._resharded(epoch, skip, restored["resharded"])
         elif epoch_rng is None:
             raise RuntimeError("internal: mid-epoch resume without the epoch's random state")
         else:
-            iterator = self._resumed(skip, epoch_rng)
+            iterator = self._resumed(skip, epoch_rng, None if restored is None else restored.get("state"))
         if steps is not None:
             iterator = itertools.islice(iterator, max(0, steps - skip))
         return iterator, epoch_rng
 
-    def _resumed(self, skip: int, epoch_rng: dict[str, Any]) -> Iterator[Any]:
+    def _resumed(self, skip: int, epoch_rng: dict[str, Any], data_state: Any) -> Iterator[Any]:
         """The interrupted epoch's iterator after ``skip`` batches, drawn from the epoch's own random state;
         the generators are left as they were (or where the uninterrupted epoch leaves a loader's own)."""
         loader, steps = self.loader, self.steps
         now, replayed = rng.capture(loader), None
         rng.restore(epoch_rng, loader)
-        if isinstance(loader, SkippableLoader):  # in-memory batches: re-draw the permutation, start at skip
+        if data_state is not None and self.source is not None:  # its own position: nothing is re-read
+            self.source.load_state_dict(data_state)
+            iterator = iter(loader)
+        elif isinstance(loader, SkippableLoader):  # in-memory batches: re-draw the permutation, start at skip
             loader.skip_next(skip)
             iterator = iter(loader)
         elif self.fast or is_map_style(loader):
@@ -136,8 +154,11 @@ class TrainBatches:
                 replayed = rng.capture_loader(loader)
         else:
             warnings.warn(
-                f"resuming mid-epoch on {type(loader).__name__} without random access: "
-                f"re-reading {skip} batches to skip them (they do not reach the model)",
+                f"resuming mid-epoch on {type(loader).__name__}, which neither has random access nor saves its "
+                f"position: re-reading {skip} batches to skip them (they do not reach the model). To resume at "
+                "the exact sample without re-reading, give the iterable dataset (read with num_workers=0) or "
+                "the loader state_dict()/load_state_dict() methods, or read it with torchdata's "
+                "StatefulDataLoader",
                 stacklevel=user_stacklevel(),
             )
             iterator = iter(loader)
@@ -147,6 +168,110 @@ class TrainBatches:
         if replayed is not None:
             rng.restore_loader(replayed, loader)
         return iterator
+
+    def _resharded(self, epoch: int, skip: int, record: dict[str, Any]) -> Iterator[Any]:
+        """The rest of an epoch interrupted under another number of ranks: this rank's share of the samples
+        no rank had read (see ``_reshard``)."""
+        assert self.order is not None  # checked by restore
+        size = self.order["batch_size"]
+        samples = _reshard.remaining(record["origin"], epoch)[record["offset"] :]
+        batches, repeated = _reshard.share(samples, self.info.rank, self.info.world_size, size)
+        if repeated:
+            warnings.warn(
+                f"the resumed epoch's last {len(samples) % (size * self.info.world_size)} samples are fewer than "
+                f"the {self.info.world_size} ranks: {repeated} of them are read twice, so that no rank has an "
+                "empty batch",
+                stacklevel=user_stacklevel(),
+            )
+        self.segment = {"origin": record["origin"], "offset": record["offset"], "start": skip, "batch_size": size}
+        return _reshard.batches_of(self.loader, batches)
+
+    def position(self, batch_in_epoch: int) -> dict[str, Any]:
+        """Where this rank is in the epoch's data, for a mid-epoch checkpoint (`Trainer.state_dict`'s
+        ``data_position``): ``state`` (the stateful source's ``state_dict()``), ``order`` (how the epoch's
+        order is drawn, see ``_reshard.order_spec``) and ``resharded`` (in a resharded epoch, its origin
+        and how many of its remaining samples are consumed)."""
+        segment, resharded = self.segment, None
+        if segment is not None:
+            done = batch_in_epoch - segment["start"]
+            offset = _reshard.consumed_after(segment["offset"], done, self.info.world_size, segment["batch_size"])
+            resharded = {"origin": segment["origin"], "offset": offset}
+        if self.random_workers is not None:
+            self.random_workers.warn_once()
+        state = None if self.source is None else self.source.state_dict()
+        return {"state": state, "order": self.order, "resharded": resharded}
+
+    def restore(self, saved: list[Any], skip: int, epoch_rng: dict[str, Any] | None, strict: bool) -> bool:
+        """Takes back every rank's saved `position` (``saved``, by rank; None at an epoch's end) for the
+        interrupted epoch, which resumes after ``skip`` batches. On another number of ranks it continues with
+        the samples no rank had read; ``epoch_rng`` is rank 0's (one process's order is drawn from it).
+        Returns False when the epoch cannot be resharded (the caller decides with ``strict``); raises
+        nothing and changes nothing then."""
+        mine = saved[self.info.rank % len(saved)]
+        if skip == 0:  # an epoch's end: the next epoch starts afresh on any number of ranks
+            return True
+        if mine is None:  # written before fitkit saved data positions: the same ranks replay as before
+            return len(saved) == self.info.world_size or not strict
+        resharded = mine.get("resharded")
+        if resharded is None and len(saved) == self.info.world_size:
+            self.restored = {"state": mine.get("state")}
+            return True
+        if self.order is None or (resharded is None and mine.get("order") is None):
+            if strict:
+                return False
+            self.restored = {"state": mine.get("state")}  # strict=False: each rank's own part, as it was
+            return True
+        if resharded is None:
+            spec = mine["order"]
+            origin = {"spec": spec, "skip": skip, "epoch_rng": epoch_rng if spec["kind"] == "random" else None}
+            resharded = {"origin": origin, "offset": 0}
+        self.restored = {"resharded": resharded}
+        return True
+
+
+def restore_positions(train: TrainBatches, state: dict[str, Any], saved: list[dict[str, Any]], strict: bool) -> bool:
+    """A resumed fit's part of ``Trainer.load_state_dict`` for the data: hands every saved rank's position
+    to ``train`` (`TrainBatches.restore`). Returns True when the checkpoint was written by another number of
+    ranks and the interrupted epoch goes on with the samples no rank had read (with a warning); raises a
+    CheckpointError (``strict``) when the data cannot be dealt out to another number of ranks."""
+    saved_world, world = state.get("world_size", 1), train.info.world_size
+    positions = [part.get("data_position") for part in saved]
+    if not train.restore(positions, state["trainer"]["batch_in_epoch"], saved[0].get("epoch_rng"), strict):
+        raise checkpoint.world_size_mismatch(saved_world, world)
+    if saved_world == world or not strict:
+        return False
+    if (state.get("accumulation") or {}).get("grads") is not None:
+        raise checkpoint.CheckpointError(
+            f"this checkpoint was written by {saved_world} process(es) in the middle of a gradient accumulation "
+            f"group, whose partial gradients belong to those processes: resume it on {saved_world}, or from a "
+            "checkpoint written at an optimizer step"
+        )
+    warnings.warn(
+        f"resuming a checkpoint written by {saved_world} process(es) on {world}: the interrupted epoch continues "
+        f"with the samples no rank had read, each once, dealt out to the {world}; the weights will not be "
+        f"bit-identical to those of an uninterrupted {saved_world}-process run (other batches per rank, another "
+        "reduction order, other random streams per rank)",
+        stacklevel=user_stacklevel(),
+    )
+    return True
+
+
+def stateful_source(loader: Any) -> Any:
+    """The object whose ``state_dict()`` is the position in ``loader``'s data: the loader itself when it has
+    ``state_dict``/``load_state_dict`` and iterable data (torchdata's StatefulDataLoader, a re-iterable of
+    batches), or a DataLoader's iterable dataset that has them, read in the main process (with workers, each
+    holds a copy whose position the main process cannot see). None otherwise: map-style DataLoaders replay
+    their indices instead."""
+    if _has_state(loader) and not is_map_style(loader):
+        return loader
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(loader, DataLoader) and isinstance(dataset, IterableDataset) and _has_state(dataset):
+        return dataset if loader.num_workers == 0 else None
+    return None
+
+
+def _has_state(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
 def eval_batches(trainer: Trainer, loader: Any, steps: int | None, split: bool) -> tuple[Iterator[Any], Any]:

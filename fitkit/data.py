@@ -7,12 +7,14 @@ batch_size, shuffle=True)`` draws, so both paths give identical results for the 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from fitkit import rng
 from fitkit._arrays import to_tensor
 from fitkit._structure import describe, leaves, map_structure
 
@@ -288,6 +290,109 @@ def resume_loader_iterator(loader: DataLoader, skip: int) -> Iterator[Any]:
     return iter(clone)
 
 
+_MASK = 2**64 - 1
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed that is a function of ``(seed, epoch, index)`` only (splitmix64 over the three)."""
+    value = 0x9E3779B97F4A7C15
+    for part in (seed, epoch, index):
+        value = (value ^ (part & _MASK)) + 0x9E3779B97F4A7C15 & _MASK
+        value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
+        value = (value ^ (value >> 27)) * 0x94D049BB133111EB & _MASK
+        value ^= value >> 31
+    return value
+
+
+class SeededDataset(Dataset[Any]):
+    """A map-style dataset whose every sample draws its random numbers from generators seeded with
+    ``(seed, epoch, index)``: what `seeded` returns (see there). ``dataset`` is the wrapped one."""
+
+    def __init__(self, dataset: Any, seed: int | None = None) -> None:
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+            raise TypeError(
+                f"fitkit.data.seeded takes a map-style dataset (with __getitem__ and __len__), got "
+                f"{type(dataset).__name__}; an iterable dataset seeds its augmentation from its own state "
+                "(state_dict/load_state_dict) instead"
+            )
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ValueError(f"seed must be an int >= 0 or None (the run's seed_everything seed), got {seed!r}")
+        self.dataset, self.seed = dataset, seed
+        # [seed, epoch] in shared memory: DataLoader workers (persistent ones too) see the epoch fitkit sets.
+        self._shared = torch.tensor([-1 if seed is None else seed, 0], dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by fitkit before each epoch's ``iter(loader)`` (also after a resume); sets the run's seed
+        too, when none was given: the last ``seed_everything`` seed (0 without one), shared by every rank."""
+        if self.seed is None:
+            self._shared[0] = rng.last_seed() or 0
+        self._shared[1] = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: Any) -> Any:
+        seed, epoch = self._shared.tolist()
+        if seed < 0:  # read before any epoch began (outside fit)
+            seed = rng.last_seed() or 0
+        value = sample_seed(seed, epoch, int(index))
+        if get_worker_info() is not None:  # a worker's generators serve its samples only
+            _seed_generators(value)
+            return self.dataset[index]
+        saved = _generator_states()  # the main process: its own streams (dropout, shuffling) must not move
+        try:
+            _seed_generators(value)
+            return self.dataset[index]
+        finally:
+            _set_generator_states(saved)
+
+
+def _seed_generators(value: int) -> None:
+    random.seed(value)
+    torch.default_generator.manual_seed(value)  # the CPU generator only: a CUDA one is the trainer's
+    if rng.np is not None:
+        rng.np.random.seed(value % 2**32)
+
+
+def _generator_states() -> tuple[Any, Any, Any]:
+    numpy_state = None if rng.np is None else rng.np.random.get_state()
+    return torch.default_generator.get_state(), random.getstate(), numpy_state
+
+
+def _set_generator_states(states: tuple[Any, Any, Any]) -> None:
+    torch.default_generator.set_state(states[0])
+    random.setstate(states[1])
+    if states[2] is not None:
+        rng.np.random.set_state(states[2])
+
+
+def seeded(dataset: Any, seed: int | None = None) -> SeededDataset:
+    """``dataset`` with random draws that depend on the sample, not on who loads it or when.
+
+    Before each sample is loaded, the global generators it may draw from (torch's CPU generator, Python's
+    ``random``, NumPy's global ``np.random``) are seeded with a function of the run's seed, the epoch and the
+    sample's index. So random augmentation in ``DataLoader(num_workers>0)`` gives the same batches for 0, 1
+    or 8 workers, for any number of ranks, and a run resumed mid-epoch reads the rest of the epoch with the
+    very draws of the uninterrupted run: the resume is exact, bit for bit. Read in the main process
+    (``num_workers=0``), the main process's own streams are saved and put back around each sample.
+
+    fitkit tells the dataset the epoch (``set_epoch``) before each epoch of ``fit``; read outside ``fit``
+    (``evaluate``, your own loop) it stays at epoch 0 unless you call ``set_epoch``.
+
+    Not covered: a generator of the dataset's own (``torch.Generator``, ``numpy.random.default_rng``) and
+    draws on a GPU: seed those from ``torch.initial_seed()`` in ``__getitem__`` if you use them.
+
+    Args:
+        dataset: a map-style dataset (``__getitem__`` and ``__len__``).
+        seed: the run's seed; None (the default) takes the last ``fitkit.seed_everything`` seed when an
+            epoch starts (0 without one).
+
+    Returns:
+        a `SeededDataset` over ``dataset``.
+    """
+    return SeededDataset(dataset, seed)
+
+
 def check_reiterable(data: Iterable[Any], name: str) -> None:
     if iter(data) is data:
         raise TypeError(
@@ -307,4 +412,7 @@ __all__ = [
     "rebuild_loader",
     "resume_loader_iterator",
     "check_reiterable",
+    "seeded",
+    "SeededDataset",
+    "sample_seed",
 ]

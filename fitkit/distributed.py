@@ -423,9 +423,13 @@ def local_metric_values(metrics: list[Any]) -> Iterator[None]:
 
 # -- data ---------------------------------------------------------------------------------------
 def set_epoch(loader: Any, epoch: int) -> None:
-    """Tells a distributed sampler (or the sharded in-memory batcher) which epoch's order to draw."""
+    """Tells a distributed sampler (or the sharded in-memory batcher) which epoch's order to draw, and a
+    DataLoader's dataset which epoch it serves when it asks (`fitkit.data.seeded`, Hugging Face datasets)."""
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
+    dataset: Any = getattr(loader, "dataset", None)
+    if callable(getattr(dataset, "set_epoch", None)):
+        dataset.set_epoch(epoch)
     sampler: Any = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)

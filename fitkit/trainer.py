@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from fitkit import _arguments, _compat, _pipeline, checkpoint, distributed, rng, strategies
+from fitkit import _arguments, _compat, _pipeline, _reshard, checkpoint, distributed, rng, strategies
 from fitkit._callback_list import CallbackList, HookTimer
 from fitkit._devices import resolve_device
 from fitkit._loaders import data_signature
@@ -706,6 +706,7 @@ class Trainer(Steps):
             "epoch_rng": self._epoch_rng if mid_epoch else None,
             "train_tracker": self._train_set.tracker.state_dict(),
             "accumulation": accumulation,
+            "data_position": self._data_position() if mid_epoch else None,
             "data": data_signature(self.train_loader),
             "world_size": self.world_size,
             "precision": self.precision,
@@ -714,7 +715,12 @@ class Trainer(Steps):
     #: The parts of `state_dict` that differ between the ranks of a distributed run: each rank's
     #: generators (dropout, its DataLoader workers' seeds), its share of the epoch's running sums, and
     #: its not yet all-reduced gradients. A checkpoint keeps every rank's under ``per_rank``.
-    PER_RANK = ("rng", "epoch_rng", "train_tracker", "accumulation")
+    PER_RANK = ("rng", "epoch_rng", "train_tracker", "accumulation", "data_position")
+
+    def _data_position(self) -> dict[str, Any] | None:
+        """Where this rank is in the epoch's data (``TrainBatches.position``); None outside a fit."""
+        plan = self._run_of_fit().plan
+        return None if plan is None else plan.train.position(self.state.batch_in_epoch)
 
     def _callback_list(self) -> CallbackList:
         """This fit's callbacks; before the first fit, the ones given to the Trainer."""
@@ -741,11 +747,12 @@ class Trainer(Steps):
                 "not a full fitkit checkpoint (a weights-only file?): load weights with "
                 "model.load_state_dict(torch.load(path, weights_only=True))"
             )
-        if per_rank := state.get("per_rank"):  # this rank's own part (with strict=False, the world size may differ)
-            state = {**state, **per_rank[self.dist.rank % len(per_rank)]}
-        state = checkpoint.upgrade(state)
+        saved = state.get("per_rank") or [state]  # every rank's own parts (one process: the state itself)
+        state = checkpoint.upgrade({**state, **saved[self.dist.rank % len(saved)]})  # this rank's own part
+        plan = self._run_of_fit().plan  # a fit's resume: hand the training data its saved positions
+        resharded = plan is not None and _pipeline.restore_positions(plan.train, state, saved, strict)
         if weights:  # False: a sharded checkpoint checked and loaded them (sharded_checkpoint.load)
-            self._load_weights(state, strict)
+            self._load_weights(state, strict, resharded)
         if isinstance(self.loss, nn.Module) and state.get("loss") is not None:
             self.loss.load_state_dict(state["loss"], strict=strict)
         if self._amp.scaler is not None and state.get("scaler"):
@@ -753,22 +760,29 @@ class Trainer(Steps):
         self.state.load_state_dict(state["trainer"])
         self.state.should_stop, self.state.stop_reason = False, None
         self._callback_list().load_state_dict(state.get("callbacks", {}), strict=strict)
-        self._train_set.tracker.load_state_dict(state["train_tracker"], self.device)
+        if resharded:  # the epoch's sums so far, all on rank 0 (the epoch's logs add every rank's up)
+            self._train_set.tracker.reset()
+            if self.dist.rank == 0:
+                self._train_set.tracker.load_state_dict(_reshard.merged_sums(saved), self.device)
+        else:
+            self._train_set.tracker.load_state_dict(state["train_tracker"], self.device)
         acc = state.get("accumulation") or {}
-        if acc.get("grads") is not None:
+        if acc.get("grads") is not None and not resharded:
             for p, g in zip(self.model.parameters(), acc["grads"]):
                 p.grad = None if g is None else g.to(p.device)
             self._accumulation.load_state_dict(acc)
         self._epoch_rng = state.get("epoch_rng")
         rng.restore(state["rng"], self.train_loader)
 
-    def _load_weights(self, state: dict[str, Any], strict: bool) -> None:
+    def _load_weights(self, state: dict[str, Any], strict: bool, resharded: bool = False) -> None:
         """The model's and optimizers' part of `load_state_dict` (whole states, loaded through the strategy)."""
         model_state, strategy = state["model"], self._strategy
         if strict:
+            signature = data_signature(self.train_loader)
             checkpoint.check_fits(
-                state, model=self.model, optimizers=self.optimizers, world_size=self.world_size,
-                data=data_signature(self.train_loader),
+                state, model=self.model, optimizers=self.optimizers,
+                world_size=state.get("world_size", 1) if resharded else self.world_size,
+                data={"num_samples": signature["num_samples"]} if resharded else signature,
             )  # fmt: skip
             strategy.load_model_state_dict(self.model, model_state, strict=True)
         else:
