@@ -37,6 +37,7 @@ import torch
 from fitkit import _arguments, _checks, _pipeline, distributed, rng, schedule
 from fitkit._callback_list import CallbackList
 from fitkit._loaders import concat_outputs, num_batches, split_in_memory, take_rows
+from fitkit._loop_times import CALLBACKS, DATA, STEP, LoopTimes
 from fitkit._precision import NO_CONTEXT
 from fitkit._tracker import EpochTracker
 from fitkit._warn import user_stacklevel
@@ -85,6 +86,7 @@ class Run:
     """The state of one ``evaluate`` or ``predict`` call (and the base of `FitRun`)."""
 
     plan: FitPlan | None = None
+    clock: LoopTimes | None = None  # a fit's loop laps, when a callback wants them (FitRun)
     # The generators before a fit's epoch validation, while it runs: a checkpoint written then (SIGTERM)
     # records them, so the resumed run validates again from the same random state (exact resume).
     rng_before_validation: dict[str, Any] | None = None
@@ -279,6 +281,10 @@ class FitRun(Run):
         # Where the last step-level validation ran, (epoch, batch_in_epoch): the epoch's validation reuses its
         # logs only when no batch has trained since (global_step alone misses a step that never counts).
         self.step_validated_at: tuple[int, int] | None = None
+        # The loop's laps (ThroughputMonitor's time breakdown): only when a callback asks; else None, and the
+        # loop's `if clock is not None` checks are all it costs.
+        wanted = any(cb.wants_loop_times for cb in callbacks.callbacks)
+        self.clock: LoopTimes | None = LoopTimes(trainer.device) if wanted else None
 
     # -- the epochs -----------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -296,6 +302,10 @@ class FitRun(Run):
             self.step_validated_at = (state.epoch, state.batch_in_epoch)
         for epoch in epochs:
             state.epoch = epoch
+            if trainer._accumulation.schedule:  # accumulate_grad_batches by epoch: this epoch's group size
+                trainer.accumulate_grad_batches = trainer._accumulation.size_at(epoch)
+            if self.clock is not None:
+                self.clock.start_epoch()
             if state.batch_in_epoch == 0:  # a resumed epoch already ran on_epoch_begin
                 trainer._train_set.tracker.reset()
                 self.callbacks.fire("on_epoch_begin", epoch, {})
@@ -367,6 +377,9 @@ class FitRun(Run):
         resumed_before_validation = state.batch_in_epoch > 0 and plan.step_validation is not None
         if resumed_before_validation and plan.step_validation.due(state) and self.after_batch(None):  # type: ignore[union-attr]
             batches = iter(())  # the resumed step's validation (what follows its batch) stopped the run
+        clock = self.clock
+        if clock is not None:
+            batches = clock.fetching(batches)  # each next() charged to the data
         try:
             with self.sync_window():
                 for batch in batches:
@@ -383,7 +396,10 @@ class FitRun(Run):
             del batches
         if vote is not None and (voted_stop or vote.stop_now()) and not state.should_stop:
             trainer.stop("stopped on another rank")
-        return self.end_epoch(epoch)
+        logs = self.end_epoch(epoch)
+        if clock is not None:
+            clock.lap(STEP)  # the last group's step and the read of the epoch's sums
+        return logs
 
     def budget_on(self) -> bool:
         return self.budget.max_steps is not None or self.budget.max_time is not None
@@ -391,14 +407,18 @@ class FitRun(Run):
     def run_batch(self, batch: Any) -> None:
         """One training batch: ``on_batch_begin``, the device copy, ``train_step``, the running sums,
         ``on_batch_end``."""
-        trainer, state = self.trainer, self.trainer.state
+        trainer, state, clock = self.trainer, self.trainer.state, self.clock
         hooks = self.callbacks.hooks
         batch_idx = state.batch_in_epoch
         for fn in hooks["on_batch_begin"]:
             fn(batch_idx, {})
+        if clock is not None:
+            clock.lap(CALLBACKS)
         feed = self.plan.train.feed  # type: ignore[union-attr]
         self.batch = batch = feed(batch)
         self.n, self.outputs = feed.n, None
+        if clock is not None:
+            clock.lap(DATA)  # the device copy
         accumulation, k = trainer._accumulation, trainer.accumulate_grad_batches
         if k > 1:
             total = self.plan.num_train_batches  # type: ignore[union-attr]
@@ -412,6 +432,8 @@ class FitRun(Run):
             _arguments.check_step_logs(step_logs)
         trainer._train_set.tracker.add(step_logs, feed.n)
         state.batch_in_epoch = batch_idx + 1
+        if clock is not None:
+            clock.step_done(feed.n)
         for fn in hooks["on_batch_end"]:
             fn(batch_idx, step_logs)
 
@@ -482,9 +504,14 @@ class FitRun(Run):
         # Kept until validation completes (not in a finally: on_exception's checkpoint needs it). Like the
         # hand-written loop, iter(val_loader) draws from the global generator here.
         self.rng_before_validation = rng.capture(plan.train.loader)
-        logs = self.validate(plan.val_loaders, "val_", plan.validation_steps, in_fit=True)
+        with self.validating():
+            logs = self.validate(plan.val_loaders, "val_", plan.validation_steps, in_fit=True)
         self.rng_before_validation = None
         return logs
+
+    def validating(self) -> contextlib.AbstractContextManager[Any]:
+        """The validation's lap of the loop clock, when there is one."""
+        return NO_CONTEXT if self.clock is None else self.clock.validating()
 
     def validate_step(self) -> None:
         """A validation after an optimizer step (``validate_every_n_steps``), inside the batch loop.
@@ -497,7 +524,7 @@ class FitRun(Run):
         assert plan is not None
         saved = rng.capture()
         try:
-            with self.allow_sync():  # the validation's sums are read back once, on purpose
+            with self.allow_sync(), self.validating():  # the validation's sums are read back once, on purpose
                 self.validate(plan.val_loaders, "val_", plan.validation_steps, in_fit=True)
         finally:
             rng.restore(saved)
@@ -557,7 +584,7 @@ def plan_fit(
     if every is not None and not val_loaders:
         raise ValueError(f"validate_every_n_steps={every} needs validation data; pass val_data (or validation_split)")
     num_train_batches = _check_train_batches(trainer, train_loader, steps_per_epoch)
-    k = trainer.accumulate_grad_batches
+    k = max(trainer._accumulation.schedule.values(), default=trainer.accumulate_grad_batches)  # enough epochs
     steps_in_epoch = None if num_train_batches is None else -(-num_train_batches // k)
     epochs = schedule.epochs_for(epochs, max_steps, max_time, steps_in_epoch)
     _arguments.warn_unreachable_validation_epochs(validation_freq, epochs)

@@ -19,6 +19,7 @@ from fitkit import _arguments, _checks, _compat, distributed
 from fitkit.data import split_batch
 
 if TYPE_CHECKING:
+    from fitkit._loop_times import LoopTimes
     from fitkit._precision import Precision
     from fitkit._run import MetricSet, Run
     from fitkit.metrics import Metric
@@ -56,6 +57,15 @@ class Steps:
     def weighted_metrics(self) -> list[Metric]:
         """The training metrics weighted by sample weights (see ``weighted_metrics=``)."""
         return self._train_set.weighted
+
+    @property
+    def loop_times(self) -> LoopTimes | None:
+        """The current (or last) fit's loop clock (`fitkit._loop_times.LoopTimes`: where the epoch's time goes),
+        when one of its callbacks asked for it with ``wants_loop_times = True`` (ThroughputMonitor); else None."""
+        run = self._run
+        while run.clock is None and run.outer is not None:  # an evaluate made inside the fit: the fit's clock
+            run = run.outer
+        return run.clock
 
     def allow_sync(self) -> contextlib.AbstractContextManager[Any]:
         """A context for deliberate host-device synchronisations inside the batch loop (a progress

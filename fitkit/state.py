@@ -68,19 +68,27 @@ class GradientAccumulation:
             so a short last batch weighs less; ``optimizer_step`` divides the summed gradients by it.
         first_n: the size of the group's first batch.
         step_now: the current batch ends a group (set by the loop before each step; not saved).
+        schedule: ``accumulate_grad_batches`` given as a schedule by epoch, ``{first epoch: batches per step}``
+            (before its first epoch: 1); empty for a fixed number. Saved with the state, for the record: the
+            group size in force follows from the epoch, so a resumed run uses the same one.
     """
 
     pending: bool = False
     units: float = 0.0
     first_n: int = 0
     step_now: bool = True
+    schedule: dict[int, int] = field(default_factory=dict)
+
+    def size_at(self, epoch: int) -> int:
+        """The scheduled group size of ``epoch`` (1 before the schedule's first epoch)."""
+        return next((k for first, k in reversed(self.schedule.items()) if first <= epoch), 1)
 
     def reset(self) -> None:
         """After an optimizer step (or a dropped partial group): nothing pending."""
         self.pending, self.units = False, 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pending": self.pending, "units": self.units, "first_n": self.first_n}
+        return {"pending": self.pending, "units": self.units, "first_n": self.first_n, "schedule": dict(self.schedule)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pending = bool(state.get("pending", state.get("grads") is not None))

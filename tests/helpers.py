@@ -170,6 +170,7 @@ class FakeTrainer:
         self.active_callbacks: list[Callback] = []
         self.batch: Any = None
         self.outputs: Any = None
+        self.loop_times: Any = None  # a fit's LoopTimes when a callback wants them (fitkit/_loop_times.py)
         # What the fake records: actions queued with after_callbacks, paths given to save_checkpoint.
         self.deferred: list[Any] = []
         self.saved: list[Path] = []

@@ -32,10 +32,13 @@ from fitkit.callbacks import (
     ModelCheckpoint,
     OptunaPruning,
     PredictionWriter,
+    Profiler,
     ProgressBar,
     ReduceLROnPlateau,
+    SpikeDetection,
     TensorBoard,
     TerminateOnNaN,
+    ThroughputMonitor,
 )
 
 
@@ -64,6 +67,13 @@ def _every_builtin_callback(tmp_path: Path, optimizer: torch.optim.Optimizer) ->
         ProgressBar(mode="epoch", log_every_seconds=1e-9, file=io.StringIO()),  # a line on every batch
         LambdaCallback(on_batch_end=lambda batch, logs: None),
         PredictionWriter(tmp_path / "predictions"),  # predict's callback: in fit it must cost nothing
+        ThroughputMonitor(
+            log_every_n_steps=1, tokens_per_sample=lambda batch: (batch[0] > 0).sum()
+        ),  # a point per step
+        SpikeDetection(
+            window=2, warmup=2, threshold=1e3, check_every_n_steps=1
+        ),  # a read of the kept losses on every step
+        Profiler(tmp_path / "profile", wait=0, warmup=1, active=2),  # traced batches inside the loop
     ]
 
 

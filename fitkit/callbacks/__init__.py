@@ -14,9 +14,12 @@ from fitkit.callbacks.model_checkpoint import ModelCheckpoint
 from fitkit.callbacks.monitor import MonitorCallback
 from fitkit.callbacks.optuna_pruning import OptunaPruning
 from fitkit.callbacks.prediction_writer import PredictionWriter
+from fitkit.callbacks.profiler import Profiler
 from fitkit.callbacks.progress import ProgressBar
+from fitkit.callbacks.spike_detection import SpikeDetection
 from fitkit.callbacks.tensorboard import TensorBoard
 from fitkit.callbacks.terminate_on_nan import TerminateOnNaN
+from fitkit.callbacks.throughput import ThroughputMonitor
 from fitkit.callbacks.weight_averaging import EMA, SWA
 
 __all__ = [
@@ -36,8 +39,11 @@ __all__ = [
     "MonitorCallback",
     "OptunaPruning",
     "PredictionWriter",
+    "Profiler",
     "ProgressBar",
     "ReduceLROnPlateau",
+    "SpikeDetection",
     "TensorBoard",
     "TerminateOnNaN",
+    "ThroughputMonitor",
 ]

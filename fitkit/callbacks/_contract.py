@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from fitkit._loop_times import LoopTimes
     from fitkit.callbacks.base import Callback
     from fitkit.callbacks.history import History
     from fitkit.distributed import DistInfo
@@ -113,6 +114,8 @@ class TrainerLike(Protocol):
     def batch(self) -> Any: ...
     @property
     def outputs(self) -> Any: ...
+    @property
+    def loop_times(self) -> LoopTimes | None: ...
     def running_logs(self) -> dict[str, float]: ...
 
     # -- acting at the right moment -------------------------------------------------------------

@@ -97,6 +97,9 @@ class Callback:
     #: then skip their per-batch vote on "did any rank stop?" (see Scaling out). It covers the hooks defined
     #: in the class that sets it: a subclass that overrides one counts as able to stop until it sets it too.
     stops_mid_epoch: bool = True
+    #: True makes ``fit`` time its loop's phases for this callback (``trainer.loop_times``: the data, the step,
+    #: the callbacks, validation; a clock read per phase, no device sync). False (the default): not timed.
+    wants_loop_times: bool = False
 
     def set_trainer(self, trainer: TrainerLike) -> None:
         """Binds the trainer (``fit`` calls it before ``on_train_begin``; a unit test may pass a fake).

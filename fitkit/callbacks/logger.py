@@ -264,6 +264,7 @@ class ExperimentLogger(Callback):
         with self.trainer.allow_sync():  # one host sync for all the batch's values, on logging steps only
             floats = torch.stack([v.detach().reshape(()).float() for v in values.values()]).tolist() if values else []
         metrics = dict(zip(values, floats))
+        metrics.update(numbers_in(logs))  # figures a callback before this one added as floats (ThroughputMonitor)
         if self._step_lr is not None:
             metrics["lr"] = self._step_lr
         else:

@@ -1,0 +1,187 @@
+"""ThroughputMonitor (issue 21): FLOPs counted once on the real first step, the epoch's time breakdown, step-level
+figures for the loggers, MFU's peak table, and a loop that pays nothing without a monitor."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+from helpers import make_classification, make_trainer, params_of
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from fitkit import Callback
+from fitkit.callbacks import ExperimentLogger, ThroughputMonitor
+from fitkit.callbacks.throughput import compute_dtype, peak_flops
+
+BREAKDOWN = ("time_data", "time_step", "time_callbacks", "time_validation")
+
+
+def _linear_stack() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 16, bias=False), nn.ReLU(), nn.Linear(16, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False)
+    )
+
+
+def _loader(n: int = 32, batch_size: int = 8, dataset: Dataset | None = None) -> DataLoader:
+    x, y = make_classification(n)
+    return DataLoader(dataset if dataset is not None else TensorDataset(x, y), batch_size=batch_size)
+
+
+def test_the_flop_count_of_a_linear_stack_is_the_analytic_count_and_leaves_training_unchanged():
+    monitor = ThroughputMonitor(log_every_n_steps=None)
+    counted = make_trainer(_linear_stack(), callbacks=[monitor])
+    counted.fit(_loader(), epochs=2)
+    params = sum(p.numel() for p in counted.model.parameters())
+    # forward 2 x params, backward 4 x params per sample (6 x params), less the first layer's input gradient,
+    # which autograd skips (the inputs need none): 2 x 4 x 16.
+    assert monitor.flops_per_sample == 6 * params - 2 * 4 * 16
+    assert counted.history.history["flops_per_sample"] == [monitor.flops_per_sample] * 2
+    plain = make_trainer(_linear_stack())
+    plain.fit(_loader(), epochs=2)
+    assert all(torch.equal(a, b) for a, b in zip(params_of(counted.model), params_of(plain.model)))
+    assert counted.history.history["loss"] == plain.history.history["loss"]
+
+
+class _SlowDataset(Dataset):
+    def __init__(self, n: int, seconds: float) -> None:
+        self.x, self.y = make_classification(n)
+        self.seconds = seconds
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        time.sleep(self.seconds)
+        return self.x[i], self.y[i]
+
+
+class _SlowCallback(Callback):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_batch_end(self, batch: int, logs: Any = None) -> None:
+        time.sleep(self.seconds)
+
+
+class _EpochWall(Callback):
+    """Put first and last: the wall time from the first on_epoch_begin to the last on_epoch_end."""
+
+    def __init__(self) -> None:
+        self.start, self.walls = 0.0, []  # type: ignore[var-annotated]
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self.walls.append(time.perf_counter() - self.start)
+
+
+@pytest.mark.slow
+def test_a_sleep_in_the_dataset_shows_up_in_time_data_and_the_parts_sum_to_the_wall_time():
+    wall = _EpochWall()
+    trainer = make_trainer(callbacks=[wall, ThroughputMonitor(log_every_n_steps=2)])
+    trainer.fit(_loader(32, 8, _SlowDataset(32, 0.01)), _loader(16, 8), epochs=1)
+    logs = trainer.history.history
+    assert logs["time_data"][0] >= 32 * 0.01
+    assert logs["time_callbacks"][0] < 0.1 and logs["time_validation"][0] < 0.1  # the sleep went to the data
+    assert sum(logs[key][0] for key in BREAKDOWN) == pytest.approx(wall.walls[0], rel=0.03)
+
+
+@pytest.mark.slow
+def test_a_sleep_in_a_callback_shows_up_in_time_callbacks_and_validation_in_time_validation():
+    wall = _EpochWall()
+    monitor = ThroughputMonitor(log_every_n_steps=None)
+    slow_val = _SlowDataset(16, 0.005)
+    trainer = make_trainer(callbacks=[wall, _SlowCallback(0.02), monitor])
+    trainer.fit(_loader(32, 8), _loader(16, 8, slow_val), epochs=1)
+    logs = trainer.history.history
+    assert logs["time_callbacks"][0] >= 4 * 0.02
+    assert logs["time_validation"][0] >= 16 * 0.005
+    assert logs["time_data"][0] < 0.04  # neither sleep went to the data
+    assert sum(logs[key][0] for key in BREAKDOWN) == pytest.approx(wall.walls[0], rel=0.03)
+    assert logs["samples_per_sec"][0] == pytest.approx(32 / (wall.walls[0] - logs["time_validation"][0]), rel=0.05)
+    assert logs["batches_per_sec"][0] == pytest.approx(logs["samples_per_sec"][0] / 8)
+
+
+class _StepRecorder(ExperimentLogger):
+    def __init__(self, log_every_n_steps: int) -> None:
+        super().__init__(log_every_n_steps)
+        self.steps: list[tuple[int, dict[str, float]]] = []
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.steps.append((step, metrics))
+
+
+def test_step_level_figures_every_n_steps_reach_a_logger_after_the_monitor():
+    monitor = ThroughputMonitor(log_every_n_steps=2, tokens_per_sample=5, peak_flops=1e9)
+    logger = _StepRecorder(log_every_n_steps=2)
+    trainer = make_trainer(callbacks=[monitor, logger])
+    trainer.fit(_loader(32, 4), epochs=1)  # 8 steps
+    assert [step for step, _ in logger.steps] == [2, 4, 6, 8]
+    for _, metrics in logger.steps:
+        assert {"loss", "lr", "samples_per_sec", "batches_per_sec", "tokens_per_sec", "flops_per_sec", "mfu"} <= set(
+            metrics
+        )
+        assert metrics["tokens_per_sec"] == pytest.approx(5 * metrics["samples_per_sec"])
+        assert metrics["mfu"] == pytest.approx(metrics["flops_per_sec"] / 1e9)
+    epoch = trainer.history.history
+    assert epoch["mfu"][0] == pytest.approx(epoch["flops_per_sec"][0] / 1e9)
+    assert "peak_memory_mb" not in epoch and epoch["host_rss_mb"][0] > 0  # CPU: no device memory figure
+
+
+def test_tokens_from_a_function_of_the_batch():
+    monitor = ThroughputMonitor(log_every_n_steps=None, tokens_per_sample=lambda batch: (batch[0] > 0).sum())
+    trainer = make_trainer(callbacks=[monitor])
+    loader = _loader(32, 8)
+    trainer.fit(loader, epochs=1)
+    x = loader.dataset.tensors[0]  # type: ignore[attr-defined]
+    tokens, samples = float((x > 0).sum()), trainer.history.history["samples_per_sec"][0]
+    assert trainer.history.history["tokens_per_sec"][0] == pytest.approx(samples * tokens / 32)
+
+
+def test_no_clock_without_a_monitor_and_arguments_are_checked():
+    trainer = make_trainer()
+    trainer.fit(_loader(), epochs=1)
+    assert trainer.loop_times is None
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        ThroughputMonitor(log_every_n_steps=0)
+    with pytest.raises(ValueError, match="tokens_per_sample"):
+        ThroughputMonitor(tokens_per_sample=0)
+    with pytest.raises(ValueError, match="peak_flops"):
+        ThroughputMonitor(peak_flops=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "tflops"),
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.4),
+        ("NVIDIA H100 PCIe", "bf16", 756.0),
+        ("NVIDIA H200", "fp16", 989.4),
+        ("NVIDIA H20", "bf16", 148.0),
+        ("NVIDIA A100-SXM4-80GB", "32", 19.5),
+        ("NVIDIA L4", "bf16", 121.0),
+        ("NVIDIA L40S", "bf16", 362.0),
+        ("NVIDIA GeForce RTX 4090", "bf16", None),
+    ],
+)
+def test_the_peak_table_by_device_name_and_dtype(monkeypatch, name, precision, tflops):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    peak = peak_flops(torch.device("cuda"), precision)
+    assert peak == (None if tflops is None else pytest.approx(tflops * 1e12))
+    assert peak_flops(torch.device("cpu"), precision) is None
+
+
+def test_float32_counts_as_tf32_when_torch_allows_it():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert compute_dtype("32") == "tf32" and compute_dtype("bf16") == "bf16"
+        torch.set_float32_matmul_precision("highest")
+        assert compute_dtype("32") == "fp32"
+    finally:
+        torch.set_float32_matmul_precision(before)
