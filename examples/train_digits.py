@@ -4,8 +4,9 @@
     python examples/train_digits.py --epochs 5 --precision bf16 --batch-size 32
     tensorboard --logdir runs                        # the curves, while it trains or after
 
-Re-running the same command resumes from the newest good checkpoint in --checkpoint-dir (pass --fresh
-to start over), exactly where the last run stopped, even if it was killed mid-epoch.
+Re-running the same command resumes from the newest good checkpoint in --checkpoint-dir, exactly where the
+last run stopped, even if it was killed mid-epoch; --fresh starts over (resume="restart": it deletes the
+checkpoints fitkit wrote there, nothing else).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-dir", default="runs/digits")
     parser.add_argument("--checkpoint-dir", default="checkpoints/digits")
-    parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+    parser.add_argument(
+        "--fresh", action="store_true", help="start over: delete the checkpoints fitkit wrote in --checkpoint-dir"
+    )
     parser.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
     args = parser.parse_args(argv)
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> float:
         validation_split=0.2,
         batch_size=args.batch_size,
         epochs=args.epochs,
-        resume=None if args.fresh else "auto",
+        resume="restart" if args.fresh else "auto",
     )
     elapsed = time.perf_counter() - start
     # EarlyStopping restored the best epoch's weights: report the validation accuracy they reach.

@@ -389,16 +389,10 @@ def check_callbacks(callbacks: Sequence[Any] | None) -> list[Callback]:
     return checked
 
 
-def check_metric_names(metrics: list[Metric], loss: Any = None, model: nn.Module | None = None) -> list[Metric]:
-    """Unique names other than ``loss``; given the Trainer's loss and model, what ``"accuracy"`` means
-    (``_checks.fit_metrics_to_loss``)."""
+def check_metric_names(metrics: list[Metric]) -> list[Metric]:
     names = [m.name for m in metrics]
     if len(set(names)) != len(names) or "loss" in names:
         raise ValueError(f"metric names must be unique and not 'loss', got {names}; pass name= to tell them apart")
-    if model is not None:
-        from fitkit._checks import fit_metrics_to_loss
-
-        fit_metrics_to_loss(metrics, loss, model)
     return metrics
 
 
@@ -518,8 +512,8 @@ def metric_list(metrics: Any, name: str = "metrics") -> list[Any]:
 
 
 def check_resume(resume: Any) -> str | Any | None:
-    """``fit(resume=...)``: None (or False) starts fresh, ``"auto"`` or a path resumes; True and other
-    types are a ``TypeError`` that names the two forms."""
+    """``fit(resume=...)``: None (or False) starts fresh, ``"auto"`` or a path resumes, ``"restart"`` starts over
+    (deleting the checkpoints fitkit vouched for); True and other types are a ``TypeError`` that names the forms."""
     if resume is None or resume is False:
         return None
     if isinstance(resume, str) and not resume.strip():
@@ -531,7 +525,7 @@ def check_resume(resume: Any) -> str | Any | None:
         )
     if not isinstance(resume, (str, bytes)) and not hasattr(resume, "__fspath__"):
         raise TypeError(
-            f"resume must be None, 'auto' or a checkpoint path (str or pathlib.Path), got {type(resume).__name__} "
+            f"resume must be None, 'auto', 'restart' or a checkpoint path (str or pathlib.Path), got {type(resume).__name__} "
             f"{resume!r}"
         )
     return resume

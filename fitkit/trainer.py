@@ -32,6 +32,7 @@ from fitkit._loaders import data_signature
 from fitkit._precision import Precision
 from fitkit._run import FitRun, MetricSet, Run, plan_fit
 from fitkit._steps import Steps
+from fitkit.callbacks import _files
 from fitkit.callbacks.base import Callback
 from fitkit.callbacks.history import History
 from fitkit.callbacks.progress import ProgressBar
@@ -177,7 +178,7 @@ class Trainer(Steps):
         )
         train_metrics = [get_metric(m) for m in _arguments.metric_list(metrics)]
         weighted = [get_metric(m) for m in _arguments.metric_list(weighted_metrics, "weighted_metrics")]
-        _arguments.check_metric_names(train_metrics + weighted, self.loss, self.model)
+        _arguments.check_metric_names(train_metrics + weighted)
         self._train_set = MetricSet(train_metrics, weighted)
         self._val_set = MetricSet(copy.deepcopy(train_metrics), copy.deepcopy(weighted))
         self._modules = self._forward_modules()
@@ -416,8 +417,9 @@ class Trainer(Steps):
             shuffle: shuffle in-memory training data every epoch (DataLoaders keep their own sampler).
             validation_split: fraction of in-memory training data held out for validation, taken from
                 the end before shuffling (as in Keras).
-            resume: a checkpoint path to continue from exactly, or ``"auto"`` for the newest good
-                checkpoint of this trainer's checkpoint callbacks (none found: start from scratch).
+            resume: a checkpoint path to continue from exactly, ``"auto"`` for the newest good checkpoint of this
+                trainer's checkpoint callbacks (none found: start from scratch), or ``"restart"`` to start over after
+                deleting the files of those callbacks that fitkit vouched for (nothing else; see Checkpoints).
             sample_weight: per-sample weights ``(N,)`` for in-memory training data (Keras): the loss of a
                 batch is the batch mean of ``weight * per-sample loss``.
             class_weight: ``{class_index: weight}`` (Keras): each training sample's loss is weighted by its
@@ -833,7 +835,9 @@ class Trainer(Steps):
 
     def _resume(self, resume: str | Path | None) -> None:
         """Loads the checkpoint ``fit(resume=...)`` names, or the one a `ResumeSource` callback
-        offers; every rank loads the file rank 0 chose."""
+        offers; every rank loads the file rank 0 chose. ``"restart"``: each checkpoint callback starts over."""
+        if str(resume) == "restart":
+            return _files.start_over(self, self._run.callbacks.callbacks)
         if resume is None:  # a BackupAndRestore callback resumes the same script after a crash
             sources = [cb for cb in self._run.callbacks.callbacks if isinstance(cb, ResumeSource)]
             resume = next((p for cb in sources for p in [cb.resume_path()] if p is not None), None)

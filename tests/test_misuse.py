@@ -296,7 +296,7 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
         "resume=1",
         lambda: _fit(resume=1),
         TypeError,
-        r"resume must be None, 'auto' or a checkpoint path \(str or pathlib\.Path\), got int 1",
+        r"resume must be None, 'auto', 'restart' or a checkpoint path \(str or pathlib\.Path\), got int 1",
     ),
     ("resume=''", lambda: _fit(resume=""), ValueError, r"resume='' names no checkpoint: pass None to start fresh"),
     (
@@ -734,20 +734,19 @@ class _Batches(fitkit.Callback):
         self.count += 1
 
 
-def test_fit_twice_is_refused_before_training_and_continuing_works(tmp_path: Path) -> None:
+def test_fit_twice_continues_training_and_rewrites_its_own_files(tmp_path: Path) -> None:
+    """Issue 19's re-run policy: a second fit of one trainer (Keras users call fit twice) is not refused: the
+    files this trainer wrote are its own, and its epochs' names are written again."""
     batches = _Batches()
     trainer = _trainer(callbacks=[batches, ModelCheckpoint(tmp_path / "e{epoch}.pt", monitor=None, save_last=True)])
     trainer.fit(DL, epochs=2)
     before, done = (tmp_path / "e1.pt").read_bytes(), batches.count
-    with pytest.raises(
-        ValueError, match=r"e1\.pt exists and was not written by this run; refusing to overwrite it.*initial_epoch="
-    ):
-        trainer.fit(DL, epochs=2)
-    assert batches.count == done  # refused before its first batch: no work lost
-    assert (tmp_path / "e1.pt").read_bytes() == before
+    trainer.fit(DL, epochs=2)
+    assert batches.count == 2 * done
+    assert (tmp_path / "e1.pt").read_bytes() != before
     trainer.fit(DL, epochs=4, initial_epoch=2)  # continuing the numbering (last.pt: the newest state, replaced)
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["e1.pt", "e2.pt", "e3.pt", "e4.pt", "last.pt"]
-    assert checkpoint.load(tmp_path / "last.pt")["trainer"]["global_step"] == 20
+    assert checkpoint.load(tmp_path / "last.pt")["trainer"]["global_step"] == 30
 
 
 def test_fit_twice_with_step_names_continues_without_clash(tmp_path: Path) -> None:

@@ -131,15 +131,75 @@ def test_a_fresh_fit_never_overwrites_another_runs_checkpoints(tmp_path: Path) -
     assert (tmp_path / "e1.pt").read_bytes() == before
 
 
-def test_fit_twice_with_one_trainer_never_overwrites_the_first_calls_files(tmp_path: Path) -> None:
+def test_fit_twice_with_one_trainer_rewrites_its_own_files_as_keras_does(tmp_path: Path) -> None:
+    """Issue 19's re-run policy: the files this trainer wrote are its own; a second fit continues training (as
+    Keras's does) and writes its epochs' names again."""
     trainer, train, val = build(callbacks=[ModelCheckpoint(tmp_path / "e{epoch}.pt", monitor=None)])
     trainer.fit(train, val, epochs=2)
     before = (tmp_path / "e1.pt").read_bytes()
-    with pytest.raises(ValueError, match=r"e1\.pt exists and was not written by this run.*initial_epoch="):
-        trainer.fit(train, val, epochs=2)
-    assert (tmp_path / "e1.pt").read_bytes() == before
-    trainer.fit(train, val, epochs=4, initial_epoch=2)  # continuing the numbering is fine
+    trainer.fit(train, val, epochs=2)
+    assert (tmp_path / "e1.pt").read_bytes() != before  # the second fit's epoch 1, verified by its manifest
+    assert checkpoint.verify(tmp_path / "e1.pt")["global_step"] == 3 * 6
+    trainer.fit(train, val, epochs=4, initial_epoch=2)  # continuing the numbering is fine too
     assert [n for n in _pt(tmp_path) if n != "crash.pt"] == ["e1.pt", "e2.pt", "e3.pt", "e4.pt"]
+
+
+def test_a_rerun_over_weights_only_files_is_told_to_restart_and_restart_deletes_only_vouched_files(
+    tmp_path: Path,
+) -> None:
+    def script(resume: Any) -> fitkit.Trainer:
+        callback = ModelCheckpoint(tmp_path / "ckpt" / "w{epoch}.pt", monitor=None, save_weights_only=True)
+        trainer, train, val = build(callbacks=[callback])
+        trainer.fit(train, val, epochs=1, resume=resume)
+        return trainer
+
+    script(None)
+    (tmp_path / "ckpt" / "notes.txt").write_text("mine")  # not a checkpoint: never touched
+    with pytest.raises(ValueError, match=r"this fit did not write .*weights only, so no run can resume from them.*"
+                       r"resume='restart'") as refused:  # fmt: skip
+        script(None)
+    assert "resume='auto'" not in str(refused.value)  # the advice that raised the same error again
+    script("restart")  # deletes the files fitkit vouched for, then starts over
+    assert (tmp_path / "ckpt" / "notes.txt").read_text() == "mine"
+    assert checkpoint.verify(tmp_path / "ckpt" / "w1.pt")["kind"] == "weights"
+
+
+def test_restart_refuses_a_folder_holding_a_checkpoint_no_manifest_vouches_for_and_deletes_nothing(
+    tmp_path: Path,
+) -> None:
+    _two_epochs(tmp_path / "ckpt")
+    stranger = tmp_path / "ckpt" / "e7.pt"
+    stranger.write_bytes(b"another run's file")
+    trainer, train, val = build(callbacks=[ModelCheckpoint(tmp_path / "ckpt" / "e{epoch}.pt", monitor=None)])
+    with pytest.raises(ValueError, match=r"already holds 1 checkpoint file\(s\) this fit did not write .*e7\.pt"):
+        trainer.fit(train, val, epochs=2, resume="restart")
+    assert stranger.read_bytes() == b"another run's file"
+    assert _pt(tmp_path / "ckpt") == ["e1.pt", "e2.pt", "e7.pt"]  # nothing deleted: checked before
+
+
+def test_the_main_example_fresh_starts_over_where_a_rerun_resumes(tmp_path: Path, capsys: Any) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_digits", Path(__file__).parents[1] / "examples/train_digits.py"
+    )
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    argv = [
+        "--epochs",
+        "1",
+        "--verbose",
+        "0",
+        "--checkpoint-dir",
+        str(tmp_path / "c"),
+        "--log-dir",
+        str(tmp_path / "r"),
+    ]
+    example.main(argv)
+    example.main([*argv, "--fresh"])
+    assert "trained 1 epoch(s)" in capsys.readouterr().out
+    assert checkpoint.verify(tmp_path / "c" / "last.pt")["global_step"] > 0
 
 
 # -- 4. two writers, one folder -----------------------------------------------------------------

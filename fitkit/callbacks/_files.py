@@ -221,6 +221,14 @@ def release_run_lock(folder: str | Path) -> None:
         os.close(entry[0])  # closing the descriptor releases the lock
 
 
+def start_over(trainer: TrainerLike, callbacks: Sequence[Any]) -> None:
+    """``fit(resume="restart")``: each callback with a ``start_over`` method (ModelCheckpoint, BackupAndRestore)
+    deletes, on rank 0, the files of its folder that fitkit vouched for; an error is raised on every rank."""
+    for callback in callbacks:
+        if callable(getattr(callback, "start_over", None)):
+            checked_on_rank_zero(trainer, callback.start_over)
+
+
 def checked_on_rank_zero(trainer: TrainerLike, check: Callable[[], None]) -> None:
     """Runs ``check`` (a look at files that rank 0 alone writes) on rank 0 only, and raises its error on every
     rank: a rank that raised alone would leave the others waiting in their next collective, and a rank that

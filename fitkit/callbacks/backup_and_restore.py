@@ -10,7 +10,7 @@ from fitkit._warn import user_stacklevel
 from fitkit.callbacks._files import acquire_run_lock, check_writable, checked_on_rank_zero, release_run_lock
 from fitkit.callbacks.base import Callback, Logs
 from fitkit.callbacks.model_checkpoint import weights_are_finite
-from fitkit.checkpoint import newest_good, read_manifest, remove_checkpoint
+from fitkit.checkpoint import CheckpointError, newest_good, read_manifest, remove_checkpoint, verify
 from fitkit.signals import TrainingInterrupted
 
 
@@ -54,6 +54,20 @@ class BackupAndRestore(Callback):
     def resume_path(self) -> Path | None:
         """The backup to resume from, or None (none yet, or it cannot be trusted: reported)."""
         return newest_good([self.checkpoint_dir], "BackupAndRestore: ignoring a bad backup")
+
+    def start_over(self) -> None:
+        """``fit(resume="restart")``: deletes the backup, when its folder's manifest vouches for it (a file
+        fitkit cannot vouch for is an error, never deleted)."""
+        if not (self.path.exists() or self.path.is_symlink()):
+            return
+        try:
+            verify(self.path)
+        except CheckpointError as exc:
+            raise ValueError(
+                f"BackupAndRestore: resume='restart' deletes only backups fitkit vouched for, and {self.path} is not "
+                f"one ({exc}). Move it away, or give this run another backup_dir"
+            ) from None
+        remove_checkpoint(self.path)
 
     def on_train_begin(self, logs: Logs | None = None) -> None:
         checked_on_rank_zero(self.trainer, self._claim_folder)  # a file or a read-only folder: now, not at the save

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import string
@@ -17,7 +18,7 @@ from fitkit._warn import user_stacklevel
 from fitkit.callbacks import _files
 from fitkit.callbacks.base import Logs
 from fitkit.callbacks.monitor import MonitorCallback, check_key_can_exist
-from fitkit.checkpoint import atomic_save, read_manifest, remove_checkpoint
+from fitkit.checkpoint import CheckpointError, atomic_save, read_manifest, remove_checkpoint, verify
 from fitkit.data import move_to_device
 from fitkit.signals import TrainingInterrupted
 
@@ -112,7 +113,6 @@ class ModelCheckpoint(MonitorCallback):
         self.last_saved: Path | None = None
         # Files this callback wrote (this instance, any fit) and top-k removals a kill may have interrupted.
         self._written: set[str] = set()
-        self._written_this_fit: set[str] = set()  # a name may be rewritten within one fit (best.pt, last.pt)
         self._pending_removal: list[str] = []
         self._folder_checked = False
 
@@ -134,7 +134,6 @@ class ModelCheckpoint(MonitorCallback):
         self.reset_monitor()
         self._batches_since_save = 0
         self._folder_checked = False
-        self._written_this_fit = set()
         self._trained = False  # a failure before this fit's first batch leaves no crash.pt (nothing to inspect)
         _files.checked_on_rank_zero(self.trainer, self._claim_folder)  # a file or a read-only folder: now
         for field in self._fields:  # a typo in the template is an error now, not at the first save
@@ -334,7 +333,13 @@ class ModelCheckpoint(MonitorCallback):
             read_manifest(self.checkpoint_dir, strict=True)  # an unreadable manifest: an error now, not at the save
         if self._continues_here() or not self.checkpoint_dir.is_dir():
             return
-        self._check_rewrites()
+        found = [path for path in self._matching_files() if not self._same_run(path)]
+        if found:
+            raise self._refusal(found)
+
+    def _matching_files(self) -> list[Path]:
+        """The files (and sharded directories) in the folder this callback could write: its template's names
+        and ``last.pt``, except those this callback wrote (its own: a second ``fit`` writes them again)."""
         pattern = _files.template_regex(_files.absolute_template(self.filepath))
         ours = self._written | {item[2] for item in self.kept}
         found = []
@@ -343,16 +348,49 @@ class ModelCheckpoint(MonitorCallback):
             if not (path.is_file() or path.is_dir()) or path.name.startswith(".") or str(path) in ours:
                 continue
             last = self.save_last and path.parent == self.checkpoint_dir and path.name == "last.pt"
-            if (last or pattern.fullmatch(str(path.resolve()))) and not self._same_run(path):
+            if last or pattern.fullmatch(str(path.resolve())):
                 found.append(path)
-        if found:
-            shown = ", ".join(str(f) for f in found[:5]) + (" ..." if len(found) > 5 else "")
-            raise ValueError(
-                f"ModelCheckpoint({self.filepath!r}): {self.checkpoint_dir} already holds {len(found)} checkpoint "
-                f"file(s) this fit did not write ({shown}); writing here would overwrite or mix with them. Pass "
-                "resume='auto' (or a checkpoint path in this folder) to continue that run, or write to another "
-                "folder, or move those files away to start over."
+        return found
+
+    def _refusal(self, found: list[Path]) -> ValueError:
+        shown = ", ".join(str(f) for f in found[:5]) + (" ..." if len(found) > 5 else "")
+        if all(_kind(path) not in ("full", None) for path in found):
+            advice = (
+                "They hold weights only, so no run can resume from them: pass resume='restart' to start over (it "
+                "deletes the checkpoints fitkit vouched for in this folder, nothing else)"
             )
+        else:
+            advice = (
+                "Pass resume='auto' (or a checkpoint path in this folder) to continue that run, resume='restart' "
+                "to start over (it deletes the checkpoints fitkit vouched for in this folder, nothing else)"
+            )
+        return ValueError(
+            f"ModelCheckpoint({self.filepath!r}): {self.checkpoint_dir} already holds {len(found)} checkpoint "
+            f"file(s) this fit did not write ({shown}); writing here would overwrite or mix with them. {advice}, "
+            "or write to another folder, or move those files away."
+        )
+
+    def start_over(self) -> None:
+        """``fit(resume="restart")``: deletes the files of this callback's folder that it could write and that the
+        folder's manifest vouches for (size and SHA-256), so the run starts over; any such file fitkit cannot
+        vouch for (another job's, a copy) is an error before anything is deleted."""
+        if not self.checkpoint_dir.is_dir():
+            return
+        read_manifest(self.checkpoint_dir, strict=True)
+        found, strangers = self._matching_files(), []
+        for path in found:
+            try:
+                verify(path)
+            except CheckpointError:
+                strangers.append(path)
+        if strangers:
+            raise self._refusal(strangers)
+        crash = self.checkpoint_dir / "crash.pt"
+        for path in found + ([crash] if crash.exists() and crash not in found else []):
+            with contextlib.suppress(CheckpointError):
+                verify(path)  # crash.pt: deleted only when vouched for
+                remove_checkpoint(path)
+        self.kept, self._written, self._pending_removal = [], set(), []
 
     def _same_run(self, path: Path) -> bool:
         """True when this fit resumed a run and that run wrote ``path`` (its manifest record carries the
@@ -364,42 +402,14 @@ class ModelCheckpoint(MonitorCallback):
         entry = read_manifest(path.parent)["files"].get(path.name)
         return entry is not None and any(record.get("run") == run for record in entry.get("versions", [])[:1])
 
-    def _check_rewrites(self) -> None:
-        """A second ``fit`` of this callback would render names the first one wrote (the epochs restart at
-        ``initial_epoch``): refused before training, when the template's names depend on the epoch and step
-        only (a name with a logged value may or may not come again; the write itself checks it then)."""
-        fields = set(self._fields)
-        if fields - {"epoch", "step", "batch"}:
-            return
-        state = self.trainer.state
-        planned = self.trainer.epochs_planned
-        template = _files.absolute_template(self.filepath)
-        for name in sorted(self._written):
-            path = Path(name)
-            values = _files.template_values(template, path.resolve()) if path.exists() else None
-            if values is None or (path.name == "last.pt" and path.parent == self.checkpoint_dir):
-                continue
-            epoch = int(values["epoch"]) - 1 if "epoch" in values else None
-            if "step" in values and int(values["step"]) <= state.global_step:
-                continue  # steps only grow: this name cannot come again
-            if epoch is not None and (epoch < state.epoch or (planned is not None and epoch >= planned)):
-                continue
-            self._check_overwrite(path)
-
     def _check_overwrite(self, path: Path) -> None:
-        if self.save_last and path == self.checkpoint_dir / "last.pt" and str(path) in self._written:
-            return  # last.pt is the newest state of this callback's runs: every save replaces it
-        if (
-            path.exists()
-            and str(path) not in self._written_this_fit
-            and not self._continues_here()
-            and not self._same_run(path)
-        ):
+        """A file at a name this callback is about to write that it did not write itself (in any fit) and that
+        no resumed run of it wrote: another job's, appeared after the fit's start-up checks."""
+        if path.exists() and str(path) not in self._written and not self._continues_here() and not self._same_run(path):
             raise ValueError(
-                f"ModelCheckpoint: {path} exists and was not written by this run; refusing to overwrite it. "
-                "Calling fit again with the same trainer renders the same names from epoch 1: pass "
-                "initial_epoch= to continue the numbering, resume='auto' to continue from the checkpoint, "
-                "or another filepath."
+                f"ModelCheckpoint: {path} exists and was not written by this run; refusing to overwrite it. It "
+                f"appeared after this fit started (another job writing into {self.checkpoint_dir}?): give each run "
+                "its own folder, or move the file away."
             )
 
     def _check_writes(self, path: Path) -> None:
@@ -462,7 +472,6 @@ class ModelCheckpoint(MonitorCallback):
         else:
             trainer.save_checkpoint(path)
         self._written.add(str(path))
-        self._written_this_fit.add(str(path))
         if self.save_last and path.name != "last.pt":
             self._save_last()
 
@@ -470,7 +479,6 @@ class ModelCheckpoint(MonitorCallback):
         last = self.checkpoint_dir / "last.pt"
         self.trainer.save_checkpoint(last)
         self._written.add(str(last))
-        self._written_this_fit.add(str(last))
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -511,11 +519,17 @@ class ModelCheckpoint(MonitorCallback):
         if state.get("wrote_last") and self.save_last and last.name in read_manifest(self.checkpoint_dir)["files"]:
             ours.add(str(last))
         self._written |= ours
-        self._written_this_fit |= ours
         self._pending_removal = [
             str(n) for n in state.get("pending_removal", []) if _files.inside(self.checkpoint_dir, n)
         ]
         self._batches_since_save = int(state["batches_since_save"])
+
+
+def _kind(path: Path) -> str | None:
+    """The kind (``"full"``, ``"weights"``, ...) its folder's manifest records for ``path``; None if unlisted."""
+    entry = read_manifest(path.parent)["files"].get(path.name)
+    versions = entry.get("versions", []) if entry else []
+    return versions[0].get("kind", "full") if versions else None
 
 
 __all__ = ["ModelCheckpoint", "static_folder", "weights_are_finite"]
