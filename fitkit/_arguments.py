@@ -389,10 +389,16 @@ def check_callbacks(callbacks: Sequence[Any] | None) -> list[Callback]:
     return checked
 
 
-def check_metric_names(metrics: list[Metric]) -> list[Metric]:
+def check_metric_names(metrics: list[Metric], loss: Any = None, model: nn.Module | None = None) -> list[Metric]:
+    """Unique names other than ``loss``; given the Trainer's loss and model, what ``"accuracy"`` means
+    (``_checks.fit_metrics_to_loss``)."""
     names = [m.name for m in metrics]
     if len(set(names)) != len(names) or "loss" in names:
         raise ValueError(f"metric names must be unique and not 'loss', got {names}; pass name= to tell them apart")
+    if model is not None:
+        from fitkit._checks import fit_metrics_to_loss
+
+        fit_metrics_to_loss(metrics, loss, model)
     return metrics
 
 

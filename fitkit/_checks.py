@@ -102,9 +102,68 @@ def _check_class_targets(loss_fn: Any, name: str, outputs: torch.Tensor, targets
     valid = targets[targets != ignore]
     if valid.numel() == 0:
         return
-    low, high = (int(v) for v in torch.stack([valid.min(), valid.max()]).tolist())  # the one deliberate read
+    read = [valid.min(), valid.max()]
+    if outputs.ndim == 2 and num_classes > 1:  # softmax outputs: rows of non-negative values summing to 1
+        rows = outputs.detach().float()
+        read.append(((rows >= 0).all() & ((rows.sum(dim=1) - 1).abs() <= 1e-4).all()).long())
+    low, high, *probabilities = (int(v) for v in torch.stack(read).tolist())  # the one deliberate read
     if low < 0 or high >= num_classes:
         raise ValueError(_label_message(name, low if low < 0 else high, num_classes))
+    if probabilities and probabilities[0]:
+        raise ValueError(_probabilities_message(loss_fn, name, "look like probabilities (each row sums to 1)"))
+
+
+def _probabilities_message(loss_fn: Any, name: str, seen: str) -> str:
+    if isinstance(loss_fn, nn.NLLLoss) and not isinstance(loss_fn, nn.CrossEntropyLoss):
+        return (
+            f"the model's outputs {seen}, but {name} expects log-probabilities: end the model with "
+            "nn.LogSoftmax(dim=1) instead, or drop the softmax and use loss='cross_entropy' on the logits"
+        )
+    return (
+        f"the model's outputs {seen}, but {name} ('cross_entropy', 'categorical_crossentropy' and "
+        "'sparse_categorical_crossentropy' alike) expects logits and applies log_softmax itself, unlike Keras's "
+        "losses, which take probabilities by default: remove the final Softmax (predict probabilities with "
+        "torch.softmax(trainer.predict(x), dim=1))"
+    )
+
+
+#: Losses of continuous targets: no classes to count, so no accuracy.
+REGRESSION_LOSSES = (nn.MSELoss, nn.L1Loss, nn.HuberLoss, nn.SmoothL1Loss)
+
+
+def _last_layer(model: nn.Module) -> nn.Module:
+    """The layer that makes a Sequential model's outputs (its last, through nested Sequentials); else the
+    model itself (the order of a custom module's layers says nothing about its forward)."""
+    while isinstance(model, nn.Sequential) and len(model):
+        model = model[-1]
+    return model
+
+
+def fit_metrics_to_loss(metrics: list[Any], loss_fn: Any, model: nn.Module) -> None:
+    """Decides what ``"accuracy"`` means from the loss and the model's last layer, as Keras's ``compile``
+    does: a threshold of 0.5 on probabilities (``BCELoss``, or a model ending in ``Sigmoid``), 0 on logits.
+    Refuses, when the Trainer is built, an accuracy without an explicit threshold on a regression loss and a
+    cross-entropy loss on a model that ends in ``Softmax`` (both silently wrong numbers)."""
+    from fitkit.metrics import Accuracy
+
+    last = _last_layer(model)
+    if isinstance(loss_fn, CLASSIFICATION_LOSSES) and isinstance(last, nn.Softmax):
+        name = _loss_name(loss_fn)
+        raise ValueError(_probabilities_message(loss_fn, name, "are probabilities (the model ends in Softmax)"))
+    probabilities = isinstance(loss_fn, nn.BCELoss) or loss_fn is torch.nn.functional.binary_cross_entropy
+    if not isinstance(loss_fn, nn.BCEWithLogitsLoss) and isinstance(last, nn.Sigmoid):
+        probabilities = True
+    for metric in metrics:
+        if not isinstance(metric, Accuracy) or metric.threshold is not None:
+            continue
+        if isinstance(loss_fn, REGRESSION_LOSSES):
+            raise ValueError(
+                f"metric {metric.name!r} (accuracy) with the loss {_loss_name(loss_fn)}: accuracy counts right "
+                "classes, and a regression model has none (it would log a meaningless ~0.5). Use a regression "
+                "metric: def mae(outputs, targets): return (outputs - targets).abs().mean(), then metrics=[mae]; "
+                "or, for 0/1 targets fitted by least squares, say the cut: Accuracy(threshold=0.5)"
+            )
+        metric.threshold = 0.5 if probabilities else 0.0
 
 
 def check_class_weight(class_weight: torch.Tensor, outputs: Any) -> None:
@@ -267,6 +326,8 @@ def explain_forward_error(exc: BaseException, model: nn.Module, inputs: Any) -> 
 __all__ = [
     "CLASSIFICATION_LOSSES",
     "ELEMENTWISE_LOSSES",
+    "REGRESSION_LOSSES",
+    "fit_metrics_to_loss",
     "check_loss_inputs",
     "check_class_weight",
     "explain_loss_error",

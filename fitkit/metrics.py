@@ -204,13 +204,14 @@ class Accuracy(Metric):
 
     Outputs of shape ``(N, C)`` with integer targets ``(N,)`` or ``(N, 1)`` (or one-hot/probability
     targets ``(N, C)``);
-    outputs of shape ``(N,)`` or ``(N, 1)`` are binary logits compared with ``threshold`` (0 for logits).
+    outputs of shape ``(N,)`` or ``(N, 1)`` are binary, compared with ``threshold``.
 
     Args:
         top_k: a sample counts as right when its target is among its ``top_k`` highest outputs (an int >= 1,
             default 1); for ``top_k > 1`` the default name is ``"top<k>_accuracy"``.
-        threshold: for binary outputs, the value above which a sample is predicted positive (default 0.0, for
-            logits; use 0.5 for probabilities).
+        threshold: for binary outputs, the value above which a sample is predicted positive. None (the
+            default): the Trainer decides from its loss, as Keras's ``compile`` does: 0.5 for probabilities
+            (``BCELoss``, or a model ending in ``Sigmoid``), else 0.0 (logits); it refuses a regression loss.
         name: the key in the logs (default ``"accuracy"``).
         output: which of the model's outputs to read when it returns a tuple, list or dict (an index or a
             key); None: the outputs as they are.
@@ -219,7 +220,7 @@ class Accuracy(Metric):
     higher_is_better = True
 
     def __init__(
-        self, top_k: int = 1, threshold: float = 0.0, name: str | None = None, output: int | str | None = None
+        self, top_k: int = 1, threshold: float | None = None, name: str | None = None, output: int | str | None = None
     ) -> None:
         check_int(top_k, "top_k", 1)
         super().__init__(name or ("accuracy" if top_k == 1 else f"top{top_k}_accuracy"), output=output)
@@ -254,7 +255,7 @@ class Accuracy(Metric):
                 f"and {type(targets).__name__}"
             )
         if outputs.ndim == 1 or (outputs.ndim == 2 and outputs.shape[1] == 1):
-            predicted = outputs.reshape(-1) > self.threshold
+            predicted = outputs.reshape(-1) > (0.0 if self.threshold is None else self.threshold)
             return predicted == (targets.reshape(-1) > 0.5)
         if targets.ndim == outputs.ndim and targets.shape[-1] == 1:  # (N, 1) class indices, as Keras allows
             targets = targets.squeeze(-1)

@@ -178,7 +178,7 @@ class Trainer(Steps):
         )
         train_metrics = [get_metric(m) for m in _arguments.metric_list(metrics)]
         weighted = [get_metric(m) for m in _arguments.metric_list(weighted_metrics, "weighted_metrics")]
-        _arguments.check_metric_names(train_metrics + weighted)
+        _arguments.check_metric_names(train_metrics + weighted, self.loss, self.model)
         self._train_set = MetricSet(train_metrics, weighted)
         self._val_set = MetricSet(copy.deepcopy(train_metrics), copy.deepcopy(weighted))
         self._modules = self._forward_modules()

@@ -81,3 +81,71 @@ def test_save_last_is_the_newest_state_also_when_the_epoch_is_not_kept(
     last = checkpoint.load(tmp_path / "last.pt")
     assert last["trainer"]["epoch"] == 5 and last["trainer"]["global_step"] == trainer.global_step
     assert torch.equal(last["model"]["0.weight"], trainer.model.state_dict()["0.weight"])
+
+
+def _binary_data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 2, generator=g)
+    return x, (x[:, 0] > 0).float().unsqueeze(1)
+
+
+def _perfect_sigmoid_model() -> torch.nn.Module:
+    """Sigmoid(20 * x0): a perfect classifier of _binary_data, its outputs probabilities."""
+    linear = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[20.0, 0.0]]))
+        linear.bias.zero_()
+    return torch.nn.Sequential(linear, torch.nn.Sigmoid())
+
+
+def test_accuracy_of_a_sigmoid_bce_model_thresholds_its_probabilities_at_one_half() -> None:
+    x, y = _binary_data()
+    model = _perfect_sigmoid_model()
+    trainer = fitkit.Trainer(model, "sgd", torch.nn.BCELoss(), metrics=["accuracy"], verbose=0, device="cpu")
+    assert trainer.evaluate((x, y), batch_size=16)["accuracy"] == 1.0
+    # The same model's logits with BCEWithLogitsLoss: thresholded at 0, also perfect.
+    logits = model[0]
+    trainer = fitkit.Trainer(logits, "sgd", "bce_with_logits", metrics=["accuracy"], verbose=0, device="cpu")
+    assert trainer.evaluate((x, y), batch_size=16)["accuracy"] == 1.0
+    # A custom loss: the model's final Sigmoid says its outputs are probabilities.
+    trainer = fitkit.Trainer(
+        model, "sgd", torch.nn.functional.binary_cross_entropy, metrics=["accuracy"], verbose=0, device="cpu"
+    )
+    assert trainer.evaluate((x, y), batch_size=16)["accuracy"] == 1.0
+
+
+def test_an_explicit_threshold_is_kept() -> None:
+    metric = fitkit.metrics.Accuracy(threshold=0.9)
+    fitkit.Trainer(_perfect_sigmoid_model(), "sgd", torch.nn.BCELoss(), metrics=[metric], verbose=0, device="cpu")
+    assert metric.threshold == 0.9
+
+
+def test_accuracy_with_a_regression_loss_is_refused_with_the_fix() -> None:
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match=r"accuracy.*MSELoss.*regression.*metrics=\[mae\]"):
+        fitkit.Trainer(model, "sgd", "mse", metrics=["accuracy"], verbose=0, device="cpu")
+    # Said explicitly (0/1 targets fitted by least squares), it is the user's choice.
+    fitkit.Trainer(model, "sgd", "mse", metrics=[fitkit.metrics.Accuracy(threshold=0.5)], verbose=0, device="cpu")
+
+
+def test_keras_crossentropy_names_on_a_softmax_model_are_refused_with_the_fix() -> None:
+    """Keras's "sparse_categorical_crossentropy" takes probabilities; fitkit's (torch's) takes logits."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softmax(dim=1))
+    for name in ("sparse_categorical_crossentropy", "categorical_crossentropy", "cross_entropy"):
+        with pytest.raises(ValueError, match=r"ends in Softmax.*logits.*remove the final Softmax"):
+            fitkit.Trainer(model, "sgd", name, verbose=0, device="cpu")
+
+
+def test_cross_entropy_on_probabilities_from_forward_is_refused_at_the_first_batch() -> None:
+    class SoftmaxInForward(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.fc(x), dim=1)
+
+    x, y = make_classification(32)
+    trainer = fitkit.Trainer(SoftmaxInForward(), "sgd", "sparse_categorical_crossentropy", verbose=0, device="cpu")
+    with pytest.raises(ValueError, match=r"probabilities.*each row sums to 1.*logits"):
+        trainer.fit((x, y), epochs=1, batch_size=16)
