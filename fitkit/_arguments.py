@@ -340,8 +340,18 @@ def validation_schedule(validation_freq: int | Sequence[int]) -> Callable[[int],
     raise ValueError(f"validation_freq must be an int >= 1 or a list of 1-based epochs, got {validation_freq!r}")
 
 
-def check_accumulate_grad_batches(value: Any) -> int:
-    return check_int(value, "accumulate_grad_batches", 1, "batches per optimizer step")
+def check_accumulate_grad_batches(value: Any) -> tuple[int, dict[int, int]]:
+    """The group size of epoch 0 and the schedule by epoch, ``{first epoch: batches per step}`` sorted by epoch
+    (empty for an int), from an int >= 1 or such a mapping (before its first epoch: 1)."""
+    if not isinstance(value, Mapping):
+        return check_int(value, "accumulate_grad_batches", 1, "batches per optimizer step, or a schedule by epoch"), {}
+    if not value or not all(_is_int_from(epoch, 0) and _is_int_from(k, 1) for epoch, k in value.items()):
+        raise ValueError(
+            "accumulate_grad_batches as a schedule must map first epochs (ints >= 0) to batches per optimizer "
+            f"step (ints >= 1), such as {{0: 8, 4: 4}}, got {value!r}"
+        )
+    schedule = dict(sorted(value.items()))
+    return schedule.get(0, 1), schedule
 
 
 def check_verbose(verbose: Any) -> int:

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from fitkit import _arguments, _compat, _pipeline, _reshard, checkpoint, distributed, rng, strategies
+from fitkit import _arguments, _compat, _pipeline, _reshard, checkpoint, distributed, memory, rng, strategies
 from fitkit._callback_list import CallbackList, HookTimer
 from fitkit._devices import resolve_device
 from fitkit._loaders import data_signature
@@ -66,7 +66,7 @@ class _Modules(NamedTuple):
     eval: nn.Module
 
 
-class Trainer(Steps):
+class Trainer(Steps, memory.BatchSizeSearch):
     """Trains a ``torch.nn.Module`` with Keras's ``fit`` / ``evaluate`` / ``predict``.
 
     Args:
@@ -94,8 +94,8 @@ class Trainer(Steps):
             autocast with a GradScaler; CUDA and MPS).
         grad_clip_norm: clip the global gradient norm to this value (after unscaling); None: off.
         grad_clip_value: clip each gradient element to ``[-value, value]`` (after unscaling); None: off.
-        accumulate_grad_batches: batches whose gradients are summed before each optimizer step; the update
-            equals one step on a batch that many times larger (sample-weighted, also for a shorter last group).
+        accumulate_grad_batches: batches summed into each optimizer step (equal to one step on a batch that many
+            times larger, sample-weighted), or a schedule by epoch, ``{0: 8, 4: 4}`` (1 before its first key).
         verbose: 0 silent, 1 a progress bar (a line per epoch off a terminal), 2 a line per epoch.
         compile: wrap the model's forward with ``torch.compile`` (checkpoints keep the plain module's keys).
         channels_last: use the channels-last memory format for the model and 4-D inputs (under FSDP, for
@@ -114,6 +114,8 @@ class Trainer(Steps):
             (default collate, no workers) by indexing its tensors with the loader's own sampler indices, instead of
             collating samples one by one: the same batches and random draws, bit for bit, at in-memory
             speed. False: always iterate the DataLoader itself.
+        activation_checkpointing: recompute the activations of ``True``: the blocks FSDP's policy picks, a list of
+            block classes (names), or a function ``module -> bool``, in backward (see `fitkit.memory`); bit-identical.
     """
 
     def __init__(
@@ -129,7 +131,7 @@ class Trainer(Steps):
         precision: str | int = "32",
         grad_clip_norm: float | None = None,
         grad_clip_value: float | None = None,
-        accumulate_grad_batches: int = 1,
+        accumulate_grad_batches: int | Mapping[int, int] = 1,
         verbose: int = 1,
         compile: bool = False,
         channels_last: bool = False,
@@ -138,16 +140,15 @@ class Trainer(Steps):
         handle_signals: bool = True,
         process_group_timeout: float = 1800.0,
         fast_tensor_batches: bool = True,
+        activation_checkpointing: Any = False,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.device = resolve_device(device)
         self.precision = _arguments.resolve_precision(precision, self.device)
         self.grad_clip_norm = _arguments.positive_or_none(grad_clip_norm, "grad_clip_norm")
         self.grad_clip_value = _arguments.positive_or_none(grad_clip_value, "grad_clip_value")
-        self.accumulate_grad_batches = _arguments.check_accumulate_grad_batches(accumulate_grad_batches)
+        self.accumulate_grad_batches, schedule = _arguments.check_accumulate_grad_batches(accumulate_grad_batches)
         self.verbose = _arguments.check_verbose(verbose)
         self.debug_sync = _arguments.check_debug_sync(debug_sync)
         _arguments.check_flags(
@@ -174,20 +175,21 @@ class Trainer(Steps):
         _arguments.check_optimizers_hold_model(self.optimizers, self.model, self.loss)
         self._closure_optimizers = [name for name, opt in self.optimizers.items() if _arguments.needs_closure(opt)]
         _arguments.check_step_setup(
-            self.optimizers, self._closure_optimizers, self.precision, self.accumulate_grad_batches
-        )
+            self.optimizers, self._closure_optimizers, self.precision, max([self.accumulate_grad_batches, *schedule.values()])
+        )  # fmt: skip
         train_metrics = [get_metric(m) for m in _arguments.metric_list(metrics)]
         weighted = [get_metric(m) for m in _arguments.metric_list(weighted_metrics, "weighted_metrics")]
         _arguments.check_metric_names(train_metrics + weighted, self.loss, self.model)
         self._train_set = MetricSet(train_metrics, weighted)
         self._val_set = MetricSet(copy.deepcopy(train_metrics), copy.deepcopy(weighted))
+        memory.checkpoint_blocks(self.model, activation_checkpointing)  # before DDP/FSDP wrap the model
         self._modules = self._forward_modules()
         self._amp = Precision(self.precision, self.device)
 
         # Progress and resumable state (Trainer.state_dict gathers each part).
         self.state = TrainerState()
         self.history = History()
-        self._accumulation = GradientAccumulation()
+        self._accumulation = GradientAccumulation(schedule=schedule)
         self._epoch_rng: dict[str, Any] | None = None  # the generators before this epoch's iter(loader)
         self._trainable_params: dict[str, list[torch.Tensor]] = {}  # backward(optimizer=name)'s inputs
         self._signals = SignalGuard(self._on_signal, enabled=handle_signals)
@@ -618,6 +620,7 @@ class Trainer(Steps):
         included. Per-call state needs no restoring: it lives in the run the side fit made."""
         optimizers = list(self.optimizers.values())
         kept = (self.callbacks, self.verbose, self._hooks_timed, self._run, self.history, self._epoch_rng)
+        k = self.accumulate_grad_batches  # a schedule by epoch sets it in the side run
         saved: dict[str, Any] = copy.deepcopy(
             {
                 "model": self.model.state_dict(),
@@ -637,6 +640,7 @@ class Trainer(Steps):
             yield
         finally:
             self.callbacks, self.verbose, self._hooks_timed, self._run, self.history, self._epoch_rng = kept
+            self.accumulate_grad_batches = k
             self.model.load_state_dict(saved["model"])
             for param, grad in zip(self.model.parameters(), saved["grads"]):
                 param.grad = grad
