@@ -36,7 +36,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from fitkit import _compat, rng
+from fitkit import _compat, rng, slurm
 from fitkit._warn import user_stacklevel
 from fitkit.data import InMemoryLoader, rebuild_loader
 
@@ -70,6 +70,10 @@ class DistInfo:
 
 
 def _launched() -> bool:
+    """Launched as one of several processes: by torchrun (WORLD_SIZE), by srun (`fitkit.slurm`), or into a
+    process group the user initialised."""
+    if "RANK" not in os.environ and slurm.launch_environment() is not None:
+        return True
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
         dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     )
@@ -80,7 +84,8 @@ def setup(strategy: str, device: torch.device, timeout_s: float) -> DistInfo:
 
     Args:
         strategy: the strategy's name (`fitkit.strategies.resolve`): ``"auto"`` (distributed when launched
-            with WORLD_SIZE > 1 or when the user initialised a process group of several ranks), ``"ddp"``,
+            with WORLD_SIZE > 1, by srun with several tasks, or when the user initialised a process group of
+            several ranks), ``"ddp"``,
             ``"fsdp"`` or ``"none"``.
         device: the device the Trainer resolved; a CUDA device is replaced by ``cuda:LOCAL_RANK``.
         timeout_s: seconds a collective waits before failing, for the groups fitkit creates.
@@ -109,16 +114,7 @@ def setup(strategy: str, device: torch.device, timeout_s: float) -> DistInfo:
         torch.cuda.set_device(chosen_device)
     created = False
     if not dist.is_initialized():
-        missing = [var for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if var not in os.environ]
-        if missing:
-            raise RuntimeError(
-                f"strategy={strategy!r} needs a launcher: {', '.join(missing)} missing from the "
-                "environment. Run the script with torchrun (torchrun --nproc_per_node=2 train.py), "
-                "call torch.distributed.init_process_group first, or use strategy='auto'/'none' "
-                "to train in one process"
-            )
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timeout, device_id=chosen_device if backend == "nccl" else None)
+        _init_process_group(strategy, device, chosen_device, timeout)
         created = True
         atexit.register(_teardown)
     backend = dist.get_backend()
@@ -141,11 +137,72 @@ def setup(strategy: str, device: torch.device, timeout_s: float) -> DistInfo:
         backend=backend,
         created_group=created,
         control_group=control,
-        failure_key=f"fitkit/failure/{next(_setups)}",
+        failure_key=f"fitkit/failure/{restart_count()}/{next(_setups)}",  # a restarted group's own keys
     )
     if world_size > 1:
         info.reduce = _SumOverRanks(info)
     return info
+
+
+def restart_count() -> int:
+    """How many times torchrun restarted this job's workers (``TORCHELASTIC_RESTART_COUNT``; 0 without it)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _init_process_group(
+    strategy: str, device: torch.device, chosen_device: torch.device | None, timeout: datetime.timedelta
+) -> None:
+    """Creates the default process group from the launcher's environment: torchrun's variables, else
+    srun's (`fitkit.slurm.launch_environment`, set into ``os.environ`` as torchrun would have)."""
+    if "RANK" not in os.environ and (from_slurm := slurm.launch_environment()) is not None:
+        os.environ.update(from_slurm)
+    missing = [var for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if var not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"strategy={strategy!r} needs a launcher: {', '.join(missing)} missing from the "
+            "environment. Run the script with torchrun (torchrun --nproc_per_node=2 train.py) or srun, "
+            "call torch.distributed.init_process_group first, or use strategy='auto'/'none' "
+            "to train in one process"
+        )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend,
+        timeout=timeout,
+        device_id=chosen_device if backend == "nccl" else None,
+        **_elastic_store(timeout),
+    )
+
+
+def _elastic_store(timeout: datetime.timedelta) -> dict[str, Any]:
+    """Under torchrun's restarts, the keyword arguments that give this attempt's group keys of its own.
+
+    By default torchrun's workers build their group in the agent's TCP store, which outlives them: the
+    workers of a restart would read the addresses the dead workers left there and hang or get "Connection
+    refused" (pytorch/pytorch#135712). Prefixing every key by the restart count keeps each attempt's keys
+    apart. One agent only: with several, an agent whose own workers did not fail restarts them without
+    counting a restart, so the counts differ between nodes; there a warning says to give every agent
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a fresh store per rendezvous). Empty (torch's own
+    ``env://`` rendezvous) outside torchrun or with a store of the group's own.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            warnings.warn(
+                "torchrun --max-restarts on several nodes shares the rendezvous store between attempts: "
+                "restarted workers may read the dead workers' addresses and hang (pytorch/pytorch#135712). "
+                "Set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every node's environment",
+                stacklevel=user_stacklevel(),
+            )
+        return {}
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    return {
+        "store": dist.PrefixStore(f"fitkit/attempt{restart_count()}", agent_store),
+        "rank": int(os.environ["RANK"]),
+        "world_size": int(os.environ["WORLD_SIZE"]),
+    }
 
 
 def _teardown() -> None:
@@ -281,19 +338,17 @@ class StopVote:
         self._value: torch.Tensor | None = None
         self._work: Any = None
 
-    def start(self, flag: bool | int) -> None:
-        """Votes ``flag``: 0 go on, or a stop code (the largest over the ranks wins)."""
+    def start(self, flag: bool) -> None:
         self._value = torch.tensor([int(flag)])
         self._work = _run(dist.all_reduce, [self._value], self.info, op=dist.ReduceOp.MAX)
 
-    def stop_now(self) -> int:
-        """The last started vote's result: the largest code voted (non-zero when any rank voted to stop); 0 when
-        none is pending."""
+    def stop_now(self) -> bool:
+        """The last started vote's result (True when any rank voted to stop); False when none is pending."""
         if self._work is None or self._value is None:
-            return 0
+            return False
         work, self._work = self._work, None
         work.wait()
-        return int(self._value.item())
+        return bool(self._value.item())
 
 
 def any_signal(signum: int | None, info: DistInfo) -> int | None:

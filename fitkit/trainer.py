@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from fitkit import _arguments, _compat, _pipeline, _reshard, checkpoint, distributed, memory, rng, strategies
+from fitkit import _arguments, _compat, _pipeline, _reshard, checkpoint, distributed, memory, rng, slurm, strategies
 from fitkit._callback_list import CallbackList, HookTimer
 from fitkit._devices import resolve_device
 from fitkit._loaders import data_signature
@@ -109,6 +109,9 @@ class Trainer(Steps, memory.BatchSizeSearch):
             check) are not flagged; mark your own with [allow_sync][fitkit.Trainer.allow_sync]. No effect on other devices.
         handle_signals: on SIGINT/SIGTERM, stop at the next batch boundary, let checkpoint callbacks save,
             then exit with the conventional status (KeyboardInterrupt / exit code 143).
+        requeue_signal: the signal on which to stop as for SIGTERM, save, run ``scontrol requeue $SLURM_JOB_ID``
+            (global rank 0) and exit with status 0 (`fitkit.slurm`); ``"auto"``: SIGUSR1 inside a SLURM job
+            (``sbatch --signal=USR1@90``), None outside one; None: off.
         process_group_timeout: seconds a collective waits before failing, when fitkit starts the process group.
         fast_tensor_batches: cut the batches of a training or validation ``DataLoader(TensorDataset(...))``
             (default collate, no workers) by indexing its tensors with the loader's own sampler indices, instead of
@@ -138,6 +141,7 @@ class Trainer(Steps, memory.BatchSizeSearch):
         strategy: str | DDPStrategy | FSDPStrategy = "auto",
         debug_sync: bool | str = False,
         handle_signals: bool = True,
+        requeue_signal: int | str | None = "auto",
         process_group_timeout: float = 1800.0,
         fast_tensor_batches: bool = True,
         activation_checkpointing: Any = False,
@@ -192,7 +196,7 @@ class Trainer(Steps, memory.BatchSizeSearch):
         self._accumulation = GradientAccumulation(schedule=schedule)
         self._epoch_rng: dict[str, Any] | None = None  # the generators before this epoch's iter(loader)
         self._trainable_params: dict[str, list[torch.Tensor]] = {}  # backward(optimizer=name)'s inputs
-        self._signals = SignalGuard(self._on_signal, enabled=handle_signals)
+        self._signals = SignalGuard(self._on_signal, handle_signals, slurm.resolve_requeue_signal(requeue_signal))
         self._hooks_timed = False  # set once a HookTimer has measured this trainer's per-batch hooks
         # The current (or last) call's state: fit, evaluate or predict (see _run.py). None has run yet.
         self._run = Run(self, CallbackList([], self))
@@ -500,6 +504,8 @@ class Trainer(Steps, memory.BatchSizeSearch):
         peer_failure = None if together else distributed.on_failure(exc, self.dist)
         self._run.callbacks.fire("on_exception", exc)
         if isinstance(exc, TrainingInterrupted):
+            if exc.requeue and self.is_global_zero:  # after on_exception: the checkpoints are saved
+                slurm.requeue()
             return exc.exit_exception()
         return peer_failure if peer_failure is not None else exc
 

@@ -4,8 +4,8 @@ agents, with restarts) and a stand-in srun; it never looks at how it was launche
     python tests/cluster_job.py --out OUT --epochs 4 [--resume auto] [--kill-at-step K] [--signal-at-step K]
 
 Checkpoints go to ``./ckpt`` in the working folder (each torchrun agent runs in its own folder, as on
-separate nodes). Global rank 0 writes the final weights to ``OUT/weights.pt`` and the step count to
-``OUT/steps.txt``. 96 samples in batches of 32 over all ranks (32 // world size per rank); one process
+separate nodes). Global rank 0 writes the final weights to ``OUT/weights.pt`` and, to ``OUT/steps.txt``, the
+step count, fit's seconds, the world size, torchrun's restart count and whether the fit resumed. 96 samples in batches of 32 over all ranks (32 // world size per rank); one process
 draws the order a DistributedSampler(seed=0) draws, so that every launch trains the same updates.
 """
 
@@ -55,7 +55,7 @@ class SelfSignal(Callback):
 
     def on_batch_end(self, batch: int, logs: dict | None = None) -> None:  # type: ignore[type-arg]
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and not Path("requeued").exists()
-        if first_attempt and self.trainer.global_rank == self.rank and self.trainer.global_step == self.step:
+        if first_attempt and self.trainer.dist.rank == self.rank and self.trainer.global_step == self.step:
             if self.signum == signal.SIGKILL:
                 time.sleep(0.2)  # let the backup of this batch land first; the kill is still mid-epoch
             os.kill(os.getpid(), self.signum)
@@ -104,7 +104,11 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, out / "weights.pt")
-        (out / "steps.txt").write_text(f"{trainer.global_step} {seconds:.4f} {trainer.world_size}\n")
+        restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "-")
+        resumed = "resumed" if trainer.resumed_from is not None else "fresh"
+        (out / "steps.txt").write_text(
+            f"{trainer.global_step} {seconds:.4f} {trainer.world_size} {restarts} {resumed}\n"
+        )
 
 
 if __name__ == "__main__":
