@@ -127,6 +127,43 @@ def _probabilities_message(loss_fn: Any, name: str, seen: str) -> str:
     )
 
 
+class UncountedStepProbe:
+    """Finds a custom ``train_step`` that calls ``optimizer.step()`` itself, which fitkit does not count
+    (``global_step`` stays put): a step post hook on each optimizer until the first batch's check, then none
+    (nothing on later batches)."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], global_step: int) -> None:
+        self.fired, self.start = 0, global_step
+        self.handles = [optimizer.register_step_post_hook(self._fired) for optimizer in optimizers.values()]
+
+    def _fired(self, *args: Any) -> None:
+        self.fired += 1
+
+    def check(self, global_step: int, step_features: dict[str, Any]) -> None:
+        """After a batch: refuses the features that count steps, else warns (once: the hooks are removed)."""
+        for handle in self.handles:
+            handle.remove()
+        if not self.fired or global_step != self.start:
+            return
+        fix = (
+            "call self.optimizer_step() instead of self.optimizer.step() (it unscales, clips, steps, zeroes the "
+            "gradients and counts the step)"
+        )
+        used = [name for name, value in step_features.items() if value is not None]
+        if used:
+            raise ValueError(
+                f"{used[0]}= counts optimizer steps (global_step), but this Trainer's train_step calls "
+                f"optimizer.step() itself, which fitkit does not count (global_step stays {global_step}), so "
+                f"{used[0]} would never be reached: {fix}"
+            )
+        warnings.warn(
+            f"this Trainer's train_step calls optimizer.step() itself, which fitkit does not count: global_step "
+            f"stays {global_step}, so step-based LR schedules, ModelCheckpoint's {{step}} and the loggers' step "
+            f"axis do not move; {fix}",
+            stacklevel=user_stacklevel(),
+        )
+
+
 #: Losses of continuous targets: no classes to count, so no accuracy.
 REGRESSION_LOSSES = (nn.MSELoss, nn.L1Loss, nn.HuberLoss, nn.SmoothL1Loss)
 
@@ -327,6 +364,7 @@ __all__ = [
     "CLASSIFICATION_LOSSES",
     "ELEMENTWISE_LOSSES",
     "REGRESSION_LOSSES",
+    "UncountedStepProbe",
     "fit_metrics_to_loss",
     "check_loss_inputs",
     "check_class_weight",

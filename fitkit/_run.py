@@ -39,6 +39,7 @@ from fitkit._callback_list import CallbackList
 from fitkit._loaders import concat_outputs, num_batches, split_in_memory, take_rows
 from fitkit._loop_times import CALLBACKS, DATA, STEP, LoopTimes
 from fitkit._precision import NO_CONTEXT
+from fitkit._steps import Steps
 from fitkit._tracker import EpochTracker
 from fitkit._warn import user_stacklevel
 from fitkit.callbacks.base import MID_EPOCH_HOOKS, may_stop_mid_epoch
@@ -280,6 +281,7 @@ class FitRun(Run):
         # Where the last step-level validation ran, (epoch, batch_in_epoch): the epoch's validation reuses its
         # logs only when no batch has trained since (global_step alone misses a step that never counts).
         self.step_validated_at: tuple[int, int] | None = None
+        self.step_probe: _checks.UncountedStepProbe | None = None  # a custom train_step, until its first batch
         # The loop's laps (ThroughputMonitor's time breakdown): only when a callback asks; else None, and the
         # loop's `if clock is not None` checks are all it costs.
         wanted = any(cb.wants_loop_times for cb in callbacks.callbacks)
@@ -299,6 +301,8 @@ class FitRun(Run):
             return  # resumed at the step budget: nothing to train (fit warned)
         if state.batch_in_epoch > 0 and self.validated_before_resume():
             self.step_validated_at = (state.epoch, state.batch_in_epoch)
+        if type(trainer).train_step is not Steps.train_step:
+            self.step_probe = _checks.UncountedStepProbe(trainer.optimizers, state.global_step)
         for epoch in epochs:
             state.epoch = epoch
             if trainer._accumulation.schedule:  # accumulate_grad_batches by epoch: this epoch's group size
@@ -400,6 +404,15 @@ class FitRun(Run):
             clock.lap(STEP)  # the last group's step and the read of the epoch's sums
         return logs
 
+    def check_step_probe(self) -> None:
+        """The first batch of a custom ``train_step``: did it step an optimizer that fitkit did not count?"""
+        probe, self.step_probe, plan = self.step_probe, None, self.plan
+        assert probe is not None and plan is not None
+        probe.check(
+            self.trainer.state.global_step,
+            {"max_steps": plan.max_steps, "validate_every_n_steps": plan.step_validation},
+        )
+
     def budget_on(self) -> bool:
         return self.budget.max_steps is not None or self.budget.max_time is not None
 
@@ -429,6 +442,8 @@ class FitRun(Run):
             self.finish_iteration()
         if batch_idx == 0:
             _arguments.check_step_logs(step_logs)
+            if self.step_probe is not None:
+                self.check_step_probe()
         trainer._train_set.tracker.add(step_logs, feed.n)
         state.batch_in_epoch = batch_idx + 1
         if clock is not None:

@@ -41,6 +41,7 @@ class CountValidations(Callback):
         self.ends.append(logs["val_loss"])
 
 
+@pytest.mark.filterwarnings("ignore:this Trainer.s train_step calls optimizer.step")
 def test_custom_step_that_steps_its_optimizer_itself_gets_every_epoch_validated() -> None:
     x, y = make_classification(48)
     model = torch.nn.Linear(4, 3)
@@ -149,3 +150,23 @@ def test_cross_entropy_on_probabilities_from_forward_is_refused_at_the_first_bat
     trainer = fitkit.Trainer(SoftmaxInForward(), "sgd", "sparse_categorical_crossentropy", verbose=0, device="cpu")
     with pytest.raises(ValueError, match=r"probabilities.*each row sums to 1.*logits"):
         trainer.fit((x, y), epochs=1, batch_size=16)
+
+
+def test_a_custom_step_that_steps_its_optimizer_itself_is_named_once() -> None:
+    x, y = make_classification(48)
+    model = torch.nn.Linear(4, 3)
+    trainer = StepsItsOwnOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), "cross_entropy", verbose=0)
+    with pytest.warns(UserWarning, match=r"optimizer.step\(\) itself.*global_step.*self.optimizer_step\(\)") as seen:
+        trainer.fit((x, y), epochs=2, batch_size=16)
+    assert len([w for w in seen if "optimizer.step() itself" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("option", [{"max_steps": 4}, {"validate_every_n_steps": 2}])
+def test_step_counting_features_refuse_a_step_that_is_not_counted(option: dict[str, int]) -> None:
+    x, y = make_classification(48)
+    model = torch.nn.Linear(4, 3)
+    trainer = StepsItsOwnOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), "cross_entropy", verbose=0)
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=rf"{name}.*counts optimizer steps.*self.optimizer_step\(\)"):
+        trainer.fit((x, y), (x, y), epochs=2, batch_size=16, **option)
+    assert trainer.global_step == 0
