@@ -178,3 +178,50 @@ def test_rank_zero_only_and_no_per_batch_hook_without_step_logging():
     assert MLflowLogger.rank_zero_only is True
     assert "on_batch_end" not in vars(MLflowLogger())
     assert "on_batch_end" in vars(MLflowLogger(log_every_n_steps=5))
+
+
+class _CountBatches(Callback):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_batch_end(self, batch, logs=None):
+        self.count += 1
+
+
+@pytest.mark.parametrize(
+    "uri, match",
+    [
+        ("bogus://nowhere", r"cannot use the MLflow tracking store 'bogus://nowhere' .*checked before training"),
+        (
+            "http://127.0.0.1:9",
+            r"cannot use the MLflow tracking store 'http://127\.0\.0\.1:9' .*checked before training",
+        ),
+    ],
+    ids=["bogus-uri", "unreachable-server"],
+)
+def test_an_unusable_tracking_store_fails_before_the_first_batch_within_seconds(uri, match):
+    import time
+
+    x, y = make_classification(n=16)
+    batches = _CountBatches()
+    trainer = make_trainer(callbacks=[batches, MLflowLogger("e", tracking_uri=uri)])
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=match):
+        trainer.fit((x, y), epochs=2, batch_size=8)
+    assert batches.count == 0
+    assert time.perf_counter() - start < 30  # MLflow's own HTTP retries take minutes
+
+
+@pytest.mark.slow  # a real sqlite store: creating its tables takes seconds
+def test_resuming_a_run_missing_from_the_store_fails_before_the_first_batch(store, request, tmp_path):
+    x, y = make_classification(n=16)
+    first_logger = MLflowLogger(request.node.name, tracking_uri=store)
+    first = make_trainer(callbacks=[first_logger])
+    first.fit((x, y), epochs=1, batch_size=8)
+    first.save_checkpoint(tmp_path / "ckpt.pt")
+    other_store = f"sqlite:///{tmp_path / 'other.db'}"  # the run was logged elsewhere
+    batches = _CountBatches()
+    resumed = make_trainer(callbacks=[batches, MLflowLogger(request.node.name, tracking_uri=other_store)])
+    with pytest.raises(RuntimeError, match=rf"continues the MLflow run {first_logger.run_id}, which .* does not hold"):
+        resumed.fit((x, y), epochs=3, batch_size=8, resume=tmp_path / "ckpt.pt")
+    assert batches.count == 0

@@ -105,3 +105,16 @@ def test_under_ddp_rank_zero_decides_for_every_rank(tmp_path):
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["pruned"] == ranks[1]["pruned"] and ranks[0]["pruned"].startswith("trial pruned at epoch 1")
     assert ranks[0]["epoch"] == ranks[1]["epoch"]
+
+
+def test_a_finished_trial_is_refused_before_the_first_batch():
+    x, y = make_classification(n=16, seed=1)
+    study = optuna.create_study()
+    trial = study.ask()
+    study.tell(trial, 0.5)  # the objective already returned: a re-used trial
+    batches = []
+    trainer = make_trainer(callbacks=[OptunaPruning(trial), Callback()])
+    trainer.callbacks[1].on_batch_end = lambda batch, logs=None: batches.append(batch)
+    with pytest.raises(ValueError, match=r"OptunaPruning: trial 0 is already finished \(COMPLETE\).*checked before"):
+        trainer.fit((x, y), (x, y), epochs=1, batch_size=8)
+    assert batches == []

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +15,9 @@ from fitkit.callbacks.logger import ExperimentLogger
 from fitkit.callbacks.model_checkpoint import ModelCheckpoint
 
 _INSTALL = 'pip install "fitkit[mlflow]"'
+#: Seconds the store may take to answer the check before training (MLflow retries for minutes by default).
+CHECK_TIMEOUT_S = 10
+_BOUNDED = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(CHECK_TIMEOUT_S)}
 
 
 def _mlflow_client_class() -> type:
@@ -135,6 +139,31 @@ class MLflowLogger(ExperimentLogger):
     # -- writing (ExperimentLogger) -------------------------------------------------------------
     def start_run(self) -> None:
         self._active = False
+        self._unusable = False
+        self._checked(lambda: self.client.search_experiments(max_results=1))
+
+    def _checked(self, request: Any) -> Any:
+        """``request()`` (a call to the store) before training, bounded: no HTTP retries and a
+        `CHECK_TIMEOUT_S` timeout, instead of MLflow's minutes of retries; a failure is a RuntimeError that
+        names the store, and the run is not touched again at the fit's end."""
+        saved = {key: os.environ.get(key) for key in _BOUNDED}
+        os.environ.update(_BOUNDED)
+        try:
+            return request()
+        except Exception as exc:
+            self._unusable = True
+            raise RuntimeError(
+                f"MLflowLogger cannot use the MLflow tracking store {self.tracking_uri!r} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); checked before training "
+                f"(within {CHECK_TIMEOUT_S} s), so nothing was trained. Start the tracking server, or fix tracking_uri "
+                "(e.g. 'sqlite:///mlflow.db', 'http://host:5000'), or leave the logger out"
+            ) from None
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self._log_metrics(metrics, epoch)
@@ -143,6 +172,8 @@ class MLflowLogger(ExperimentLogger):
         self._log_metrics({f"step/{k}": v for k, v in metrics.items()}, step)
 
     def end_run(self, status: str) -> None:
+        if getattr(self, "_unusable", False):  # the store failed its check before training: nothing to end
+            return
         run_id = self._run()  # a fit that failed before its first epoch still leaves a FAILED run
         if self.log_checkpoints:  # also after a failure: the files kept are good ones (crash.pt is not kept)
             for path in self._checkpoint_files():
@@ -174,6 +205,23 @@ class MLflowLogger(ExperimentLogger):
         self.run_id = state["run_id"]
         self._params_logged = bool(state["params_logged"])
         self._active = False
+        if self.run_id is not None:  # the resumed run must be in this store: checked now, before training
+            self._check_run(self.run_id)
+
+    def _check_run(self, run_id: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._checked(lambda: self.client.get_run(run_id))
+        except RuntimeError as exc:
+            cause = exc.__context__
+            if isinstance(cause, MlflowException) and "RESOURCE_DOES_NOT_EXIST" in str(cause.error_code):
+                raise RuntimeError(
+                    f"MLflowLogger: the checkpoint continues the MLflow run {run_id}, which the tracking store "
+                    f"{self.tracking_uri!r} does not hold; checked before training. Resume with the tracking_uri "
+                    "that run was logged to"
+                ) from None
+            raise
 
 
 __all__ = ["MLflowLogger"]

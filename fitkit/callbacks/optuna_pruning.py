@@ -69,6 +69,22 @@ class OptunaPruning(Callback):
             raise ValueError("OptunaPruning(trial=None) on rank 0: rank 0 reports to the trial; pass the trial")
         self._by_steps = self.trainer.validate_every_n_steps is not None
         self._pruned = None
+        if self.trial is not None and self.trainer.is_global_zero:
+            self._check_running()
+
+    def _check_running(self) -> None:
+        """A finished trial (its objective returned, it was pruned or failed) refuses reports: an error now,
+        before training, instead of at the first validation."""
+        study, number = getattr(self.trial, "study", None), getattr(self.trial, "number", None)
+        if study is None or number is None:  # not an optuna.trial.Trial (a test double): nothing to ask
+            return
+        state = next((t.state for t in study.get_trials(deepcopy=False) if t.number == number), None)
+        if state is not None and state.is_finished():
+            raise ValueError(
+                f"OptunaPruning: trial {number} is already finished ({state.name}); checked before training. Create "
+                "the callback inside the objective with the trial it receives (each call gets a new one), or ask "
+                "the study for a new trial (study.ask())"
+            )
 
     def on_train_end(self, logs: Logs | None = None) -> None:
         pruned, self._pruned = self._pruned, None
