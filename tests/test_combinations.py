@@ -4,17 +4,19 @@ used together gave a silently wrong number, against an invariant (validation is 
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from helpers import make_classification
-from resume_utils import build
+from resume_utils import assert_same_state, build, final_state
 
 import fitkit
 from fitkit import Callback, checkpoint
-from fitkit.callbacks import ModelCheckpoint
+from fitkit.callbacks import EMA, ModelCheckpoint
 
 
 class StepsItsOwnOptimizer(fitkit.Trainer):
@@ -170,3 +172,43 @@ def test_step_counting_features_refuse_a_step_that_is_not_counted(option: dict[s
     with pytest.raises(ValueError, match=rf"{name}.*counts optimizer steps.*self.optimizer_step\(\)"):
         trainer.fit((x, y), (x, y), epochs=2, batch_size=16, **option)
     assert trainer.global_step == 0
+
+
+class SigtermInValidation(Callback):
+    """SIGTERM to this process during the given epoch's validation."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_validation_batch_end(self, batch: int, logs: Any = None) -> None:
+        if self.trainer.state.epoch == self.epoch and batch == 0 and not getattr(self, "sent", False):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("order", ["checkpoint_first", "ema_first"])
+def test_sigterm_during_ema_validation_saves_the_trained_weights_and_resumes_exactly(
+    tmp_path: Path, order: str
+) -> None:
+    def callbacks(folder: Path) -> list[Any]:
+        ckpt = ModelCheckpoint(folder / "e{epoch}.pt", monitor=None, save_last=True)
+        ema = EMA(decay=0.5)
+        return [ckpt, ema] if order == "checkpoint_first" else [ema, ckpt]
+
+    reference, train, val = build(callbacks=callbacks(tmp_path / "a"))
+    reference.fit(train, val, epochs=3)
+    trainer, train, val = build(callbacks=[*callbacks(tmp_path / "b"), SigtermInValidation(1)])
+    with pytest.raises((fitkit.TrainingInterrupted, SystemExit)):
+        trainer.fit(train, val, epochs=3)
+    saved = checkpoint.load(tmp_path / "b" / "last.pt")
+    # The trained weights, not the averages: in the file when EMA's on_exception ran first, else in EMA's state
+    # (ModelCheckpoint wrote during the swap), which puts them back into the model on load.
+    trained = saved["model"] if order == "ema_first" else None
+    if trained is None:
+        names = [name for name, _ in trainer.model.named_parameters()]  # the model has no buffers
+        trained = dict(zip(names, saved["callbacks"]["EMA"]["trained"]))
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(trained[key], value), key
+    resumed, train, val = build(callbacks=callbacks(tmp_path / "b"))
+    resumed.fit(train, val, epochs=3, resume="auto")
+    assert_same_state(final_state(resumed), final_state(reference))

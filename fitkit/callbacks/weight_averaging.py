@@ -138,6 +138,7 @@ class _WeightAveraging(Callback):
 
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True
+        self._swap_out()  # a validation it ended (SIGTERM): checkpoints written after this hold the trained weights
 
     def on_train_end(self, logs: Logs | None = None) -> None:
         self._swap_out()  # a validation that an exception ended
@@ -152,9 +153,13 @@ class _WeightAveraging(Callback):
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The averages; written during a validation that swapped them in (a checkpoint callback's
+        ``on_exception`` that ran before this one's), also the trained weights, which the model holds again
+        when the checkpoint is loaded."""
         return {
             "averaged": None if self.averaged is None else [t.detach().cpu().clone() for t in self.averaged],
             "n_averaged": self.n_averaged,
+            "trained": None if self._backup is None else [t.detach().cpu().clone() for t in self._backup],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -170,6 +175,10 @@ class _WeightAveraging(Callback):
                 f"({len(averaged)} tensors saved, the model has {len(tensors)}); resume with the same architecture"
             )
         self.averaged = [a.to(device=t.device, dtype=t.dtype) for a, t in zip(averaged, tensors)]
+        if state.get("trained") is not None:  # saved while the averages were swapped in: the trained weights
+            with torch.no_grad():
+                for t, trained in zip(tensors, state["trained"]):
+                    t.copy_(trained)
 
 
 class EMA(_WeightAveraging):
