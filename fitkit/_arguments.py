@@ -6,11 +6,12 @@ Each ``resolve_*`` takes what a user passed (a name, an object) and returns what
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -352,6 +353,52 @@ def check_accumulate_grad_batches(value: Any) -> tuple[int, dict[int, int]]:
         )
     schedule = dict(sorted(value.items()))
     return schedule.get(0, 1), schedule
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) or (hasattr(value, "__array__") and hasattr(value, "shape"))
+
+
+def keras_fit_data(train_data: Any, val_data: Any, y: Any, validation_data: Any) -> tuple[Any, Any]:
+    """``fit``'s training and validation data from Keras's keywords: ``fit(x, y=y)`` is ``fit((x, y))``,
+    ``validation_data`` is ``val_data``; Keras's positional ``fit(x, y)``, which fitkit would read as
+    ``fit(train_data, val_data)``, is a ``TypeError`` that shows both forms."""
+    if validation_data is not None:
+        if val_data is not None:
+            raise TypeError(
+                "fit() got both val_data and validation_data (Keras's name): they are the same argument; pass one"
+            )
+        val_data = validation_data
+    elif _is_array(train_data) and _is_array(val_data) and len(val_data) == len(train_data):
+        raise TypeError(
+            "fit(x, y) with arrays: fitkit reads the second argument as validation data, fit(train_data, "
+            "val_data), and this one is as long as x (its targets?). Pass the training data as one tuple, "
+            "fit((x, y), epochs=...), or y by keyword as in Keras, fit(x, y=y, epochs=...); a validation set "
+            "without targets goes in validation_data=x_val"
+        )
+    if y is None:
+        return train_data, val_data
+    if not _is_array(train_data):
+        raise TypeError(
+            f"fit(x, y=...) takes x as an array or tensor (Keras's form), got {type(train_data).__name__}; a "
+            "DataLoader or a tuple already holds its targets: leave y out"
+        )
+    return (train_data, y), val_data
+
+
+@contextlib.contextmanager
+def for_this_call(trainer: Any, callbacks: Sequence[Any] | None, verbose: Any) -> Iterator[None]:
+    """``fit(callbacks=..., verbose=...)`` as in Keras: the callbacks are added after the trainer's (checked as
+    the Trainer checks its own) and the verbosity replaces the trainer's, for this call only."""
+    kept = trainer.callbacks, trainer.verbose
+    if callbacks is not None:
+        trainer.callbacks = check_callbacks([*trainer.callbacks, *check_callbacks(callbacks)])
+    if verbose is not None:
+        trainer.verbose = check_verbose(verbose)
+    try:
+        yield
+    finally:
+        trainer.callbacks, trainer.verbose = kept
 
 
 def check_verbose(verbose: Any) -> int:

@@ -403,6 +403,10 @@ class Trainer(Steps, memory.BatchSizeSearch):
         validation_steps: int | None = None,
         max_steps: int | None = None,
         max_time: float | datetime.timedelta | None = None,
+        y: Any = None,
+        validation_data: Any = None,
+        callbacks: Sequence[Callback] | None = None,
+        verbose: int | None = None,
     ) -> History:
         """Trains for ``epochs`` epochs (counted from 0, so ``epochs`` is the index to stop before).
 
@@ -438,22 +442,23 @@ class Trainer(Steps, memory.BatchSizeSearch):
             max_steps: stop once ``trainer.global_step`` reaches this many optimizer steps.
             max_time: stop at the first batch boundary after this much training time (seconds or a
                 ``datetime.timedelta``; wall time in ``fit``'s loop, summed across resumes).
+            y: Keras's form for in-memory data, ``fit(x, y=y)`` is ``fit((x, y))``; ``validation_data`` is ``val_data``.
+            callbacks: more callbacks for this call only, after the trainer's; ``verbose`` is this call's verbosity.
 
         Returns:
             the [History][fitkit.History] of this call.
         """
         resume = _arguments.check_resume(resume)
-        self._run = run = self._prepare_fit(
-            train_data, val_data, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-            validation_freq=validation_freq, batch_size=batch_size, shuffle=shuffle,
-            validation_split=validation_split, sample_weight=sample_weight, class_weight=class_weight,
-            drop_last=drop_last, validate_every_n_steps=validate_every_n_steps, validation_steps=validation_steps,
-            max_steps=max_steps, max_time=max_time,
-        )  # fmt: skip
-        if self.verbose and self.is_global_zero:
-            print(self.summary(), flush=True)  # from the modules' parameters: no forward pass
-        with self._signals:
-            self._fit(run, resume)
+        train_data, val_data = _arguments.keras_fit_data(train_data, val_data, y, validation_data)
+        with _arguments.for_this_call(self, callbacks, verbose):
+            self._run = run = self._prepare_fit(
+                train_data, val_data, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
+                validation_freq=validation_freq, batch_size=batch_size, shuffle=shuffle, max_time=max_time,
+                validation_split=validation_split, sample_weight=sample_weight, class_weight=class_weight,
+                drop_last=drop_last, validate_every_n_steps=validate_every_n_steps, validation_steps=validation_steps,
+                max_steps=max_steps)  # fmt: skip
+            with self._signals:
+                self._fit(run, resume)
         return self.history
 
     def _fit(self, run: FitRun, resume: str | Path | None) -> None:
@@ -476,10 +481,12 @@ class Trainer(Steps, memory.BatchSizeSearch):
         """Checks fit's arguments, builds the loaders and this fit's callbacks, and resets the per-fit parts
         of the state; runs no hook."""
         plan = plan_fit(self, train_data, val_data, **arguments_)
+        if self.verbose and self.is_global_zero:
+            print(self.summary(), flush=True)  # from the modules' parameters: no forward pass
         self.history = History()
         extra: list[Callback] = [self.history]
-        if self.verbose and self.is_global_zero:
-            extra.append(ProgressBar(mode="bar" if self.verbose == 1 else "epoch"))
+        if self.verbose and self.is_global_zero and not any(isinstance(cb, ProgressBar) for cb in self.callbacks):
+            extra.append(ProgressBar(mode="bar" if self.verbose == 1 else "epoch"))  # a user's own replaces it
         active = [cb for cb in self.callbacks if self.is_global_zero or not cb.rank_zero_only] + extra
         callbacks = CallbackList(active, self)
         hooks = callbacks.hooks

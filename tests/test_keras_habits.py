@@ -1,0 +1,61 @@
+"""Issue 19, Keras habits and the newcomer's path: what a Keras user types into ``fit`` either works as in Keras
+or is a clear error that shows the fitkit form."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from helpers import make_classification, make_trainer
+
+from fitkit import Callback
+from fitkit.callbacks import ProgressBar
+
+
+class _Epochs(Callback):
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self.epochs.append(epoch)
+
+
+def test_fit_x_y_positionally_is_a_clear_error_that_shows_the_tuple_form() -> None:
+    x, y = make_classification(n=16)
+    with pytest.raises(TypeError, match=r"fit\(x, y\) .*second argument as validation data.*fit\(\(x, y\), "):
+        make_trainer().fit(x, y, epochs=1)
+
+
+def test_fit_takes_keras_keywords_y_validation_data_callbacks_and_verbose(capsys: Any) -> None:
+    x, y = make_classification(n=16)
+    torch.manual_seed(0)
+    reference = make_trainer()
+    expected = reference.fit((x, y), (x[:8], y[:8]), epochs=2, batch_size=8).history
+
+    torch.manual_seed(0)
+    trainer = make_trainer()
+    epochs = _Epochs()
+    history = trainer.fit(
+        x, y=y, validation_data=(x[:8], y[:8]), epochs=2, batch_size=8, callbacks=[epochs], verbose=2
+    ).history
+    assert history.keys() == expected.keys() and history["val_loss"] == pytest.approx(expected["val_loss"])
+    assert epochs.epochs == [0, 1]  # the call's callbacks ran ...
+    assert epochs not in trainer.callbacks and trainer.verbose == 0  # ... for this call only, as its verbose
+    captured = capsys.readouterr()
+    assert "Epoch 2/2" in captured.out + captured.err
+
+
+def test_val_data_and_validation_data_together_are_refused() -> None:
+    x, y = make_classification(n=16)
+    with pytest.raises(TypeError, match=r"both val_data and validation_data .*the same argument"):
+        make_trainer().fit((x, y), (x, y), validation_data=(x, y), epochs=1)
+
+
+def test_a_progress_bar_passed_explicitly_replaces_the_default_one(capsys: Any) -> None:
+    x, y = make_classification(n=16)
+    trainer = make_trainer(callbacks=[ProgressBar(mode="epoch")], verbose=2)
+    trainer.fit((x, y), epochs=1, batch_size=8)
+    assert sum(isinstance(cb, ProgressBar) for cb in trainer.active_callbacks) == 1
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("Epoch 1/1") == 1
