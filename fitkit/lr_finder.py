@@ -118,6 +118,7 @@ class LRFinder(Callback):
             (0.05 by default; Lightning's beta=0.98 is smooth=0.02).
         stop_divergence: stop when the smoothed loss exceeds this many times the best one so far (> 1;
             None: never stop early, except on a non-finite loss).
+        monitor: the key of ``train_step``'s logs to follow (``"loss"``; a GAN's step may log ``"d_loss"``).
     """
 
     def __init__(
@@ -128,7 +129,11 @@ class LRFinder(Callback):
         mode: str = "exponential",
         smooth: float = 0.05,
         stop_divergence: float | None = 4.0,
+        monitor: str = "loss",
     ) -> None:
+        if not isinstance(monitor, str):
+            raise TypeError(f"monitor must be the name of a key of train_step's logs, such as 'loss', got {monitor!r}")
+        self.monitor = monitor
         self.start_lr = _arguments.check_positive_number(start_lr, "start_lr", "the first step's learning rate")
         self.end_lr = _arguments.check_positive_number(end_lr, "end_lr", "the last step's learning rate")
         if self.end_lr <= self.start_lr:
@@ -191,8 +196,15 @@ class LRFinder(Callback):
             self._lr_set_for = i
 
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        if logs and isinstance(logs.get("loss"), torch.Tensor):
-            self._group.append(logs["loss"].detach())
+        value = (logs or {}).get(self.monitor)
+        if not isinstance(value, torch.Tensor):
+            keys = sorted(k for k, v in (logs or {}).items() if isinstance(v, torch.Tensor))
+            hint = f"; pass lr_find(monitor={keys[0]!r})" if keys else ""
+            raise ValueError(
+                f"lr_find follows train_step's {self.monitor!r} value, and this train_step logs no "
+                f"{self.monitor!r} (its keys: {keys}): no step could be recorded{hint} to follow another key"
+            )
+        self._group.append(value.detach())
         self._record_steps()
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:

@@ -592,6 +592,7 @@ class Trainer(Steps, memory.BatchSizeSearch):
         smooth: float = 0.05,
         stop_divergence: float | None = 4.0,
         batch_size: int | None = None,
+        monitor: str = "loss",
     ) -> LRFindResult:
         """The learning-rate range test: up to ``num_steps`` optimizer steps with the rate of every param
         group of every optimizer growing from ``start_lr`` to ``end_lr`` (see `fitkit.lr_finder`).
@@ -613,11 +614,12 @@ class Trainer(Steps, memory.BatchSizeSearch):
             stop_divergence: stop when the smoothed loss passes this many times its best (> 1; None: only on
                 a non-finite loss).
             batch_size: the batch size of in-memory data.
+            monitor: the key of ``train_step``'s logs to follow (a GAN's step may log ``"d_loss"``).
 
         Returns:
             an [LRFindResult][fitkit.lr_finder.LRFindResult] with ``lrs``, ``losses``, ``suggestion``, ``plot()``.
         """
-        finder = LRFinder(start_lr, end_lr, num_steps, mode, smooth, stop_divergence)  # checks the arguments
+        finder = LRFinder(start_lr, end_lr, num_steps, mode, smooth, stop_divergence, monitor)  # checks the arguments
         self._strategy.check_supported("lr_find")
         with self._left_as_found(train_data):
             self.callbacks, self.verbose, self._hooks_timed = [finder], 0, True  # put back on exit

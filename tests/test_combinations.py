@@ -212,3 +212,48 @@ def test_sigterm_during_ema_validation_saves_the_trained_weights_and_resumes_exa
     resumed, train, val = build(callbacks=callbacks(tmp_path / "b"))
     resumed.fit(train, val, epochs=3, resume="auto")
     assert_same_state(final_state(resumed), final_state(reference))
+
+
+class TwoLosses(fitkit.Trainer):
+    """The docs' GAN shape: a step that logs d_loss and g_loss, no "loss"."""
+
+    def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
+        x, y = batch
+        with self.autocast():
+            loss = self.compute_loss(x, y, self.forward(x))
+        self.backward(loss)
+        self.optimizer_step()
+        return {"d_loss": loss.detach(), "g_loss": 2 * loss.detach()}
+
+
+def _two_losses() -> TwoLosses:
+    model = torch.nn.Linear(4, 3)
+    return TwoLosses(model, torch.optim.SGD(model.parameters(), lr=0.1), "cross_entropy", verbose=0, device="cpu")
+
+
+def test_lr_find_without_a_loss_key_names_the_keys_and_follows_the_one_named() -> None:
+    x, y = make_classification(64)
+    trainer = _two_losses()
+    with pytest.raises(ValueError, match=r"lr_find.*no 'loss'.*\['d_loss', 'g_loss'\].*monitor='d_loss'"):
+        trainer.lr_find((x, y), num_steps=5, batch_size=8)
+    result = trainer.lr_find((x, y), num_steps=5, batch_size=8, monitor="g_loss")
+    assert len(result.lrs) == 5 and result.suggestion is not None
+
+
+def test_terminate_on_nan_without_a_loss_key_checks_every_logged_value() -> None:
+    class NaNLater(TwoLosses):
+        def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
+            logs = super().train_step(batch)
+            if self.global_step == 3:
+                logs["g_loss"] = torch.tensor(float("nan"))
+            return logs
+
+    x, y = make_classification(64)
+    model = torch.nn.Linear(4, 3)
+    trainer = NaNLater(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), "cross_entropy", verbose=0, device="cpu",
+        callbacks=[fitkit.callbacks.TerminateOnNaN()],
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="g_loss is nan"):
+        trainer.fit((x, y), epochs=2, batch_size=8)
+    assert trainer.global_step == 3 and "g_loss" in (trainer.state.stop_reason or "")
