@@ -277,7 +277,7 @@ class FitRun(Run):
         self.class_weight = plan.class_weight
         self.budget = schedule.Budget(None, None, trainer.state, decides=True)  # started by run()
         self.stop_vote = False  # the ranks vote after every batch (see may_stop_mid_epoch)
-        self.unvoted_stop_warned = self.non_finite_reported = False
+        self.unvoted_stop_warned = self.non_finite_reported = self.budget_stopped = False
         # Where the last step-level validation ran, (epoch, batch_in_epoch): the epoch's validation reuses its
         # logs only when no batch has trained since (global_step alone misses a step that never counts).
         self.step_validated_at: tuple[int, int] | None = None
@@ -376,7 +376,7 @@ class FitRun(Run):
         # after_batch has work on every batch only with these; else only when a callback asked for a save
         # or a stop (checked per batch, two attribute reads).
         every_batch = vote is not None or plan.step_validation is not None or self.budget_on()
-        voted_stop = False
+        voted_stop = 0  # the vote's code: 0 none, 1 a rank stopped, 2 a budget (max_time on rank 0's clock)
         resumed_before_validation = state.batch_in_epoch > 0 and plan.step_validation is not None
         if resumed_before_validation and plan.step_validation.due(state) and self.after_batch(None):  # type: ignore[union-attr]
             batches = iter(())  # the resumed step's validation (what follows its batch) stopped the run
@@ -386,8 +386,7 @@ class FitRun(Run):
         try:
             with self.sync_window():
                 for batch in batches:
-                    if vote is not None and vote.stop_now():  # a rank stopped after the last batch: all stop there
-                        voted_stop = True
+                    if vote is not None and (voted_stop := vote.stop_now()):  # a rank stopped after the last batch
                         break
                     self.run_batch(batch)
                     if (every_batch or self.deferred or state.should_stop) and self.after_batch(vote):
@@ -397,8 +396,9 @@ class FitRun(Run):
             # that a DataLoader's workers shut down now. Left to a later garbage collection, multiprocessing's
             # own finalizers close their queues first and each worker is waited for 5 s, then killed.
             del batches
-        if vote is not None and (voted_stop or vote.stop_now()) and not state.should_stop:
-            trainer.stop("stopped on another rank")
+        voted_stop = voted_stop or (vote.stop_now() if vote is not None else 0)
+        if voted_stop and not state.should_stop:  # every rank names the budget that ended the run
+            trainer.stop(self.budget.reason_elsewhere() if voted_stop == 2 else "stopped on another rank")
         logs = self.end_epoch(epoch)
         if clock is not None:
             clock.lap(STEP)  # the last group's step and the read of the epoch's sums
@@ -458,12 +458,13 @@ class FitRun(Run):
         assert plan is not None
         if self.budget_on() and not state.should_stop and (reason := self.budget.check()) is not None:
             self.trainer.stop(reason)  # before the writes: a checkpoint of this batch holds its train_time
+            self.budget_stopped = True
         if plan.step_validation is not None and plan.step_validation.due(state):
             self.validate_step()
         if self.deferred:
             self.write_checkpoints()
         if vote is not None:  # read before the next batch's step; the epoch's end reads the last one
-            vote.start(state.should_stop)
+            vote.start(2 if self.budget_stopped else int(state.should_stop))
             return False
         if not state.should_stop:
             return False

@@ -338,17 +338,19 @@ class StopVote:
         self._value: torch.Tensor | None = None
         self._work: Any = None
 
-    def start(self, flag: bool) -> None:
+    def start(self, flag: bool | int) -> None:
+        """Votes ``flag``: 0 go on, or a stop code (the largest over the ranks wins)."""
         self._value = torch.tensor([int(flag)])
         self._work = _run(dist.all_reduce, [self._value], self.info, op=dist.ReduceOp.MAX)
 
-    def stop_now(self) -> bool:
-        """The last started vote's result (True when any rank voted to stop); False when none is pending."""
+    def stop_now(self) -> int:
+        """The last started vote's result: the largest code voted (non-zero when any rank voted to stop); 0 when
+        none is pending."""
         if self._work is None or self._value is None:
-            return False
+            return 0
         work, self._work = self._work, None
         work.wait()
-        return bool(self._value.item())
+        return int(self._value.item())
 
 
 def any_signal(signum: int | None, info: DistInfo) -> int | None:

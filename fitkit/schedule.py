@@ -147,6 +147,13 @@ class Budget:
                 return f"max_time: {elapsed:.6g} s of training reached max_time={self.max_time:g} s"
         return None
 
+    def reason_elsewhere(self) -> str:
+        """The reason on a rank that a budget vote stopped: ``max_steps`` (every rank counts the same steps), or
+        ``max_time`` as rank 0's clock decided it."""
+        if self.max_steps is not None and self.state.global_step >= self.max_steps:
+            return self.check() or ""
+        return f"max_time: rank 0's clock reached max_time={self.max_time:g} s (this rank's: {self.elapsed():.6g} s)"
+
 
 __all__ = [
     "clock",
