@@ -257,3 +257,26 @@ def test_terminate_on_nan_without_a_loss_key_checks_every_logged_value() -> None
     with pytest.warns(RuntimeWarning, match="g_loss is nan"):
         trainer.fit((x, y), epochs=2, batch_size=8)
     assert trainer.global_step == 3 and "g_loss" in (trainer.state.stop_reason or "")
+
+
+def test_a_pruned_optuna_trial_leaves_no_backup_for_the_next_trial(tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")
+    from helpers import make_trainer
+
+    from fitkit.callbacks import BackupAndRestore, OptunaPruning
+
+    class PruneAtEpoch2(optuna.pruners.BasePruner):
+        def prune(self, study: Any, trial: Any) -> bool:
+            return trial.last_step is not None and trial.last_step >= 1  # after the second epoch
+
+    x, y = make_classification(48)
+    study = optuna.create_study(pruner=PruneAtEpoch2())
+    trial = study.ask()
+    backup = BackupAndRestore(tmp_path / "backup")
+    trainer = make_trainer(callbacks=[backup, OptunaPruning(trial)])
+    with pytest.raises(optuna.TrialPruned):
+        trainer.fit((x, y), (x, y), epochs=3, batch_size=16)
+    assert not backup.path.exists()  # a pruned trial is over: the next trial starts fresh, not from this one
+    nxt = make_trainer(callbacks=[BackupAndRestore(tmp_path / "backup")])
+    nxt.fit((x, y), (x, y), epochs=1, batch_size=16)
+    assert nxt.resumed_from is None
