@@ -223,7 +223,41 @@ def atomic_save(obj: Any, path: str | Path, meta: dict[str, Any] | None = None) 
         raise _write_failed(path, exc, locals().get("writer")) from exc
     finally:
         tmp.unlink(missing_ok=True)
+    if (remote_folder := _mirrors.get(str(folder.resolve()))) is not None:
+        remote_folder.upload(path, {"versions": [record]})  # committed here first: a failed upload loses nothing
     return record
+
+
+#: Local folders whose committed files are mirrored to a remote folder (`fitkit.remote`), by resolved path.
+_mirrors: dict[str, Any] = {}
+
+
+def mirror(folder: str | Path, remote_folder: Any) -> None:
+    """From now on every file committed into (or removed from) ``folder`` by `atomic_save` and
+    `remove_checkpoint` is uploaded to (or removed from) ``remote_folder``, a `fitkit.remote.RemoteFolder`;
+    None stops mirroring ``folder``."""
+    key = str(Path(folder).resolve())
+    if remote_folder is None:
+        _mirrors.pop(key, None)
+    else:
+        _mirrors[key] = remote_folder
+
+
+def adopt(downloaded: Path, path: Path, record: dict[str, Any]) -> None:
+    """Moves the file ``downloaded`` to ``path`` and vouches for it with ``record`` (from another manifest),
+    after checking its size and SHA-256 against it: a download is committed as `atomic_save` commits a write."""
+    if downloaded.stat().st_size != record["size"] or _sha256(downloaded) != record["sha256"]:
+        raise CheckpointError(f"{path.name}: the downloaded bytes differ from the manifest's record (cut off?)")
+    folder = path.parent
+    with manifest_lock(folder):
+        manifest = read_manifest(folder, strict=True)
+        old = manifest["files"].get(path.name)
+        manifest["files"][path.name] = {"versions": [record] + (old["versions"][:1] if old else [])}
+        _write_manifest(folder, manifest)
+        os.replace(downloaded, path)
+        _fsync_dir(folder)
+        manifest["files"][path.name] = {"versions": [record]}
+        _write_manifest(folder, manifest)
 
 
 _DISK_ADVICE = {
@@ -266,6 +300,8 @@ def remove_checkpoint(path: str | Path) -> None:
             _remove_directory(path, entry)
         else:
             path.unlink(missing_ok=True)
+    if (remote_folder := _mirrors.get(str(path.parent.resolve()))) is not None:
+        remote_folder.remove(path.name)  # only a key its remote manifest lists (one fitkit wrote)
 
 
 def _sha256(path: Path) -> str:
@@ -274,6 +310,16 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sha.update(chunk)
     return sha.hexdigest()
+
+
+def _is_url(path: object) -> bool:
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def _remote() -> Any:
+    from fitkit import remote  # it builds on this module
+
+    return remote
 
 
 def _checkpoint_path(path: Any, function: str) -> Path:
@@ -287,15 +333,20 @@ def _checkpoint_path(path: Any, function: str) -> Path:
     )
 
 
-def verify(path: str | Path) -> dict[str, Any]:
+def verify(path: str | Path, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Returns the manifest record that vouches for ``path``'s bytes.
 
     Args:
-        path: a checkpoint file (or sharded checkpoint directory) written by fitkit.
+        path: a checkpoint file (or sharded checkpoint directory) written by fitkit, or an fsspec URL of a
+            checkpoint file (``s3://bucket/run/e03.pt``: checked against its remote folder's manifest).
+        storage_options: the fsspec filesystem's options for a URL (credentials, endpoint); see `fitkit.remote`.
 
     Raises:
         CheckpointError: no manifest entry, or the size or SHA-256 differs (a truncated or altered file).
     """
+    if _is_url(path):
+        folder_url, name = str(path).rstrip("/").rsplit("/", 1)
+        return _remote().RemoteFolder(folder_url, storage_options).verify(name)
     path = _checkpoint_path(path, "verify")
     if path.is_dir():
         return _verify_directory(path)
@@ -324,18 +375,28 @@ def verify(path: str | Path) -> dict[str, Any]:
     )
 
 
-def load(path: str | Path, map_location: Any = "cpu", verify_file: bool = True) -> Any:
+def load(
+    path: str | Path,
+    map_location: Any = "cpu",
+    verify_file: bool = True,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> Any:
     """Loads a fitkit file: verified against its manifest, then ``torch.load(weights_only=True)``.
 
     A file that would need to unpickle Python objects (and so could run code) is refused with a
     [CheckpointError][fitkit.checkpoint.CheckpointError]; fitkit never loads with ``weights_only=False``.
 
     Args:
-        path: the file to load.
+        path: the file to load, or an fsspec URL of one (downloaded to the staging folder and checked
+            against the remote manifest first; see `fitkit.remote`).
         map_location: where tensors go, as ``torch.load`` takes it (default ``"cpu"``).
         verify_file: False skips the manifest check (only for a file you vouch for; see
             [trust][fitkit.checkpoint.trust] to record one instead).
+        storage_options: the fsspec filesystem's options for a URL (credentials, endpoint).
     """
+    if _is_url(path):
+        path = _remote().fetch_url(str(path), storage_options)
     path = _checkpoint_path(path, "load")
     if verify_file:
         verify(path)
@@ -763,7 +824,7 @@ def _walk_checkpoints(folder: Path) -> Iterator[Path]:
         yield from (here / name for name in sorted(names) if not name.startswith("."))
 
 
-def trust(path: str | Path) -> dict[str, Any]:
+def trust(path: str | Path, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Vouches for a checkpoint file that has no (or no readable) manifest entry: files copied without
     their folder's manifest, or a folder whose manifest was lost. The documented way to resume from one.
 
@@ -776,8 +837,13 @@ def trust(path: str | Path) -> dict[str, Any]:
         trainer.fit(train_dl, epochs=10, resume="ckpt/e03.pt")
 
     Args:
-        path: the checkpoint file (or sharded checkpoint directory) to vouch for.
+        path: the checkpoint file (or sharded checkpoint directory) to vouch for, or an fsspec URL of a
+            checkpoint file (downloaded and checked as here, then recorded in its remote folder's manifest).
+        storage_options: the fsspec filesystem's options for a URL (credentials, endpoint).
     """
+    if _is_url(path):
+        folder_url, name = str(path).rstrip("/").rsplit("/", 1)
+        return _remote().RemoteFolder(folder_url, storage_options).trust(name)
     path = _checkpoint_path(path, "trust")
     directory = path.is_dir()
     if not directory and not path.is_file():
@@ -913,6 +979,8 @@ def read_sharded_state(path: str | Path) -> dict[str, Any]:
 __all__ = [
     "world_size_mismatch",
     "MANIFEST",
+    "adopt",
+    "mirror",
     "LOCK",
     "FORMAT_VERSION",
     "CheckpointError",

@@ -38,6 +38,7 @@ from fitkit.callbacks.history import History
 from fitkit.callbacks.progress import ProgressBar
 from fitkit.lr_finder import LRFinder, LRFindResult
 from fitkit.metrics import get_metric
+from fitkit.remote import resolve_resume
 from fitkit.signals import SignalGuard, TrainingInterrupted
 from fitkit.state import GradientAccumulation, TrainerState
 from fitkit.strategies import DDPStrategy, FSDPStrategy
@@ -407,6 +408,7 @@ class Trainer(Steps, memory.BatchSizeSearch):
         validation_data: Any = None,
         callbacks: Sequence[Callback] | None = None,
         verbose: int | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> History:
         """Trains for ``epochs`` epochs (counted from 0, so ``epochs`` is the index to stop before).
 
@@ -444,11 +446,13 @@ class Trainer(Steps, memory.BatchSizeSearch):
                 ``datetime.timedelta``; wall time in ``fit``'s loop, summed across resumes).
             y: Keras's form for in-memory data, ``fit(x, y=y)`` is ``fit((x, y))``; ``validation_data`` is ``val_data``.
             callbacks: more callbacks for this call only, after the trainer's; ``verbose`` is this call's verbosity.
+            storage_options: with ``resume`` an fsspec URL (``"s3://bucket/run/last.pt"``), the filesystem's
+                options (credentials, endpoint); the file is fetched and checked first (`fitkit.remote`).
 
         Returns:
             the [History][fitkit.History] of this call.
         """
-        resume = _arguments.check_resume(resume)
+        resume = resolve_resume(self, _arguments.check_resume(resume), storage_options)
         train_data, val_data = _arguments.keras_fit_data(train_data, val_data, y, validation_data)
         with _arguments.for_this_call(self, callbacks, verbose):
             self._run = run = self._prepare_fit(

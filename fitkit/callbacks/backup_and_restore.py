@@ -6,11 +6,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fitkit import remote
 from fitkit._warn import user_stacklevel
 from fitkit.callbacks._files import acquire_run_lock, check_writable, checked_on_rank_zero, release_run_lock
 from fitkit.callbacks.base import Callback, Logs
 from fitkit.callbacks.model_checkpoint import weights_are_finite
-from fitkit.callbacks.optuna_pruning import PRUNED
 from fitkit.checkpoint import CheckpointError, newest_good, read_manifest, remove_checkpoint, verify
 from fitkit.signals import TrainingInterrupted
 
@@ -27,16 +27,30 @@ class BackupAndRestore(Callback):
         delete_checkpoint: delete the backup when training ends without an exception, so the next run
             starts fresh (Keras's default).
 
+        storage_options: with an fsspec URL ``backup_dir`` (``"s3://bucket/run/backup"``), the filesystem's
+            options (credentials, endpoint; see `fitkit.remote`): the backup is written to a local staging
+            folder, then uploaded (temporary key, checked, manifest last), and fetched back before a fit
+            resumes. None: the filesystem's defaults; an error with a local ``backup_dir``.
     ``fit(..., resume=None)`` with this callback resumes from a good backup if one exists; a corrupted
     backup is reported and training starts from scratch. SIGINT/SIGTERM write a backup before exiting.
     """
 
-    def __init__(self, backup_dir: str | Path, save_freq: str | int = "epoch", delete_checkpoint: bool = True) -> None:
+    def __init__(
+        self,
+        backup_dir: str | Path,
+        save_freq: str | int = "epoch",
+        delete_checkpoint: bool = True,
+        *,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         if save_freq != "epoch" and (not isinstance(save_freq, int) or isinstance(save_freq, bool) or save_freq < 1):
             raise ValueError(f"save_freq must be 'epoch' or an int >= 1 (training batches), got {save_freq!r}")
         if not isinstance(delete_checkpoint, bool):
             raise TypeError(f"delete_checkpoint must be True or False, got {delete_checkpoint!r}")
-        self.checkpoint_dir = Path(backup_dir)
+        self.remote_folder = remote.for_callback(
+            f"{str(backup_dir).rstrip('/')}/backup.pt", storage_options, "BackupAndRestore"
+        )
+        self.checkpoint_dir = Path(backup_dir) if self.remote_folder is None else self.remote_folder.staging
         self.save_freq = save_freq
         self.delete_checkpoint = delete_checkpoint
         self._batches_since_save = 0
@@ -73,6 +87,7 @@ class BackupAndRestore(Callback):
     def on_train_begin(self, logs: Logs | None = None) -> None:
         checked_on_rank_zero(self.trainer, self._claim_folder)  # a file or a read-only folder: now, not at the save
         self._batches_since_save = 0
+        remote.attach(self.trainer, self.checkpoint_dir, self.remote_folder)
         self._failed = False
         self._wrote = False
 
@@ -103,8 +118,6 @@ class BackupAndRestore(Callback):
             self.trainer.after_callbacks(self._backup)
 
     def on_exception(self, exception: BaseException) -> None:
-        if (self.trainer.state.stop_reason or "").startswith(PRUNED):
-            return  # an Optuna trial pruned (TrialPruned): over, not failed; the next trial must not resume it
         self._failed = True
         if isinstance(exception, TrainingInterrupted):  # a batch boundary: a consistent state
             self._backup()
@@ -120,6 +133,7 @@ class BackupAndRestore(Callback):
             if getattr(self, "_locked", False):
                 self._locked = False
                 release_run_lock(self.checkpoint_dir)
+            remote.detach(self.checkpoint_dir, self.remote_folder)
 
     def state_dict(self) -> dict[str, Any]:
         return {"batches_since_save": self._batches_since_save}

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fitkit import distributed
+from fitkit import distributed, remote
 from fitkit._arguments import check_flags
 from fitkit._warn import user_stacklevel
 from fitkit.callbacks import _files
@@ -63,6 +63,10 @@ class ModelCheckpoint(MonitorCallback):
             (every epoch, or every ``save_freq`` batches) whether or not that point's file is kept (as
             Lightning's ``save_last``): ``last.pt`` is always the newest state, the one to resume from.
         verbose: print a line per save.
+        storage_options: with an fsspec URL ``filepath`` (``"s3://bucket/run/{epoch:02d}.pt"``, fields in the
+            file name only), the filesystem's options (credentials, endpoint; see `fitkit.remote`): files are
+            written to a local staging folder, then uploaded (temporary key, checked, manifest last). None: the
+            filesystem's defaults; an error with a local ``filepath``.
 
     Every write is atomic (temporary file, fsync, rename, manifest with SHA-256). Non-finite weights are
     never written; a non-finite monitored value is never the best. Only files that this callback wrote
@@ -84,6 +88,8 @@ class ModelCheckpoint(MonitorCallback):
         save_top_k: int | None = None,
         save_last: bool = False,
         verbose: bool = False,
+        *,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(monitor=monitor or "_unused", mode=mode)
         self.monitor_key = monitor
@@ -99,6 +105,9 @@ class ModelCheckpoint(MonitorCallback):
             )
         if save_best_only and monitor is None:
             raise ValueError("save_best_only=True needs a monitor key such as 'val_loss'")
+        self.remote_folder = remote.for_callback(filepath, storage_options, "ModelCheckpoint")
+        if self.remote_folder is not None:  # written locally first, into the staging folder, then mirrored
+            filepath = self.remote_folder.staging / remote.split_template(str(filepath))[1]
         self.filepath = str(filepath)
         self._fields = self._template_fields(self.filepath)
         self.checkpoint_dir = static_folder(self.filepath)
@@ -117,9 +126,9 @@ class ModelCheckpoint(MonitorCallback):
         self._folder_checked = False
 
     def file_templates(self) -> list[str]:
-        """The path templates this callback writes, ``last.pt`` included with ``save_last`` (two callbacks that
-        both keep it in one folder are refused when the Trainer is built); ``crash.pt`` excepted."""
-        return [self.filepath] + ([str(self.checkpoint_dir / "last.pt")] if self.save_last else [])
+        """The path templates this callback writes (``last.pt``/``crash.pt`` excepted: every checkpoint
+        callback writes the same full state there)."""
+        return [self.filepath]
 
     @staticmethod
     def _template_fields(template: str) -> list[str]:
@@ -136,6 +145,7 @@ class ModelCheckpoint(MonitorCallback):
         self._folder_checked = False
         self._trained = False  # a failure before this fit's first batch leaves no crash.pt (nothing to inspect)
         _files.checked_on_rank_zero(self.trainer, self._claim_folder)  # a file or a read-only folder: now
+        remote.attach(self.trainer, self.checkpoint_dir, self.remote_folder)
         for field in self._fields:  # a typo in the template is an error now, not at the first save
             if field not in ("epoch", "step", "batch"):
                 check_key_can_exist(field, self.trainer, f"ModelCheckpoint(filepath={self.filepath!r})")
@@ -149,6 +159,7 @@ class ModelCheckpoint(MonitorCallback):
         self._locked = True
 
     def on_train_end(self, logs: Logs | None = None) -> None:
+        remote.detach(self.checkpoint_dir, self.remote_folder)
         if getattr(self, "_locked", False):
             self._locked = False
             _files.release_run_lock(self.checkpoint_dir)
