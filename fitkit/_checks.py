@@ -360,6 +360,23 @@ def explain_forward_error(exc: BaseException, model: nn.Module, inputs: Any) -> 
     )
 
 
+def explain_dict_batch(exc: TypeError, model: nn.Module, inputs: dict[str, Any]) -> Exception | None:
+    """The error for a dict batch the model's ``forward`` does not take as keyword arguments: what a dict batch
+    means (the model's inputs, as Keras reads a dict ``x``) and how to give inputs and targets; None for another
+    TypeError."""
+    found = re.search(r"unexpected keyword argument '([^']+)'|missing \d+ required positional argument", str(exc))
+    if found is None:
+        return None
+    name = type(model).__name__
+    what = f"takes no {found[1]!r}" if found[1] else "needs other arguments"
+    return TypeError(
+        f"a dict batch is the model's inputs, passed as keyword arguments (as Keras reads a dict x), and "
+        f"{name}.forward() {what}; this batch's keys are {sorted(inputs)}. If the dict holds the inputs and the "
+        "targets, have the Dataset (or collate_fn) return (inputs, targets) instead, e.g. (batch['x'], batch['y']); "
+        f"or name forward()'s parameters after the keys. ({exc})"
+    )
+
+
 __all__ = [
     "CLASSIFICATION_LOSSES",
     "ELEMENTWISE_LOSSES",
@@ -373,4 +390,5 @@ __all__ = [
     "check_last_batch",
     "warn_non_finite_loss",
     "explain_forward_error",
+    "explain_dict_batch",
 ]

@@ -249,7 +249,13 @@ class Steps:
             if isinstance(inputs, torch.Tensor):
                 return module(inputs)
             if isinstance(inputs, dict):
-                return module(**inputs)
+                try:
+                    return module(**inputs)
+                except TypeError as exc:  # only on the error path: a clear word on what dict batches mean
+                    explained = _checks.explain_dict_batch(exc, self.model, inputs)
+                    if explained is None:
+                        raise
+                    raise explained from exc
             if isinstance(inputs, (list, tuple)):
                 return module(*inputs)
             return module(inputs)

@@ -59,3 +59,16 @@ def test_a_progress_bar_passed_explicitly_replaces_the_default_one(capsys: Any) 
     assert sum(isinstance(cb, ProgressBar) for cb in trainer.active_callbacks) == 1
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count("Epoch 1/1") == 1
+
+
+def test_a_dict_batch_of_inputs_and_targets_says_what_dict_batches_mean() -> None:
+    from torch.utils.data import DataLoader
+
+    x, y = make_classification(n=8)
+    data = DataLoader([{"x": x[i], "y": y[i]} for i in range(8)], batch_size=4)
+    with pytest.raises(
+        TypeError,
+        match=r"a dict batch is the model's inputs, passed as keyword arguments .*TinyNet\.forward\(\) takes no "
+        r"'y'.*\['x', 'y'\].*return \(inputs, targets\)",
+    ):
+        make_trainer().fit(data, epochs=1)
