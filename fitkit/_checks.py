@@ -168,6 +168,51 @@ class UncountedStepProbe:
 REGRESSION_LOSSES = (nn.MSELoss, nn.L1Loss, nn.HuberLoss, nn.SmoothL1Loss)
 
 
+def unweighted_loss_message(given: str) -> str:
+    """``loss=None`` (the model returns its loss) with weights that fitkit could not apply."""
+    return (
+        f"loss=None: the model computes its own loss, which fitkit cannot weight per sample, so {given} would be "
+        f"silently ignored: weigh the samples inside the model (pass the weights as an input), or give the "
+        f"Trainer a loss= (or override Trainer.compute_loss) to use {given}"
+    )
+
+
+def check_weights_fit_loss(loss_fn: Any, class_weight: Any, sample_weight: Any) -> None:
+    """``fit(class_weight=, sample_weight=)`` against the loss, before training: a model that returns its
+    own loss cannot be weighted, and a regression loss has no classes to weigh."""
+    if loss_fn is None:
+        for given, value in (("class_weight", class_weight), ("sample_weight", sample_weight)):
+            if value is not None:
+                raise ValueError(unweighted_loss_message(given))
+    elif class_weight is not None and isinstance(loss_fn, REGRESSION_LOSSES):
+        raise ValueError(
+            f"class_weight weighs each sample by its class, and {_loss_name(loss_fn)} is a regression loss with no "
+            "classes (its float targets would be truncated to class indices): pass sample_weight= (one weight per "
+            "sample) instead"
+        )
+
+
+def check_sample_weight(weights: torch.Tensor, n: int, name: str) -> None:
+    """In-memory ``sample_weight``: one finite weight >= 0 per sample, not all 0 (one read, before training)."""
+    if weights.ndim not in (1, 2) or weights.shape[0] != n or (weights.ndim == 2 and weights.shape[1] != 1):
+        raise ValueError(
+            f"{name}: sample_weight must hold one weight per sample, shape ({n},), got {tuple(weights.shape)}"
+        )
+    if not weights.is_floating_point() and weights.dtype == torch.bool:
+        raise TypeError(f"{name}: sample_weight must be numbers, got {weights.dtype}")
+    values = weights.detach().double()
+    finite, low, total = torch.stack([torch.isfinite(values).all().double(), values.min(), values.sum()]).tolist()
+    if not finite:
+        raise ValueError(f"{name}: sample_weight must be finite numbers, and some are NaN or infinite")
+    if low < 0:
+        raise ValueError(f"{name}: sample_weight must be >= 0 (a weight scales a sample's loss), got {low:g}")
+    if total == 0:
+        raise ValueError(
+            f"{name}: sample_weight is 0 for every sample: the loss would be 0 and nothing would train; "
+            "give the samples that count a weight > 0"
+        )
+
+
 def _last_layer(model: nn.Module) -> nn.Module:
     """The layer that makes a Sequential model's outputs (its last, through nested Sequentials); else the
     model itself (the order of a custom module's layers says nothing about its forward)."""
@@ -382,6 +427,9 @@ __all__ = [
     "ELEMENTWISE_LOSSES",
     "REGRESSION_LOSSES",
     "UncountedStepProbe",
+    "check_sample_weight",
+    "check_weights_fit_loss",
+    "unweighted_loss_message",
     "fit_metrics_to_loss",
     "check_loss_inputs",
     "check_class_weight",
