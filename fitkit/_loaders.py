@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from fitkit import _arrays, distributed
+from fitkit import _arrays, _checks, distributed
 from fitkit._arrays import is_array, to_tensor
 from fitkit._devices import fits_on_device, pinned
 from fitkit._structure import map_structure
@@ -148,6 +148,8 @@ def _in_memory(
         x, y, size, shuffle=shuffle and training, device=device if on_device else None,
         sample_weight=sample_weight, drop_last=drop_last,
     )  # fmt: skip
+    if sample_weight is not None:  # (its length is checked by the loader)
+        _checks.check_sample_weight(parts[-1], len(x), name)
     loader.pin_memory = device.type == "cuda" and not on_device  # batches cut on the host: pinned ones
     if dist.world_size > 1:
         return distributed.shard_in_memory(loader, dist, training)

@@ -156,6 +156,8 @@ class Steps:
             The batch's loss, a 0-dim tensor on the device.
         """
         if self.loss is None:
+            if sample_weight is not None:  # (x, y, sample_weight) batches: weights fitkit cannot apply
+                raise ValueError(_checks.unweighted_loss_message("sample_weight"))
             return _loss_from_outputs(outputs)
         if targets is None:
             raise ValueError(

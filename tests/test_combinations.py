@@ -257,3 +257,77 @@ def test_terminate_on_nan_without_a_loss_key_checks_every_logged_value() -> None
     with pytest.warns(RuntimeWarning, match="g_loss is nan"):
         trainer.fit((x, y), epochs=2, batch_size=8)
     assert trainer.global_step == 3 and "g_loss" in (trainer.state.stop_reason or "")
+
+def test_a_pruned_optuna_trial_leaves_no_backup_for_the_next_trial(tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")
+    from helpers import make_trainer
+
+    from fitkit.callbacks import BackupAndRestore, OptunaPruning
+
+    class PruneAtEpoch2(optuna.pruners.BasePruner):
+        def prune(self, study: Any, trial: Any) -> bool:
+            return trial.last_step is not None and trial.last_step >= 1  # after the second epoch
+
+    x, y = make_classification(48)
+    study = optuna.create_study(pruner=PruneAtEpoch2())
+    trial = study.ask()
+    backup = BackupAndRestore(tmp_path / "backup")
+    trainer = make_trainer(callbacks=[backup, OptunaPruning(trial)])
+    with pytest.raises(optuna.TrialPruned):
+        trainer.fit((x, y), (x, y), epochs=3, batch_size=16)
+    assert not backup.path.exists()  # a pruned trial is over: the next trial starts fresh, not from this one
+    nxt = make_trainer(callbacks=[BackupAndRestore(tmp_path / "backup")])
+    nxt.fit((x, y), (x, y), epochs=1, batch_size=16)
+    assert nxt.resumed_from is None
+
+
+class ReturnsItsLoss(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.fc(x)
+        return {"logits": logits, "loss": logits.pow(2).mean()}
+
+
+def test_weights_given_with_a_model_that_returns_its_loss_are_refused() -> None:
+    x, y = make_classification(32)
+    model = ReturnsItsLoss()
+    trainer = fitkit.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), None, verbose=0, device="cpu")
+    with pytest.raises(ValueError, match=r"loss=None.*cannot weight.*class_weight would be silently ignored"):
+        trainer.fit((x, y), epochs=1, batch_size=8, class_weight={0: 2.0})
+    with pytest.raises(ValueError, match=r"loss=None.*cannot weight.*sample_weight would be silently ignored"):
+        trainer.fit((x, y), epochs=1, batch_size=8, sample_weight=torch.ones(32))
+    batches = [(x[i : i + 8], y[i : i + 8], torch.ones(8)) for i in range(0, 32, 8)]  # weights in the batches
+    with pytest.raises(ValueError, match=r"loss=None.*cannot weight.*sample_weight would be silently ignored"):
+        trainer.fit(batches, epochs=1)
+    assert trainer.global_step == 0
+
+
+def test_class_weight_with_a_regression_loss_is_refused() -> None:
+    x = torch.randn(32, 4)
+    y = torch.randn(32, 1)
+    trainer = fitkit.Trainer(torch.nn.Linear(4, 1), "sgd", "mse", verbose=0, device="cpu")
+    with pytest.raises(ValueError, match=r"class_weight.*MSELoss.*no classes.*sample_weight"):
+        trainer.fit((x, y), epochs=1, batch_size=8, class_weight={0: 1.0, 1: 2.0})
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        (-torch.ones(32), r"sample_weight.*>= 0.*-1"),
+        (torch.full((32,), float("nan")), r"sample_weight.*finite"),
+        (torch.zeros(32), r"sample_weight is 0 for every sample"),
+        (torch.ones(32, 2), r"one weight per sample, shape \(32,\), got \(32, 2\)"),
+        (torch.ones(31), r"x and sample_weight must have the same number of samples, got 32 and 31"),
+    ],
+    ids=["negative", "nan", "all_zero", "two_columns", "too_short"],
+)
+def test_bad_sample_weights_are_refused_before_training(weights: torch.Tensor, message: str) -> None:
+    x, y = make_classification(32)
+    trainer = fitkit.Trainer(torch.nn.Linear(4, 3), "sgd", "cross_entropy", verbose=0, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        trainer.fit((x, y), epochs=1, batch_size=8, sample_weight=weights)
+    assert trainer.global_step == 0
+

@@ -11,6 +11,7 @@ from fitkit._warn import user_stacklevel
 from fitkit.callbacks._files import acquire_run_lock, check_writable, checked_on_rank_zero, release_run_lock
 from fitkit.callbacks.base import Callback, Logs
 from fitkit.callbacks.model_checkpoint import weights_are_finite
+from fitkit.callbacks.optuna_pruning import PRUNED
 from fitkit.checkpoint import CheckpointError, newest_good, read_manifest, remove_checkpoint, verify
 from fitkit.signals import TrainingInterrupted
 
@@ -118,6 +119,8 @@ class BackupAndRestore(Callback):
             self.trainer.after_callbacks(self._backup)
 
     def on_exception(self, exception: BaseException) -> None:
+        if (self.trainer.state.stop_reason or "").startswith(PRUNED):
+            return  # an Optuna trial pruned (TrialPruned): over, not failed; the next trial must not resume it
         self._failed = True
         if isinstance(exception, TrainingInterrupted):  # a batch boundary: a consistent state
             self._backup()
