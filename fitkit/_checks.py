@@ -192,6 +192,27 @@ def check_weights_fit_loss(loss_fn: Any, class_weight: Any, sample_weight: Any) 
         )
 
 
+def check_validation_keys(sets: list[str | None], names: list[str]) -> None:
+    """The epoch-log keys of every validation set (``val_<set>_<name>``) are distinct from each other and from
+    the training keys: two sources of one key would overwrite each other silently."""
+
+    def what(name: str) -> str:
+        return "the loss" if name == "loss" else f"the metric {name!r}"
+
+    seen = {name: f"{what(name)} of training" for name in names}
+    for set_name in sets:
+        prefix = "val_" if set_name is None else f"val_{set_name}_"
+        where = "validation" if set_name is None else f"the validation set {set_name!r}"
+        for name in names:
+            key, source = prefix + name, f"{what(name)} of {where}"
+            if key in seen:
+                raise ValueError(
+                    f"two values would be logged as {key!r}: {seen[key]} and {source}, one silently overwriting "
+                    "the other; rename the validation set (fit(val_data={...}) keys) or the metric (name=)"
+                )
+            seen[key] = source
+
+
 def check_sample_weight(weights: torch.Tensor, n: int, name: str) -> None:
     """In-memory ``sample_weight``: one finite weight >= 0 per sample, not all 0 (one read, before training)."""
     if weights.ndim not in (1, 2) or weights.shape[0] != n or (weights.ndim == 2 and weights.shape[1] != 1):
@@ -428,6 +449,7 @@ __all__ = [
     "REGRESSION_LOSSES",
     "UncountedStepProbe",
     "check_sample_weight",
+    "check_validation_keys",
     "check_weights_fit_loss",
     "unweighted_loss_message",
     "fit_metrics_to_loss",

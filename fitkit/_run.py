@@ -597,6 +597,9 @@ def plan_fit(
     )  # fmt: skip
     weights = _arguments.class_weight_tensor(class_weight, trainer.device)
     val_loaders = {} if val_data is None else _pipeline.val_loaders(trainer, val_data, batch_size, "val_data")
+    _checks.check_validation_keys(
+        list(val_loaders), ["loss", *(m.name for m in trainer.metrics + trainer.weighted_metrics)]
+    )
     if every is not None and not val_loaders:
         raise ValueError(f"validate_every_n_steps={every} needs validation data; pass val_data (or validation_split)")
     num_train_batches = _check_train_batches(trainer, train_loader, steps_per_epoch)

@@ -258,6 +258,7 @@ def test_terminate_on_nan_without_a_loss_key_checks_every_logged_value() -> None
         trainer.fit((x, y), epochs=2, batch_size=8)
     assert trainer.global_step == 3 and "g_loss" in (trainer.state.stop_reason or "")
 
+
 def test_a_pruned_optuna_trial_leaves_no_backup_for_the_next_trial(tmp_path: Path) -> None:
     optuna = pytest.importorskip("optuna")
     from helpers import make_trainer
@@ -331,3 +332,11 @@ def test_bad_sample_weights_are_refused_before_training(weights: torch.Tensor, m
         trainer.fit((x, y), epochs=1, batch_size=8, sample_weight=weights)
     assert trainer.global_step == 0
 
+
+def test_a_named_validation_set_and_a_metric_that_make_the_same_key_are_refused() -> None:
+    x, y = make_classification(32)
+    metric = fitkit.metrics.Accuracy(name="b_loss")
+    trainer = fitkit.Trainer(torch.nn.Linear(4, 3), "sgd", "cross_entropy", metrics=[metric], verbose=0, device="cpu")
+    with pytest.raises(ValueError, match=r"'val_a_b_loss': the metric 'b_loss' of the validation set 'a' and the loss of the validation set 'a_b'"):
+        trainer.fit((x, y), {"a": (x, y), "a_b": (x, y)}, epochs=1, batch_size=8)
+    assert trainer.global_step == 0
