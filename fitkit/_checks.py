@@ -128,21 +128,47 @@ def _probabilities_message(loss_fn: Any, name: str, seen: str) -> str:
 
 
 class UncountedStepProbe:
-    """Finds a custom ``train_step`` that calls ``optimizer.step()`` itself, which fitkit does not count
-    (``global_step`` stays put): a step post hook on each optimizer until the first batch's check, then none
-    (nothing on later batches)."""
+    """Finds what a custom ``train_step`` silently loses at its first batch: an ``optimizer.step()`` called
+    directly, which fitkit does not count (``global_step`` stays put), and, under a mixed ``precision``, a
+    forward outside ``self.autocast()`` (the precision is then off). A step post hook on each optimizer and
+    a forward pre-hook on the model until the first batch's check, then none (nothing on later batches)."""
 
-    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], global_step: int) -> None:
+    def __init__(
+        self,
+        optimizers: dict[str, torch.optim.Optimizer],
+        global_step: int,
+        model: nn.Module | None = None,
+        precision: str = "32",
+        device_type: str = "cpu",
+    ) -> None:
         self.fired, self.start = 0, global_step
         self.handles = [optimizer.register_step_post_hook(self._fired) for optimizer in optimizers.values()]
+        self.precision, self.device_type = precision, device_type
+        self.autocast_seen: list[bool] = []  # at each forward of the model: was autocast on?
+        if model is not None and precision != "32":
+            self.handles.append(model.register_forward_pre_hook(self._forward))
 
     def _fired(self, *args: Any) -> None:
         self.fired += 1
+
+    def _forward(self, *args: Any) -> None:
+        try:
+            on = torch.is_autocast_enabled(self.device_type)
+        except TypeError:  # torch < 2.4: no device argument
+            on = torch.is_autocast_cpu_enabled() if self.device_type == "cpu" else torch.is_autocast_enabled()
+        self.autocast_seen.append(on)
 
     def check(self, global_step: int, step_features: dict[str, Any]) -> None:
         """After a batch: refuses the features that count steps, else warns (once: the hooks are removed)."""
         for handle in self.handles:
             handle.remove()
+        if self.autocast_seen and not any(self.autocast_seen):
+            warnings.warn(
+                f"precision={self.precision!r} is off in this Trainer's train_step: it calls the model outside "
+                "self.autocast(), so the model runs in float32; wrap the forward and the loss in "
+                "`with self.autocast():`",
+                stacklevel=user_stacklevel(),
+            )
         if not self.fired or global_step != self.start:
             return
         fix = (

@@ -302,7 +302,9 @@ class FitRun(Run):
         if state.batch_in_epoch > 0 and self.validated_before_resume():
             self.step_validated_at = (state.epoch, state.batch_in_epoch)
         if type(trainer).train_step is not Steps.train_step:
-            self.step_probe = _checks.UncountedStepProbe(trainer.optimizers, state.global_step)
+            self.step_probe = _checks.UncountedStepProbe(
+                trainer.optimizers, state.global_step, trainer.model, trainer.precision, trainer.device.type
+            )
         for epoch in epochs:
             state.epoch = epoch
             if trainer._accumulation.schedule:  # accumulate_grad_batches by epoch: this epoch's group size

@@ -4,8 +4,10 @@ used together gave a silently wrong number, against an invariant (validation is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -337,6 +339,31 @@ def test_a_named_validation_set_and_a_metric_that_make_the_same_key_are_refused(
     x, y = make_classification(32)
     metric = fitkit.metrics.Accuracy(name="b_loss")
     trainer = fitkit.Trainer(torch.nn.Linear(4, 3), "sgd", "cross_entropy", metrics=[metric], verbose=0, device="cpu")
-    with pytest.raises(ValueError, match=r"'val_a_b_loss': the metric 'b_loss' of the validation set 'a' and the loss of the validation set 'a_b'"):
+    with pytest.raises(
+        ValueError,
+        match=r"'val_a_b_loss': the metric 'b_loss' of the validation set 'a' and the loss of the validation set 'a_b'",
+    ):
         trainer.fit((x, y), {"a": (x, y), "a_b": (x, y)}, epochs=1, batch_size=8)
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("uses_autocast", [False, True])
+def test_bf16_in_a_custom_step_without_autocast_is_named_once(uses_autocast: bool) -> None:
+    class Step(fitkit.Trainer):
+        def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
+            x, y = batch
+            with self.autocast() if uses_autocast else contextlib.nullcontext():
+                loss = self.compute_loss(x, y, self.forward(x))
+            self.backward(loss)
+            self.optimizer_step()
+            return {"loss": loss.detach()}
+
+    x, y = make_classification(48)
+    model = torch.nn.Linear(4, 3)
+    trainer = Step(model, "sgd", "cross_entropy", precision="bf16", verbose=0, device="cpu")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.fit((x, y), epochs=2, batch_size=16)
+    named = [w for w in seen if "precision='bf16' is off" in str(w.message)]
+    assert len(named) == (0 if uses_autocast else 1)
+    assert not named or "self.autocast()" in str(named[0].message)
