@@ -401,6 +401,13 @@ def for_this_call(trainer: Any, callbacks: Sequence[Any] | None, verbose: Any) -
         trainer.callbacks, trainer.verbose = kept
 
 
+def resumed_line(path: Any, state: Any, planned: int | None) -> str:
+    """The line a resumed fit prints: the file, and the epoch (1-based), batch and global step it continues at."""
+    epoch = f"epoch {state.epoch + 1}" + (f" of {planned}" if planned else "")
+    batch = f", after batch {state.batch_in_epoch} of the epoch" if state.batch_in_epoch else ""
+    return f"Resumed from {path}: {epoch}, global step {state.global_step}{batch}"
+
+
 def check_verbose(verbose: Any) -> int:
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose must be 0 (silent), 1 (progress bar) or 2 (one line per epoch), got {verbose!r}")

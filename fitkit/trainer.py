@@ -871,6 +871,8 @@ class Trainer(Steps, memory.BatchSizeSearch):
         if path is not None:
             self.load_checkpoint(path)
             self._run.resumed_from = path
+            if self.verbose and self.is_global_zero:  # where the run continues, before its first progress line
+                print(_arguments.resumed_line(path, self.state, self.epochs_planned), flush=True)
 
     def _resume_path(self, resume: str | Path) -> Path | None:
         """An explicit (verified) path, or for ``"auto"`` the newest good checkpoint in the folders of

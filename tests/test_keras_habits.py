@@ -72,3 +72,13 @@ def test_a_dict_batch_of_inputs_and_targets_says_what_dict_batches_mean() -> Non
         r"'y'.*\['x', 'y'\].*return \(inputs, targets\)",
     ):
         make_trainer().fit(data, epochs=1)
+
+
+def test_a_resumed_fit_says_where_it_resumed(tmp_path: Any, capsys: Any) -> None:
+    x, y = make_classification(n=16)
+    trainer = make_trainer()
+    trainer.fit((x, y), epochs=1, batch_size=8)
+    trainer.save_checkpoint(tmp_path / "ckpt.pt")
+    make_trainer(verbose=2).fit((x, y), epochs=2, batch_size=8, resume=tmp_path / "ckpt.pt")
+    captured = capsys.readouterr()
+    assert f"Resumed from {tmp_path / 'ckpt.pt'}: epoch 2 of 2, global step 2" in captured.out + captured.err
