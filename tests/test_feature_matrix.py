@@ -12,7 +12,8 @@ invariants:
 - a combination that cannot work (a step fitkit cannot count with ``max_steps``/``validate_every_n_steps``) is
   refused with a clear error at the first batch, before anything is written.
 
-Two combinations run in the quick loop; the rest are marked slow.
+Two combinations run in the quick loop; the rest are marked slow. Four more run on two ranks (gloo, forked; slow),
+rank 0 alone sent SIGTERM.
 """
 
 from __future__ import annotations
@@ -258,3 +259,49 @@ def test_feature_combination_keeps_the_invariants(
     _newest_is_last(tmp_path / "b", combo[2], resumed)
     assert list(work.iterdir()) == [] and outside.read_text() == "untouched"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "cwd", "outside.txt"]
+
+
+# -- world size 2 (gloo, two forked ranks): the same invariants, rank 0 writing, SIGTERM on rank 0 only ------
+DISTRIBUTED = [
+    ("default", "epoch", "top1_last", "early_stopping"),
+    ("custom", "steps4", "epochs_last", "max_steps"),
+    ("accumulate", "every2", "batches_last", "stop_mid_epoch"),
+    ("raw", "none", "backup", "epochs"),
+]
+
+
+def _ranked(rank: int, out: Path, combo: tuple[str, ...], interrupt: int, resume: Any) -> dict[str, Any]:
+    try:
+        trainer = _run(out / "run", combo, interrupt=interrupt if rank == 0 else 0, resume=resume)
+    except (fitkit.TrainingInterrupted, SystemExit):
+        return {"interrupted": True}
+    batches = next(cb.batches for cb in trainer.callbacks if isinstance(cb, Invariants))
+    return {"interrupted": False, "state": final_state(trainer), "batches": batches}
+
+
+@pytest.mark.slow  # two forked ranks, three fits each
+@pytest.mark.parametrize(("step", "validation", "mode", "stop"), DISTRIBUTED, ids=["-".join(c) for c in DISTRIBUTED])
+def test_feature_combination_keeps_the_invariants_on_two_ranks(
+    step: str, validation: str, mode: str, stop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dist_utils import run_ranks
+
+    combo = (step, validation, mode, stop)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    reference = run_ranks(_ranked, tmp_path / "a", combo, 0, None).check()
+    assert not reference[0]["interrupted"]
+    assert_same_state(reference[1]["state"], reference[0]["state"])  # the ranks agree
+    at = (reference[0]["batches"] + 1) // 2
+    interrupted = run_ranks(_ranked, tmp_path / "b", combo, at, None).check()
+    assert all(r["interrupted"] for r in interrupted)  # rank 0's signal stops both, at the same batch
+    resume = None if mode == "backup" else "auto"
+    resumed = run_ranks(_ranked, tmp_path / "b", combo, 0, resume).check()
+    for rank in (0, 1):
+        assert_same_state(resumed[rank]["state"], reference[rank]["state"])
+    if mode != "backup":
+        last = checkpoint.load(tmp_path / "b" / "run" / "last.pt")["trainer"]
+        others = [checkpoint.load(p)["trainer"] for p in (tmp_path / "b" / "run").glob("e*.pt")]
+        assert all(o["global_step"] <= last["global_step"] for o in others)
+    assert list(work.iterdir()) == []
