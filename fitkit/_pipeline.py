@@ -108,7 +108,7 @@ class TrainBatches:
         self.info = trainer.dist
         self.feed = DeviceFeed(trainer, loader)
         self.source = stateful_source(loader)  # whose state_dict() is the position in the data, if any
-        self.order = None if self.source is not None else _reshard.order_spec(loader)  # see _reshard
+        self.order = _reshard.order_spec(loader)  # how an epoch's order is drawn, if fitkit can recompute it
         self.restored: dict[str, Any] | None = None  # what a resume loaded for the interrupted epoch
         self.segment: dict[str, Any] | None = None  # the resharded epoch being read: where it began
 
@@ -198,8 +198,9 @@ class TrainBatches:
             resharded = {"origin": segment["origin"], "offset": offset}
         if self.random_workers is not None:
             self.random_workers.warn_once()
-        state = None if self.source is None else self.source.state_dict()
-        return {"state": state, "order": self.order, "resharded": resharded}
+        if self.source is None:
+            return {"state": None, "order": self.order, "resharded": resharded}
+        return {"state": self.source.state_dict(), "order": None, "resharded": None}  # its own order: per rank
 
     def restore(self, saved: list[Any], skip: int, epoch_rng: dict[str, Any] | None, strict: bool) -> bool:
         """Takes back every rank's saved `position` (``saved``, by rank; None at an epoch's end) for the
@@ -216,7 +217,7 @@ class TrainBatches:
         if resharded is None and len(saved) == self.info.world_size:
             self.restored = {"state": mine.get("state")}
             return True
-        if self.order is None or (resharded is None and mine.get("order") is None):
+        if self.order is None or self.source is not None or (resharded is None and mine.get("order") is None):
             if strict:
                 return False
             self.restored = {"state": mine.get("state")}  # strict=False: each rank's own part, as it was
@@ -258,11 +259,11 @@ def restore_positions(train: TrainBatches, state: dict[str, Any], saved: list[di
 
 def stateful_source(loader: Any) -> Any:
     """The object whose ``state_dict()`` is the position in ``loader``'s data: the loader itself when it has
-    ``state_dict``/``load_state_dict`` and iterable data (torchdata's StatefulDataLoader, a re-iterable of
-    batches), or a DataLoader's iterable dataset that has them, read in the main process (with workers, each
-    holds a copy whose position the main process cannot see). None otherwise: map-style DataLoaders replay
-    their indices instead."""
-    if _has_state(loader) and not is_map_style(loader):
+    ``state_dict``/``load_state_dict`` (torchdata's StatefulDataLoader, also over map-style data: its workers
+    draw otherwise than a DataLoader's, so only its own state resumes it exactly; a re-iterable of batches), or
+    a DataLoader's iterable dataset that has them, read in the main process (with workers, each holds a copy
+    whose position the main process cannot see). None otherwise: DataLoaders replay their indices instead."""
+    if _has_state(loader):
         return loader
     dataset = getattr(loader, "dataset", None)
     if isinstance(loader, DataLoader) and isinstance(dataset, IterableDataset) and _has_state(dataset):
