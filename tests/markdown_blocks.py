@@ -1,8 +1,10 @@
 """The Python code blocks of the Markdown documentation, as the docs tests run them.
 
-A block is a fenced block whose info string starts with ``python`` (or ``py``). Its other words are flags:
-``notest`` (deliberately not runnable: shown, never run; keep these rare) and ``slow`` (run only by the slow test
-that runs its page whole: ``-m "not slow"`` leaves it out). Blocks inside an HTML comment (``<!-- ... -->``) are run too but not rendered:
+A block is a fenced block whose info string starts with ``python`` (or ``py``). Its flags are classes in braces,
+```` ```python {.slow} ```` (the form MkDocs' superfences renders; a bare word after the language, ```` ```python
+slow ````, is not a fence to it, and the page below it vanishes into one code block): ``notest`` (deliberately not
+runnable: shown, never run; keep these rare) and ``slow`` (run only by the slow test that runs its page whole:
+``-m "not slow"`` leaves it out). Blocks inside an HTML comment (``<!-- ... -->``) are run too but not rendered:
 the way a page sets up names a shown sketch needs without printing them.
 """
 
@@ -46,8 +48,23 @@ def python_blocks(path: Path) -> list[Block]:
             continue
         line = text.count("\n", 0, match.start("body")) + 1
         code = textwrap.dedent(match["body"])
-        blocks.append(Block(path, line, frozenset(words[1:]), code))
+        blocks.append(Block(path, line, frozenset(flags(match["info"])), code))
     return blocks
+
+
+def flags(info: str) -> list[str]:
+    """The flags of a fence's info string, ``python {.slow .notest}`` -> ``["slow", "notest"]``; a bare word after
+    the language is a ValueError (superfences would not render the block: see the module's docstring)."""
+    language, _, rest = info.strip().partition(" ")
+    rest = rest.strip()
+    if not rest:
+        return []
+    if not (rest.startswith("{") and rest.endswith("}")):
+        raise ValueError(
+            f"fence info string {info.strip()!r}: write flags as classes in braces, ```{language} {{.{rest.split()[0]}}}; "
+            "MkDocs does not render a bare word after the language as a code block"
+        )
+    return [word[1:] for word in rest[1:-1].split() if word.startswith(".")]
 
 
 def compile_block(block: Block) -> object:

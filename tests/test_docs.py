@@ -76,7 +76,7 @@ def test_the_collector_finds_blocks_in_lists_and_comments_and_honours_notest(tmp
     page = tmp_path / "page.md"
     page.write_text(
         "# t\n\n```python\nx = 1\n```\n\n- item\n\n    ```python\n    y = x + 1\n    ```\n\n"
-        "<!--\n```python\nz = y + 1\n```\n-->\n\n```python notest\nraise RuntimeError\n```\n\n"
+        "<!--\n```python\nz = y + 1\n```\n-->\n\n```python {.notest}\nraise RuntimeError\n```\n\n"
         "```bash\nexit 1\n```\n\n```python\nassert z == 3\n```\n",
         encoding="utf-8",
     )
@@ -217,3 +217,74 @@ def test_every_reference_entry_has_a_summary_and_documents_its_arguments():
         "docstrings to fix (a reference entry needs a summary and every argument described, Google style: "
         "Args:/Returns:/Raises:):\n" + "\n".join(problems)
     )
+
+
+# -- the built site: what the Markdown says is what the reader sees -------------------------------------------
+def _heading_text(markup: str) -> str:
+    """A heading's visible text, from Markdown or from HTML: no tags, links, code marks, ids or permalinks."""
+    import html
+
+    text = re.sub(r"<[^>]+>", "", markup)  # HTML tags
+    text = re.sub(r"\{[#.][^}]*\}\s*$", "", text)  # attr_list {#id}
+    text = re.sub(r"\[([^\]]*)\]\[[^\]]*\]|\[([^\]]*)\]\([^)]*\)", lambda m: m[1] or m[2] or "", text)
+    text = html.unescape(text).replace("¶", "").replace("`", "").replace("**", "").replace("*", "")
+    return " ".join(text.split())
+
+
+def _markdown_headings(page: Path) -> list[str]:
+    """The ATX headings of a page, outside fenced blocks and HTML comments."""
+    text = re.sub(r"<!--.*?-->", "", page.read_text(encoding="utf-8"), flags=re.S)
+    headings: list[str] = []
+    fence: str | None = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if fence is None:
+            if opening := re.match(r"(`{3,}|~{3,})", stripped):
+                fence = opening[1]
+            elif heading := re.match(r"#{1,6}\s+(.*)", line):
+                headings.append(_heading_text(heading[1]))
+        elif stripped.startswith(fence) and not stripped.strip(fence[0]):
+            fence = None
+    return headings
+
+
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mkdocs.commands.build import build
+    from mkdocs.config import load_config
+
+    site = tmp_path_factory.mktemp("site")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build(load_config(str(ROOT / "mkdocs.yml"), site_dir=str(site), strict=False))
+    return site
+
+
+def _built_page(site: Path, page: Path) -> Path:
+    relative = page.relative_to(ROOT / "docs").with_suffix("")
+    return site / "index.html" if relative.name == "index" else site / relative / "index.html"
+
+
+@pytest.mark.slow  # builds the whole site (~20 s)
+@pytest.mark.parametrize("page", sorted((ROOT / "docs").rglob("*.md")), ids=_ids)
+def test_every_heading_of_the_page_is_a_heading_of_its_built_page_and_no_fence_leaks(page, built_site):
+    built = _built_page(built_site, page).read_text(encoding="utf-8")
+    shown = {_heading_text(h) for _, h in re.findall(r"<h([1-6])[^>]*>(.*?)</h\1>", built, flags=re.S)}
+    missing = [h for h in _markdown_headings(page) if h not in shown]
+    assert not missing, (
+        f"{page.name}: these headings are not headings on the built page (swallowed by a fence?): {missing}"
+    )
+    leaked = [c[:60] for c in re.findall(r"<p><code>([^<]*)</code>", built) if "\n" in c]
+    assert not leaked, (
+        f"{page.name}: a fenced block renders as inline code (a fence MkDocs did not recognise): {leaked}"
+    )
+    assert "```" not in re.sub(r"<pre.*?</pre>|<code>.*?</code>", "", built, flags=re.S), (
+        f"{page.name}: a raw ``` shows"
+    )
+
+
+def test_a_flag_written_as_a_bare_word_after_the_language_is_refused(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("```python slow\nx = 1\n```\n\n## Swallowed\n")
+    with pytest.raises(ValueError, match=r"'python slow': write flags as classes in braces, ```python \{\.slow\}"):
+        python_blocks(page)

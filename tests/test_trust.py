@@ -240,6 +240,19 @@ def test_two_checkpoint_callbacks_whose_templates_collide_are_refused(a: str, b:
         )
 
 
+def test_two_save_last_checkpoint_callbacks_in_one_folder_are_refused_when_the_trainer_is_built(
+    tmp_path: Path,
+) -> None:
+    """Both would write ckpt/last.pt: refused before anything runs, not after the first epoch with a crash.pt."""
+    callbacks = [
+        ModelCheckpoint(tmp_path / "ckpt" / "best.pt", monitor="val_loss", save_best_only=True, save_last=True),
+        ModelCheckpoint(tmp_path / "ckpt" / "e{epoch}.pt", monitor=None, save_last=True),
+    ]
+    with pytest.raises(ValueError, match=r"writes '.*ckpt/last\.pt' and ModelCheckpoint writes '.*ckpt/last\.pt'"):
+        fitkit.Trainer(torch.nn.Linear(2, 2), "sgd", "mse", callbacks=callbacks, verbose=0)
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_backup_and_restore_in_a_model_checkpoint_folder_is_refused_and_deletes_nothing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="BackupAndRestore writes .*backup.pt"):
         check_file_collisions([ModelCheckpoint(tmp_path / "backup.pt"), BackupAndRestore(tmp_path)])

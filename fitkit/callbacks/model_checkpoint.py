@@ -126,9 +126,9 @@ class ModelCheckpoint(MonitorCallback):
         self._folder_checked = False
 
     def file_templates(self) -> list[str]:
-        """The path templates this callback writes (``last.pt``/``crash.pt`` excepted: every checkpoint
-        callback writes the same full state there)."""
-        return [self.filepath]
+        """The path templates this callback writes, ``last.pt`` included with ``save_last`` (two callbacks that
+        both keep it in one folder are refused when the Trainer is built); ``crash.pt`` excepted."""
+        return [self.filepath] + ([str(self.checkpoint_dir / "last.pt")] if self.save_last else [])
 
     @staticmethod
     def _template_fields(template: str) -> list[str]:
