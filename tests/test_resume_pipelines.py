@@ -276,3 +276,21 @@ def test_a_stateful_dataloader_over_map_style_data_resumes_from_its_own_state(tm
     with pytest.raises(RuntimeError, match="simulated crash"):
         run([SaveAndCrash()])
     assert_same_state(run([], seed=5, resume=tmp_path / "c.pt"), reference)
+
+
+@pytest.mark.slow  # DataLoader workers
+def test_seeded_persistent_workers_follow_the_epoch_fitkit_sets() -> None:
+    # The epoch lives in shared memory: workers that persist across epochs see set_epoch too.
+    data = fitkit.data.seeded(Augmented(), seed=0)
+
+    def epochs(**options: Any) -> list[torch.Tensor]:
+        loader = DataLoader(data, batch_size=16, **options)
+        out = []
+        for epoch in range(2):
+            data.set_epoch(epoch)
+            out.append(torch.cat([x for x, _ in loader]))
+        return out
+
+    main, persistent = epochs(), epochs(num_workers=2, persistent_workers=True)
+    assert torch.equal(main[0], persistent[0]) and torch.equal(main[1], persistent[1])
+    assert not torch.equal(main[0], main[1])
