@@ -288,3 +288,19 @@ def test_a_flag_written_as_a_bare_word_after_the_language_is_refused(tmp_path):
     page.write_text("```python slow\nx = 1\n```\n\n## Swallowed\n")
     with pytest.raises(ValueError, match=r"'python slow': write flags as classes in braces, ```python \{\.slow\}"):
         python_blocks(page)
+
+
+def test_every_message_the_troubleshooting_page_names_is_raised_by_fitkit():
+    """Each heading of docs/troubleshooting.md is the fixed part of a message: it must still be in fitkit's code."""
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "fitkit").rglob("*.py"))
+    page = (ROOT / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
+    messages = re.findall(r"^## `(.+)`$", page, flags=re.M)
+    assert len(messages) >= 10
+    gone = [m for m in messages if m not in source]
+    assert not gone, f"docs/troubleshooting.md names messages fitkit no longer raises: {gone}"
+
+
+def test_the_examples_gallery_names_every_example():
+    page = (ROOT / "docs" / "examples.md").read_text(encoding="utf-8")
+    scripts = sorted(p.name for p in (ROOT / "examples").iterdir() if p.suffix in (".py", ".ipynb"))
+    assert [s for s in scripts if f"`examples/{s}`" not in page] == []
