@@ -218,6 +218,19 @@ def check_weights_fit_loss(loss_fn: Any, class_weight: Any, sample_weight: Any) 
         )
 
 
+def check_closure_optimizers(optimizers: dict[str, Any], closure_optimizers: list[str], default_step: bool) -> None:
+    """The default ``train_step`` steps a closure optimizer (LBFGS) alone: with others, they would never step."""
+    if not closure_optimizers or len(optimizers) == 1 or not default_step:
+        return
+    name = closure_optimizers[0]
+    others = ", ".join(repr(other) for other in optimizers if other != name)
+    raise ValueError(
+        f"{type(optimizers[name]).__name__} ({name!r}) re-evaluates the loss through a closure, and the default "
+        f"train_step steps it alone: {others} would never step. Write train_step yourself: "
+        f"self.optimizer_step({name!r}, closure=...) for it and self.optimizer_step(name) for the others"
+    )
+
+
 def check_validation_keys(sets: list[str | None], names: list[str]) -> None:
     """The epoch-log keys of every validation set (``val_<set>_<name>``) are distinct from each other and from
     the training keys: two sources of one key would overwrite each other silently."""
@@ -474,6 +487,7 @@ __all__ = [
     "ELEMENTWISE_LOSSES",
     "REGRESSION_LOSSES",
     "UncountedStepProbe",
+    "check_closure_optimizers",
     "check_sample_weight",
     "check_validation_keys",
     "check_weights_fit_loss",

@@ -593,6 +593,9 @@ def plan_fit(
     validate_at = _arguments.validation_schedule(schedule.check_validation_freq(validation_freq, every))
     train_data, val_data = _split_off_validation(train_data, val_data, validation_split)
     _checks.check_weights_fit_loss(trainer.loss, class_weight, sample_weight)
+    _checks.check_closure_optimizers(
+        trainer.optimizers, trainer._closure_optimizers, type(trainer).train_step is Steps.train_step
+    )
     train_loader = _pipeline.make_loader(
         trainer, train_data, batch_size, shuffle, "train_data", training=True, sample_weight=sample_weight,
         drop_last=drop_last,

@@ -263,7 +263,10 @@ class Trainer(Steps, memory.BatchSizeSearch):
                 f"trainer.optimizer must be set to a torch.optim.Optimizer over the model's parameters, got "
                 f"{type(optimizer).__name__} {optimizer!r}; e.g. trainer.optimizer = torch.optim.Adam(model.parameters())"
             )
-        self.optimizers = {name: optimizer}
+        _arguments.check_optimizers_hold_model({name: optimizer}, self.model, self.loss)  # the build's checks
+        closure = [name] if _arguments.needs_closure(optimizer) else []
+        _arguments.check_step_setup({name: optimizer}, closure, self.precision, self.accumulate_grad_batches)
+        self.optimizers, self._closure_optimizers = {name: optimizer}, closure
         self._trainable_params.clear()
 
     @property

@@ -367,3 +367,38 @@ def test_bf16_in_a_custom_step_without_autocast_is_named_once(uses_autocast: boo
     named = [w for w in seen if "precision='bf16' is off" in str(w.message)]
     assert len(named) == (0 if uses_autocast else 1)
     assert not named or "self.autocast()" in str(named[0].message)
+
+
+def test_replacing_the_optimizer_after_build_runs_the_build_checks() -> None:
+    model = torch.nn.Linear(4, 3)
+    trainer = fitkit.Trainer(model, "sgd", "cross_entropy", verbose=0, device="cpu", accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match=r"LBFGS.*accumulate_grad_batches"):
+        trainer.optimizer = torch.optim.LBFGS(model.parameters())
+    with pytest.raises(ValueError, match=r"parameters"):
+        trainer.optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    # From LBFGS to SGD: the default step no longer steps through a closure.
+    x, y = make_classification(32)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    trainer = fitkit.Trainer(model, torch.optim.LBFGS(model.parameters()), "cross_entropy", verbose=0, device="cpu")
+    trainer.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer.fit((x, y), epochs=1, batch_size=8, shuffle=False)
+    torch.manual_seed(0)
+    fresh = torch.nn.Linear(4, 3)
+    expected = fitkit.Trainer(
+        fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), "cross_entropy", verbose=0, device="cpu"
+    )
+    expected.fit((x, y), epochs=1, batch_size=8, shuffle=False)
+    assert torch.equal(model.weight, fresh.weight)
+
+
+def test_a_closure_optimizer_among_several_is_refused_with_the_default_step() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    optimizers = {
+        "first": torch.optim.LBFGS(model[0].parameters()),
+        "second": torch.optim.SGD(model[1].parameters(), lr=0.1),
+    }
+    trainer = fitkit.Trainer(model, optimizers, "cross_entropy", verbose=0, device="cpu")
+    x, y = make_classification(32)
+    with pytest.raises(ValueError, match=r"LBFGS.*closure.*'second' would never step.*train_step"):
+        trainer.fit((x, y), epochs=1, batch_size=8)
