@@ -1,6 +1,11 @@
 """How long a full, atomic, verified checkpoint of the main example's model takes to write and read.
 
     python benchmarks/checkpoint_write.py            # 20 saves after one epoch of examples/train_digits.py
+    python benchmarks/checkpoint_write.py --stall    # the loop's stall per save, sync vs async_save=True
+
+``--stall`` trains a 134 MB model (two 4096x4096 linear layers, SGD) with ``ModelCheckpoint(save_freq=N)`` and
+reports how long the loop stops at each save point: the whole write without ``async_save``; only the copy to host
+memory (and any wait for the previous save) with it.
 
 Each save is a temporary file, torch.save through a SHA-256 hashing writer, fsync, a two-phase manifest
 update around the rename (three fsyncs in all) and a directory fsync; the load verifies size and SHA-256
@@ -26,10 +31,59 @@ import fitkit
 from fitkit import checkpoint
 
 
+def stall(saves: int, every: int) -> None:
+    """The loop's pause at each save point of a fit, sync vs ``async_save=True``."""
+    from torch import nn
+
+    from fitkit.callbacks import ModelCheckpoint
+
+    for async_save in (False, True):
+        fitkit.seed_everything(0)
+        model = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096))
+        x, y = torch.randn(64 * every * saves, 4096), torch.randn(64 * every * saves, 4096)
+        with tempfile.TemporaryDirectory() as folder:
+            callback = ModelCheckpoint(
+                Path(folder) / "step{step:04d}.pt", monitor=None, save_freq=every, save_top_k=1, async_save=async_save
+            )
+            trainer = fitkit.Trainer(
+                model,
+                torch.optim.SGD(model.parameters(), lr=1e-4),
+                "mse",
+                callbacks=[callback],
+                device="cpu",
+                verbose=0,
+            )
+            pauses: list[float] = []
+            queue = trainer.after_callbacks
+
+            def timed(action, queue=queue, pauses=pauses):  # type: ignore[no-untyped-def]
+                def run() -> None:
+                    start = time.perf_counter()
+                    action()
+                    pauses.append(time.perf_counter() - start)
+
+                queue(run)
+
+            trainer.after_callbacks = timed  # type: ignore[method-assign]
+            start = time.perf_counter()
+            trainer.fit((x, y), batch_size=64, epochs=1)
+            total = time.perf_counter() - start
+            size = max(p.stat().st_size for p in Path(folder).glob("*.pt")) / 1e6
+        print(
+            f"async_save={async_save!s:5}: {size:.0f} MB checkpoint, stall per save: median "
+            f"{1e3 * statistics.median(pauses):.0f} ms (min {1e3 * min(pauses):.0f}, max {1e3 * max(pauses):.0f}) "
+            f"over {len(pauses)} saves; fit {total:.1f} s for {saves * every} steps"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--saves", type=int, default=20)
+    parser.add_argument("--stall", action="store_true", help="the loop's stall per save, sync vs async_save=True")
+    parser.add_argument("--every", type=int, default=10, help="with --stall: steps between saves")
     args = parser.parse_args()
+    if args.stall:
+        return stall(min(args.saves, 5), args.every)
     torch.set_num_threads(1)
     fitkit.seed_everything(0)
     x, y = load_digits()

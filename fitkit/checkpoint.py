@@ -21,8 +21,12 @@ and [verify][fitkit.checkpoint.verify], [remove_checkpoint][fitkit.checkpoint.re
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import contextvars
+import copy
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -193,6 +197,9 @@ def atomic_save(obj: Any, path: str | Path, meta: dict[str, Any] | None = None) 
     Returns:
         The manifest record written for it (size, sha256 and ``meta``).
     """
+    if (queue := _deferred.get()) is not None:  # async_save: a host copy now, the write in the background
+        queue.append(functools.partial(atomic_save, to_host(obj), path, meta))
+        return {}
     path = Path(path)
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -226,6 +233,32 @@ def atomic_save(obj: Any, path: str | Path, meta: dict[str, Any] | None = None) 
     if (remote_folder := _mirrors.get(str(folder.resolve()))) is not None:
         remote_folder.upload(path, {"versions": [record]})  # committed here first: a failed upload loses nothing
     return record
+
+
+#: The writes and removals of an async save, queued (`deferred_writes`); None: write now.
+_deferred: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("fitkit_deferred_writes", default=None)
+
+
+@contextlib.contextmanager
+def deferred_writes(queue: list[Any]) -> Iterator[None]:
+    """Inside it, `atomic_save` and `remove_checkpoint` append their work to ``queue`` (to run later, in
+    order, in another thread) instead of doing it; `atomic_save` first copies ``obj`` to the host."""
+    token = _deferred.set(queue)
+    try:
+        yield
+    finally:
+        _deferred.reset(token)
+
+
+def to_host(obj: Any) -> Any:
+    """A copy of ``obj`` whose tensors are detached CPU clones: later training steps cannot change it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if type(obj) in (dict, collections.OrderedDict):
+        return type(obj)((key, to_host(value)) for key, value in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(to_host(value) for value in obj)
+    return copy.deepcopy(obj)
 
 
 #: Local folders whose committed files are mirrored to a remote folder (`fitkit.remote`), by resolved path.
@@ -290,6 +323,9 @@ def remove_checkpoint(path: str | Path) -> None:
     Args:
         path: a file (or sharded checkpoint directory) that its folder's manifest lists.
     """
+    if (queue := _deferred.get()) is not None:  # after the queued write that makes it redundant
+        queue.append(functools.partial(remove_checkpoint, path))
+        return
     path = Path(path)
     with manifest_lock(path.parent):
         manifest = read_manifest(path.parent, strict=True)
@@ -980,6 +1016,8 @@ __all__ = [
     "world_size_mismatch",
     "MANIFEST",
     "adopt",
+    "deferred_writes",
+    "to_host",
     "mirror",
     "LOCK",
     "FORMAT_VERSION",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fitkit import remote
+from fitkit._async_save import BackgroundSaves, check_strategy
 from fitkit._warn import user_stacklevel
 from fitkit.callbacks._files import acquire_run_lock, check_writable, checked_on_rank_zero, release_run_lock
 from fitkit.callbacks.base import Callback, Logs
@@ -27,11 +29,13 @@ class BackupAndRestore(Callback):
         save_freq: ``"epoch"`` (after every epoch) or an int N (every N training batches).
         delete_checkpoint: delete the backup when training ends without an exception, so the next run
             starts fresh (Keras's default).
-
         storage_options: with an fsspec URL ``backup_dir`` (``"s3://bucket/run/backup"``), the filesystem's
             options (credentials, endpoint; see `fitkit.remote`): the backup is written to a local staging
             folder, then uploaded (temporary key, checked, manifest last), and fetched back before a fit
             resumes. None: the filesystem's defaults; an error with a local ``backup_dir``.
+        async_save: pause training only to copy the state to host memory; write (and upload) the backup in a
+            background thread, one at a time; a failure there is raised at the next batch. Not under FSDP.
+
     ``fit(..., resume=None)`` with this callback resumes from a good backup if one exists; a corrupted
     backup is reported and training starts from scratch. SIGINT/SIGTERM write a backup before exiting.
     """
@@ -43,6 +47,7 @@ class BackupAndRestore(Callback):
         delete_checkpoint: bool = True,
         *,
         storage_options: dict[str, Any] | None = None,
+        async_save: bool = False,
     ) -> None:
         if save_freq != "epoch" and (not isinstance(save_freq, int) or isinstance(save_freq, bool) or save_freq < 1):
             raise ValueError(f"save_freq must be 'epoch' or an int >= 1 (training batches), got {save_freq!r}")
@@ -54,6 +59,9 @@ class BackupAndRestore(Callback):
         self.checkpoint_dir = Path(backup_dir) if self.remote_folder is None else self.remote_folder.staging
         self.save_freq = save_freq
         self.delete_checkpoint = delete_checkpoint
+        if not isinstance(async_save, bool):
+            raise TypeError(f"async_save must be True or False, got {async_save!r}")
+        self._background = BackgroundSaves("BackupAndRestore") if async_save else None
         self._batches_since_save = 0
         self._failed = False
         self._wrote = False  # this fit wrote (or resumed from) the backup: only then may it delete it
@@ -87,8 +95,10 @@ class BackupAndRestore(Callback):
 
     def on_train_begin(self, logs: Logs | None = None) -> None:
         checked_on_rank_zero(self.trainer, self._claim_folder)  # a file or a read-only folder: now, not at the save
-        self._batches_since_save = 0
         remote.attach(self.trainer, self.checkpoint_dir, self.remote_folder)
+        if self._background is not None:
+            check_strategy(self.trainer, "BackupAndRestore")
+        self._batches_since_save = 0
         self._failed = False
         self._wrote = False
 
@@ -107,36 +117,45 @@ class BackupAndRestore(Callback):
     stops_mid_epoch = False  # on_batch_end only writes backups: under torchrun, no per-batch stop vote for it
 
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        if self._background is not None:
+            self._background.check()  # a failed background save stops training here
         if not isinstance(self.save_freq, int):  # "epoch"
             return
         self._batches_since_save += 1
         if self._batches_since_save >= self.save_freq:
             self._batches_since_save = 0
-            self.trainer.after_callbacks(self._backup)
+            self.trainer.after_callbacks(self._saving())
+
+    def _saving(self) -> Callable[[], None]:
+        return self._backup if self._background is None else self._background.in_background(self._backup)
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
         if self.save_freq == "epoch":
-            self.trainer.after_callbacks(self._backup)
+            self.trainer.after_callbacks(self._saving())
 
     def on_exception(self, exception: BaseException) -> None:
         if (self.trainer.state.stop_reason or "").startswith(PRUNED):
             return  # an Optuna trial pruned (TrialPruned): over, not failed; the next trial must not resume it
         self._failed = True
         if isinstance(exception, TrainingInterrupted):  # a batch boundary: a consistent state
+            if self._background is not None:
+                self._background.wait()  # the backup in flight first; then this one, in the loop
             self._backup()
 
     def on_train_end(self, logs: Logs | None = None) -> None:
         try:
+            if self._background is not None:
+                self._background.wait()
             resumed = self.trainer.resumed_from
             ours = self._wrote or (resumed is not None and Path(resumed).resolve() == self.path.resolve())
             vouched = self.path.name in read_manifest(self.checkpoint_dir)["files"]  # never a file fitkit did not write
             if self.delete_checkpoint and not self._failed and ours and vouched and self.trainer.is_global_zero:
                 remove_checkpoint(self.path)
         finally:
+            remote.detach(self.checkpoint_dir, self.remote_folder)
             if getattr(self, "_locked", False):
                 self._locked = False
                 release_run_lock(self.checkpoint_dir)
-            remote.detach(self.checkpoint_dir, self.remote_folder)
 
     def state_dict(self) -> dict[str, Any]:
         return {"batches_since_save": self._batches_since_save}

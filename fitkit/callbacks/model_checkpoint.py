@@ -7,6 +7,7 @@ import math
 import re
 import string
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 
 from fitkit import distributed, remote
 from fitkit._arguments import check_flags
+from fitkit._async_save import BackgroundSaves, check_strategy
 from fitkit._warn import user_stacklevel
 from fitkit.callbacks import _files
 from fitkit.callbacks.base import Logs
@@ -67,6 +69,9 @@ class ModelCheckpoint(MonitorCallback):
             file name only), the filesystem's options (credentials, endpoint; see `fitkit.remote`): files are
             written to a local staging folder, then uploaded (temporary key, checked, manifest last). None: the
             filesystem's defaults; an error with a local ``filepath``.
+        async_save: pause training only to copy the state to host memory; write it (and upload it, and remove
+            the files it replaces) in a background thread, one save at a time; a failure there is raised at the
+            next batch. Not under FSDP.
 
     Every write is atomic (temporary file, fsync, rename, manifest with SHA-256). Non-finite weights are
     never written; a non-finite monitored value is never the best. Only files that this callback wrote
@@ -90,6 +95,7 @@ class ModelCheckpoint(MonitorCallback):
         verbose: bool = False,
         *,
         storage_options: dict[str, Any] | None = None,
+        async_save: bool = False,
     ) -> None:
         super().__init__(monitor=monitor or "_unused", mode=mode)
         self.monitor_key = monitor
@@ -98,7 +104,8 @@ class ModelCheckpoint(MonitorCallback):
         if save_top_k is not None and (not isinstance(save_top_k, int) or save_top_k < 1):
             raise ValueError(f"save_top_k must be None (keep every file) or an int >= 1, got {save_top_k!r}")
         check_flags(save_best_only=save_best_only, save_weights_only=save_weights_only, save_last=save_last,
-                    verbose=verbose)  # fmt: skip
+                    verbose=verbose, async_save=async_save)  # fmt: skip
+        self._background = BackgroundSaves("ModelCheckpoint") if async_save else None
         if not isinstance(filepath, (str, Path)) or not str(filepath).strip():
             raise TypeError(
                 f"filepath must be a path template (str or pathlib.Path) such as 'ckpt/{{epoch:02d}}.pt', got {filepath!r}"
@@ -146,6 +153,8 @@ class ModelCheckpoint(MonitorCallback):
         self._trained = False  # a failure before this fit's first batch leaves no crash.pt (nothing to inspect)
         _files.checked_on_rank_zero(self.trainer, self._claim_folder)  # a file or a read-only folder: now
         remote.attach(self.trainer, self.checkpoint_dir, self.remote_folder)
+        if self._background is not None:
+            check_strategy(self.trainer, "ModelCheckpoint")
         for field in self._fields:  # a typo in the template is an error now, not at the first save
             if field not in ("epoch", "step", "batch"):
                 check_key_can_exist(field, self.trainer, f"ModelCheckpoint(filepath={self.filepath!r})")
@@ -159,6 +168,8 @@ class ModelCheckpoint(MonitorCallback):
         self._locked = True
 
     def on_train_end(self, logs: Logs | None = None) -> None:
+        if self._background is not None:
+            self._background.wait()  # the last save is complete (or its error raised) when fit returns
         remote.detach(self.checkpoint_dir, self.remote_folder)
         if getattr(self, "_locked", False):
             self._locked = False
@@ -174,6 +185,8 @@ class ModelCheckpoint(MonitorCallback):
 
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         self._trained = True
+        if self._background is not None:
+            self._background.check()  # a failed background save stops training here
         if isinstance(self.save_freq, str):  # "epoch"
             return
         self._batches_since_save += 1
@@ -218,6 +231,8 @@ class ModelCheckpoint(MonitorCallback):
             return
         path = self.checkpoint_dir / name
         try:
+            if self._background is not None:
+                self._background.wait()  # the save in flight first; then this one, in the loop
             self.trainer.save_checkpoint(path, meta=None if interrupted else {"kind": "crash"})
         except Exception as exc:  # the original exception matters more than this one
             warnings.warn(
@@ -245,12 +260,16 @@ class ModelCheckpoint(MonitorCallback):
             if worst is not None and not self._better(score, worst[0]):
                 return self._save_last_only()  # would not enter the top k
         step = self.trainer.state.global_step
-        self.trainer.after_callbacks(lambda: self._write(path, score, step))
+        self.trainer.after_callbacks(self._saving(lambda: self._write(path, score, step)))
 
     def _save_last_only(self) -> None:
         """A save point whose file is not kept: ``last.pt`` is still the newest state (``save_last``)."""
         if self.save_last:
-            self.trainer.after_callbacks(self._write_last)
+            self.trainer.after_callbacks(self._saving(self._write_last))
+
+    def _saving(self, save: Callable[[], None]) -> Callable[[], None]:
+        """``save``, in the background with ``async_save``."""
+        return save if self._background is None else self._background.in_background(save)
 
     def _write_last(self) -> None:
         last = self.checkpoint_dir / "last.pt"

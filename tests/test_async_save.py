@@ -1,0 +1,140 @@
+"""``async_save=True`` on ModelCheckpoint and BackupAndRestore: the same files and the same exact resume as a
+synchronous save, a background failure raised at the next batch, and a kill during a background write that
+leaves the previous good checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import fitkit
+from fitkit import checkpoint
+from fitkit.callbacks import BackupAndRestore, ModelCheckpoint
+from fitkit.checkpoint import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(callbacks: list[Any]) -> fitkit.Trainer:
+    fitkit.seed_everything(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 2))
+    return fitkit.Trainer(
+        model, torch.optim.Adam(model.parameters(), lr=0.01), "cross_entropy",
+        callbacks=callbacks, device="cpu", verbose=0,
+    )  # fmt: skip
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 4, generator=g)
+    return x, (x[:, 0] > 0).long()
+
+
+def same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):  # the runs differ in their ids, clocks and folders only
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a if k not in ("time", "train_time", "run_id"))
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, str):
+        return a.replace("/sync/", "/") == b.replace("/async/", "/")
+    return bool(a == b)
+
+
+def callbacks(folder: Path, async_save: bool) -> list[Any]:
+    return [
+        ModelCheckpoint(folder / "{epoch:02d}.pt", monitor=None, save_top_k=2, save_last=True, async_save=async_save),
+        BackupAndRestore(folder / "backup", save_freq=3, delete_checkpoint=False, async_save=async_save),
+    ]
+
+
+def test_async_saves_write_what_sync_saves_write_and_resume_exactly(tmp_path: Path) -> None:
+    sync = build(callbacks(tmp_path / "sync", False))
+    sync.fit(data(), epochs=4, batch_size=16)
+    background = build(callbacks(tmp_path / "async", True))
+    background.fit(data(), epochs=4, batch_size=16)
+    names = sorted(p.name for p in (tmp_path / "sync").rglob("*.pt"))
+    assert names == sorted(p.name for p in (tmp_path / "async").rglob("*.pt")) == [
+        "03.pt", "04.pt", "backup.pt", "last.pt",
+    ]  # fmt: skip
+    for name in ("03.pt", "04.pt", "last.pt", "backup/backup.pt"):
+        # Each file holds the state at its own save point, not a later one (the host copy is taken in the loop).
+        assert same(checkpoint.load(tmp_path / "sync" / name), checkpoint.load(tmp_path / "async" / name)), name
+    resumed = build(callbacks(tmp_path / "async", True))
+    resumed.fit(data(), epochs=6, batch_size=16, resume=tmp_path / "async" / "03.pt")
+    whole = build([])
+    whole.fit(data(), epochs=6, batch_size=16)
+    assert same(resumed.model.state_dict(), whole.model.state_dict())
+
+
+def test_a_background_failure_is_raised_in_the_loop_at_the_next_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = torch.save
+
+    def full_disk(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    trainer = build([BackupAndRestore(tmp_path / "backup", save_freq=2, async_save=True)])
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="BackupAndRestore: a background save failed") as failure:
+        trainer.fit(data(), epochs=2, batch_size=16)
+    monkeypatch.setattr(torch, "save", real)
+    assert "No space left on device" in str(failure.value)
+    assert trainer.global_step in (3, 4)  # the save after step 2 failed; the loop learned of it at most 2 steps on
+    assert not (tmp_path / "backup" / "backup.pt").exists()
+
+
+@pytest.mark.slow  # a subprocess
+def test_a_kill_during_a_background_write_leaves_the_previous_good_checkpoint(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import os, signal, sys, threading
+        import torch
+        from torch import nn
+        import fitkit
+        from fitkit.callbacks import BackupAndRestore
+
+        real = torch.save
+        saves = []
+
+        def killed_midway(obj, f, *args, **kwargs):
+            saves.append(1)
+            if len(saves) == 3:  # the third backup: half its bytes, then the process is killed
+                assert threading.current_thread() is not threading.main_thread()
+                f.write(b"x" * 1000)
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(obj, f, *args, **kwargs)
+
+        torch.save = killed_midway
+        fitkit.seed_everything(0)
+        model = nn.Linear(4, 2)
+        trainer = fitkit.Trainer(model, "sgd", "cross_entropy", device="cpu", verbose=0,
+                                 callbacks=[BackupAndRestore(sys.argv[1], save_freq=1, async_save=True)])
+        x = torch.randn(64, 4)
+        trainer.fit((x, (x[:, 0] > 0).long()), epochs=2, batch_size=16)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "backup")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == -9, done.stderr[-2000:]
+    record = checkpoint.verify(tmp_path / "backup" / "backup.pt")  # intact, and vouched for
+    assert record["global_step"] == 2  # the second backup, the last one that completed
+    assert checkpoint.load(tmp_path / "backup" / "backup.pt")["trainer"]["global_step"] == 2
+
+
+def test_async_save_is_a_flag() -> None:
+    with pytest.raises(TypeError, match="async_save"):
+        BackupAndRestore("backup", async_save="yes")  # type: ignore[arg-type]
+    with pytest.raises((TypeError, ValueError), match="async_save"):
+        ModelCheckpoint("ckpt/{epoch}.pt", async_save="yes")  # type: ignore[arg-type]
