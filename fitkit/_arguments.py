@@ -614,6 +614,16 @@ def warn_unreachable_validation_epochs(validation_freq: Any, epochs: int | None)
         )
 
 
+def warn_unreachable_step_validation(every: int | None, last_step: int) -> None:
+    """``validate_every_n_steps`` larger than the run's last optimizer step would silently never validate."""
+    if every is not None and every > last_step:
+        warnings.warn(
+            f"validate_every_n_steps={every} is beyond this run's last step ({last_step}): step-level validation never "
+            f"runs. Pass validate_every_n_steps <= {last_step}, or train longer (epochs=, max_steps=)",
+            stacklevel=user_stacklevel(),
+        )
+
+
 def check_path(path: Any, name: str) -> None:
     """A file path argument: a non-empty str or ``os.PathLike``; anything else is a ``TypeError``."""
     if isinstance(path, bool) or not (isinstance(path, str) or hasattr(path, "__fspath__")) or not str(path).strip():

@@ -299,6 +299,8 @@ class FitRun(Run):
         epochs = itertools.count(state.epoch) if plan.epochs is None else range(state.epoch, plan.epochs)
         if plan.max_steps is not None and state.global_step >= plan.max_steps:
             return  # resumed at the step budget: nothing to train (fit warned)
+        if plan.max_time is not None and distributed.any_rank(self.budget.spent(), trainer.dist):  # rank 0 decides
+            return trainer.stop(f"max_time: {state.train_time:.6g} s trained before, max_time={plan.max_time:g} s")
         if state.batch_in_epoch > 0 and self.validated_before_resume():
             self.step_validated_at = (state.epoch, state.batch_in_epoch)
         if type(trainer).train_step is not Steps.train_step:
@@ -342,6 +344,12 @@ class FitRun(Run):
             warnings.warn(
                 f"nothing to train: the run is at step {state.global_step} and "
                 f"max_steps={plan.max_steps}; pass a larger max_steps= to train further",
+                stacklevel=user_stacklevel(),
+            )
+        elif plan.max_time is not None and state.train_time >= plan.max_time:
+            warnings.warn(
+                f"nothing to train: the run has trained for {state.train_time:.6g} s and max_time={plan.max_time:g} s; "
+                "pass a larger max_time= to train further",
                 stacklevel=user_stacklevel(),
             )
 
@@ -612,6 +620,8 @@ def plan_fit(
     steps_in_epoch = None if num_train_batches is None else -(-num_train_batches // k)
     epochs = schedule.epochs_for(epochs, max_steps, max_time, steps_in_epoch)
     _arguments.warn_unreachable_validation_epochs(validation_freq, epochs)
+    if not trainer._accumulation.schedule and epochs is not None and steps_in_epoch is not None:
+        _arguments.warn_unreachable_step_validation(every, min(epochs * steps_in_epoch, max_steps or 1 << 62))
     return FitPlan(
         _pipeline.TrainBatches(trainer, train_loader, steps_per_epoch), val_loaders, epochs, validate_at,
         num_train_batches, step_validation=None if every is None else schedule.StepValidation(every),

@@ -147,6 +147,10 @@ class Budget:
                 return f"max_time: {elapsed:.6g} s of training reached max_time={self.max_time:g} s"
         return None
 
+    def spent(self) -> bool:
+        """True on the deciding rank when ``max_time`` was spent before this fit trained (a resumed run)."""
+        return self.decides and self.max_time is not None and self._base >= self.max_time
+
     def reason_elsewhere(self) -> str:
         """The reason on a rank that a budget vote stopped: ``max_steps`` (every rank counts the same steps), or
         ``max_time`` as rank 0's clock decided it."""

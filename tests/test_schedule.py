@@ -324,3 +324,29 @@ def test_epochs_default_to_one_and_to_unlimited_with_max_time(monkeypatch):
 
 def test_fitkit_import_names():
     assert fitkit.Trainer is not None
+
+
+def test_validate_every_n_steps_beyond_the_run_warns_that_it_never_runs():
+    x, y = make_classification(n=16)
+    with pytest.warns(UserWarning, match=r"validate_every_n_steps=100 is beyond this run's last step \(4\)"):
+        make_trainer().fit((x, y), (x, y), epochs=2, batch_size=8, validate_every_n_steps=100)
+
+
+def test_a_rerun_whose_max_time_is_spent_trains_nothing(tmp_path, monkeypatch):
+    now = [0.0]
+
+    def tick() -> float:
+        now[0] += 1.0
+        return now[0]
+
+    monkeypatch.setattr(schedule, "clock", tick)
+    x, y = make_classification(n=32)
+    trainer = make_trainer()
+    trainer.fit((x, y), epochs=10, batch_size=4, max_time=5)
+    trainer.save_checkpoint(tmp_path / "spent.pt")
+    spent = trainer.global_step
+    again = make_trainer()
+    with pytest.warns(UserWarning, match=r"nothing to train: the run has trained for .* s and max_time=5 s"):
+        again.fit((x, y), epochs=10, batch_size=4, max_time=5, resume=tmp_path / "spent.pt")
+    assert again.global_step == spent  # was one more step at every re-run
+    assert again.state.stop_reason.startswith("max_time")
