@@ -402,3 +402,27 @@ def test_a_closure_optimizer_among_several_is_refused_with_the_default_step() ->
     x, y = make_classification(32)
     with pytest.raises(ValueError, match=r"LBFGS.*closure.*'second' would never step.*train_step"):
         trainer.fit((x, y), epochs=1, batch_size=8)
+
+
+def _docs_namespace(page: str, until: str) -> dict[str, Any]:
+    """The namespace of a docs page's blocks, run in order up to the one holding ``until``."""
+    from markdown_blocks import ROOT, compile_block, python_blocks
+
+    namespace: dict[str, Any] = {"__name__": "docs_page"}
+    for block in python_blocks(ROOT / "docs" / page):
+        if block.runs:
+            exec(compile_block(block), namespace)  # the documentation's own code
+        if until in block.code:
+            return namespace
+    raise AssertionError(f"{page} has no block with {until!r}")
+
+
+def test_the_documented_stateful_rnn_trains_the_same_with_validation_every_step() -> None:
+    docs = _docs_namespace("customizing-fit.md", "class StatefulTrainer")
+    weights = []
+    for every in (None, 1):
+        torch.manual_seed(0)
+        trainer = docs["StatefulTrainer"](docs["LSTMModel"](), "adam", loss=None, verbose=0, device="cpu")
+        trainer.fit(docs["windows"], docs["windows"], epochs=2, validate_every_n_steps=every)
+        weights.append([p.detach().clone() for p in trainer.model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))  # a validation never changes training
