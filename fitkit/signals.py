@@ -27,12 +27,13 @@ class TrainingInterrupted(Exception):
         self.signum = signum
         self.requeue = requeue
 
-    def exit_exception(self) -> BaseException:
-        """What ``fit`` raises in the end: the conventional outcome of the signal."""
+    def exit_exception(self, saved: str = "") -> BaseException:
+        """What ``fit`` raises in the end: the conventional outcome of the signal (``KeyboardInterrupt`` says
+        what ``saved`` describes: where the state went, and how to continue)."""
         if self.requeue:
             return SystemExit(0)  # the job goes on, requeued: nothing failed
         if self.signum == signal.SIGINT:
-            return KeyboardInterrupt()
+            return KeyboardInterrupt(f"{self}{saved}")
         return SystemExit(128 + self.signum)
 
 
@@ -83,6 +84,7 @@ class SignalGuard:
     ) -> None:
         self._put_back()
         self._previous = {}
+        self.signum = None  # handled by this fit: a later evaluate() or predict() runs
 
 
 __all__ = ["TrainingInterrupted", "SignalGuard"]

@@ -479,7 +479,7 @@ class Trainer(Steps, memory.BatchSizeSearch):
             failure = self._fit_failed(exc)
             if failure is exc:
                 raise
-            raise failure from exc
+            raise failure from (None if isinstance(exc, TrainingInterrupted) else exc)  # Ctrl-C: one traceback
         finally:
             run.callbacks.fire_all("on_train_end", {})
             self._modules.train.train()
@@ -520,7 +520,7 @@ class Trainer(Steps, memory.BatchSizeSearch):
         if isinstance(exc, TrainingInterrupted):
             if exc.requeue and self.is_global_zero:  # after on_exception: the checkpoints are saved
                 slurm.requeue()
-            return exc.exit_exception()
+            return exc.exit_exception(_files.saved_on_interrupt(self._run.callbacks.callbacks))
         return peer_failure if peer_failure is not None else exc
 
     def _on_signal(self, signum: int) -> None:

@@ -82,3 +82,26 @@ def test_a_resumed_fit_says_where_it_resumed(tmp_path: Any, capsys: Any) -> None
     make_trainer(verbose=2).fit((x, y), epochs=2, batch_size=8, resume=tmp_path / "ckpt.pt")
     captured = capsys.readouterr()
     assert f"Resumed from {tmp_path / 'ckpt.pt'}: epoch 2 of 2, global step 2" in captured.out + captured.err
+
+
+def test_ctrl_c_says_what_was_saved_in_one_traceback_and_evaluate_works_afterwards(tmp_path: Any) -> None:
+    import os
+    import signal
+
+    from fitkit.callbacks import ModelCheckpoint
+
+    class CtrlC(Callback):
+        def on_batch_end(self, batch: int, logs: Any = None) -> None:
+            if self.trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    x, y = make_classification(n=32)
+    saver = ModelCheckpoint(tmp_path / "e{epoch}.pt", monitor=None, save_last=True)
+    trainer = make_trainer(callbacks=[saver, CtrlC()])
+    with pytest.raises(
+        KeyboardInterrupt, match=r"training interrupted by SIGINT; the state .*was saved to .*last\.pt"
+    ) as info:
+        trainer.fit((x, y), epochs=3, batch_size=4)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # one traceback, not two
+    assert "resume='auto'" in str(info.value)
+    assert set(trainer.evaluate((x, y), batch_size=8)) == {"loss"}  # raised TrainingInterrupted before

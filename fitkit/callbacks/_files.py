@@ -229,6 +229,22 @@ def start_over(trainer: TrainerLike, callbacks: Sequence[Any]) -> None:
             checked_on_rank_zero(trainer, callback.start_over)
 
 
+def saved_on_interrupt(callbacks: Sequence[Any]) -> str:
+    """What a Ctrl-C's ``KeyboardInterrupt`` says was saved: the files the checkpoint callbacks write on an
+    interrupt (``last.pt``, the backup) that exist now, and how to continue; or that nothing was saved."""
+    saved = []
+    for callback in callbacks:
+        path = getattr(callback, "path", None)  # BackupAndRestore's backup
+        if path is None and getattr(callback, "checkpoint_dir", None) is not None:
+            path = Path(callback.checkpoint_dir) / "last.pt"  # ModelCheckpoint: last.pt on an interrupt
+        if isinstance(path, Path) and path.exists():
+            saved.append(str(path))
+    if not saved:
+        return "; no checkpoint callback saved the state (add ModelCheckpoint(..., save_last=True) to keep it)"
+    shown = ", ".join(saved)
+    return f"; the state at this batch boundary was saved to {shown}: run again with resume='auto' to continue"
+
+
 def checked_on_rank_zero(trainer: TrainerLike, check: Callable[[], None]) -> None:
     """Runs ``check`` (a look at files that rank 0 alone writes) on rank 0 only, and raises its error on every
     rank: a rank that raised alone would leave the others waiting in their next collective, and a rank that
