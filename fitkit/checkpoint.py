@@ -704,6 +704,15 @@ def world_size_mismatch(saved: int, now: int) -> CheckpointError:
     )
 
 
+def optimizer_param_names(model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, list[str]]:
+    """Each optimizer's parameters by name, in the order its state is saved (matched by position on load)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {
+        key: [names.get(id(p), "?") for group in opt.param_groups for p in group["params"]]
+        for key, opt in optimizers.items()
+    }
+
+
 def check_fits(
     state: dict[str, Any],
     *,
@@ -746,6 +755,18 @@ def check_fits(
         if saved_classes[name] != cls:
             which = "optimizer type" if len(now_classes) == 1 else f"type of optimizer {name!r}"
             raise _mismatch(which, saved_classes[name], cls, "Resume with the same optimizer class.")
+    now_params = optimizer_param_names(model, optimizers)
+    for name, order in (state.get("optimizer_params") or {}).items():
+        if name in now_params and order != now_params[name]:
+            first = next(i for i, (a, b) in enumerate(zip(order, now_params[name])) if a != b)
+            raise _mismatch(
+                f"parameter order of optimizer {name!r}",
+                f"{order[first : first + 3]} at positions {first}..",
+                f"{now_params[name][first : first + 3]} there",
+                "An optimizer's state (Adam's moments, say) is matched to its parameters by position, so each would "
+                "get another's: build the optimizer over the parameters in the order the run that wrote it did "
+                "(torch.optim.Adam(model.parameters()) with the modules registered in the same order).",
+            )
     saved = state.get("data", {})
     for key in ("num_samples", "num_batches"):
         if saved.get(key) is not None and data.get(key) is not None and saved[key] != data[key]:

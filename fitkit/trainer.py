@@ -726,6 +726,7 @@ class Trainer(Steps, memory.BatchSizeSearch):
             if weights
             else None,
             "optimizer_classes": {name: type(opt).__name__ for name, opt in self.optimizers.items()},
+            "optimizer_params": checkpoint.optimizer_param_names(self.model, self.optimizers),  # checked on load
             "loss": self.loss.state_dict() if isinstance(self.loss, nn.Module) else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "trainer": self.state.state_dict(),

@@ -426,3 +426,30 @@ def test_the_documented_stateful_rnn_trains_the_same_with_validation_every_step(
         trainer.fit(docs["windows"], docs["windows"], epochs=2, validate_every_n_steps=every)
         weights.append([p.detach().clone() for p in trainer.model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*weights))  # a validation never changes training
+
+
+class TwoBlocks(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(torch.relu(self.a(x))))
+
+
+def test_an_optimizer_over_the_same_parameters_in_another_order_is_refused_on_resume(tmp_path: Path) -> None:
+    x, y = make_classification(32)
+    model = TwoBlocks()
+    trainer = fitkit.Trainer(model, torch.optim.Adam(model.parameters()), "cross_entropy", verbose=0, device="cpu")
+    trainer.fit((x, y), epochs=1, batch_size=8)
+    trainer.save_checkpoint(tmp_path / "run.pt")
+    again = TwoBlocks()  # the script now registers its blocks with the optimizer in the other order
+    params = [*again.b.parameters(), *again.a.parameters(), *again.head.parameters()]
+    swapped = fitkit.Trainer(again, torch.optim.Adam(params), "cross_entropy", verbose=0, device="cpu")
+    with pytest.raises(checkpoint.CheckpointError, match=r"parameter order of optimizer.*'a.weight'.*'b.weight'"):
+        swapped.fit((x, y), epochs=2, batch_size=8, resume=str(tmp_path / "run.pt"))
+    same = TwoBlocks()
+    ok = fitkit.Trainer(same, torch.optim.Adam(same.parameters()), "cross_entropy", verbose=0, device="cpu")
+    ok.fit((x, y), epochs=2, batch_size=8, resume=str(tmp_path / "run.pt"))
