@@ -12,7 +12,11 @@ Parts, each in its own process (a crash in one does not hide the others):
 5. FSDP2 on the one GPU: a one-rank nccl group, fitkit's per-block ``shard_blocks`` with bf16
    ``MixedPrecisionPolicy``, a few steps, then a DCP save and load of the sharded state (``Trainer`` itself
    trains one process unsharded: FSDP across ranks needs several GPUs);
-6. the throughput rows (``benchmarks/throughput.py``: CPU and GPU, mlp and cnn, each setting, the pinned
+6. the performance tools (issue 21): ``ThroughputMonitor`` (MFU from the peak table, the time breakdown, peak
+   memory) under ``debug_sync="error"``, ``Profiler`` (a trace with CUDA kernels), ``find_batch_size`` catching a
+   real OOM under a memory fraction (the trainer left bit-identical), activation checkpointing (bit-identical
+   with dropout, less peak memory);
+7. the throughput rows (``benchmarks/throughput.py``: CPU and GPU, mlp and cnn, each setting, the pinned
    DataLoader row, TF32 stated, ``cudnn.benchmark`` on).
 
 Usage::
@@ -161,6 +165,91 @@ dist.destroy_process_group()
 """
 
 
+PERF_TOOLS = """
+import copy, glob, json, sys, tempfile
+import torch, fitkit
+from torch import nn
+from fitkit.callbacks import Profiler, ThroughputMonitor
+
+device = sys.argv[1]
+cuda = device == "cuda"
+
+
+class Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc1, self.fc2, self.drop = nn.Linear(width, 4 * width), nn.Linear(4 * width, width), nn.Dropout(0.1)
+
+    def forward(self, x):
+        return x + self.drop(self.fc2(torch.nn.functional.gelu(self.fc1(x))))
+
+
+def build(width=1024 if cuda else 64, depth=8, **kwargs):
+    fitkit.seed_everything(0)
+    blocks = nn.Sequential(*[Block(width) for _ in range(depth)])  # the blocks find_blocks picks
+    model = nn.Sequential(nn.Linear(64, width), blocks, nn.Linear(width, 10))
+    return fitkit.Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-4), "cross_entropy", device=device,
+                          precision="bf16" if cuda else "32", verbose=0, **kwargs)
+
+
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(8192 if cuda else 512, 64, generator=g), torch.randint(0, 10, (8192 if cuda else 512,), generator=g)
+out = []
+
+# ThroughputMonitor: MFU, the breakdown, peak memory; no unmarked sync in the batch loop.
+folder = tempfile.mkdtemp()
+monitor = ThroughputMonitor(log_every_n_steps=10)
+trainer = build(callbacks=[monitor, Profiler(folder, wait=2, warmup=1, active=2)],
+                debug_sync="error" if cuda else False)
+logs = trainer.fit((x, y), (x[:1024], y[:1024]), batch_size=256, epochs=2).history
+parts = ["time_data", "time_step", "time_callbacks", "time_validation"]
+assert all(k in logs for k in parts + ["samples_per_sec", "flops_per_sec", "host_rss_mb"]), sorted(logs)
+if cuda:
+    assert 0 < logs["mfu"][-1] < 1 and logs["peak_memory_mb"][-1] > 0, logs
+out.append(f"{logs['samples_per_sec'][-1]:,.0f} samples/s, {logs['flops_per_sec'][-1] / 1e12:.2f} TFLOP/s, MFU "
+           f"{logs.get('mfu', [float('nan')])[-1]:.1%}, peak {logs.get('peak_memory_mb', [0])[-1]:.0f} MiB, "
+           + ", ".join(f"{k[5:]} {logs[k][-1]:.3f}s" for k in parts) + f"; step: {monitor.step_logs}")
+
+# Profiler: one trace of the scheduled steps, with GPU kernels on CUDA.
+traces = glob.glob(f"{folder}/*.pt.trace.json")
+events = json.load(open(traces[0]))["traceEvents"]
+kernels = sum(1 for e in events if e.get("cat") == "kernel")
+assert len(traces) == 1 and (kernels > 0 or not cuda), (traces, kernels)
+out.append(f"profiler: 1 trace, {kernels} kernel events")
+
+# find_batch_size: a real OOM caught (CUDA, under a memory fraction), the trainer left bit-identical.
+trainer = build(width=2048 if cuda else 64)
+trainer.fit((x[:512], y[:512]), batch_size=64, epochs=1)
+before = copy.deepcopy(trainer.state_dict())
+if cuda:
+    torch.cuda.set_per_process_memory_fraction(0.05)
+result = trainer.find_batch_size((x, y), mode="binsearch", max_batch_size=8192,
+                                 max_memory_mb=None if cuda else 6.0)
+if cuda:
+    torch.cuda.set_per_process_memory_fraction(1.0)
+after = trainer.state_dict()
+assert all(torch.equal(a, b) for a, b in zip(after["model"].values(), before["model"].values()))
+assert after["rng"].keys() == before["rng"].keys() and after["trainer"] == before["trainer"]
+errors = [t.error for t in result.trials if t.error]
+assert result.batch_size and (not cuda or "out of memory" in errors), result
+out.append(f"find_batch_size: {result.batch_size} after {[t.batch_size for t in result.trials]} ({errors[:1]})")
+
+# Activation checkpointing: the same losses (dropout included), less peak memory.
+peaks, losses = [], []
+for checkpointing in (False, True):
+    trainer = build(activation_checkpointing=checkpointing)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    losses.append(trainer.fit((x, y), batch_size=512, epochs=1).history["loss"])
+    peaks.append(torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0)
+    del trainer
+assert losses[0] == losses[1], losses
+assert peaks[1] < peaks[0] or not cuda, peaks
+out.append(f"activation checkpointing: losses equal, peak {peaks[0]:.0f} -> {peaks[1]:.0f} MiB")
+print("; ".join(out))
+"""
+
+
 def _run(name: str, command: list[str], timeout: float, results: list[dict[str, Any]]) -> None:
     start = time.perf_counter()
     try:
@@ -212,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _run("compile (fp32, bf16)", [python, "-c", COMPILE, device], 150, results)
     _run("FSDP2 on one device + DCP", [python, "-c", FSDP, device, str(_free_port())], 60, results)
+    _run("ThroughputMonitor, Profiler, find_batch_size, checkpointing", [python, "-c", PERF_TOOLS, device], 150,
+         results)  # fmt: skip
     throughput = [python, "benchmarks/throughput.py", "--out", str(args.out.parent / "gpu_check_throughput")]
     if args.dry_run:
         throughput += ["--devices", "cpu", "--models", "mlp", "--no-compile", "--seconds", "0.2", "--repeats", "1"]

@@ -17,6 +17,8 @@ Runners (``ratio`` is against ``loop``, measured in the same round):
   so fitkit cuts its batches by indexing the tensors (``fast_tensor_batches``, bit-identical batches).
 * ``fitkit_dl``: ``fitkit_v0`` with ``Trainer(fast_tensor_batches=False)``: the DataLoader itself, sample by sample.
 * ``fitkit_mem``: ``fit((x, y), (x_val, y_val), batch_size=..., epochs=3)`` with defaults, no DataLoader.
+* with ``--monitor``: ``fitkit_mon``, ``fitkit_v0`` with a ``ThroughputMonitor()`` (default interval, 50 steps):
+  what the monitor costs is its ratio to ``fitkit_v0`` (sharper: ``--paired fitkit_mon --against fitkit_v0``).
 * with ``--peers``: ``lightning`` (no bar), ``lightning_bar`` (its tqdm bar), ``keras`` (Keras 3 on torch,
   ``verbose=0``), each reading the same DataLoaders; "not installed" when the package is missing.
 
@@ -25,6 +27,7 @@ Usage::
     python benchmarks/overhead.py                     # MLP and CNN, 5 rounds (a few minutes)
     python benchmarks/overhead.py --peers --rounds 7  # with Lightning and Keras rows
     python benchmarks/overhead.py --workloads mlp --rounds 2 --train-batches 300   # a quick look
+    python benchmarks/overhead.py --workloads mlp --rounds 3 --monitor  # with ThroughputMonitor on
 
 Writes ``benchmarks/results/overhead.json`` (``--json`` to change) and prints a markdown table.
 """
@@ -67,6 +70,7 @@ DESCRIPTIONS = {
     "fitkit_v0": "fitkit `verbose=0` (TensorDataset fast path)",
     "fitkit_dl": "fitkit `verbose=0, fast_tensor_batches=False` (the DataLoader itself)",
     "fitkit_mem": "fitkit `fit((x, y), (x_val, y_val), batch_size=...)`",
+    "fitkit_mon": "fitkit `verbose=0` with `ThroughputMonitor()` (default interval)",
     "lightning": "Lightning, no progress bar",
     "lightning_bar": "Lightning with its tqdm bar (to a pipe)",
     "keras": "Keras 3 on torch, `verbose=0`",
@@ -145,7 +149,13 @@ def _loop(
 
 
 def _fitkit(
-    workload: Any, tensors: tuple, epochs: int, verbose: int = 1, in_memory: bool = False, fast: bool = True
+    workload: Any,
+    tensors: tuple,
+    epochs: int,
+    verbose: int = 1,
+    in_memory: bool = False,
+    fast: bool = True,
+    monitor: bool = False,
 ) -> tuple[float, float]:
     import torch
     from workloads import build_model, make_loaders
@@ -155,7 +165,10 @@ def _fitkit(
     model = build_model(workload.name)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     options = {} if fast else {"fast_tensor_batches": False}
-    trainer = fitkit.Trainer(model, optimizer, "cross_entropy", device="cpu", verbose=verbose, **options)
+    callbacks = [fitkit.callbacks.ThroughputMonitor()] if monitor else []
+    trainer = fitkit.Trainer(
+        model, optimizer, "cross_entropy", callbacks=callbacks, device="cpu", verbose=verbose, **options
+    )
     clock = _Clock()
     if in_memory:
         x, y, x_val, y_val = tensors
@@ -248,6 +261,7 @@ RUNNERS: dict[str, Callable[..., tuple[float, float]]] = {
     "fitkit_v0": lambda w, t, e: _fitkit(w, t, e, verbose=0),
     "fitkit_dl": lambda w, t, e: _fitkit(w, t, e, verbose=0, fast=False),
     "fitkit_mem": lambda w, t, e: _fitkit(w, t, e, in_memory=True),
+    "fitkit_mon": lambda w, t, e: _fitkit(w, t, e, verbose=0, monitor=True),
     "lightning": lambda w, t, e: _lightning(w, t, e),
     "lightning_bar": lambda w, t, e: _lightning(w, t, e, progress_bar=True),
     "keras": _keras,
@@ -508,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--runners", default=",".join(BASE_RUNNERS), help="comma-separated runner names")
     parser.add_argument("--peers", action="store_true", help="add Lightning and Keras rows when installed")
+    parser.add_argument("--monitor", action="store_true", help="add fitkit_mon: fitkit_v0 with a ThroughputMonitor")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "overhead.json", help="output JSON path")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per child process")
     parser.add_argument(
@@ -560,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     runners = [r.strip() for r in args.runners.split(",") if r.strip()]
     if args.peers:
         runners += [r for r in PEER_RUNNERS if r not in runners]
+    if args.monitor and "fitkit_mon" not in runners:
+        runners.append("fitkit_mon")
     unknown = [r for r in runners if r not in RUNNERS]
     if unknown:
         parser.error(f"unknown runner(s) {unknown}; choose from {sorted(RUNNERS)}")

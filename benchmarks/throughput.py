@@ -26,6 +26,11 @@ Usage::
     python benchmarks/throughput.py --devices cuda --models resnet18 --grid
     python benchmarks/throughput.py --models mlp,cnn --no-compile   # skip compilation (quick)
 
+Each row also gives the model's FLOP/s: the FLOPs of one training sample (forward and backward, counted once with
+``torch.utils.flop_counter.FlopCounterMode`` on the plain model, as ``fitkit.callbacks.ThroughputMonitor`` counts
+them) times samples/s; on a GPU that ``fitkit.callbacks.throughput.PEAK_TFLOPS`` lists, the MFU too (FLOP/s over
+the GPU's dense peak for the row's precision: TF32 for fp32 rows when matmuls may use it).
+
 Writes ``benchmarks/results/throughput.json``, ``throughput.md`` and ``throughput.png`` (the chart needs
 matplotlib: ``pip install fitkit[bench]``; without it the JSON and table are still written).
 """
@@ -129,6 +134,7 @@ def child(args: argparse.Namespace) -> None:
     batch_size = args.batch_size or MODELS[args.model][1]
     x = torch.randn(batch_size, *shape, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
+    flops_per_sample = _flops_per_sample(model.to(device), x, y)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     trainer = fitkit.Trainer(
         model,
@@ -193,11 +199,18 @@ def child(args: argparse.Namespace) -> None:
     steps = int(min(max(args.seconds / probe, 5), 2000))
     times = [timed_fit(steps) for _ in range(args.repeats)]
     per_step = statistics.median(times) / steps
+    from fitkit.callbacks.throughput import peak_flops
+
+    flop_per_s = flops_per_sample * batch_size / per_step
+    peak = peak_flops(device, setting["precision"])
     print(
         "RESULT "
         + json.dumps(
             {
                 "samples_per_s": batch_size / per_step,
+                "flops_per_sample": flops_per_sample,
+                "flop_per_s": flop_per_s,
+                "mfu": None if peak is None else flop_per_s / peak,
                 "step_ms": per_step * 1e3,
                 "steps": steps,
                 "repeats": args.repeats,
@@ -212,6 +225,19 @@ def child(args: argparse.Namespace) -> None:
         ),
         flush=True,
     )
+
+
+def _flops_per_sample(model: Any, x: Any, y: Any) -> float:
+    """Forward and backward FLOPs of one sample (one batch's, counted by ``FlopCounterMode``, over its size);
+    the gradients it leaves are dropped before training starts."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(x)
 
 
 # -- the parent ---------------------------------------------------------------------------------
@@ -251,27 +277,38 @@ def _measure(args: argparse.Namespace, device: str, model: str, setting: dict[st
     return row
 
 
+def _si(value: float) -> str:
+    """``value`` with an SI prefix: 3.8e6 -> "3.8 M"."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}"
+    return f"{value:.3g}"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     def baseline(device: str, model: str, setting: str = "fp32") -> float | None:
         match = [r for r in rows if (r["device"], r["model"], r["setting"]) == (device, model, setting)]
         return match[0].get("samples_per_s") if match else None
 
     lines = [
-        "| device | model | setting | samples/s | ms/step | vs fp32 on this device | vs CPU (fp32; loader: CPU loader) "
-        "| warm-up s |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| device | model | setting | samples/s | ms/step | FLOP/s | MFU | vs fp32 on this device "
+        "| vs CPU (fp32; loader: CPU loader) | warm-up s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         head = f"| {r['device']} | {r['model']} | {r['setting']} |"
         if "samples_per_s" not in r:
-            lines.append(f"{head} n/a: {r['error']} | | | | |")
+            lines.append(f"{head} n/a: {r['error']} | | | | | | |")
             continue
         ratios = []
         cpu_base = baseline("cpu", r["model"], r["setting"] if r.get("loader") else "fp32")  # like for like
         for base in (baseline(r["device"], r["model"]), cpu_base):
             ratios.append("" if not base else f"{r['samples_per_s'] / base:.2f}x")
+        flops = _si(r["flop_per_s"]) if r.get("flop_per_s") else ""
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         lines.append(
-            f"{head} {r['samples_per_s']:,.0f} | {r['step_ms']:.2f} | {ratios[0]} | {ratios[1]} | {r['warmup_s']:.1f} |"
+            f"{head} {r['samples_per_s']:,.0f} | {r['step_ms']:.2f} | {flops} | {mfu} | {ratios[0]} | {ratios[1]} "
+            f"| {r['warmup_s']:.1f} |"
         )
     return "\n".join(lines)
 

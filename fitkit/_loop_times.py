@@ -5,7 +5,7 @@ A `LoopTimes` exists in a `FitRun` only when one of the fit's callbacks sets ``w
 costs. The loop calls `LoopTimes.lap` at the boundaries between phases, so the epoch's wall time is split into
 four buckets that sum to it: waiting for the data (the loader's ``next`` and the device copy), the step
 (``train_step``, the running sums, the end of the epoch's last group), the callbacks (batch and epoch hooks, the
-checkpoint writes they ask for) and validation. Each lap is one ``time.perf_counter()`` call: no device sync.
+checkpoint writes they ask for) and validation. Each lap is one ``perf_counter()`` call: no device sync.
 
 On CUDA the host runs ahead of the device, so a host clock alone would charge the device's work to whichever
 phase happens to wait for it. The clock therefore records one CUDA event after each step (asynchronous), and a
@@ -17,8 +17,8 @@ the step's lap).
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -34,20 +34,20 @@ class LoopTimes:
         seconds: this epoch's seconds per bucket, in the order of ``BUCKETS``.
         samples: training samples (this rank's) since the fit started.
         batches: training batches since the fit started.
-        epoch_start: ``time.perf_counter()`` when this epoch's ``on_epoch_begin`` started.
+        epoch_start: ``perf_counter()`` when this epoch's ``on_epoch_begin`` started.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.seconds = [0.0, 0.0, 0.0, 0.0]
         self.samples = 0
         self.batches = 0
-        self.last = self.epoch_start = time.perf_counter()
+        self.last = self.epoch_start = perf_counter()
         use_events = device.type == "cuda" and torch.cuda.is_available()
         self.event: Any = torch.cuda.Event() if use_events else None  # recorded after every step
 
     def lap(self, bucket: int) -> None:
         """Charges the time since the last lap to ``bucket``."""
-        now = time.perf_counter()
+        now = perf_counter()
         self.seconds[bucket] += now - self.last
         self.last = now
 
@@ -61,11 +61,12 @@ class LoopTimes:
             self.event.record()
 
     def fetching(self, batches: Any) -> Iterator[Any]:
-        """``batches`` with each ``next`` charged to the data (and the time before it, the previous batch's
-        end hooks and checkpoint writes, to the callbacks)."""
+        """``batches`` with each ``next`` charged to the data, and the time between a batch and the next
+        ``next`` (the batch's end hooks and the checkpoint writes they ask for) to the callbacks. The time
+        before the first batch (making the epoch's iterator: a DataLoader starts its workers) is the data's."""
+        self.lap(DATA)
         iterator = iter(batches)
         while True:
-            self.lap(CALLBACKS)
             try:
                 batch = next(iterator)
             except StopIteration:
@@ -73,11 +74,12 @@ class LoopTimes:
                 return
             self.lap(DATA)
             yield batch
+            self.lap(CALLBACKS)
 
     def start_epoch(self) -> None:
         """At the start of an epoch (before ``on_epoch_begin``): the buckets start from zero."""
         self.seconds = [0.0, 0.0, 0.0, 0.0]
-        self.last = self.epoch_start = time.perf_counter()
+        self.last = self.epoch_start = perf_counter()
 
     @contextlib.contextmanager
     def validating(self) -> Iterator[None]:

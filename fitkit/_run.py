@@ -381,6 +381,9 @@ class FitRun(Run):
         assert plan is not None
         trainer._modules.train.train()
         self.phase = trainer._train_set
+        clock = self.clock
+        if clock is not None:
+            clock.lap(CALLBACKS)  # on_epoch_begin; from here to the first batch is the data's (fetching)
         batches, trainer._epoch_rng = plan.train.epoch(epoch, state.batch_in_epoch, trainer._epoch_rng)
         vote = distributed.StopVote(trainer.dist) if self.stop_vote else None  # started after a batch
         # after_batch has work on every batch only with these; else only when a callback asked for a save
@@ -390,7 +393,6 @@ class FitRun(Run):
         resumed_before_validation = state.batch_in_epoch > 0 and plan.step_validation is not None
         if resumed_before_validation and plan.step_validation.due(state) and self.after_batch(None):  # type: ignore[union-attr]
             batches = iter(())  # the resumed step's validation (what follows its batch) stopped the run
-        clock = self.clock
         if clock is not None:
             batches = clock.fetching(batches)  # each next() charged to the data
         try:

@@ -185,3 +185,25 @@ def test_float32_counts_as_tf32_when_torch_allows_it():
         assert compute_dtype("32") == "fp32"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+class _SlowToStart:
+    """Re-iterable (x, y) batches whose iterator takes 0.1 s to start (a DataLoader starting its workers)."""
+
+    def __init__(self) -> None:
+        self.x, self.y = make_classification(16)
+
+    def __len__(self) -> int:
+        return 4
+
+    def __iter__(self) -> Any:
+        time.sleep(0.1)
+        for start in range(0, 16, 4):
+            yield self.x[start : start + 4], self.y[start : start + 4]
+
+
+def test_starting_the_epochs_iterator_counts_as_data():
+    trainer = make_trainer(callbacks=[ThroughputMonitor(log_every_n_steps=None)])
+    trainer.fit(_SlowToStart(), epochs=1)
+    logs = trainer.history.history
+    assert logs["time_data"][0] >= 0.1 and logs["time_callbacks"][0] < 0.05

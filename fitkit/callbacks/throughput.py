@@ -130,6 +130,7 @@ class ThroughputMonitor(Callback):
         if tokens_per_sample is not None and not callable(tokens_per_sample):
             _arguments.check_int(tokens_per_sample, "tokens_per_sample", 1, "tokens in one sample, or a function")
         self.tokens_per_sample = tokens_per_sample
+        self._token_fn = tokens_per_sample if callable(tokens_per_sample) else None
         self.peak_flops = _arguments.positive_or_none(peak_flops, "peak_flops")
         self.flops_per_sample: float | None = None
         self.step_logs: dict[str, float] = {}  # the last step-level figures
@@ -164,15 +165,18 @@ class ThroughputMonitor(Callback):
             self._counter.__enter__()
 
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        trainer = self.trainer
+        # The per-batch path: a few attribute reads and one integer comparison (no device read).
         if self._counter is not None:
-            self._finish_count(trainer.loop_times.samples if trainer.loop_times is not None else 0)
-        if callable(self.tokens_per_sample):
-            self._tokens = self._tokens + self.tokens_per_sample(trainer.batch)  # on the device: read at points
-        every, step = self.log_every_n_steps, trainer.state.global_step
-        if every is None or step == self._seen_step:
-            return
-        due = step // every > self._seen_step // every
+            self._finish_count()
+        if self._token_fn is not None:
+            self._tokens = self._tokens + self._token_fn(self.trainer.batch)  # on the device: read at points
+        if self.trainer.state.global_step != self._seen_step:
+            self._stepped(logs)
+
+    def _stepped(self, logs: Logs | None) -> None:
+        """After a batch that completed an optimizer step: the step-level figures when a point is due."""
+        every, step = self.log_every_n_steps, self.trainer.state.global_step
+        due = every is not None and step // every > self._seen_step // every
         self._seen_step = step
         if due:
             self.step_logs = self._step_figures()
@@ -204,9 +208,11 @@ class ThroughputMonitor(Callback):
         self._close_counter()
 
     # -- figures --------------------------------------------------------------------------------
-    def _finish_count(self, samples: int) -> None:
+    def _finish_count(self) -> None:
         counter, self._counter = self._counter, None
         counter.__exit__(None, None, None)
+        clock = self.trainer.loop_times
+        samples = 0 if clock is None else clock.samples
         if samples > 0:  # this rank's first batch: its samples are all the clock has counted
             self.flops_per_sample = counter.get_total_flops() / samples
 
