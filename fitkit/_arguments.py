@@ -369,12 +369,11 @@ def keras_fit_data(train_data: Any, val_data: Any, y: Any, validation_data: Any)
                 "fit() got both val_data and validation_data (Keras's name): they are the same argument; pass one"
             )
         val_data = validation_data
-    elif _is_array(train_data) and _is_array(val_data) and len(val_data) == len(train_data):
-        raise TypeError(
+    elif _is_array(train_data) and _is_array(val_data) and tuple(val_data.shape[1:]) != tuple(train_data.shape[1:]):
+        raise TypeError(  # inputs to validate on have x's per-sample shape; these do not: Keras's y
             "fit(x, y) with arrays: fitkit reads the second argument as validation data, fit(train_data, "
-            "val_data), and this one is as long as x (its targets?). Pass the training data as one tuple, "
-            "fit((x, y), epochs=...), or y by keyword as in Keras, fit(x, y=y, epochs=...); a validation set "
-            "without targets goes in validation_data=x_val"
+            "val_data), and this one is not shaped like x's samples (its targets?). Pass the training data as one "
+            "tuple, fit((x, y), epochs=...), or y by keyword as in Keras, fit(x, y=y, epochs=...)"
         )
     if y is None:
         return train_data, val_data
@@ -595,8 +594,8 @@ def check_resume(resume: Any) -> str | Any | None:
         )
     if not isinstance(resume, (str, bytes)) and not hasattr(resume, "__fspath__"):
         raise TypeError(
-            f"resume must be None, 'auto', 'restart' or a checkpoint path (str or pathlib.Path), got {type(resume).__name__} "
-            f"{resume!r}"
+            "resume must be None, 'auto', 'restart' or a checkpoint path (str or pathlib.Path), got "
+            f"{type(resume).__name__} {resume!r}"
         )
     return resume
 
