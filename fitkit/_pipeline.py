@@ -122,7 +122,7 @@ class TrainBatches:
             epoch_rng = rng.capture(loader)
             iterator: Iterator[Any] = _tensor_batches.iterate(loader) if self.fast else iter(loader)
         elif restored is not None and restored.get("resharded") is not None:
-            iterator = self._resharded(epoch, skip, restored["resharded"])
+            return self._resharded(epoch, skip, restored["resharded"]), epoch_rng  # steps_per_epoch: cut there
         elif epoch_rng is None:
             raise RuntimeError("internal: mid-epoch resume without the epoch's random state")
         else:
@@ -174,7 +174,10 @@ class TrainBatches:
         no rank had read (see ``_reshard``)."""
         assert self.order is not None  # checked by restore
         size = self.order["batch_size"]
-        samples = _reshard.remaining(record["origin"], epoch)[record["offset"] :]
+        samples = _reshard.remaining(record["origin"], epoch)
+        if self.steps is not None:  # the N ranks would have read only their next ``steps - skip`` batches each
+            samples = samples[: _reshard.left_in_steps(record["origin"], self.steps)]
+        samples = samples[record["offset"] :]
         batches, repeated = _reshard.share(samples, self.info.rank, self.info.world_size, size)
         if repeated:
             warnings.warn(
@@ -206,8 +209,10 @@ class TrainBatches:
         """Takes back every rank's saved `position` (``saved``, by rank; None at an epoch's end) for the
         interrupted epoch, which resumes after ``skip`` batches. On another number of ranks it continues with
         the samples no rank had read; ``epoch_rng`` is rank 0's (one process's order is drawn from it).
-        Returns False when the epoch cannot be resharded (the caller decides with ``strict``); raises
-        nothing and changes nothing then."""
+        A stateful source that implements ``reshard_state_dict`` (`_reshard.reshard_source`) is handed every
+        saved rank's state and returns this rank's. Returns False when the epoch cannot be resharded (the
+        caller decides with ``strict``) and changes nothing then; raises a CheckpointError (``strict``) for a
+        resharded stream under ``steps_per_epoch``, which cannot be exact."""
         mine = saved[self.info.rank % len(saved)]
         if skip == 0:  # an epoch's end: the next epoch starts afresh on any number of ranks
             return True
@@ -217,6 +222,11 @@ class TrainBatches:
         if resharded is None and len(saved) == self.info.world_size:
             self.restored = {"state": mine.get("state")}
             return True
+        if resharded is None and self.source is not None and _reshard.reshardable(self.source):
+            state = _reshard.reshard_source(self.source, saved, self.info, strict and self.steps is not None)
+            if state is not None:
+                self.restored = {"state": state}
+                return True
         if self.order is None or self.source is not None or (resharded is None and mine.get("order") is None):
             if strict:
                 return False

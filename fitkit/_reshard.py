@@ -10,6 +10,10 @@ order, each once; `share` cuts them into this rank's batches, the same number of
 (DDP and FSDP need every rank to step together). A resumed-then-interrupted-again epoch keeps counting in
 the same list: ``offset`` is how many of its samples were consumed before the current segment.
 
+A stateful stream cannot be recomputed from numbers: it reshards itself when it implements
+``reshard_state_dict(states, rank, world_size)`` (`reshard_source`), which takes the N ranks' saved
+``state_dict()``s and returns this rank's state for ``world_size`` ranks.
+
 Runs once, when the resumed epoch starts: nothing here is per batch.
 """
 
@@ -21,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from fitkit import _compat, rng
+from fitkit import _compat, checkpoint, rng
 from fitkit.data import InMemoryLoader, _ListBatchSampler, is_map_style, rebuild_loader
 
 
@@ -134,6 +138,39 @@ def consumed_after(offset: int, batches_done: int, world_size: int, batch_size: 
     """How many of `remaining`'s samples are consumed after ``batches_done`` batches of a segment that began
     at ``offset`` (every batch but a last short one takes ``world_size * batch_size``)."""
     return offset + batches_done * world_size * batch_size
+
+
+def left_in_steps(origin: dict[str, Any], steps: int) -> int:
+    """How many of `remaining`'s samples the N ranks that wrote the checkpoint would still have read under
+    ``steps_per_epoch=steps``: each rank's batches ``skip`` to ``steps - 1`` (the first ones of the list)."""
+    spec = origin["spec"]
+    return max(0, steps - origin["skip"]) * spec["world_size"] * spec["batch_size"]
+
+
+def reshardable(source: Any) -> bool:
+    """Whether a stateful stream (or loader) deals its own unread data out to another number of ranks: it
+    has ``reshard_state_dict(states, rank, world_size)`` (docs/checkpoints.md, "Another number of ranks")."""
+    return callable(getattr(source, "reshard_state_dict", None))
+
+
+def reshard_source(source: Any, saved: list[Any], info: Any, refuse_steps: bool) -> Any:
+    """This rank's state of ``source`` for ``info.world_size`` ranks, from every saved rank's position
+    (``saved``, by rank): ``source.reshard_state_dict(states, rank, world_size)``, where ``states`` are the N
+    ranks' ``state_dict()``s. None when a rank saved no state. ``refuse_steps`` (``steps_per_epoch`` with
+    ``strict``): a CheckpointError, since the stream deals out all that the N ranks had not read, not the
+    batches each would still have read within ``steps_per_epoch``."""
+    states = [None if part is None else part.get("state") for part in saved]
+    if any(state is None for state in states):
+        return None
+    if refuse_steps:
+        raise checkpoint.CheckpointError(
+            f"this checkpoint was written by {len(saved)} process(es) in the middle of an epoch cut by "
+            f"steps_per_epoch: {type(source).__name__}.reshard_state_dict deals out everything those processes had "
+            f"not read, not just the batches each would still have read before steps_per_epoch, so the resumed "
+            f"epoch on {info.world_size} cannot read exactly the samples left. Resume on {len(saved)} process(es), "
+            "from an epoch-end checkpoint, without steps_per_epoch, or pass strict=False"
+        )
+    return source.reshard_state_dict(states, info.rank, info.world_size)
 
 
 def merged_sums(saved: list[dict[str, Any]]) -> dict[str, Any]:

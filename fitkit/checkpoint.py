@@ -700,7 +700,8 @@ def world_size_mismatch(saved: int, now: int) -> CheckpointError:
         "Resume with the same number of processes, or pass strict=False to continue with another (the data "
         "order then differs from an uninterrupted run). A map-style DataLoader (RandomSampler, SequentialSampler "
         "or DistributedSampler) or in-memory data resumes on any number of processes; an iterable dataset's "
-        "saved position belongs to the rank that wrote it.",
+        "saved position belongs to the rank that wrote it, unless the dataset (or loader) deals its unread data "
+        "out itself with reshard_state_dict(states, rank, world_size) (docs/checkpoints.md).",
     )
 
 

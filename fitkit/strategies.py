@@ -425,6 +425,9 @@ class FSDP(SingleDevice):
     ) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        if not _has_tensor_state(state):  # plain SGD, say: torch's loader needs a state tensor to find the device
+            _load_param_groups(optimizer, state)
+            return
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     def check_supported(self, feature: str) -> None:
@@ -441,6 +444,29 @@ class FSDP(SingleDevice):
     def save_checkpoint(self, trainer: Trainer, path: Path, meta: dict[str, Any]) -> Path:
         """Every rank writes its shard into a DCP directory at ``path`` (`fitkit.sharded_checkpoint`)."""
         return sharded_checkpoint.save(trainer, path, meta)
+
+
+def _has_tensor_state(state: dict[str, Any]) -> bool:
+    """Whether a full optimizer state holds a tensor of one dimension or more (a stateless optimizer's does not:
+    torch's ``set_optimizer_state_dict`` then fails with "Expected device to be set", torch 2.14)."""
+    found = False
+
+    def see(value: Any) -> Any:
+        nonlocal found
+        found = found or (isinstance(value, torch.Tensor) and value.dim() > 0)
+        return value
+
+    map_structure(see, state.get("state", {}))
+    return found
+
+
+def _load_param_groups(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """A stateless optimizer's full state: its groups' hyperparameters (the parameters stay the sharded ones)."""
+    saved = state.get("param_groups", [])
+    if len(saved) != len(optimizer.param_groups):
+        raise ValueError(f"{len(saved)} saved parameter groups for {len(optimizer.param_groups)}")
+    for group, values in zip(optimizer.param_groups, saved):
+        group.update({key: value for key, value in values.items() if key != "params"})
 
 
 def build(strategy: StrategyArg, info: DistInfo) -> SingleDevice:
