@@ -207,3 +207,35 @@ def test_starting_the_epochs_iterator_counts_as_data():
     trainer.fit(_SlowToStart(), epochs=1)
     logs = trainer.history.history
     assert logs["time_data"][0] >= 0.1 and logs["time_callbacks"][0] < 0.05
+
+
+class _FakeEvent:
+    """Stands in for the CUDA event the clock records after each step: counts, and its wait takes 0.05 s."""
+
+    def __init__(self) -> None:
+        self.recorded = self.waited = 0
+
+    def record(self) -> None:
+        self.recorded += 1
+
+    def synchronize(self) -> None:
+        self.waited += 1
+        time.sleep(0.05)  # the device finishing the queued steps
+
+
+class _InstallFakeEvent(Callback):
+    def __init__(self) -> None:
+        self.event = _FakeEvent()
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        assert self.trainer.loop_times is not None
+        self.trainer.loop_times.event = self.event
+
+
+def test_on_cuda_the_clock_records_an_event_per_step_and_waits_only_at_points_charging_the_step():
+    fake = _InstallFakeEvent()
+    trainer = make_trainer(callbacks=[fake, ThroughputMonitor(log_every_n_steps=4)])
+    trainer.fit(_loader(32, 4), epochs=2)  # 8 steps an epoch: points at steps 4, 8, 12, 16 and 2 epoch ends
+    assert fake.event.recorded == 16 and fake.event.waited == 4 + 2
+    logs = trainer.history.history
+    assert min(logs["time_step"]) >= 3 * 0.05 and max(logs["time_callbacks"]) < 0.05  # the waits are the step's
