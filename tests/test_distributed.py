@@ -547,7 +547,8 @@ def test_a_two_rank_checkpoint_on_one_process_is_refused_unless_its_data_can_be_
         "of processes, or pass strict=False to continue with another (the data order then differs from an "
         "uninterrupted run). A map-style DataLoader (RandomSampler, SequentialSampler or DistributedSampler) or "
         "in-memory data resumes on any number of processes; an iterable dataset's saved position belongs to the "
-        "rank that wrote it."
+        "rank that wrote it, unless the dataset (or loader) deals its unread data out itself with "
+        "reshard_state_dict(states, rank, world_size) (docs/checkpoints.md)."
     )
     assert run_single(_resume_with_one_rank, tmp_path / "one", strict=False) == {"step": 4}
     # A shuffled DataLoader goes on (tests/test_reshard.py): the 64 samples left of epoch 1, then epoch 2.
