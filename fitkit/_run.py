@@ -100,6 +100,7 @@ class Run:
         self.n = 0  # its samples
         self.stepped = False  # an optimizer stepped in this iteration (GradScaler.update, global_step)
         self.phase: MetricSet = trainer._train_set  # whose metrics update_metrics feeds
+        trainer._train_set.tracker.summed = trainer._val_set.tracker.summed = frozenset(trainer.batch_sum_logs)
         self.check_loss_inputs = True  # the first batch's loss-input checks (_checks.py) still to run
         self.class_weight: torch.Tensor | None = None
         self.per_sample_loss: Callable[..., torch.Tensor] | None = None  # the loss with reduction="none"

@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 class Steps:
     """The step API of [Trainer][fitkit.Trainer] (documented there); state lives on the Trainer."""
 
+    #: Keys of the step logs that are batch sums (a VAE's summed reconstruction loss), not batch means: they
+    #: are logged per sample (the epoch's sum over its samples), and the gradients are whatever the step made
+    #: of them. A subclass sets it, e.g. ``batch_sum_logs = ("loss",)``.
+    batch_sum_logs: tuple[str, ...] = ()
+
     if TYPE_CHECKING:  # set by Trainer.__init__ (documented there)
         model: nn.Module
         optimizers: dict[str, torch.optim.Optimizer]

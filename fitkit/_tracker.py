@@ -34,6 +34,7 @@ class EpochTracker:
         self._pending: dict[str, list[torch.Tensor]] = {}  # step values not yet in the sums
         self._pending_n = 0  # the batch size of every pending step
         self._pending_steps = 0
+        self.summed: frozenset[str] = frozenset()  # keys that are batch sums: added as they are, not times n
         # The folded steps' losses, kept (on the device) so that a non-finite epoch can name its first
         # bad batch without a per-batch check: see first_non_finite.
         self._losses: list[torch.Tensor] = []
@@ -69,12 +70,13 @@ class EpochTracker:
             if total is None:
                 device = values[0].device
                 self.sums[key] = total = torch.zeros((), dtype=sum_dtype(device), device=device)
+            alpha = 1 if key in self.summed else self._pending_n  # a batch sum is already n samples' worth
             if len(values) == 1:
-                total.add_(values[0], alpha=self._pending_n)
+                total.add_(values[0], alpha=alpha)
                 stacked = values[0].reshape(1)
             else:
                 stacked = torch.stack(values)
-                total.add_(stacked.sum(dtype=total.dtype), alpha=self._pending_n)
+                total.add_(stacked.sum(dtype=total.dtype), alpha=alpha)
             if key == "loss" and len(values) == self._pending_steps:
                 self._losses.append(stacked)
         self._pending, self._pending_steps = {}, 0

@@ -453,3 +453,32 @@ def test_an_optimizer_over_the_same_parameters_in_another_order_is_refused_on_re
     same = TwoBlocks()
     ok = fitkit.Trainer(same, torch.optim.Adam(same.parameters()), "cross_entropy", verbose=0, device="cpu")
     ok.fit((x, y), epochs=2, batch_size=8, resume=str(tmp_path / "run.pt"))
+
+
+class SummedLoss(fitkit.Trainer):
+    """A VAE-style step: its loss is a batch sum (Adam's training depends on that scale)."""
+
+    def compute_loss(self, inputs: Any, targets: Any, outputs: Any, sample_weight: Any = None) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(outputs, targets, reduction="sum")
+
+
+class SummedLossDeclared(SummedLoss):
+    batch_sum_logs = ("loss",)
+
+
+def test_a_batch_sum_loss_is_logged_per_sample_with_the_same_training() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, generator=g), torch.randn(40, 2, generator=g)
+    runs = []
+    for cls in (SummedLoss, SummedLossDeclared):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        trainer = cls(model, "adam", "mse", verbose=0, device="cpu")
+        history = trainer.fit((x, y), (x, y), epochs=2, batch_size=8, shuffle=False)
+        runs.append((model, history, trainer))
+    (plain, _, _), (declared, history, trainer) = runs
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), declared.parameters()))  # gradients unchanged
+    with torch.no_grad():
+        per_sample = float(((declared(x) - y) ** 2).sum() / len(x))
+    assert history.history["val_loss"][-1] == pytest.approx(per_sample, rel=1e-5)
+    assert trainer.evaluate((x, y), batch_size=8)["loss"] == pytest.approx(per_sample, rel=1e-5)
