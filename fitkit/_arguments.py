@@ -623,6 +623,25 @@ def warn_unreachable_step_validation(every: int | None, last_step: int) -> None:
         )
 
 
+def check_compute_loss_takes_weights(trainer: Any, class_weight: Any, sample_weight: Any) -> None:
+    """Weights given to ``fit`` reach ``compute_loss`` as its fourth argument: an override written without one is a
+    TypeError now, before training, instead of Python's "takes 4 positional arguments but 5 were given" at the
+    first batch."""
+    if class_weight is None and sample_weight is None:
+        return
+    try:
+        inspect.signature(trainer.compute_loss).bind(None, None, None, None)
+    except TypeError:
+        given = "sample_weight" if sample_weight is not None else "class_weight"
+        raise TypeError(
+            f"fit({given}=...) gives weights, and {type(trainer).__name__}.compute_loss() takes no sample_weight: "
+            "add a parameter, compute_loss(self, inputs, targets, outputs, sample_weight=None), and apply the "
+            f"weights there (None when a batch has none), or leave {given} out"
+        ) from None
+    except ValueError:  # no signature to read (a builtin): let the call decide
+        return
+
+
 def check_path(path: Any, name: str) -> None:
     """A file path argument: a non-empty str or ``os.PathLike``; anything else is a ``TypeError``."""
     if isinstance(path, bool) or not (isinstance(path, str) or hasattr(path, "__fspath__")) or not str(path).strip():

@@ -604,6 +604,7 @@ def plan_fit(
     validate_at = _arguments.validation_schedule(schedule.check_validation_freq(validation_freq, every))
     train_data, val_data = _split_off_validation(train_data, val_data, validation_split)
     _checks.check_weights_fit_loss(trainer.loss, class_weight, sample_weight)
+    _arguments.check_compute_loss_takes_weights(trainer, class_weight, sample_weight)
     _checks.check_closure_optimizers(
         trainer.optimizers, trainer._closure_optimizers, type(trainer).train_step is Steps.train_step
     )

@@ -588,3 +588,19 @@ def test_a_metric_without_per_sample_values_cannot_be_weighted():
         trainer.evaluate((x, y, torch.ones(8)))
     with pytest.raises(ValueError, match=r"metric names must be unique"):
         make_trainer(metrics=["accuracy"], weighted_metrics=["accuracy"])
+
+
+def test_weights_given_to_a_compute_loss_without_a_weight_parameter_are_refused_before_training():
+    class NoWeights(fitkit.Trainer):
+        def compute_loss(self, inputs, targets, outputs):  # written before weights were used
+            return nn.functional.cross_entropy(outputs, targets)
+
+    x, y = make_classification(n=16)
+    model = TinyNet()
+    trainer = NoWeights(model, torch.optim.SGD(model.parameters(), lr=0.1), "cross_entropy", verbose=0, device="cpu")
+    with pytest.raises(
+        TypeError,
+        match=r"fit\(sample_weight=\.\.\.\) gives weights, and NoWeights\.compute_loss\(\) takes no sample_weight",
+    ):
+        trainer.fit((x, y), epochs=1, batch_size=8, sample_weight=torch.ones(16))
+    assert trainer.global_step == 0
