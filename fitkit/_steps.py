@@ -381,6 +381,10 @@ class Steps:
             self._trainable_params[name] = params
         return params
 
+    def _learnable(self) -> list[torch.Tensor]:
+        """The model's parameters, then a learnable loss module's (what ``backward`` gives gradients)."""
+        return [*self.model.parameters(), *(self.loss.parameters() if isinstance(self.loss, nn.Module) else ())]
+
     def _lr_logs(self) -> dict[str, float]:
         """``lr`` (the first param group's) with one optimizer, ``lr_<name>`` for each of several."""
         if len(self.optimizers) == 1:

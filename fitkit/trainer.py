@@ -646,7 +646,7 @@ class Trainer(Steps, memory.BatchSizeSearch):
         saved: dict[str, Any] = copy.deepcopy(
             {
                 "model": self.model.state_dict(),
-                "grads": [p.grad for p in self.model.parameters()],
+                "grads": [p.grad for p in self._learnable()],  # a learnable loss's too
                 "loss": self.loss.state_dict() if isinstance(self.loss, nn.Module) else None,
                 "optimizers": [o.state_dict() for o in optimizers],
                 "scaler": None if self._amp.scaler is None else self._amp.scaler.state_dict(),
@@ -664,7 +664,7 @@ class Trainer(Steps, memory.BatchSizeSearch):
             self.callbacks, self.verbose, self._hooks_timed, self._run, self.history, self._epoch_rng = kept
             self.accumulate_grad_batches = k
             self.model.load_state_dict(saved["model"])
-            for param, grad in zip(self.model.parameters(), saved["grads"]):
+            for param, grad in zip(self._learnable(), saved["grads"]):
                 param.grad = grad
             if isinstance(self.loss, nn.Module):
                 self.loss.load_state_dict(saved["loss"])

@@ -482,3 +482,30 @@ def test_a_batch_sum_loss_is_logged_per_sample_with_the_same_training() -> None:
         per_sample = float(((declared(x) - y) ** 2).sum() / len(x))
     assert history.history["val_loss"][-1] == pytest.approx(per_sample, rel=1e-5)
     assert trainer.evaluate((x, y), batch_size=8)["loss"] == pytest.approx(per_sample, rel=1e-5)
+
+
+class LearnableTemperature(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(outputs * self.t, targets)
+
+
+def test_lr_find_leaves_a_learnable_loss_as_found_pending_gradients_included() -> None:
+    x, y = make_classification(64)
+    weights = []
+    for find in (False, True):
+        fitkit.seed_everything(0)
+        model, loss = torch.nn.Linear(4, 3), LearnableTemperature()
+        optimizer = torch.optim.Adam([*model.parameters(), *loss.parameters()], lr=0.01)
+        trainer = fitkit.Trainer(model, optimizer, loss, verbose=0, device="cpu", accumulate_grad_batches=2)
+        trainer.fit((x, y), epochs=1, batch_size=8, steps_per_epoch=3)
+        loss.t.grad = torch.tensor(0.5)  # a gradient the loss holds when lr_find is called
+        if find:
+            trainer.lr_find((x, y), num_steps=5, batch_size=8)
+            assert loss.t.grad is not None and float(loss.t.grad) == 0.5
+        trainer.fit((x, y), epochs=2, batch_size=8)
+        weights.append([p.detach().clone() for p in (*model.parameters(), *loss.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))  # a fit after lr_find equals one without it
