@@ -28,8 +28,11 @@ class TrainingInterrupted(Exception):
         self.requeue = requeue
 
     def exit_exception(self, saved: str = "") -> BaseException:
-        """What ``fit`` raises in the end: the conventional outcome of the signal (``KeyboardInterrupt`` says
-        what ``saved`` describes: where the state went, and how to continue)."""
+        """What ``fit`` raises in the end: the conventional outcome of the signal.
+
+        Args:
+            saved: appended to a ``KeyboardInterrupt``'s message: where the state went, and how to continue.
+        """
         if self.requeue:
             return SystemExit(0)  # the job goes on, requeued: nothing failed
         if self.signum == signal.SIGINT:

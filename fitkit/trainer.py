@@ -422,16 +422,14 @@ class Trainer(Steps, memory.BatchSizeSearch):
             val_data: the same kinds, evaluated after each ``validation_freq``-th epoch; or a dict of named
                 sets, ``{"clean": dl1, "noisy": dl2}``, logged as ``val_clean_loss``, ``val_noisy_loss``, ...
             epochs: the epoch to stop before, as in Keras (``initial_epoch=5, epochs=10`` trains 5 epochs).
-                Default: 1; with ``max_steps``, as many epochs as those steps need; with ``max_time`` alone,
-                no limit.
+                Default: 1; with ``max_steps``, as many epochs as those steps need; with ``max_time`` alone, no limit.
             initial_epoch: the epoch to start at (ignored when ``resume`` restores a position).
             steps_per_epoch: use at most this many batches per epoch (a new iterator every epoch).
             validation_freq: validate every N epochs (int), or after the listed 1-based epochs (Keras);
                 0 or None: no epoch-level validation (with ``validate_every_n_steps``).
             batch_size: batch size for in-memory data (default 32, as in Keras).
             shuffle: shuffle in-memory training data every epoch (DataLoaders keep their own sampler).
-            validation_split: fraction of in-memory training data held out for validation, taken from
-                the end before shuffling (as in Keras).
+            validation_split: the fraction of in-memory training data held out (from the end, before shuffling; Keras).
             resume: a checkpoint path to continue from exactly, ``"auto"`` for the newest good checkpoint of this
                 trainer's checkpoint callbacks (none found: start from scratch), or ``"restart"`` to start over after
                 deleting the files of those callbacks that fitkit vouched for (nothing else; see Checkpoints).
@@ -447,8 +445,10 @@ class Trainer(Steps, memory.BatchSizeSearch):
             max_steps: stop once ``trainer.global_step`` reaches this many optimizer steps.
             max_time: stop at the first batch boundary after this much training time (seconds or a
                 ``datetime.timedelta``; wall time in ``fit``'s loop, summed across resumes).
-            y: Keras's form for in-memory data, ``fit(x, y=y)`` is ``fit((x, y))``; ``validation_data`` is ``val_data``.
-            callbacks: more callbacks for this call only, after the trainer's; ``verbose`` is this call's verbosity.
+            y: Keras's form for in-memory data: ``fit(x, y=y)`` is ``fit((x, y))``.
+            validation_data: Keras's name for ``val_data``.
+            callbacks: more callbacks for this call only, after the trainer's (Keras's ``fit(callbacks=...)``).
+            verbose: this call's verbosity, as ``Trainer(verbose=...)`` (default: the trainer's).
             storage_options: with ``resume`` an fsspec URL (``"s3://bucket/run/last.pt"``), the filesystem's
                 options (credentials, endpoint); the file is fetched and checked first (`fitkit.remote`).
 

@@ -253,8 +253,10 @@ def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mkdocs.commands.build import build
     from mkdocs.config import load_config
 
+    import contextlib
+
     site = tmp_path_factory.mktemp("site")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.chdir(ROOT):  # snippets' base_path "." is the repository
         warnings.simplefilter("ignore")
         build(load_config(str(ROOT / "mkdocs.yml"), site_dir=str(site), strict=False))
     return site
