@@ -171,7 +171,8 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
         "accumulate_grad_batches=2.0",
         lambda: _trainer(accumulate_grad_batches=2.0),
         ValueError,
-        r"accumulate_grad_batches must be an int >= 1 \(batches per optimizer step\), got 2\.0",
+        r"accumulate_grad_batches must be an int >= 1 \(batches per optimizer step, or a schedule by epoch\), got "
+        r"2\.0",
     ),
     (
         "verbose=3",

@@ -197,7 +197,10 @@ def test_the_built_in_callbacks_that_never_stop_mid_epoch_say_so() -> None:
     classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, fitkit.Callback)]
     with_hooks = {c.__name__ for c in classes if any(h in vars(k) for k in c.__mro__[:-2] for h in MID_EPOCH_HOOKS)}
     declared = {c.__name__ for c in classes if any(vars(k).get("stops_mid_epoch") is False for k in c.__mro__)}
-    assert declared == {"ProgressBar", "TensorBoard", "ModelCheckpoint", "BackupAndRestore", "LRScheduler", "EMA"}
+    assert declared == {
+        "ProgressBar", "TensorBoard", "ModelCheckpoint", "BackupAndRestore", "LRScheduler", "EMA",
+        "ThroughputMonitor", "Profiler", "SpikeDetection",  # SpikeDetection raises on every rank at once, not stops
+    }  # fmt: skip
     assert with_hooks - declared == {"TerminateOnNaN"}  # it stops after the batch whose loss is not finite
 
 
