@@ -464,6 +464,8 @@ class Trainer(Steps, memory.BatchSizeSearch):
                 validation_split=validation_split, sample_weight=sample_weight, class_weight=class_weight,
                 drop_last=drop_last, validate_every_n_steps=validate_every_n_steps, validation_steps=validation_steps,
                 max_steps=max_steps)  # fmt: skip
+            if self.verbose and self.is_global_zero:  # the sizes are this fit's: after its run is the current one
+                print(self.summary(), flush=True)  # from the modules' parameters: no forward pass
             with self._signals:
                 self._fit(run, resume)
         return self.history
@@ -488,8 +490,6 @@ class Trainer(Steps, memory.BatchSizeSearch):
         """Checks fit's arguments, builds the loaders and this fit's callbacks, and resets the per-fit parts
         of the state; runs no hook."""
         plan = plan_fit(self, train_data, val_data, **arguments_)
-        if self.verbose and self.is_global_zero:
-            print(self.summary(), flush=True)  # from the modules' parameters: no forward pass
         self.history = History()
         extra: list[Callback] = [self.history]
         if self.verbose and self.is_global_zero and not any(isinstance(cb, ProgressBar) for cb in self.callbacks):
