@@ -464,14 +464,15 @@ class Trainer(Steps, memory.BatchSizeSearch):
                 validation_split=validation_split, sample_weight=sample_weight, class_weight=class_weight,
                 drop_last=drop_last, validate_every_n_steps=validate_every_n_steps, validation_steps=validation_steps,
                 max_steps=max_steps)  # fmt: skip
-            if self.verbose and self.is_global_zero:  # the sizes are this fit's: after its run is the current one
-                print(self.summary(), flush=True)  # from the modules' parameters: no forward pass
             with self._signals:
                 self._fit(run, resume)
         return self.history
 
     def _fit(self, run: FitRun, resume: str | Path | None) -> None:
-        """``on_train_begin``, the resume, the epochs, ``on_train_end``; a failure goes through `_fit_failed`."""
+        """The summary, ``on_train_begin``, the resume, the epochs, ``on_train_end``; a failure goes through
+        `_fit_failed`."""
+        if self.verbose and self.is_global_zero:  # the sizes are this fit's: its run is the current one
+            print(self.summary(), flush=True)  # from the modules' parameters: no forward pass
         try:
             run.callbacks.fire("on_train_begin", {})
             self._resume(resume)
