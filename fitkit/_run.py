@@ -444,15 +444,18 @@ class FitRun(Run):
         self.n, self.outputs = feed.n, None
         if clock is not None:
             clock.lap(DATA)  # the device copy
-        accumulation, k = trainer._accumulation, trainer.accumulate_grad_batches
+        k = trainer.accumulate_grad_batches
         if k > 1:
+            accumulation = trainer._accumulation
             total = self.plan.num_train_batches  # type: ignore[union-attr]
             accumulation.step_now = (batch_idx + 1) % k == 0 or batch_idx + 1 == total
             if total is not None:  # epochs of unknown length keep the all-reduce on: their last group ends later
                 trainer._strategy.set_grad_sync(trainer._modules.train, accumulation.step_now)
         step_logs = trainer.train_step(batch)
-        if self.stepped:
-            self.finish_iteration()
+        if self.stepped:  # fp16's one GradScaler.update per iteration in which optimizers stepped
+            self.stepped = False
+            if trainer._amp.scaler is not None:
+                trainer._amp.scaler.update()
         if batch_idx == 0:
             _arguments.check_step_logs(step_logs)
             if self.step_probe is not None:

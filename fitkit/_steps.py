@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fitkit import _arguments, _checks, _compat, distributed
+from fitkit._precision import NO_CONTEXT
 from fitkit.data import split_batch
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ class Steps:
         if self._closure_optimizers:
             return self._closure_step(inputs, targets, sample_weight)
         with self.autocast():
-            self.outputs = outputs = self.forward(inputs)
+            self._run.outputs = outputs = self.forward(inputs)  # trainer.outputs, without the property call
             loss = self._loss(inputs, targets, outputs, sample_weight)
         self.backward(loss)
         if self._accumulation.step_now:
@@ -227,7 +228,7 @@ class Steps:
         """
         inputs, targets, sample_weight = split_batch(batch)
         with self.autocast():
-            self.outputs = outputs = self.forward(inputs, training=False)
+            self._run.outputs = outputs = self.forward(inputs, training=False)
             loss = self._loss(inputs, targets, outputs, sample_weight)
         self.update_metrics(outputs, targets, sample_weight)
         return {"loss": loss}
@@ -274,7 +275,8 @@ class Steps:
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The mixed-precision context of this trainer (a no-op at ``precision="32"``)."""
-        return self._amp.autocast()
+        amp = self._amp
+        return NO_CONTEXT if amp.dtype is None else amp.autocast()  # fp32: no call on the per-batch path
 
     def backward(self, loss: torch.Tensor, optimizer: str | None = None) -> None:
         """``loss.backward()`` with loss scaling (fp16) and the accumulation weight applied.
@@ -326,7 +328,7 @@ class Steps:
         if self.accumulate_grad_batches > 1 and accumulation.units not in (0.0, 1.0):
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             _compat.foreach_div_(grads, accumulation.units)
-        if closure is None:
+        if closure is None and (self.grad_clip_norm is not None or self.grad_clip_value is not None):
             self._clip(optimizer)
         for fn in run.callbacks.hooks["on_before_optimizer_step"]:
             fn()

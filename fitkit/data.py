@@ -60,6 +60,12 @@ def split_batch(batch: Any) -> tuple[Any, Any, Any]:
     ``x`` (a tensor or a dict of inputs) and ``(x,)`` have no targets; ``(x, y)``; ``(x, y, sample_weight)``.
     Missing parts are None. Anything else is an error that names the layouts and how to handle another.
     """
+    if type(batch) is list or type(batch) is tuple:  # the usual (x, y) first: this runs once per batch
+        n = len(batch)
+        if n == 2:
+            return batch[0], batch[1], None
+        if n == 3:
+            return batch[0], batch[1], batch[2]
     if isinstance(batch, (torch.Tensor, Mapping)):
         return batch, None, None
     if isinstance(batch, (list, tuple)) and 1 <= len(batch) <= 3:

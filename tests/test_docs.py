@@ -250,10 +250,10 @@ def _markdown_headings(page: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import contextlib
+
     from mkdocs.commands.build import build
     from mkdocs.config import load_config
-
-    import contextlib
 
     site = tmp_path_factory.mktemp("site")
     with warnings.catch_warnings(), contextlib.chdir(ROOT):  # snippets' base_path "." is the repository
