@@ -51,8 +51,8 @@ def _job(folder: str, mode: str, progress: str | None = None, sabotage: bool = F
             self._mark(f"v {self.trainer.global_step} {batch}")
             time.sleep(val_delay)
 
-    if sabotage:
-        fitkit.Trainer._rng_before_validation = property(  # type: ignore[assignment]
+    if sabotage:  # the run's record of the generators before an epoch's validation, always None
+        fitkit._run.Run.rng_before_validation = property(  # type: ignore[assignment]
             lambda self: None, lambda self, value: None
         )
     backup = BackupAndRestore(Path(folder) / "backup", save_freq=1, delete_checkpoint=False)

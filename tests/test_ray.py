@@ -11,6 +11,7 @@ fitkit's backup by itself and ends bit for bit on the uninterrupted Ray run.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -175,6 +176,7 @@ def test_ray_train_torchtrainer_trains_as_one_process_writes_on_rank_zero_and_re
     link = Path(tempfile.gettempdir()) / f"fitkit-ray-{os.getpid()}"
     link.unlink(missing_ok=True)
     link.symlink_to(tmp_path / "ray")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(link), object_store_memory=100 * 1024**2,
                  log_to_driver=False)  # fmt: skip
@@ -225,4 +227,6 @@ def test_ray_train_torchtrainer_trains_as_one_process_writes_on_rank_zero_and_re
     finally:
         ray.shutdown()
         link.unlink()
+        for sig, handler in handlers.items():  # Ray's TorchTrainer leaves its own SIGINT handler in this process
+            signal.signal(sig, handler)
     print(f"test time {time.perf_counter() - started:.1f} s")
