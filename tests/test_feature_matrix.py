@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import torch
 from resume_utils import assert_same_state, final_state, make_data, make_model
+from test_combinations import StepsItsOwnOptimizer  # the "raw" step: optimizer.step() called directly
 from torch.utils.data import DataLoader, TensorDataset
 
 import fitkit
@@ -107,18 +108,6 @@ class CustomStep(fitkit.Trainer):
             loss = self.compute_loss(x, y, outputs)
         self.backward(loss)
         self.optimizer_step()
-        return {"loss": loss.detach()}
-
-
-class RawStep(fitkit.Trainer):
-    """A custom step that steps its optimizer itself (fitkit does not count it)."""
-
-    def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
-        x, y = batch
-        loss = self.loss(self.forward(x), y)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
         return {"loss": loss.detach()}
 
 
@@ -207,7 +196,7 @@ def _run(folder: Path, combo: tuple[str, ...], interrupt: int = 0, resume: Any =
     if interrupt:
         callbacks.append(Interrupt(interrupt))
     model = make_model()
-    cls = {"custom": CustomStep, "raw": RawStep}.get(step, fitkit.Trainer)
+    cls = {"custom": CustomStep, "raw": StepsItsOwnOptimizer}.get(step, fitkit.Trainer)
     trainer = cls(
         model, torch.optim.Adam(model.parameters(), lr=1e-2), "cross_entropy", callbacks=callbacks, verbose=0,
         device="cpu", accumulate_grad_batches=2 if step == "accumulate" else 1,
