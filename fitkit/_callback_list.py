@@ -8,6 +8,7 @@ and costs the loop nothing. `HookTimer` finds a callback that slows training dow
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -60,17 +61,27 @@ class CallbackList:
         """Calls ``hook`` on every callback even when one raises, then raises the first error.
 
         For the events that release resources (``on_train_end``): one failing callback must not leave
-        another's files or writers open.
+        another's files or writers open. Fired while an error is already on its way out of ``fit`` (a
+        ``finally``), a callback's failure here is a warning: the error that ended the fit stays the one raised.
         """
         first: BaseException | None = None
+        failed = hook
         for fn in self.hooks[hook]:
             try:
                 fn(*args)
             except BaseException as exc:
                 if first is None:
-                    first = exc
-        if first is not None:
+                    first, failed = exc, getattr(fn, "__qualname__", hook)
+        if first is None:
+            return
+        ending = sys.exc_info()[1]
+        if ending is None:
             raise first
+        warnings.warn(
+            f"{failed} failed ({type(first).__name__}: {first}) while fit was ending on "
+            f"{type(ending).__name__}: that error is the one raised",
+            stacklevel=user_stacklevel(),
+        )
 
     def keyed(self) -> list[tuple[str, Callback]]:
         """``(key, callback)`` pairs: the class name, with ``_2``, ``_3``, ... for repeats."""

@@ -469,11 +469,11 @@ class Trainer(Steps, memory.BatchSizeSearch):
         return self.history
 
     def _fit(self, run: FitRun, resume: str | Path | None) -> None:
-        """The summary, ``on_train_begin``, the resume, the epochs, ``on_train_end``; a failure goes through
-        `_fit_failed`."""
-        if self.verbose and self.is_global_zero:  # the sizes are this fit's: its run is the current one
-            print(self.summary(), flush=True)  # from the modules' parameters: no forward pass
+        """Folders claimed, the summary, ``on_train_begin``, the resume, the epochs, ``on_train_end``."""
         try:
+            _files.claim_folders(run.callbacks.callbacks)  # a second job in a folder: refused before anything
+            if self.verbose and self.is_global_zero:  # the sizes are this fit's: its run is the current one
+                print(self.summary(), flush=True)  # from the modules' parameters: no forward pass
             run.callbacks.fire("on_train_begin", {})
             self._resume(resume)
             run.warn_nothing_to_train()

@@ -108,3 +108,23 @@ def test_checkpoint_module_reads_no_private_trainer_attribute():
         and not (isinstance(node.value, ast.Name) and node.value.id == "self")
     ]
     assert private == []
+
+
+def test_a_cleanup_failure_never_replaces_the_error_that_ended_fit():
+    # on_train_end runs in fit's `finally`: its failure used to become the exception fit raised.
+    class Breaks(Callback):
+        def on_batch_end(self, batch, logs=None):
+            raise KeyError("the real failure")
+
+    class CleanupBreaks(Callback):
+        def on_train_end(self, logs=None):
+            raise RuntimeError("cleanup failed")
+
+    x, y = make_classification(n=16)
+    trainer = make_trainer(callbacks=[Breaks(), CleanupBreaks()])
+    warned = r"CleanupBreaks.on_train_end failed \(RuntimeError: cleanup failed\) while fit was ending on KeyError"
+    with pytest.warns(UserWarning, match=warned), pytest.raises(KeyError, match="the real failure"):
+        trainer.fit((x, y), epochs=1, batch_size=4)
+    # With nothing else failing, the cleanup's own error is raised.
+    with pytest.raises(RuntimeError, match="cleanup failed"):
+        make_trainer(callbacks=[CleanupBreaks()]).fit((x, y), epochs=1, batch_size=4)

@@ -821,7 +821,11 @@ def _slow_job(folder: str, started: str, release: str) -> None:
 
 
 @pytest.mark.parametrize("second", ["ModelCheckpoint", "BackupAndRestore"])
-def test_two_jobs_writing_one_folder_at_once_the_second_is_refused(tmp_path: Path, second: str) -> None:
+def test_two_jobs_writing_one_folder_at_once_the_second_is_refused(
+    tmp_path: Path, second: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused first thing: before the second job prints its summary or runs any callback's on_train_begin (it
+    was refused in on_train_begin, after the summary, and the ProgressBar's clean-up then replaced the error)."""
     from resume_utils import run_child
 
     folder, started, release = tmp_path / "ckpt", tmp_path / "started", tmp_path / "release"
@@ -832,11 +836,14 @@ def test_two_jobs_writing_one_folder_at_once_the_second_is_refused(tmp_path: Pat
             time.sleep(0.01)
         callback = ModelCheckpoint(folder / "x{epoch}.pt", monitor=None) if second == "ModelCheckpoint" else (
             BackupAndRestore(folder))  # fmt: skip
-        batches = _Batches()
+        batches, begun = _Batches(), []
+        began = fitkit.callbacks.LambdaCallback(on_train_begin=lambda logs: begun.append(True))
+        capsys.readouterr()
         with pytest.raises(ValueError, match=rf"{second}\(.*\): another fit is writing checkpoints into {folder} right now "
                            rf"\(pid {first.pid} on .*\); two runs in one folder would overwrite"):  # fmt: skip
-            _fit(trainer={"callbacks": [batches, callback]})
-        assert batches.count == 0
+            _fit(trainer={"callbacks": [began, batches, callback]}, verbose=1)
+        assert batches.count == 0 and begun == []
+        assert capsys.readouterr().out == ""  # not even the model's summary
     finally:
         release.touch()
         first.join(30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 from helpers import FakeTrainer, make_classification, make_trainer
@@ -52,6 +53,61 @@ def test_a_terminal_gets_a_tqdm_bar_with_the_validation_results():
     assert "Epoch 1/2" in text and "Epoch 2/2" in text
     final = text.split("\r")[-1]
     assert "4/4" in final and "val_loss: " in final and "loss: " in final
+
+
+class SizedTTY(FakeTTY):
+    """Text kept in memory, with the file number of a real pseudo-terminal of ``columns`` columns: tqdm asks
+    the terminal its width (os.get_terminal_size on fileno())."""
+
+    def __init__(self, columns: int) -> None:
+        import fcntl
+        import pty
+        import struct
+        import termios
+
+        super().__init__()
+        self._fds = pty.openpty()
+        fcntl.ioctl(self._fds[1], termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+
+    def fileno(self) -> int:
+        return self._fds[1]
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        super().close()
+
+
+@pytest.mark.parametrize("columns", [60, 400])
+def test_a_narrow_terminal_still_shows_every_value_of_the_epoch(columns):
+    # tqdm cuts its line at the terminal's width: the val_* values at the end of the epoch's line were lost.
+    stream = SizedTTY(columns)
+    assert os.get_terminal_size(stream.fileno()).columns == columns
+    _fit(ProgressBar(file=stream, refresh_interval=1e-9), epochs=1)
+    text = stream.getvalue()
+    shown = [segment.rstrip("\n") for segment in text.replace("\n", "\r").split("\r")]
+    stream.close()
+    assert all(len(segment) < columns for segment in shown if segment.startswith("Epoch 1/1: "))  # the bar fits
+    final = [segment for segment in shown if "val_loss: " in segment]
+    assert final, text
+    assert "loss: " in final[-1] and "val_loss: " in final[-1] and "lr: 0.1" in final[-1]
+    # On the bar's line when it fits; else the bar keeps the counts and the values get a line of their own.
+    own_line = [segment for segment in shown if segment.startswith("Epoch 1/1 - ")]
+    assert len(own_line) == (1 if columns == 60 else 0)
+
+
+def test_a_callback_failing_in_on_train_begin_is_the_error_fit_raises():
+    # ProgressBar.on_train_end (run to release resources) read a bar that on_train_begin had not made yet: the
+    # AttributeError replaced the first callback's error.
+    from fitkit.callbacks import LambdaCallback
+
+    def refuse(logs):
+        raise ValueError("refused before training")
+
+    x, y = make_classification(n=16)
+    trainer = make_trainer(callbacks=[LambdaCallback(on_train_begin=refuse), ProgressBar(file=FakeTTY())])
+    with pytest.raises(ValueError, match="refused before training"):
+        trainer.fit((x, y), epochs=1, batch_size=4)
 
 
 def test_mode_epoch_never_draws_a_bar_even_on_a_terminal():

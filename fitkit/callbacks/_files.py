@@ -221,6 +221,15 @@ def release_run_lock(folder: str | Path) -> None:
         os.close(entry[0])  # closing the descriptor releases the lock
 
 
+def claim_folders(callbacks: Sequence[Any]) -> None:
+    """The first thing ``fit`` does: each checkpoint callback (a ``claim_folder`` method) checks that its folder
+    is writable and takes its run lock, so a second job writing into the same folder is refused before it prints,
+    loads a checkpoint or trains."""
+    for callback in callbacks:
+        if callable(getattr(callback, "claim_folder", None)):
+            callback.claim_folder()
+
+
 def start_over(trainer: TrainerLike, callbacks: Sequence[Any]) -> None:
     """``fit(resume="restart")``: each callback with a ``start_over`` method (ModelCheckpoint, BackupAndRestore)
     deletes, on rank 0, the files of its folder that fitkit vouched for; an error is raised on every rank."""

@@ -62,6 +62,7 @@ class BackupAndRestore(Callback):
         if not isinstance(async_save, bool):
             raise TypeError(f"async_save must be True or False, got {async_save!r}")
         self._background = BackgroundSaves("BackupAndRestore") if async_save else None
+        self._claimed = self._wrote = self._failed = False  # on_train_end runs even when on_train_begin did not
         self._batches_since_save = 0
         self._failed = False
         self._wrote = False  # this fit wrote (or resumed from) the backup: only then may it delete it
@@ -94,13 +95,20 @@ class BackupAndRestore(Callback):
         remove_checkpoint(self.path)
 
     def on_train_begin(self, logs: Logs | None = None) -> None:
-        checked_on_rank_zero(self.trainer, self._claim_folder)  # a file or a read-only folder: now, not at the save
+        self.claim_folder()  # fit has claimed it already; a trainer that calls the hooks itself claims it now
         remote.attach(self.trainer, self.checkpoint_dir, self.remote_folder)
         if self._background is not None:
             check_strategy(self.trainer, "BackupAndRestore")
         self._batches_since_save = 0
         self._failed = False
         self._wrote = False
+
+    def claim_folder(self) -> None:
+        """Checks the folder is writable and takes its run lock, on rank 0, raising on every rank; once per fit
+        (``fit`` calls it before anything else)."""
+        if not self._claimed:
+            checked_on_rank_zero(self.trainer, self._claim_folder)
+            self._claimed = True  # on every rank: each asks rank 0 the same number of times
 
     def _claim_folder(self) -> None:
         check_writable(self.checkpoint_dir, f"BackupAndRestore({str(self.checkpoint_dir)!r})")
@@ -137,6 +145,8 @@ class BackupAndRestore(Callback):
         if (self.trainer.state.stop_reason or "").startswith(PRUNED):
             return  # an Optuna trial pruned (TrialPruned): over, not failed; the next trial must not resume it
         self._failed = True
+        if not self._claimed:
+            return  # refused before claiming the folder (another job's, perhaps): never a file written into it
         if isinstance(exception, TrainingInterrupted):  # a batch boundary: a consistent state
             if self._background is not None:
                 self._background.wait()  # the backup in flight first; then this one, in the loop
@@ -153,6 +163,7 @@ class BackupAndRestore(Callback):
                 remove_checkpoint(self.path)
         finally:
             remote.detach(self.checkpoint_dir, self.remote_folder)
+            self._claimed = False
             if getattr(self, "_locked", False):
                 self._locked = False
                 release_run_lock(self.checkpoint_dir)

@@ -106,6 +106,7 @@ class ModelCheckpoint(MonitorCallback):
         check_flags(save_best_only=save_best_only, save_weights_only=save_weights_only, save_last=save_last,
                     verbose=verbose, async_save=async_save)  # fmt: skip
         self._background = BackgroundSaves("ModelCheckpoint") if async_save else None
+        self._claimed = self._trained = False
         if not isinstance(filepath, (str, Path)) or not str(filepath).strip():
             raise TypeError(
                 f"filepath must be a path template (str or pathlib.Path) such as 'ckpt/{{epoch:02d}}.pt', got {filepath!r}"
@@ -151,7 +152,7 @@ class ModelCheckpoint(MonitorCallback):
         self._batches_since_save = 0
         self._folder_checked = False
         self._trained = False  # a failure before this fit's first batch leaves no crash.pt (nothing to inspect)
-        _files.checked_on_rank_zero(self.trainer, self._claim_folder)  # a file or a read-only folder: now
+        self.claim_folder()  # fit has claimed it already; a trainer that calls the hooks itself claims it now
         remote.attach(self.trainer, self.checkpoint_dir, self.remote_folder)
         if self._background is not None:
             check_strategy(self.trainer, "ModelCheckpoint")
@@ -162,6 +163,13 @@ class ModelCheckpoint(MonitorCallback):
             self.check_monitor_key()
             _ = self.resolved_mode  # fail before training when mode='auto' cannot tell the direction
 
+    def claim_folder(self) -> None:
+        """Checks the folder is writable (a file there, a read-only folder) and takes its run lock (one job per
+        folder), on rank 0, raising on every rank; once per fit (``fit`` calls it before anything else)."""
+        if not self._claimed:
+            _files.checked_on_rank_zero(self.trainer, self._claim_folder)
+            self._claimed = True  # on every rank: each asks rank 0 the same number of times
+
     def _claim_folder(self) -> None:
         _files.check_writable(self.checkpoint_dir, f"ModelCheckpoint({self.filepath!r})")
         _files.acquire_run_lock(self.checkpoint_dir, f"ModelCheckpoint({self.filepath!r})")  # one job per folder
@@ -171,6 +179,7 @@ class ModelCheckpoint(MonitorCallback):
         if self._background is not None:
             self._background.wait()  # the last save is complete (or its error raised) when fit returns
         remote.detach(self.checkpoint_dir, self.remote_folder)
+        self._claimed = False
         if getattr(self, "_locked", False):
             self._locked = False
             _files.release_run_lock(self.checkpoint_dir)
@@ -219,7 +228,9 @@ class ModelCheckpoint(MonitorCallback):
 
     def on_exception(self, exception: BaseException) -> None:
         interrupted = isinstance(exception, TrainingInterrupted)
-        if not interrupted and not getattr(self, "_trained", True):
+        if not self._claimed:
+            return  # refused before claiming the folder (another job's, perhaps): never a file written into it
+        if not interrupted and not self._trained:
             return  # failed before training (a bad argument, an unwritable folder): nothing worth a crash.pt
         if not interrupted and self.trainer.world_size > 1:
             return  # a save is collective, and the other ranks are not here to join it

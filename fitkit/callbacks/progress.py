@@ -59,6 +59,7 @@ class ProgressBar(Callback):
         self.log_every_seconds = log_every_seconds
         self.file = file
         self._bar: Any = None
+        self._val_bar: Any = None  # set here too: on_train_end runs even when on_train_begin never did
 
     # -- helpers --------------------------------------------------------------------------------
     def _stream(self) -> IO[str]:
@@ -99,7 +100,7 @@ class ProgressBar(Callback):
     def on_train_begin(self, logs: Logs | None = None) -> None:
         planned = self.trainer.epochs_planned
         self._epochs = "?" if planned is None else planned  # None: until max_steps/max_time ends the run
-        self._val_bar: Any = None
+        self._val_bar = None
         self._is_bar = self._interactive()
         # In Jupyter without ipywidgets tqdm would print every refresh as a new output: a line updated in place.
         self._notebook_text = self._is_bar and _in_notebook() and not _has_ipywidgets()
@@ -148,13 +149,28 @@ class ProgressBar(Callback):
         logs = logs or {}
         start = self.__dict__.pop("_epoch_start", None)  # None: resumed at the end of an epoch
         elapsed = "" if start is None else f"{time.monotonic() - start:.1f}s - "
+        line = f"Epoch {epoch + 1}/{self._epochs} - {elapsed}{format_logs(logs)}"
         if self._bar is not None:
             self._bar.update(max(0, (self._bar.total or self._shown) - self._shown))
-            self._bar.set_postfix_str(format_logs(logs), refresh=True)
-            self._bar.close()
-            self._bar = None
-        else:
-            print(f"Epoch {epoch + 1}/{self._epochs} - {elapsed}{format_logs(logs)}", file=self._stream(), flush=True)
+            if not self._close_bar(format_logs(logs)):
+                return
+        print(line, file=self._stream(), flush=True)
+
+    def _close_bar(self, postfix: str) -> bool:
+        """Closes the epoch's bar with the epoch's logs as its postfix when the whole line fits the terminal;
+        otherwise (tqdm would cut the line at the terminal's width, hiding the ``val_*`` values at its end)
+        closes it with the counts only and returns True: the caller prints the logs whole, on their own line."""
+        bar = self._bar
+        self._bar = None
+        cut = False
+        if not self._notebook_text:  # a notebook's line wraps: never cut
+            width = bar.dynamic_ncols(bar.fp)[0] if bar.dynamic_ncols else bar.ncols
+            cut = (
+                bool(width) and len(bar.format_meter(**{**bar.format_dict, "ncols": None, "postfix": postfix})) > width
+            )
+        bar.set_postfix_str("" if cut else postfix, refresh=True)
+        bar.close()
+        return cut
 
     # -- validation: a transient bar on a terminal (it disappears when done), nothing off a terminal --
     def on_validation_begin(self, logs: Logs | None = None) -> None:
