@@ -284,7 +284,7 @@ class Steps:
         Args:
             loss: a 0-dim tensor that requires grad.
             optimizer: the name of one of [optimizers][fitkit.Trainer.optimizers]: gradients then flow only into that
-                optimizer's parameters (``backward(inputs=...)``), so a generator's loss never adds to the
+                optimizer's parameters (``loss.backward(inputs=...)``), so a generator's loss never adds to the
                 discriminator's gradients. None: every parameter, as ``loss.backward()``.
         """
         accumulation, run = self._accumulation, self._run

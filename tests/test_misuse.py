@@ -909,3 +909,14 @@ def test_a_fit_that_fails_shuts_its_dataloader_workers_down_at_once(where: str) 
         trainer.fit(loaders[0], loaders[1], epochs=1)
     assert caught.value.__traceback__ is not None  # still held, with the frames of the loop
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("given", ["folder", "folder/", "s3://bucket/run/"])
+def test_model_checkpoint_given_a_folder_says_to_name_the_files(tmp_path: Path, given: str) -> None:
+    """An existing folder was read as a file template: the folder itself was then 'a checkpoint this fit did not
+    write' in its parent, and fit was refused with a message about the parent folder."""
+    (tmp_path / "folder").mkdir()
+    filepath = given if given.startswith("s3://") else str(tmp_path / given)
+    with pytest.raises(ValueError, match=r"names a folder; give the file name template inside it, e.g. ModelCheckpoint\("
+                       r"'.*/\{epoch:02d\}\.pt'\)"):  # fmt: skip
+        ModelCheckpoint(filepath)

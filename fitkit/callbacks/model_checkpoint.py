@@ -111,6 +111,12 @@ class ModelCheckpoint(MonitorCallback):
             raise TypeError(
                 f"filepath must be a path template (str or pathlib.Path) such as 'ckpt/{{epoch:02d}}.pt', got {filepath!r}"
             )
+        if str(filepath).endswith(("/", "\\")) or Path(filepath).is_dir():
+            folder = str(filepath).rstrip("/\\")
+            raise ValueError(
+                f"ModelCheckpoint(filepath={str(filepath)!r}) names a folder; give the file name template inside it, "
+                f"e.g. ModelCheckpoint({folder + '/{epoch:02d}.pt'!r}) (Keras's filepath, Lightning's dirpath + filename)"
+            )
         if save_best_only and monitor is None:
             raise ValueError("save_best_only=True needs a monitor key such as 'val_loss'")
         self.remote_folder = remote.for_callback(filepath, storage_options, "ModelCheckpoint")
