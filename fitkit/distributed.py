@@ -19,6 +19,7 @@ import os
 import pickle
 import socket
 import time
+import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence, Sized
@@ -137,11 +138,22 @@ def setup(strategy: str, device: torch.device, timeout_s: float) -> DistInfo:
         backend=backend,
         created_group=created,
         control_group=control,
-        failure_key=f"fitkit/failure/{restart_count()}/{next(_setups)}",  # a restarted group's own keys
     )
     if world_size > 1:
         info.reduce = _SumOverRanks(info)
+        info.failure_key = f"fitkit/failure/{broadcast_object(_new_round() if info.rank == 0 else None, info)}"
     return info
+
+
+def _new_round() -> int:
+    """A number the default group's store never handed out before (0 without a store): rank 0's is broadcast,
+    so that every rank of this group keys its failure report alike, whatever each torchrun agent's restart
+    count, and apart from a dead attempt's keys in a store that outlived it."""
+    store = _store()
+    try:
+        return 0 if store is None else int(store.add("fitkit/rounds", 1))
+    except Exception:  # a store without counters (a custom backend's)
+        return next(_setups)
 
 
 def restart_count() -> int:
@@ -174,35 +186,65 @@ def _init_process_group(
 
 
 def _elastic_store(timeout: datetime.timedelta) -> dict[str, Any]:
-    """Under torchrun's restarts, the keyword arguments that give this attempt's group keys of its own.
+    """Under torchrun, the keyword arguments that give this attempt's group keys of its own.
 
     By default torchrun's workers build their group in the agent's TCP store, which outlives them: the
     workers of a restart would read the addresses the dead workers left there and hang or get "Connection
-    refused" (pytorch/pytorch#135712). Prefixing every key by the restart count keeps each attempt's keys
-    apart. One agent only: with several, an agent whose own workers did not fail restarts them without
-    counting a restart, so the counts differ between nodes; there a warning says to give every agent
-    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a fresh store per rendezvous). Empty (torch's own
-    ``env://`` rendezvous) outside torchrun or with a store of the group's own.
+    refused" (pytorch/pytorch#135712). Torchrun's restart count cannot key the attempts apart on several
+    nodes: an agent whose own workers did not fail restarts them for the membership change without counting
+    a restart, so the nodes' counts differ. The ranks agree on a fresh prefix through the store instead
+    (`_agree_on_generation`). Empty (torch's own ``env://`` rendezvous) outside torchrun or with a store of
+    the rendezvous' own (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``).
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return {}
-    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
-        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
-            warnings.warn(
-                "torchrun --max-restarts on several nodes shares the rendezvous store between attempts: "
-                "restarted workers may read the dead workers' addresses and hang (pytorch/pytorch#135712). "
-                "Set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every node's environment",
-                stacklevel=user_stacklevel(),
-            )
         return {}
     agent_store = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
     )
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    generation = _agree_on_generation(agent_store, rank, world_size, timeout.total_seconds())
     return {
-        "store": dist.PrefixStore(f"fitkit/attempt{restart_count()}", agent_store),
-        "rank": int(os.environ["RANK"]),
-        "world_size": int(os.environ["WORLD_SIZE"]),
+        "store": dist.PrefixStore(f"fitkit/generation{generation}", agent_store),
+        "rank": rank,
+        "world_size": world_size,
     }
+
+
+def _agree_on_generation(store: Any, rank: int, world_size: int, timeout_s: float) -> int:
+    """A number that every rank of this attempt gets and that no earlier attempt used, agreed through
+    ``store`` (which may hold the keys of dead attempts' workers).
+
+    Rank 0 draws it from a counter (``add``: never handed out before). Every other rank appends a token of
+    its own (fresh: a dead worker cannot have written it) to the list of greetings and waits for the
+    answer under that token: only a live rank 0 answers, with its number. Rank 0 answers every token it
+    finds (a dead worker's too: nobody reads that answer) until every rank of the attempt has counted
+    itself in under the new number, then empties the list.
+    """
+    if rank != 0:
+        token = uuid.uuid4().hex
+        store.append("fitkit/greetings", f"{token},")
+        generation = int(_text(store.get(f"fitkit/answer/{token}")))  # waits, up to the store's timeout
+        store.add(f"fitkit/generation{generation}/joined", 1)
+        return generation
+    generation = int(store.add("fitkit/generations", 1))
+    answered: set[str] = set()
+    deadline, pause = time.monotonic() + timeout_s, 0.002
+    while int(store.add(f"fitkit/generation{generation}/joined", 0)) < world_size - 1:
+        if store.check(["fitkit/greetings"]):
+            for token in _text(store.get("fitkit/greetings")).split(","):
+                if token and token not in answered:
+                    store.set(f"fitkit/answer/{token}", str(generation))
+                    answered.add(token)
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"rank 0 waited {timeout_s:.0f} s for the other {world_size - 1} rank(s) of this torchrun attempt "
+                f"to join; {int(store.add(f'fitkit/generation{generation}/joined', 0))} did. A node that never "
+                "started its workers, or a blocked network between the nodes?"
+            )
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+    store.delete_key("fitkit/greetings")  # every live rank's token is answered; the rest are the dead's
+    return generation
 
 
 def _teardown() -> None:

@@ -1,11 +1,13 @@
 """The training script the cluster tests launch: the same file under python, torchrun (one or several
 agents, with restarts) and a stand-in srun; it never looks at how it was launched.
 
-    python tests/cluster_job.py --out OUT --epochs 4 [--resume auto] [--kill-at-step K] [--signal-at-step K]
+    python tests/cluster_job.py --out OUT --epochs 4 [--resume auto] [--kill-at-step K [--hold S]]
+        [--signal-at-step K] [--ckpt FOLDER]
 
 Checkpoints go to ``./ckpt`` in the working folder (each torchrun agent runs in its own folder, as on
 separate nodes). Global rank 0 writes the final weights to ``OUT/weights.pt`` and, to ``OUT/steps.txt``, the
-step count, fit's seconds, the world size, torchrun's restart count and whether the fit resumed. 96 samples in batches of 32 over all ranks (32 // world size per rank); one process
+step count, fit's seconds, the world size, torchrun's restart count and whether the fit resumed; every rank
+writes its own restart count to ``OUT/restarts/rank<r>.txt`` (the agents' counts can differ). 96 samples in batches of 32 over all ranks (32 // world size per rank); one process
 draws the order a DistributedSampler(seed=0) draws, so that every launch trains the same updates.
 """
 
@@ -46,18 +48,31 @@ class EpochPermutations(Sampler[int]):
 
 
 class SelfSignal(Callback):
-    """Sends ``signum`` to this process at global step ``step`` on rank ``rank``, in the first attempt only
-    (torchrun's restart count 0; the requeued SLURM job has a marker file)."""
+    """Sends ``signum`` to this process at global step ``step`` on rank ``rank``, once: a SIGKILL marks the
+    shared ``marker`` file first (with several agents, a restart can give rank ``rank`` to a node whose agent
+    counted no restart); other signals in the first attempt only (torchrun's restart count 0; the requeued
+    SLURM job has a marker file). With ``hold``, the other ranks sleep that long at that step, so that their
+    agent sees the failed node rejoin (a membership change: no restart counted there) before they fail."""
 
-    def __init__(self, step: int, signum: int, rank: int) -> None:
+    def __init__(self, step: int, signum: int, rank: int, marker: Path, hold: float = 0.0) -> None:
         super().__init__()
-        self.step, self.signum, self.rank = step, signum, rank
+        self.step, self.signum, self.rank, self.marker, self.hold = step, signum, rank, marker, hold
 
     def on_batch_end(self, batch: int, logs: dict | None = None) -> None:  # type: ignore[type-arg]
+        if self.trainer.global_step != self.step:
+            return
+        if self.signum == signal.SIGKILL:
+            if self.marker.exists():
+                return
+            if self.trainer.dist.rank != self.rank:
+                time.sleep(self.hold)
+                return
+            time.sleep(0.2)  # let the backup of this batch land first; the kill is still mid-epoch
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            self.marker.touch()
+            os.kill(os.getpid(), self.signum)
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and not Path("requeued").exists()
-        if first_attempt and self.trainer.dist.rank == self.rank and self.trainer.global_step == self.step:
-            if self.signum == signal.SIGKILL:
-                time.sleep(0.2)  # let the backup of this batch land first; the kill is still mid-epoch
+        if first_attempt and self.trainer.dist.rank == self.rank:
             os.kill(os.getpid(), self.signum)
 
 
@@ -68,6 +83,7 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--ckpt", default="ckpt", help="the checkpoint folder (relative: in the working folder)")
     parser.add_argument("--kill-at-step", type=int, default=None)
+    parser.add_argument("--hold", type=float, default=0.0, help="seconds the other ranks wait at the kill")
     parser.add_argument("--signal-at-step", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -81,9 +97,10 @@ def main() -> None:
         ModelCheckpoint(args.ckpt + "/epoch{epoch:02d}.pt", monitor=None),
     ]
     if args.kill_at_step is not None:
-        callbacks.append(SelfSignal(args.kill_at_step, signal.SIGKILL, rank=1))
+        marker = Path(args.out) / "killed"
+        callbacks.append(SelfSignal(args.kill_at_step, signal.SIGKILL, rank=1, marker=marker, hold=args.hold))
     if args.signal_at_step is not None:
-        callbacks.append(SelfSignal(args.signal_at_step, signal.SIGUSR1, rank=0))
+        callbacks.append(SelfSignal(args.signal_at_step, signal.SIGUSR1, rank=0, marker=Path(args.out) / "signalled"))
     trainer = fitkit.Trainer(
         model,
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
@@ -100,11 +117,13 @@ def main() -> None:
     start = time.perf_counter()
     trainer.fit(train, epochs=args.epochs, resume=args.resume)
     seconds = time.perf_counter() - start
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "-")
+    (Path(args.out) / "restarts").mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "restarts" / f"rank{trainer.dist.rank}.txt").write_text(restarts)
     if trainer.is_global_zero:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, out / "weights.pt")
-        restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "-")
         resumed = "resumed" if trainer.resumed_from is not None else "fresh"
         (out / "steps.txt").write_text(
             f"{trainer.global_step} {seconds:.4f} {trainer.world_size} {restarts} {resumed}\n"

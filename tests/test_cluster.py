@@ -105,6 +105,29 @@ def test_a_worker_killed_mid_epoch_under_torchrun_restarts_resumes_by_itself_bit
     assert all(torch.equal(killed[k], whole[k]) for k in whole)
 
 
+def test_a_worker_killed_on_one_of_two_nodes_restarts_both_with_their_own_restart_counts_and_resumes_exactly(
+    tmp_path: Path,
+) -> None:
+    # Two agents, torchrun's defaults (the rendezvous store shared between attempts): rank 1 is SIGKILLed while
+    # rank 0 waits, so rank 0's agent restarts its worker for the membership change without counting a restart,
+    # while rank 1's agent counts one: the two nodes' TORCHELASTIC_RESTART_COUNT differ (1 and 0), and cannot
+    # key the restarted group's store. fitkit agrees on a fresh key prefix through the store instead.
+    shared = ("--ckpt", str(tmp_path / "shared_ckpt"))  # on real nodes: a shared filesystem
+    run_agents(tmp_path / "whole", "--epochs", "3", *shared)
+    whole = dict(torch.load(tmp_path / "whole" / "out" / "weights.pt"))
+    shared = ("--ckpt", str(tmp_path / "shared_ckpt_killed"))
+    run_agents(tmp_path / "killed", "--epochs", "3", "--kill-at-step", "5", "--hold", "4", *shared,
+               torchrun=("--max-restarts=2",))  # fmt: skip
+    out = tmp_path / "killed" / "out"
+    assert (out / "killed").exists()
+    counts = sorted((out / "restarts" / f"rank{r}.txt").read_text() for r in range(2))
+    assert counts == ["0", "1"], counts  # the agents' counts differ
+    steps, _, world_size, _, resumed = (out / "steps.txt").read_text().split()
+    assert (steps, world_size, resumed) == ("9", "2", "resumed")
+    killed = dict(torch.load(out / "weights.pt"))
+    assert all(torch.equal(killed[k], whole[k]) for k in whole)
+
+
 # -- SLURM: srun's environment, a stand-in scontrol ------------------------------------------------------
 def slurm_port() -> int:
     """A free port of the form fitkit.slurm derives from a job id (15000 + id % 5000)."""
