@@ -7,7 +7,9 @@ A page's blocks share one namespace and run in order, as a reader would paste th
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import sys
 import types
 import warnings
@@ -61,6 +63,7 @@ def test_every_python_block_of_the_page_runs(page, tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("default")  # a page may show a warning; pytest's error filters are for the tests
         assert run_page(page, slow=False) > 0
+    check_pictures(page, tmp_path)  # the pictures the page shows are the ones its code just drew
 
 
 @pytest.mark.slow
@@ -70,6 +73,109 @@ def test_pages_with_slow_blocks_run_whole(page, tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         assert run_page(page, slow=True) > 0
+
+
+# -- pictures: what a page shows is what its own code draws -----------------------------------------------------
+IMAGES = ROOT / "docs" / "images"
+# Pictures a page cannot draw itself (a benchmark's chart, a browser's screenshot): each one's script.
+SCRIPT_PICTURES = {
+    "time-breakdown.png": "benchmarks/time_breakdown.py",
+    "profiler-tensorboard.png": "benchmarks/profiler_screenshot.py",
+}
+# The root mean square difference of two renderings, in 0..255 pixel values: the same code on another machine
+# (other float rounding: torch on 1 thread instead of 2) differs by 0.2; a run of 95 steps instead of 100, or
+# another seed, by 25.
+PICTURE_TOLERANCE = 3.0
+UPDATE_PICTURES = "FITKIT_UPDATE_PICTURES"  # =1: copy what the pages draw into docs/images instead of comparing
+
+
+def shown_pictures(page: Path) -> list[str]:
+    """The file names of the pictures under images/ that the page shows, ``![alt](images/name.png)``."""
+    return re.findall(r"!\[[^\]]*\]\(images/([^)\s]+)\)", page.read_text(encoding="utf-8"))
+
+
+def picture_difference(expected: Path, actual: Path) -> float | None:
+    """The root mean square difference of two PNGs' pixels (0..255); None when their sizes differ."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    a, b = imread(expected), imread(actual)
+    if a.shape != b.shape:
+        return None
+    return float(np.sqrt(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)) * 255)
+
+
+def check_pictures(page: Path, workdir: Path, images: Path = IMAGES) -> None:
+    """Every picture the page shows that no script makes is drawn by the page's own code: its blocks, just run in
+    ``workdir``, wrote a file of that name there, and it is the picture in ``images`` (to the pixel tolerance)."""
+    update = os.environ.get(UPDATE_PICTURES) == "1"
+    regenerate = f"{UPDATE_PICTURES}=1 pytest tests/test_docs.py -k {page.name!r} redraws it"
+    for name in shown_pictures(page):
+        if name in SCRIPT_PICTURES:
+            continue
+        drawn, shown = workdir / name, images / name
+        assert drawn.is_file(), (
+            f"{page.name} shows images/{name}, which its code no longer draws: a block of the page must write "
+            f"{name} (the picture is the one its code makes), or list it in SCRIPT_PICTURES with the script that makes it"
+        )
+        if update:
+            shutil.copyfile(drawn, shown)
+            continue
+        assert shown.is_file(), f"{page.name} shows images/{name}, which does not exist; {regenerate}"
+        difference = picture_difference(shown, drawn)
+        assert difference is not None and difference <= PICTURE_TOLERANCE, (
+            f"{page.name}: images/{name} is not what the page's code draws now (RMS difference "
+            f"{'of sizes' if difference is None else f'{difference:.1f}'} > {PICTURE_TOLERANCE}); {regenerate}"
+        )
+
+
+def test_every_picture_is_shown_and_made_by_its_page_or_a_named_script():
+    shown = {name: page for page in pages() for name in shown_pictures(page)}
+    files = {p.name for p in IMAGES.iterdir()}
+    assert sorted(files - set(shown)) == [], "pictures in docs/images that no page shows"
+    assert sorted(set(shown) - files) == [], "pictures a page shows that are not in docs/images"
+    for name, script in SCRIPT_PICTURES.items():
+        assert name in (ROOT / script).read_text(encoding="utf-8"), f"{script} does not make {name}"
+    # What users would rather look at than prose: the history and the learning-rate finder, drawn by the code of
+    # the page that documents them.
+    made = {name: page.name for name, page in shown.items() if name not in SCRIPT_PICTURES}
+    drawn_by = {
+        name: [b.code for b in python_blocks(ROOT / "docs" / page) if b.runs and name in b.code]
+        for name, page in made.items()
+    }
+    assert [n for n, blocks in drawn_by.items() if not blocks] == [], "pictures no block of their page names"
+    codes = {n: "\n".join(blocks) for n, blocks in drawn_by.items()}
+    assert any(".plot(" in c and "history" in c for c in codes.values()), "no page shows its History.plot"
+    assert any("lr_find" in c and ".plot(" in c for c in codes.values()), "no page shows its lr_find curve"
+
+
+def test_a_picture_the_page_no_longer_draws_fails(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    images, work = tmp_path / "images", tmp_path / "work"
+    images.mkdir()
+    work.mkdir()
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# t\n\n```python\nfrom matplotlib.figure import Figure\n\nfigure = Figure(figsize=(2, 2))\n"
+        "figure.subplots().plot([0, 1], [0, 1])\nfigure.savefig('line.png')\n```\n\n![a line](images/line.png)\n",
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(work)
+    run_page(page)
+    with pytest.raises(AssertionError, match=r"shows images/line.png, which does not exist"):
+        check_pictures(page, work, images)
+    shutil.copyfile(work / "line.png", images / "line.png")
+    check_pictures(page, work, images)  # the picture is what the code draws
+    other = Figure(figsize=(2, 2))
+    other.subplots().plot([0, 1], [1, 0])
+    other.savefig(images / "line.png")
+    with pytest.raises(AssertionError, match=r"images/line.png is not what the page's code draws now"):
+        check_pictures(page, work, images)
+    (work / "line.png").unlink()
+    with pytest.raises(AssertionError, match=r"shows images/line.png, which its code no longer draws"):
+        check_pictures(page, work, images)
 
 
 def test_the_collector_finds_blocks_in_lists_and_comments_and_honours_notest(tmp_path):
