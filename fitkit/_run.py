@@ -75,6 +75,7 @@ class FitPlan:
     max_steps: int | None = None
     max_time: float | None = None
     class_weight: torch.Tensor | None = None
+    last_step: int | None = None  # the global step the run ends at (None: unknown)
 
     @property
     def num_val_batches(self) -> dict[str | None, int | None]:
@@ -627,12 +628,15 @@ def plan_fit(
     steps_in_epoch = None if num_train_batches is None else -(-num_train_batches // k)
     epochs = schedule.epochs_for(epochs, max_steps, max_time, steps_in_epoch)
     _arguments.warn_unreachable_validation_epochs(validation_freq, epochs)
+    last_step = max_steps
     if not trainer._accumulation.schedule and epochs is not None and steps_in_epoch is not None:
-        _arguments.warn_unreachable_step_validation(every, min(epochs * steps_in_epoch, max_steps or 1 << 62))
+        last_step = min(epochs * steps_in_epoch, max_steps or 1 << 62)
+        _arguments.warn_unreachable_step_validation(every, last_step)
     return FitPlan(
         _pipeline.TrainBatches(trainer, train_loader, steps_per_epoch), val_loaders, epochs, validate_at,
         num_train_batches, step_validation=None if every is None else schedule.StepValidation(every),
         validation_steps=validation_steps, max_steps=max_steps, max_time=max_time, class_weight=weights,
+        last_step=last_step,
     )  # fmt: skip
 
 

@@ -309,14 +309,8 @@ class Trainer(Steps, memory.BatchSizeSearch):
         return self._run_of_fit().callbacks.callbacks
 
     def after_callbacks(self, action: Callable[[], None]) -> None:
-        """Runs ``action`` once every callback has handled the current batch or epoch boundary.
-
-        Checkpoint callbacks use it so that a checkpoint holds the state after all callbacks ran,
-        whatever their order in the list.
-
-        Args:
-            action: a function of no arguments, run once, in the order the actions were registered.
-        """
+        """Runs ``action`` (no arguments) once every callback has handled the current batch or epoch boundary, in
+        the order given: a checkpoint then holds the state after all callbacks ran, whatever their order."""
         self._run.deferred.append(action)
 
     # -- what the current (or last) call is doing --------------------------------------------------
@@ -364,6 +358,12 @@ class Trainer(Steps, memory.BatchSizeSearch):
         """The epoch the current (or last) ``fit`` stops before (None: until a budget ends it; 0: no fit)."""
         plan = self._run_of_fit().plan
         return 0 if plan is None else plan.epochs
+
+    @property
+    def steps_planned(self) -> int | None:
+        """The global step the current (or last) ``fit`` ends at (None: unknown, e.g. data of unknown length)."""
+        plan = self._run_of_fit().plan
+        return None if plan is None else plan.last_step
 
     @property
     def resumed_from(self) -> Path | None:

@@ -161,6 +161,7 @@ class FakeTrainer:
         self.train_loader: Any = None
         self.num_train_batches = num_train_batches
         self.epochs_planned = epochs_planned
+        self.steps_planned: int | None = None if num_train_batches is None else epochs_planned * num_train_batches
         self.has_validation = has_validation
         self.validate_every_n_steps: int | None = None
         self.num_val_batches: dict[str | None, int | None] = {None: None} if has_validation else {}  # length unknown

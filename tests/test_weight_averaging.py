@@ -294,3 +294,37 @@ def test_swa_under_ddp_leaves_every_rank_the_same_model(tmp_path):
     # each rank's update_bn saw its shard: the statistics are averaged over the ranks, so the models agree
     assert _max_difference(ranks[0]["model"], ranks[1]["model"]) == 0.0
     assert ranks[0]["val_loss"] == ranks[1]["val_loss"]
+
+
+@pytest.mark.parametrize(
+    ("make", "fit", "match"),
+    [
+        (
+            lambda: EMA(start_step=13),
+            {"epochs": 2},
+            r"EMA\(start_step=13, every_n_steps=1\) never averages in this fit: "
+            r"its first update would be at step 13, and the fit ends at step 12",
+        ),  # fmt: skip
+        (lambda: EMA(every_n_steps=7), {"epochs": 1}, r"first update would be at step 7, and the fit ends at step 6"),
+        (lambda: EMA(start_step=5), {"epochs": 9, "max_steps": 4}, r"the fit ends at step 4"),
+        (
+            lambda: SWA(2, 0.05),
+            {"epochs": 2},
+            r"SWA\(swa_start_epoch=2\) never averages in this fit: epochs are "
+            r"0-based here and the fit ends after epoch 1 \(epochs=2\)",
+        ),  # fmt: skip
+    ],
+)
+def test_an_average_that_never_starts_says_so_before_training(make, fit, match):
+    # Issue 19: SWA/EMA starting after the last step trained on silently and left the model's own weights.
+    x, y = _data()
+    trainer = make_trainer(_model(), callbacks=[make()])
+    with pytest.warns(UserWarning, match=match):
+        trainer.fit((x, y), batch_size=8, **fit)
+
+
+@pytest.mark.parametrize("make", [lambda: EMA(start_step=12), lambda: EMA(every_n_steps=6), lambda: SWA(1, 0.05)])
+def test_an_average_that_starts_on_the_last_step_is_no_misconfiguration(make, recwarn):
+    x, y = _data()
+    make_trainer(_model(), callbacks=[make()]).fit((x, y), epochs=2, batch_size=8)
+    assert not [w for w in recwarn.list if "never averages" in str(w.message)]

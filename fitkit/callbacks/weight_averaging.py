@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from fitkit import _compat, distributed
+from fitkit._warn import user_stacklevel
 from fitkit.callbacks.base import Callback, Logs, TrainerLike
 from fitkit.data import move_to_device, split_batch
 
@@ -228,6 +230,15 @@ class EMA(_WeightAveraging):
     def on_train_begin(self, logs: Logs | None = None) -> None:
         super().on_train_begin(logs)
         self._seen_step = self.trainer.global_step
+        last = self.trainer.steps_planned
+        first = -(-max(self.start_step, 1) // self.every_n_steps) * self.every_n_steps  # the first step averaged
+        if last is not None and first > last:
+            warnings.warn(
+                f"EMA(start_step={self.start_step}, every_n_steps={self.every_n_steps}) never averages in this fit: "
+                f"its first update would be at step {first}, and the fit ends at step {last}. The model ends with "
+                "its own weights, not an average: lower start_step/every_n_steps, or train longer",
+                stacklevel=user_stacklevel(),
+            )
 
     stops_mid_epoch = False  # on_batch_end only updates the average: under torchrun, no per-batch stop vote for it
 
@@ -332,6 +343,14 @@ class SWA(_WeightAveraging):
     def on_train_begin(self, logs: Logs | None = None) -> None:
         super().on_train_begin(logs)
         self.schedulers = None
+        planned = self.trainer.epochs_planned
+        if planned is not None and self.swa_start_epoch >= planned:
+            warnings.warn(
+                f"SWA(swa_start_epoch={self.swa_start_epoch}) never averages in this fit: epochs are 0-based here "
+                f"and the fit ends after epoch {planned - 1} (epochs={planned}). The model ends with its own "
+                f"weights, not an average: pass epochs > {self.swa_start_epoch} or a smaller swa_start_epoch",
+                stacklevel=user_stacklevel(),
+            )
 
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
         if epoch >= self.swa_start_epoch:
