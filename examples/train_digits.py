@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--precision", default="32", choices=["32", "bf16", "fp16"])
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-dir", default="runs/digits")
-    parser.add_argument("--checkpoint-dir", default="checkpoints/digits")
+    parser.add_argument("--log-dir", default="runs/train_digits")
+    parser.add_argument("--checkpoint-dir", default="checkpoints/train_digits")
     parser.add_argument(
         "--fresh", action="store_true", help="start over: delete the checkpoints fitkit wrote in --checkpoint-dir"
     )

@@ -64,7 +64,7 @@ def _check(notebook, tmp_path: Path) -> list:
     assert final is not None, _texts(evaluate_cell.outputs)
     assert 0.0 < float(final.group(2)) <= 1.0
     assert 'Model: "Sequential"' in _texts(fit_cell.outputs)  # the summary, printed once at fit start
-    assert (tmp_path / "ckpt" / "last.pt").exists()
+    assert (tmp_path / "checkpoints" / "quickstart_notebook" / "last.pt").exists()
     plot_cell = next(cell for cell in code if "history.plot()" in cell.source)
     assert any("image/png" in o.get("data", {}) for o in plot_cell.outputs)
     return fit_cell.outputs
