@@ -1,6 +1,7 @@
 """fitkit: a Keras-style, fast and trustworthy Trainer for PyTorch."""
 
 from fitkit import callbacks, metrics
+from fitkit._warn import FitkitWarning
 from fitkit.callbacks.base import Callback
 from fitkit.callbacks.history import History
 from fitkit.checkpoint import CheckpointError
@@ -19,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "DDPStrategy",
     "FSDPStrategy",
+    "FitkitWarning",
     "History",
     "Trainer",
     "TrainerState",

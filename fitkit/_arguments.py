@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 from fitkit.callbacks._files import check_file_collisions
 from fitkit.callbacks.base import Callback, check_hook_names
 
@@ -245,6 +245,7 @@ def check_optimizers_hold_model(
         warnings.warn(
             f"{len(missing)} trainable parameter(s) are in no optimizer and will not be updated "
             f"(first: {missing[:3]}); set requires_grad=False on them if that is intended",
+            FitkitWarning,
             stacklevel=user_stacklevel(),
         )
 
@@ -279,6 +280,7 @@ def resolve_loss(loss: Callable[[Any, Any], torch.Tensor] | str | None) -> Calla
             f"the loss {type(loss).__name__}(reduction='sum') returns a per-batch sum: the logged loss (a mean "
             "over samples of the batch losses) is then batch-size times a per-sample value. Use "
             "reduction='mean' for a per-sample loss, or override Trainer.compute_loss to scale it yourself",
+            FitkitWarning,
             stacklevel=user_stacklevel(),
         )
     if not callable(loss):
@@ -609,6 +611,7 @@ def warn_unreachable_validation_epochs(validation_freq: Any, epochs: int | None)
         warnings.warn(
             f"validation_freq lists the 1-based epoch(s) {beyond}, but this fit stops after epoch {epochs}: they "
             f"are never validated. Pass epochs={max(beyond)} or drop them from validation_freq",
+            FitkitWarning,
             stacklevel=user_stacklevel(),
         )
 
@@ -619,6 +622,7 @@ def warn_unreachable_step_validation(every: int | None, last_step: int) -> None:
         warnings.warn(
             f"validate_every_n_steps={every} is beyond this run's last step ({last_step}): step-level validation never "
             f"runs. Pass validate_every_n_steps <= {last_step}, or train longer (epochs=, max_steps=)",
+            FitkitWarning,
             stacklevel=user_stacklevel(),
         )
 

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 from fitkit.callbacks.base import (
     HOOKS,
     KERAS_ALIASES,
@@ -80,6 +80,7 @@ class CallbackList:
         warnings.warn(
             f"{failed} failed ({type(first).__name__}: {first}) while fit was ending on "
             f"{type(ending).__name__}: that error is the one raised",
+            FitkitWarning,
             stacklevel=user_stacklevel(),
         )
 
@@ -105,7 +106,9 @@ class CallbackList:
                 callback.load_state_dict(states[key])
             elif strict and callback.state_dict():
                 warnings.warn(
-                    f"the checkpoint holds no state for callback {key}; it starts fresh", stacklevel=user_stacklevel()
+                    f"the checkpoint holds no state for callback {key}; it starts fresh",
+                    FitkitWarning,
+                    stacklevel=user_stacklevel(),
                 )
 
 
@@ -208,5 +211,6 @@ class HookTimer:
                 f"{self.FIRST}-{self.STOP - 1}). Do its work less often (every N batches, or in on_epoch_end), "
                 "and avoid reading tensor values per batch (.item(), float(), .tolist()): that waits for the "
                 "device.",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )

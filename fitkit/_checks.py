@@ -19,7 +19,7 @@ from torch import nn
 
 from fitkit import _compat
 from fitkit._structure import describe, tensors
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 
 #: Losses whose targets are class indices ``(N,)`` (or ``(N, d1, ...)``) in ``[0, num_classes)``.
 CLASSIFICATION_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
@@ -167,6 +167,7 @@ class UncountedStepProbe:
                 f"precision={self.precision!r} is off in this Trainer's train_step: it calls the model outside "
                 "self.autocast(), so the model runs in float32; wrap the forward and the loss in "
                 "`with self.autocast():`",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )
         if not self.fired or global_step != self.start:
@@ -186,6 +187,7 @@ class UncountedStepProbe:
             f"this Trainer's train_step calls optimizer.step() itself, which fitkit does not count: global_step "
             f"stays {global_step}, so step-based LR schedules, ModelCheckpoint's {{step}} and the loggers' step "
             f"axis do not move; {fix}",
+            FitkitWarning,
             stacklevel=user_stacklevel(),
         )
 
@@ -417,6 +419,7 @@ def warn_non_finite_loss(epoch: int, batch: int | None) -> None:
         f"the training loss became non-finite (NaN or inf) in {where}; the weights are probably ruined from "
         "there on. Lower the learning rate, clip gradients (grad_clip_norm=1.0), check the data for NaN/inf, or "
         "add fitkit.callbacks.TerminateOnNaN() to stop at the first such batch. (Reported once per fit.)",
+        FitkitWarning,
         stacklevel=user_stacklevel(),
     )
 

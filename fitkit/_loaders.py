@@ -19,7 +19,7 @@ from fitkit import _arrays, _checks, distributed
 from fitkit._arrays import is_array, to_tensor
 from fitkit._devices import fits_on_device, pinned
 from fitkit._structure import map_structure
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 from fitkit.data import InMemoryLoader, check_reiterable, first_tensor
 
 
@@ -95,6 +95,7 @@ def as_loader(
                     f"{name}: a list of unpinned CPU batches on a CUDA run: copying each one to the GPU waits "
                     "for it (a host sync per batch); pin them (tensor.pin_memory()), or pass a "
                     "DataLoader(..., pin_memory=True)",
+                    FitkitWarning,
                     stacklevel=user_stacklevel(),
                 )
         return data
@@ -121,6 +122,7 @@ def _check_data_loader(loader: DataLoader, batch_size: int | None, name: str, de
             f"{name}: a DataLoader with pin_memory=False on a CUDA run: copying each batch from pageable "
             "memory to the GPU waits for it (a host sync per batch); pass pin_memory=True (and "
             "num_workers>0 to load batches while the GPU computes)",
+            FitkitWarning,
             stacklevel=user_stacklevel(),  # the caller of fit/evaluate/predict, as as_loader's own warnings
         )
 

@@ -24,7 +24,7 @@ from fitkit import _arrays, _checks, _reshard, _tensor_batches, _watch, checkpoi
 from fitkit._devices import channels_last as to_channels_last
 from fitkit._devices import pinned
 from fitkit._loaders import SkippableLoader, as_loader, num_batches
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 from fitkit.data import batch_size_of, is_map_style, move_to_device, resume_loader_iterator, split_batch
 
 if TYPE_CHECKING:
@@ -159,6 +159,7 @@ class TrainBatches:
                 "the exact sample without re-reading, give the iterable dataset (read with num_workers=0) or "
                 "the loader state_dict()/load_state_dict() methods, or read it with torchdata's "
                 "StatefulDataLoader",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )
             iterator = iter(loader)
@@ -184,6 +185,7 @@ class TrainBatches:
                 f"the resumed epoch's last {len(samples) % (size * self.info.world_size)} samples are fewer than "
                 f"the {self.info.world_size} ranks: {repeated} of them are read twice, so that no rank has an "
                 "empty batch",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )
         self.segment = {"origin": record["origin"], "offset": record["offset"], "start": skip, "batch_size": size}
@@ -262,6 +264,7 @@ def restore_positions(train: TrainBatches, state: dict[str, Any], saved: list[di
         f"with the samples no rank had read, each once, dealt out to the {world}; the weights will not be "
         f"bit-identical to those of an uninterrupted {saved_world}-process run (other batches per rank, another "
         "reduction order, other random streams per rank)",
+        FitkitWarning,
         stacklevel=user_stacklevel(),
     )
     return True

@@ -41,7 +41,7 @@ from fitkit._loop_times import CALLBACKS, DATA, STEP, LoopTimes
 from fitkit._precision import NO_CONTEXT
 from fitkit._steps import Steps
 from fitkit._tracker import EpochTracker
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 from fitkit.callbacks.base import MID_EPOCH_HOOKS, may_stop_mid_epoch
 from fitkit.metrics import Metric
 
@@ -340,18 +340,21 @@ class FitRun(Run):
             warnings.warn(
                 f"nothing to train: the run is at epoch {state.epoch} and epochs={plan.epochs}; "
                 "pass a larger epochs= to train further",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )
         elif plan.max_steps is not None and state.global_step >= plan.max_steps:
             warnings.warn(
                 f"nothing to train: the run is at step {state.global_step} and "
                 f"max_steps={plan.max_steps}; pass a larger max_steps= to train further",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )
         elif plan.max_time is not None and state.train_time >= plan.max_time:
             warnings.warn(
                 f"nothing to train: the run has trained for {state.train_time:.6g} s and max_time={plan.max_time:g} s; "
                 "pass a larger max_time= to train further",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )
 
@@ -498,6 +501,7 @@ class FitRun(Run):
                 "code that fitkit did not expect to stop there, in a distributed run whose ranks skip the per-batch "
                 "stop vote: every rank stops at this epoch's end instead. A callback that stops in a batch-level "
                 "hook must not declare stops_mid_epoch = False",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )
 
@@ -667,6 +671,7 @@ def _check_train_batches(trainer: Trainer, loader: Any, steps_per_epoch: int | N
         warnings.warn(
             f"steps_per_epoch={steps_per_epoch} but train_data holds {count} batches: each "
             f"epoch ends after {count} (the data runs out). Lower steps_per_epoch, or repeat the data",
+            FitkitWarning,
             stacklevel=user_stacklevel(),
         )
     return count

@@ -13,6 +13,23 @@ import os
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+class FitkitWarning(UserWarning):
+    """The category of fitkit's own warnings (a ``UserWarning``).
+
+    Under torchrun they print on rank 0 only (the same advice from every rank would repeat N times);
+    ``warnings.filterwarnings("default", category=fitkit.FitkitWarning)`` after the Trainer is built shows them on
+    every rank, ``"ignore"`` silences them.
+    """
+
+
+def only_on_rank_zero(rank: int) -> None:
+    """Called once the process knows its rank: on the other ranks, fitkit's warnings are not shown."""
+    import warnings
+
+    if rank != 0:
+        warnings.filterwarnings("ignore", category=FitkitWarning)
+
+
 def user_stacklevel() -> int:
     """The ``stacklevel`` for a ``warnings.warn`` made by the caller: one past every fitkit frame above it."""
     frame = inspect.currentframe()
@@ -24,4 +41,4 @@ def user_stacklevel() -> int:
     return level
 
 
-__all__: list[str] = []
+__all__ = ["FitkitWarning"]

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 
+from fitkit._warn import FitkitWarning
 from fitkit.data import SeededDataset, is_map_style
 
 try:
@@ -88,6 +89,7 @@ class RandomWorkers:
             "run (the data order and everything in the main process stay exact). Wrap the dataset in "
             "fitkit.data.seeded(dataset) to make each sample's draws a function of the seed, the epoch and its "
             "index: then the resume is exact, and the batches are the same for any number of workers",
+            FitkitWarning,
             stacklevel=6,
         )
 

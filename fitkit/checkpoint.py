@@ -42,7 +42,7 @@ from typing import IO, Any, cast
 import torch
 
 from fitkit._safe_files import open_new, open_own
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 
 try:
     import fcntl
@@ -138,7 +138,9 @@ def read_manifest(folder: Path, strict: bool = False) -> dict[str, Any]:
             "write to another folder."
         )
     warnings.warn(
-        f"ignoring unreadable checkpoint manifest {path}: {problem or 'empty file'}", stacklevel=user_stacklevel()
+        f"ignoring unreadable checkpoint manifest {path}: {problem or 'empty file'}",
+        FitkitWarning,
+        stacklevel=user_stacklevel(),
     )
     return {"version": 1, "files": {}}
 
@@ -610,6 +612,7 @@ def _remove_directory(path: Path, entry: dict[str, Any] | None) -> None:
         left = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
         warnings.warn(
             f"removed the checkpoint {path} but left the directory: it holds files fitkit did not write ({left[:5]})",
+            FitkitWarning,
             stacklevel=user_stacklevel(),
         )
 
@@ -816,7 +819,7 @@ def newest_good(folders: list[Path], warning: str) -> Path | None:
         try:
             verify(path)
         except CheckpointError as exc:
-            warnings.warn(f"{warning}: {exc}", stacklevel=user_stacklevel())
+            warnings.warn(f"{warning}: {exc}", FitkitWarning, stacklevel=user_stacklevel())
             continue
         return path
     unvouched = [f for folder in folders for f in unvouched_files(folder)]
@@ -925,7 +928,9 @@ def trust(path: str | Path, *, storage_options: dict[str, Any] | None = None) ->
             aside = folder / (MANIFEST + ".unreadable")
             os.replace(folder / MANIFEST, aside)
             warnings.warn(
-                f"trust: moved the unreadable manifest aside to {aside} ({exc})", stacklevel=user_stacklevel()
+                f"trust: moved the unreadable manifest aside to {aside} ({exc})",
+                FitkitWarning,
+                stacklevel=user_stacklevel(),
             )
             manifest = {"version": 1, "files": {}}
         if directory:

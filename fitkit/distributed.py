@@ -38,7 +38,7 @@ from torch.utils.data import (
 )
 
 from fitkit import _compat, rng, slurm
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, only_on_rank_zero, user_stacklevel
 from fitkit.data import InMemoryLoader, rebuild_loader
 
 _setups = itertools.count()  # numbers each setup() in this process: every rank builds its Trainers in order
@@ -119,10 +119,12 @@ def setup(strategy: str, device: torch.device, timeout_s: float) -> DistInfo:
         created = True
         atexit.register(_teardown)
     backend = dist.get_backend()
+    only_on_rank_zero(dist.get_rank())  # the same advice from N ranks would print N times
     if device.type == "cuda" and backend == "gloo":
         warnings.warn(
             "the process group uses gloo on a CUDA run: gradient all-reduces go through the host; "
             "initialise it with backend='nccl' (fitkit does when it creates the group)",
+            FitkitWarning,
             stacklevel=user_stacklevel(),
         )
     # fitkit's own host-side group, never the default one: a failing rank closes it to release the others
@@ -562,6 +564,7 @@ def shard_train(loader: DataLoader, info: DistInfo) -> DataLoader:
             "an IterableDataset cannot be sharded by fitkit: make each rank yield its own part "
             "(torch.distributed.get_rank() / get_world_size()), with the same number of batches on "
             "every rank",
+            FitkitWarning,
             stacklevel=user_stacklevel(),
         )
         return loader
@@ -640,6 +643,7 @@ def shard_eval(loader: Any, info: DistInfo, split: bool = True) -> Any:
             f"validation data of type {type(loader).__name__} cannot be sharded: every rank evaluates "
             "all of it and the means stay right, at world_size times the work; pass a DataLoader over a "
             "map-style dataset or (x, y) tensors to split it",
+            FitkitWarning,
             stacklevel=user_stacklevel(),
         )
         sharded = _Replicated(loader, info.world_size)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 
 try:
     import numpy as np
@@ -142,6 +142,7 @@ def _warn_other_devices(device: int) -> None:
                 f"random numbers were drawn on cuda:{index}, but checkpoints save the generator of the "
                 f"trainer's device (cuda:{device}) only: a resume does not restore cuda:{index}'s stream. "
                 "Draw on the trainer's device, or save that generator yourself in a callback's state_dict",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )
 

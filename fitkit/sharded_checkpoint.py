@@ -32,7 +32,7 @@ import torch
 from fitkit import checkpoint, distributed
 from fitkit._loaders import data_signature
 from fitkit._safe_files import open_new
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 
 if TYPE_CHECKING:
     from fitkit.trainer import Trainer
@@ -219,6 +219,7 @@ def _check_fits(trainer: Trainer, path: Path, state: dict[str, Any], shapes: dic
             "model and optimizer states, but the run is not bit-exact (other batches per rank, another reduction "
             "order, other random streams per rank; an interrupted epoch goes on with the samples no rank had "
             "read). Resume with the same world size for an exact continuation.",
+            FitkitWarning,
             stacklevel=user_stacklevel(),
         )
     model = {k[len("model.") :]: torch.empty(v, device="meta") for k, v in shapes.items() if k.startswith("model.")}

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import warnings
 
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 
 #: The port rank 0 listens on when the environment gives none (MASTER_PORT): derived from the job id, so that
 #: every task of the job computes the same one and two jobs on one node rarely collide.
@@ -98,16 +98,19 @@ def requeue() -> bool:
     a refusal) is a warning: the checkpoint is saved either way, and the job can be resubmitted by hand."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if job_id is None:
-        warnings.warn("requeue signal outside a SLURM job: nothing to requeue", stacklevel=user_stacklevel())
+        warnings.warn(
+            "requeue signal outside a SLURM job: nothing to requeue", FitkitWarning, stacklevel=user_stacklevel()
+        )
         return False
     try:
         done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        warnings.warn(f"scontrol requeue {job_id} failed: {exc}", stacklevel=user_stacklevel())
+        warnings.warn(f"scontrol requeue {job_id} failed: {exc}", FitkitWarning, stacklevel=user_stacklevel())
         return False
     if done.returncode != 0:
         warnings.warn(
             f"scontrol requeue {job_id} failed (exit {done.returncode}): {done.stderr.strip()}",
+            FitkitWarning,
             stacklevel=user_stacklevel(),
         )
         return False

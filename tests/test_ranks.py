@@ -302,3 +302,27 @@ def test_every_control_message_is_tracked_until_gloo_lets_go_of_it(tmp_path: Pat
         assert [g["t"].tolist() for g in gathered] == [[], [1.0]]
         assert result["broadcast"][:2] == ("from", 0) and result["broadcast"][2].tolist() == [0, 1, 2], rank
         assert result["mean"] == {"a": 0.5, "b": 2.0}
+
+
+# -- warnings: fitkit's own print once (rank 0), not once per rank -----------------------------------------
+def _warnings_seen(rank: int, out: Path) -> dict[str, list[str]]:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer = build()
+        loader = DataLoader(make_data(), batch_size=96 // trainer.world_size)
+        # validate_every_n_steps beyond the run's last step: a FitkitWarning computed alike on every rank
+        trainer.fit(loader, DataLoader(make_data(8), batch_size=4), epochs=1, validate_every_n_steps=1000)
+        warnings.warn("the user's own warning", UserWarning, stacklevel=1)  # never filtered by fitkit
+    return {
+        "fitkit": [str(w.message) for w in seen if issubclass(w.category, fitkit.FitkitWarning)],
+        "other": [str(w.message) for w in seen if w.category is UserWarning],
+    }
+
+
+def test_fitkit_warnings_print_on_rank_zero_only(tmp_path: Path) -> None:
+    # Issue 19: each of fitkit's warnings printed once per rank (N copies of the same advice under torchrun).
+    ranks = run_ranks(_warnings_seen, tmp_path, timeout=60).check()
+    assert any("validate_every_n_steps=1000 is beyond this run's last step" in m for m in ranks[0]["fitkit"])
+    assert ranks[1]["fitkit"] == []
+    assert ranks[0]["other"] == ranks[1]["other"] == ["the user's own warning"]
+    assert issubclass(fitkit.FitkitWarning, UserWarning)  # pytest.warns(UserWarning) and filters keep working

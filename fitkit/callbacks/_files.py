@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from fitkit import distributed
 from fitkit._safe_files import open_own
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 from fitkit.checkpoint import read_manifest
 
 if TYPE_CHECKING:
@@ -192,6 +192,7 @@ def acquire_run_lock(folder: str | Path, who: str) -> None:
             warnings.warn(
                 f"{who}: cannot lock {folder} ({exc.strerror}; a file system without locks?): a second job "
                 "writing checkpoints into it at the same time would not be detected",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )
             return

@@ -9,7 +9,7 @@ from typing import Any
 
 from fitkit import remote
 from fitkit._async_save import BackgroundSaves, check_strategy
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 from fitkit.callbacks._files import acquire_run_lock, check_writable, checked_on_rank_zero, release_run_lock
 from fitkit.callbacks.base import Callback, Logs
 from fitkit.callbacks.model_checkpoint import weights_are_finite
@@ -120,7 +120,9 @@ class BackupAndRestore(Callback):
             self.trainer.save_checkpoint(self.path)
             self._wrote = True
         else:
-            warnings.warn("BackupAndRestore: not backing up non-finite weights", stacklevel=user_stacklevel())
+            warnings.warn(
+                "BackupAndRestore: not backing up non-finite weights", FitkitWarning, stacklevel=user_stacklevel()
+            )
 
     stops_mid_epoch = False  # on_batch_end only writes backups: under torchrun, no per-batch stop vote for it
 

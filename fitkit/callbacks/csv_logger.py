@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fitkit._safe_files import open_own_text
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 from fitkit.callbacks._files import check_writable
 from fitkit.callbacks.base import Logs
 from fitkit.callbacks.logger import ExperimentLogger
@@ -121,6 +121,7 @@ class CSVLogger(ExperimentLogger):
                 warnings.warn(
                     f"CSVLogger: {self.filename} holds {size} bytes but this run had written {keep}; "
                     "rows are missing from it (was the file replaced?). Appending after what is there.",
+                    FitkitWarning,
                     stacklevel=user_stacklevel(),
                 )
                 keep = size

@@ -16,7 +16,7 @@ import torch
 from fitkit import distributed, remote
 from fitkit._arguments import check_flags
 from fitkit._async_save import BackgroundSaves, check_strategy
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 from fitkit.callbacks import _files
 from fitkit.callbacks.base import Logs
 from fitkit.callbacks.monitor import MonitorCallback, check_key_can_exist
@@ -243,7 +243,9 @@ class ModelCheckpoint(MonitorCallback):
         name = "last.pt" if interrupted else "crash.pt"
         if not weights_are_finite(self.model):
             warnings.warn(
-                f"ModelCheckpoint: not writing {name}: the model holds non-finite weights", stacklevel=user_stacklevel()
+                f"ModelCheckpoint: not writing {name}: the model holds non-finite weights",
+                FitkitWarning,
+                stacklevel=user_stacklevel(),
             )
             return
         path = self.checkpoint_dir / name
@@ -254,6 +256,7 @@ class ModelCheckpoint(MonitorCallback):
         except Exception as exc:  # the original exception matters more than this one
             warnings.warn(
                 f"ModelCheckpoint: could not save {path} after {type(exception).__name__}: {exc}",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )
             return
@@ -292,7 +295,9 @@ class ModelCheckpoint(MonitorCallback):
         last = self.checkpoint_dir / "last.pt"
         if not weights_are_finite(self.model):
             warnings.warn(
-                f"ModelCheckpoint: skipped {last}: the model holds non-finite weights", stacklevel=user_stacklevel()
+                f"ModelCheckpoint: skipped {last}: the model holds non-finite weights",
+                FitkitWarning,
+                stacklevel=user_stacklevel(),
             )
             return
         _files.checked_on_rank_zero(self.trainer, lambda: self._check_overwrite(last))
@@ -475,7 +480,9 @@ class ModelCheckpoint(MonitorCallback):
         trainer = self.trainer
         if not weights_are_finite(self.model):
             warnings.warn(
-                f"ModelCheckpoint: skipped {path}: the model holds non-finite weights", stacklevel=user_stacklevel()
+                f"ModelCheckpoint: skipped {path}: the model holds non-finite weights",
+                FitkitWarning,
+                stacklevel=user_stacklevel(),
             )
             return
         self._remove_pending()
@@ -556,6 +563,7 @@ class ModelCheckpoint(MonitorCallback):
             warnings.warn(
                 f"ModelCheckpoint({self.filepath!r}): the loaded checkpoint lists {len(dropped)} kept file(s) outside "
                 f"this callback's folder or template ({dropped[:3]}); they are ignored and will never be deleted",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )
         self.kept = kept

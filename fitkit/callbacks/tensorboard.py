@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 from fitkit.callbacks._files import check_writable
 from fitkit.callbacks.base import Logs
 from fitkit.callbacks.logger import FINISHED, ExperimentLogger
@@ -181,6 +181,7 @@ class TensorBoard(ExperimentLogger):
             warnings.warn(
                 "TensorBoard(write_graph=True): the model takes keyword inputs, which the graph tracer "
                 "cannot feed; no graph written",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )
             return
@@ -201,6 +202,7 @@ class TensorBoard(ExperimentLogger):
             warnings.warn(
                 f"TensorBoard(write_graph=True): could not trace {type(model).__name__} "
                 f"({type(exc).__name__}: {exc}); no graph written",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )
         finally:

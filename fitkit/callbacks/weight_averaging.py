@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fitkit import _compat, distributed
-from fitkit._warn import user_stacklevel
+from fitkit._warn import FitkitWarning, user_stacklevel
 from fitkit.callbacks.base import Callback, Logs, TrainerLike
 from fitkit.data import move_to_device, split_batch
 
@@ -237,6 +237,7 @@ class EMA(_WeightAveraging):
                 f"EMA(start_step={self.start_step}, every_n_steps={self.every_n_steps}) never averages in this fit: "
                 f"its first update would be at step {first}, and the fit ends at step {last}. The model ends with "
                 "its own weights, not an average: lower start_step/every_n_steps, or train longer",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )
 
@@ -349,6 +350,7 @@ class SWA(_WeightAveraging):
                 f"SWA(swa_start_epoch={self.swa_start_epoch}) never averages in this fit: epochs are 0-based here "
                 f"and the fit ends after epoch {planned - 1} (epochs={planned}). The model ends with its own "
                 f"weights, not an average: pass epochs > {self.swa_start_epoch} or a smaller swa_start_epoch",
+                FitkitWarning,
                 stacklevel=user_stacklevel(),
             )
 
