@@ -28,6 +28,8 @@ Usage::
     python benchmarks/overhead.py --peers --rounds 7  # with Lightning and Keras rows
     python benchmarks/overhead.py --workloads mlp --rounds 2 --train-batches 300   # a quick look
     python benchmarks/overhead.py --workloads mlp --rounds 3 --monitor  # with ThroughputMonitor on
+    python benchmarks/overhead.py --workloads mlp --paired fitkit_mon --against fitkit_v0 --rounds 40 \
+        --val-batches 0                               # what the monitor adds to a training step
 
 Writes ``benchmarks/results/overhead.json`` (``--json`` to change) and prints a markdown table.
 """
@@ -143,7 +145,7 @@ def _loop(
             for x, y in val_batches():
                 loss = loss_fn(model(x), y)
                 val_total += loss.item() * len(x) if sync_every_step else loss * len(x)
-        val_loss = float(val_total) / len(x_val_all)
+        val_loss = float(val_total) / max(len(x_val_all), 1)  # --val-batches 0: no validation
         assert train_loss == train_loss and val_loss == val_loss  # the epoch's figures, computed once
     return clock.stop()
 
@@ -170,11 +172,13 @@ def _fitkit(
         model, optimizer, "cross_entropy", callbacks=callbacks, device="cpu", verbose=verbose, **options
     )
     clock = _Clock()
+    validate = workload.val_batches > 0  # --val-batches 0: no validation
     if in_memory:
         x, y, x_val, y_val = tensors
-        trainer.fit((x, y), (x_val, y_val), batch_size=workload.batch_size, epochs=epochs)
+        trainer.fit((x, y), (x_val, y_val) if validate else None, batch_size=workload.batch_size, epochs=epochs)
     else:
-        trainer.fit(*make_loaders(workload, tensors), epochs=epochs)
+        train, val = make_loaders(workload, tensors)
+        trainer.fit(train, val if validate else None, epochs=epochs)
     return clock.stop()
 
 
@@ -354,7 +358,9 @@ def paired(
     """``runner`` and ``against`` alternating in this one process (one thread), one epoch each time.
 
     Sharper than separate processes for small differences: both see the same machine state within
-    seconds. Returns the median of the paired per-batch time differences (validation batches count).
+    seconds. Returns the medians of the paired per-batch time differences (validation batches count;
+    ``val_batches=0`` trains only, so that a batch is a training step), in wall time and in this
+    process's CPU time, which a neighbour taking the core away hardly moves.
     """
     import torch
     from workloads import WORKLOADS, make_tensors
@@ -362,26 +368,51 @@ def paired(
     torch.set_num_threads(1)
     workload = WORKLOADS[workload_name].scaled(train_batches, val_batches)
     tensors = make_tensors(workload)
-    times: dict[str, list[float]] = {against: [], runner: []}
+    times: dict[str, list[tuple[float, float]]] = {against: [], runner: []}
     for index in range(rounds + 2):  # the first two of each are warm-up
         order = [against, runner] if index % 2 else [runner, against]
         for name in order:
             torch.manual_seed(0)
-            times[name].append(RUNNERS[name](workload, tensors, 1)[0])
-    reference, measured = times[against][2:], times[runner][2:]
+            times[name].append(RUNNERS[name](workload, tensors, 1))
     batches = train_batches + val_batches
-    diffs = sorted((m - r) / batches * 1e6 for r, m in zip(reference, measured))
-    return {
+    result: dict[str, Any] = {
         "runner": runner,
         "against": against,
         "workload": workload_name,
         "rounds": rounds,
         "batches": batches,
-        "median_diff_us_per_batch": statistics.median(diffs),
-        "iqr_us_per_batch": [diffs[len(diffs) // 4], diffs[-(len(diffs) // 4) - 1]],
-        "ratio_of_medians": statistics.median(reference) / statistics.median(measured),
-        "reference_ms_per_batch": statistics.median(reference) / batches * 1e3,
+        "train_batches": train_batches,
+        "val_batches": val_batches,
     }
+    for clock, index in (("", 0), ("cpu_", 1)):  # wall time, then CPU time
+        reference = [t[index] for t in times[against][2:]]
+        measured = [t[index] for t in times[runner][2:]]
+        diffs = sorted((m - r) / batches * 1e6 for r, m in zip(reference, measured))
+        result |= {
+            f"{clock}median_diff_us_per_batch": statistics.median(diffs),
+            f"{clock}iqr_us_per_batch": [diffs[len(diffs) // 4], diffs[-(len(diffs) // 4) - 1]],
+            f"{clock}ratio_of_medians": statistics.median(reference) / statistics.median(measured),
+            f"{clock}reference_ms_per_batch": statistics.median(reference) / batches * 1e3,
+        }
+    return result
+
+
+def paired_line(result: dict[str, Any]) -> str:
+    """One line per clock: the median difference, its IQR, the reference's time per batch, the share."""
+    runner, against = result["runner"], result["against"]
+    unit = "training batch" if result["val_batches"] == 0 else "batch (validation batches count)"
+    parts = []
+    for clock, name in (("", "wall"), ("cpu_", "CPU")):
+        diff, (low, high) = result[f"{clock}median_diff_us_per_batch"], result[f"{clock}iqr_us_per_batch"]
+        reference = result[f"{clock}reference_ms_per_batch"]
+        parts.append(
+            f"  {name:4s}: {diff:+.2f} us (IQR {low:+.2f} .. {high:+.2f}), {diff / (reference * 10):+.2f}% of "
+            f"{against}'s {reference:.3f} ms"
+        )
+    return (
+        f"{result['workload']}: {runner} - {against} per {unit}, median of {result['rounds']} pairs of "
+        f"{result['batches']} batches\n" + "\n".join(parts)
+    )
 
 
 def _installed(package: str) -> bool:
@@ -535,8 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         "--paired",
         metavar="RUNNER",
         help="instead: alternate RUNNER and --against in one process (--rounds pairs of one epoch, "
-        "500 + 100 batches unless --train-batches/--val-batches) and print the median "
-        "per-batch difference",
+        "500 + 100 batches unless --train-batches/--val-batches; --val-batches 0 trains only) and print "
+        "the median per-batch difference, in wall and in CPU time",
     )
     parser.add_argument("--against", default="loop", help="the reference of --paired (default loop)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -558,12 +589,7 @@ def main(argv: list[str] | None = None) -> int:
                 max(args.rounds, 4),
                 args.against,
             )
-            print(
-                f"{workload}: {args.paired} - {args.against} = {result['median_diff_us_per_batch']:+.1f} us per "
-                f"batch (median of {result['rounds']} pairs; IQR {result['iqr_us_per_batch'][0]:+.1f} .. "
-                f"{result['iqr_us_per_batch'][1]:+.1f}); {args.against} {result['reference_ms_per_batch']:.3f} ms "
-                f"per batch; ratio of medians {result['ratio_of_medians']:.3f}"
-            )
+            print(paired_line(result), flush=True)
         return 0
 
     from workloads import WORKLOADS, machine_info
