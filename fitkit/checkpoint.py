@@ -278,6 +278,11 @@ def mirror(folder: str | Path, remote_folder: Any) -> None:
         _mirrors[key] = remote_folder
 
 
+def mirrored(folder: str | Path) -> Any:
+    """The remote folder that ``folder`` is mirrored to (`mirror`), or None."""
+    return _mirrors.get(str(Path(folder).resolve()))
+
+
 def adopt(downloaded: Path, path: Path, record: dict[str, Any]) -> None:
     """Moves the file ``downloaded`` to ``path`` and vouches for it with ``record`` (from another manifest),
     after checking its size and SHA-256 against it: a download is committed as `atomic_save` commits a write."""
@@ -477,7 +482,8 @@ def hash_files(root: Path, paths: list[Path]) -> dict[str, dict[str, Any]]:
     return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in paths}
 
 
-def _listing_digest(files: dict[str, dict[str, Any]]) -> str:
+def listing_digest(files: dict[str, dict[str, Any]]) -> str:
+    """The SHA-256 of a checkpoint directory's record: over its files' names, sizes and SHA-256s."""
     sha = hashlib.sha256()
     for name in sorted(files):
         sha.update(f"{name}\0{files[name]['size']}\0{files[name]['sha256']}\n".encode())
@@ -509,7 +515,7 @@ def commit_directory(
         for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
             _fsync_dir(sub)
         record = {
-            "sha256": _listing_digest(files),
+            "sha256": listing_digest(files),
             "size": sum(f["size"] for f in files.values()),
             "files": files,
             "time": time.time(),
@@ -936,7 +942,7 @@ def trust(path: str | Path, *, storage_options: dict[str, Any] | None = None) ->
         if directory:
             files = hash_files(path, sorted(p for p in path.rglob("*") if p.is_file()))
             size = sum(f["size"] for f in files.values())
-            record = {"sha256": _listing_digest(files), "size": size, "files": files, "time": path.stat().st_mtime}
+            record = {"sha256": listing_digest(files), "size": size, "files": files, "time": path.stat().st_mtime}
         else:
             record = {"sha256": _sha256(path), "size": path.stat().st_size, "time": path.stat().st_mtime}
         record.update(meta)
@@ -1046,6 +1052,8 @@ __all__ = [
     "deferred_writes",
     "to_host",
     "mirror",
+    "mirrored",
+    "listing_digest",
     "LOCK",
     "FORMAT_VERSION",
     "CheckpointError",

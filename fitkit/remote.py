@@ -10,6 +10,12 @@ write, manifest and checks), and mirrors every committed file to the remote fold
 - before training, the newest good remote checkpoint is fetched (verified) into the staging folder, so that
   ``resume="auto"`` and ``BackupAndRestore`` resume from it on a fresh machine.
 
+A sharded checkpoint (FSDP: a DCP directory) goes up as one version: every rank uploads the shard it wrote (and
+checks it), global rank 0 the metadata and the state file, each under ``<name>/<version>/`` (a fresh version id:
+nothing is overwritten); the remote manifest's entry for ``<name>``, written last, lists every file's size and
+SHA-256 and its version, so the checkpoint counts only once all of them are there. The previous version's
+keys go after that commit.
+
 Credentials and endpoints go in ``storage_options`` (fsspec's keyword arguments for the filesystem, such as
 ``{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}`` for s3fs); without them the
 filesystem's own defaults apply (environment variables, instance roles).
@@ -17,9 +23,11 @@ filesystem's own defaults apply (environment variables, instance roles).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Mapping
@@ -166,11 +174,15 @@ class RemoteFolder:
             name: the file's name in this folder.
         """
         manifest = self.read_manifest()
-        if manifest["files"].pop(name, None) is None:
+        entry = manifest["files"].pop(name, None)
+        if entry is None:
             return
         self._write_manifest(manifest)
-        if self.fs.exists(self.key(name)):
-            self.fs.rm_file(self.key(name))
+        for record in entry["versions"]:
+            if "files" in record:
+                self._remove_version(name, record)
+            elif self.fs.exists(self.key(name)):
+                self.fs.rm_file(self.key(name))
 
     def verify(self, name: str) -> dict[str, Any]:
         """The remote manifest's record that vouches for ``name``'s bytes (read back in full and hashed).
@@ -184,6 +196,8 @@ class RemoteFolder:
         entry = self.read_manifest()["files"].get(name)
         if entry is None:
             raise CheckpointError(f"{self.url}/{name}: the remote manifest does not vouch for it")
+        if "files" in _record(entry):
+            return self._verify_directory(name, entry)
         try:
             size, digest = self._digest(self.key(name))
         except FileNotFoundError:
@@ -233,6 +247,9 @@ class RemoteFolder:
             folder: the local folder to fetch into (default: the staging folder).
         """
         folder = self.staging if folder is None else folder
+        entry = self.read_manifest()["files"].get(name)
+        if entry is not None and "files" in _record(entry):
+            return self._fetch_directory(name, _record(entry), folder)
         record = self.verify(name)
         local = folder / name
         if local.is_file() and name in checkpoint.read_manifest(folder)["files"]:
@@ -248,6 +265,122 @@ class RemoteFolder:
             checkpoint.adopt(tmp, local, record)
         finally:
             tmp.unlink(missing_ok=True)
+        return local
+
+    # -- sharded checkpoint directories (DCP) ----------------------------------------------------------
+    def new_version(self, name: str) -> str:
+        """A fresh version id for the sharded checkpoint ``name`` (its files go under ``<name>/<version>/``);
+        a key ``name`` that the remote manifest does not list is another writer's: an error.
+
+        Args:
+            name: the checkpoint directory's name in this folder.
+        """
+        if name not in self.read_manifest()["files"] and self.fs.exists(self.key(name)):
+            raise CheckpointError(
+                f"{self.url}/{name} exists and the remote manifest does not vouch for it: fitkit never writes "
+                "over a key it did not write. Move it away, or write to another folder"
+            )
+        return uuid.uuid4().hex[:16]
+
+    def _version_key(self, name: str, record: Mapping[str, Any], file: str) -> str:
+        return self.key(f"{name}/{record['version']}/{file}")
+
+    def upload_files(self, local: Path, name: str, version: str, files: Mapping[str, Mapping[str, Any]]) -> None:
+        """Uploads the files of ``local`` that ``files`` names (their records: size and SHA-256) into version
+        ``version`` of the sharded checkpoint ``name``, each read back and checked. Every rank uploads the
+        files it wrote; nothing is in force until `commit_directory`.
+
+        Args:
+            local: the local directory the files are in.
+            name: the checkpoint directory's name in this folder.
+            version: from `new_version`.
+            files: the records (``hash_files``) of the files to upload, by their path relative to ``local``.
+        """
+        for file, record in sorted(files.items()):
+            key = self._version_key(name, {"version": version}, file)
+            self.fs.put_file(str(local / file), key)
+            self._check(key, record)
+
+    def commit_directory(self, name: str, version: str, record: Mapping[str, Any]) -> None:
+        """Puts version ``version`` of the sharded checkpoint ``name`` (every file uploaded and checked) in
+        force: the remote manifest lists it (``record``: every file's size and SHA-256), then the previous
+        version's keys go, then the manifest forgets that version.
+
+        Args:
+            name: the checkpoint directory's name in this folder.
+            version: from `new_version`.
+            record: the directory's record (``files``, ``sha256``, ``size`` and the checkpoint's position).
+        """
+        manifest = self.read_manifest()
+        old = manifest["files"].get(name)
+        new = {**record, "version": version}
+        manifest["files"][name] = {"versions": [new] + ([_record(old)] if old else [])}
+        self._write_manifest(manifest)  # the commit: from now on this version is the one in force
+        if old is not None:
+            with contextlib.suppress(Exception):  # committed: a key left behind is the old version's, listed still
+                previous = _record(old)
+                if "files" in previous:
+                    self._remove_version(name, previous)
+                manifest["files"][name] = {"versions": [new]}
+                self._write_manifest(manifest)
+
+    def discard_version(self, name: str, version: str) -> None:
+        """Deletes what an uncommitted version of ``name`` uploaded (its id is fresh: every key under it is this
+        save's); best effort: a key left behind is listed by no manifest, so nothing trusts it.
+
+        Args:
+            name: the checkpoint directory's name in this folder.
+            version: from `new_version`, never committed.
+        """
+        prefix = self.key(f"{name}/{version}")
+        with contextlib.suppress(Exception):
+            if version not in str(self.read_manifest()["files"].get(name)) and self.fs.exists(prefix):
+                self.fs.rm(prefix, recursive=True)
+
+    def _remove_version(self, name: str, record: Mapping[str, Any]) -> None:
+        for file in record["files"]:
+            key = self._version_key(name, record, file)
+            if self.fs.exists(key):
+                self.fs.rm_file(key)
+
+    def _verify_directory(self, name: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+        problem = "no version"
+        for record in entry["versions"]:
+            try:
+                for file, want in sorted(record["files"].items()):
+                    self._check(self._version_key(name, record, file), want)
+            except (CheckpointError, FileNotFoundError) as exc:
+                problem = str(exc) if isinstance(exc, CheckpointError) else f"{file} is missing"
+                continue
+            return dict(record)
+        raise CheckpointError(f"{self.url}/{name}: the sharded checkpoint is incomplete or altered ({problem})")
+
+    def _fetch_directory(self, name: str, record: Mapping[str, Any], folder: Path) -> Path:
+        """`fetch` of a sharded checkpoint: every file downloaded into a temporary directory, checked against
+        the remote record, and committed as the local directory ``folder/name``."""
+        local = folder / name
+        if local.is_dir() and name in checkpoint.read_manifest(folder)["files"]:
+            try:
+                if checkpoint.verify(local)["sha256"] == record["sha256"]:
+                    return local
+            except CheckpointError:
+                pass
+        tmp = checkpoint.temporary_directory(local)
+        try:
+            for file in record["files"]:
+                target = tmp / file
+                if tmp.resolve() not in target.resolve().parents:  # a manifest is data from outside
+                    raise CheckpointError(f"{self.url}/{name}: the remote manifest names {file!r}, outside it")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(self._version_key(name, record, file), str(target))
+            got = checkpoint.hash_files(tmp, [tmp / file for file in record["files"]])
+            if got != {file: {"size": r["size"], "sha256": r["sha256"]} for file, r in record["files"].items()}:
+                raise CheckpointError(f"{self.url}/{name}: the downloaded files differ from the remote manifest's")
+            position = {k: v for k, v in record.items() if k not in ("sha256", "size", "files", "time", "version")}
+            checkpoint.commit_directory(tmp, local, position, got)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
         return local
 
     def prune_staging(self) -> None:
@@ -283,13 +416,13 @@ def for_callback(path: str | Path, storage_options: Mapping[str, Any] | None, wh
 
 def attach(trainer: Any, folder: Path, remote_folder: RemoteFolder | None) -> None:
     """At the start of a fit: fetches the newest good remote checkpoint into ``folder`` (the staging folder;
-    on each machine's local rank 0, so that every rank can load what rank 0 chooses), then mirrors what global
-    rank 0 commits there (`fitkit.checkpoint.mirror`). A collective: every rank calls it."""
+    on each machine's local rank 0, so that every rank can load what rank 0 chooses), then mirrors what is
+    committed there (`fitkit.checkpoint.mirror`: global rank 0's files, every rank's shards of a sharded
+    checkpoint). A collective: every rank calls it."""
     if remote_folder is None:
         return
     _on_each_machine(trainer, remote_folder.fetch_newest)
-    if trainer.is_global_zero:
-        checkpoint.mirror(folder, remote_folder)
+    checkpoint.mirror(folder, remote_folder)  # every rank: each uploads its shards of a sharded checkpoint
 
 
 def _on_each_machine(trainer: Any, fetch: Callable[[], object]) -> None:

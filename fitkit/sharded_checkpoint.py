@@ -57,13 +57,15 @@ def save(trainer: Trainer, path: str | Path, meta: dict[str, Any] | None = None)
     state["per_rank"] = distributed.gather_object({key: state[key] for key in trainer.PER_RANK}, info)
     state["fitkit"] = {**checkpoint.header("full"), "layout": LAYOUT}
     tensors, state["optimizer_rest"], state["model_rest"] = _weights(trainer)
-    tmp, error = None, None
+    remote_folder = checkpoint.mirrored(path.parent)  # an object store's staging folder (`fitkit.remote`)
+    tmp, version, error = None, None, None
     if trainer.is_global_zero:
         try:
             tmp = checkpoint.temporary_directory(path)
-        except OSError as exc:
+            version = None if remote_folder is None else remote_folder.new_version(path.name)
+        except (OSError, checkpoint.CheckpointError) as exc:
             error = f"could not write the checkpoint {path}: {exc}. Nothing was replaced."
-    tmp, error = distributed.broadcast_object((tmp, error), info)
+    tmp, version, error = distributed.broadcast_object((tmp, version, error), info)
     if error is not None:
         raise checkpoint.CheckpointError(error)
     assert tmp is not None
@@ -74,6 +76,8 @@ def save(trainer: Trainer, path: str | Path, meta: dict[str, Any] | None = None)
             dcp_save(tensors, storage_writer=writer, no_dist=info.world_size == 1)
         # Each rank hashes the shard it wrote (in parallel), so that the commit reads none of them again.
         mine = checkpoint.hash_files(tmp, sorted(tmp.glob(f"__{info.rank}_*.distcp")))
+        if remote_folder is not None:  # and uploads it (checked), so that no rank sends another's bytes
+            remote_folder.upload_files(tmp, path.name, version, mine)
     except Exception as exc:  # DCP raises on every rank when one fails
         error = f"could not write the sharded checkpoint {path}: {type(exc).__name__}: {exc}"
         mine = {}
@@ -82,32 +86,71 @@ def save(trainer: Trainer, path: str | Path, meta: dict[str, Any] | None = None)
     if trainer.is_global_zero:
         try:
             if error is None:
-                _save_state_file(state, tmp / STATE)
-                position = {
-                    "kind": "full",
-                    "layout": LAYOUT,
-                    "world_size": trainer.world_size,
-                    "epoch": trainer.state.epoch,
-                    "global_step": trainer.state.global_step,
-                    "batch_in_epoch": trainer.state.batch_in_epoch,
-                    **(meta or {}),
-                }
                 known = {name: record for files, _ in hashes for name, record in files.items()}
-                checkpoint.commit_directory(tmp, path, position, known)
+                error = _commit(trainer, state, tmp, path, meta, known, remote_folder, version)
         except (OSError, checkpoint.CheckpointError) as exc:
             error = str(exc)
         finally:
             if tmp.exists():  # not committed: the partial directory goes
                 shutil.rmtree(tmp, ignore_errors=True)
+            if error is not None and version is not None:  # and the uploaded part of the version no manifest lists
+                remote_folder.discard_version(path.name, version)
     error = distributed.broadcast_object(error, info)
-    if error is not None:
-        raise checkpoint.CheckpointError(
-            f"{error}. Nothing was replaced: the previous {path.name} (if any) and every other checkpoint in "
-            f"{path.parent} are intact."
-            if "Nothing was replaced" not in error
-            else error
+    if error is not None:  # the same error on every rank, at the same point: raised as it is, not as one rank's
+        raise distributed.on_every_rank(
+            checkpoint.CheckpointError(
+                f"{error}. Nothing was replaced: the previous {path.name} (if any) and every other checkpoint in "
+                f"{path.parent} are intact."
+                if "Nothing was replaced" not in error
+                else error
+            )
         )
     return path
+
+
+def _commit(
+    trainer: Trainer,
+    state: dict[str, Any],
+    tmp: Path,
+    path: Path,
+    meta: dict[str, Any] | None,
+    known: dict[str, dict[str, Any]],
+    remote_folder: Any,
+    version: str | None,
+) -> str | None:
+    """Rank 0: the state file, the local commit, then (to an object store) the rest of the files' upload and
+    the remote commit. Returns an error message (None: committed)."""
+    _save_state_file(state, tmp / STATE)
+    position = {
+        "kind": "full",
+        "layout": LAYOUT,
+        "world_size": trainer.world_size,
+        "epoch": trainer.state.epoch,
+        "global_step": trainer.state.global_step,
+        "batch_in_epoch": trainer.state.batch_in_epoch,
+        **(meta or {}),
+    }
+    record = checkpoint.commit_directory(tmp, path, position, known)
+    if remote_folder is None:
+        return None
+    assert version is not None
+    # Every rank's shard (uploaded by its rank; on several machines not all are in this one's folder), and
+    # the files rank 0 wrote besides, uploaded now: the remote record lists every one.
+    files = {**known, **record["files"]}
+    remote_record = {**record, "files": files, "size": sum(f["size"] for f in files.values())}
+    remote_record["sha256"] = checkpoint.listing_digest(files)
+    try:
+        remote_folder.upload_files(
+            path, path.name, version, {n: r for n, r in record["files"].items() if n not in known}
+        )
+        remote_folder.commit_directory(path.name, version, remote_record)
+    except Exception as exc:
+        return (
+            f"could not upload the sharded checkpoint {path.name} to {remote_folder.url}: {type(exc).__name__}: "
+            f"{exc}. Nothing was replaced there: its manifest vouches for the previous checkpoints only (the "
+            f"local copy in {path.parent} is complete)"
+        )
+    return None
 
 
 def _weights(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

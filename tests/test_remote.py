@@ -76,7 +76,7 @@ def weights(trainer: fitkit.Trainer) -> dict[str, torch.Tensor]:
 
 
 def test_model_checkpoint_to_s3_keeps_top_k_and_a_fresh_machine_resumes_auto_exactly(
-    s3: dict[str, Any], staging: Path
+    s3: dict[str, Any], staging: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = "s3://fitkit-test/topk"
     reference = build([])
@@ -88,14 +88,17 @@ def test_model_checkpoint_to_s3_keeps_top_k_and_a_fresh_machine_resumes_auto_exa
     assert sorted(remote.RemoteFolder(url, s3).read_manifest()["files"]) == ["03.pt", "04.pt"]
     assert checkpoint.verify(url + "/04.pt", storage_options=s3)["global_step"] == 16
     assert checkpoint.load(url + "/04.pt", storage_options=s3)["trainer"]["epoch"] == 4
-    shutil.rmtree(staging)  # a fresh machine: nothing local
+    monkeypatch.setenv("FITKIT_STAGING", str(tmp_path / "another-machine"))  # a fresh machine: nothing local
     second = build([ModelCheckpoint(url + "/{epoch:02d}.pt", monitor=None, save_top_k=2, storage_options=s3)])
     second.fit(data(), epochs=6, batch_size=16, resume="auto")
     assert second.resumed_from is not None and second.resumed_from.name == "04.pt"
+    assert second.resumed_from.parent == remote.staging_folder(url) != staging / remote.staging_folder(url).name
     assert all(torch.equal(a, b) for a, b in zip(weights(second).values(), weights(reference).values()))
-    # 04.pt, fetched to resume, left the top 2 as on disk; 03.pt, never fetched on this machine, stays (a
-    # known limit: the resumed job keeps only what it can see; nothing is deleted that it cannot vouch for).
-    assert sorted(remote.RemoteFolder(url, s3).read_manifest()["files"]) == ["03.pt", "05.pt", "06.pt"]
+    # The top 2 read back from the checkpoint: 03.pt, never fetched on this machine, leaves the bucket as it
+    # would have on the first machine (the remote manifest vouches for it); 04.pt, fetched to resume, too.
+    assert sorted(remote.RemoteFolder(url, s3).read_manifest()["files"]) == ["05.pt", "06.pt"]
+    assert sorted(Path(key).name for key in fs(s3).ls("fitkit-test/topk")) == ["05.pt", "06.pt", "fitkit-manifest.json"]
+    assert [Path(item[2]).name for item in second.callbacks[0].kept] == ["05.pt", "06.pt"]
 
 
 def test_backup_and_restore_on_s3_resumes_a_killed_run_from_the_remote_backup(
@@ -185,3 +188,74 @@ def test_storage_options_without_a_url_is_an_error(tmp_path: Path) -> None:
         ModelCheckpoint("memory://runs/{epoch}/model.pt")
     with pytest.raises(ValueError, match="storage_options is for a resume"):
         build([]).fit(data(), epochs=1, batch_size=16, storage_options={"anon": True})
+
+
+# -- FSDP: sharded checkpoint directories, every rank's shards uploaded -------------------------------------
+def _fsdp_remote_job(
+    rank: int, out: Path, options: dict[str, Any], url: str, epochs: int, staging: Path, fail_on_rank: int = -1
+) -> dict[str, Any]:
+    import os
+
+    from test_distributed import make_data
+    from test_fsdp import Blocky
+    from torch.utils.data import DataLoader
+
+    os.environ["FITKIT_STAGING"] = str(staging)  # this run's "machine"
+    if rank == fail_on_rank:  # this rank's shard upload is cut off midway: half the bytes, then an error
+        original = remote.RemoteFolder.upload_files
+
+        def cut_off(self: remote.RemoteFolder, local: Path, name: str, version: str, files: Any) -> None:
+            for file in files:
+                key = self.key(f"{name}/{version}/{file}")
+                self.fs.pipe_file(key, (local / file).read_bytes()[:100])
+            raise ConnectionResetError("connection reset by peer")
+
+        remote.RemoteFolder.upload_files = cut_off  # type: ignore[method-assign]
+        assert original is not cut_off
+    fitkit.seed_everything(0)
+    model = Blocky()
+    saver = ModelCheckpoint(url + "/e{epoch:02d}", monitor=None, save_top_k=1, storage_options=options)
+    trainer = fitkit.Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "cross_entropy",
+        callbacks=[saver], device="cpu", verbose=0, strategy="fsdp",
+    )  # fmt: skip
+    train = DataLoader(make_data(), batch_size=16, shuffle=True)
+    try:
+        trainer.fit(train, epochs=epochs, resume="auto")
+    except CheckpointError as exc:
+        return {"error": str(exc)}
+    return {"weights": trainer.model_state_dict(), "resumed": str(trainer.resumed_from), "step": trainer.global_step}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp_sharded_checkpoints_go_to_s3_from_every_rank_and_a_fresh_machine_resumes_exactly(
+    s3: dict[str, Any], tmp_path: Path
+) -> None:
+    from dist_utils import run_ranks
+
+    url, bucket = "s3://fitkit-test/fsdp", "fitkit-test/fsdp"
+    whole = run_ranks(_fsdp_remote_job, tmp_path / "whole", s3, "s3://fitkit-test/fsdp-whole", 3, tmp_path / "m0")
+    reference = whole.check()[0]["weights"]
+    run_ranks(_fsdp_remote_job, tmp_path / "first", s3, url, 2, tmp_path / "m1").check()
+    folder = remote.RemoteFolder(url, s3)
+    entries = folder.read_manifest()["files"]
+    assert sorted(entries) == ["e02"]  # top 1: e01's version went with it
+    record = entries["e02"]["versions"][0]
+    assert sorted(record["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp", "fitkit-state.pt"]
+    keys = sorted(k[len(bucket) + 1 :] for k in fs(s3).find(bucket))
+    assert keys == ["e02/" + record["version"] + "/" + f for f in sorted(record["files"])] + ["fitkit-manifest.json"]
+    assert folder.verify("e02")["global_step"] == 6
+    # A fresh machine (an empty staging folder): resume="auto" fetches e02's every shard and continues exactly.
+    resumed = run_ranks(_fsdp_remote_job, tmp_path / "second", s3, url, 3, tmp_path / "m2").check()
+    assert resumed[0]["resumed"] == str(tmp_path / "m2" / remote.staging_folder(url).name / "e02")
+    assert all(torch.equal(resumed[0]["weights"][k], reference[k]) for k in reference)
+    assert sorted(folder.read_manifest()["files"]) == ["e03"]
+    # Rank 1's shard upload cut off midway: the save fails on every rank, e03 stays the checkpoint in force,
+    # and the partial version is gone (no manifest lists it).
+    before = folder.read_manifest()
+    failed = run_ranks(_fsdp_remote_job, tmp_path / "cut", s3, url, 4, tmp_path / "m3", fail_on_rank=1).check()
+    assert all("connection reset by peer" in result["error"] for result in failed)
+    assert folder.read_manifest() == before and folder.verify("e03")["global_step"] == 9
+    version = before["files"]["e03"]["versions"][0]["version"]
+    assert all(k.startswith((f"{bucket}/e03/{version}/", f"{bucket}/fitkit-manifest")) for k in fs(s3).find(bucket))

@@ -13,7 +13,7 @@ import os
 import re
 import string
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -85,9 +85,10 @@ def check_file_collisions(callbacks: Sequence[Any]) -> None:
             )
 
 
-def owns(template: str, folder: Path, path: str | Path) -> bool:
-    """True when ``path`` lies inside ``folder``, matches ``template`` and its folder's manifest lists it:
-    the only files a callback may delete (a loaded checkpoint's list of files is data from outside)."""
+def owns(template: str, folder: Path, path: str | Path, listed: Collection[str] = ()) -> bool:
+    """True when ``path`` lies inside ``folder``, matches ``template`` and its folder's manifest lists it (or
+    ``listed`` names it: an object store's manifest, for a staging folder): the only files a callback may
+    delete (a loaded checkpoint's list of files is data from outside)."""
     path = Path(path)
     try:
         target = path.resolve()
@@ -98,7 +99,7 @@ def owns(template: str, folder: Path, path: str | Path) -> bool:
         return False
     if not template_regex(absolute_template(template)).fullmatch(str(target)):
         return False
-    return target.name in read_manifest(target.parent)["files"]
+    return target.name in read_manifest(target.parent)["files"] or target.name in listed
 
 
 def inside(folder: Path, path: str | Path) -> bool:

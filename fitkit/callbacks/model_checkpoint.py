@@ -472,8 +472,12 @@ class ModelCheckpoint(MonitorCallback):
     def _remove_pending(self) -> None:
         """Completes top-k removals that a killed process did not finish (recorded in the checkpoint)."""
         pending, self._pending_removal = self._pending_removal, []
+        if not pending or not self.trainer.is_global_zero:
+            return
+        # In an object store, files of the top k that this machine never fetched: its manifest vouches for them.
+        listed = () if self.remote_folder is None else self.remote_folder.read_manifest()["files"]
         for name in pending:
-            if self.trainer.is_global_zero and _files.owns(self.filepath, self.checkpoint_dir, name):
+            if _files.owns(self.filepath, self.checkpoint_dir, name, listed):
                 remove_checkpoint(name)
 
     def _write(self, path: Path, score: float | None, step: int) -> None:
@@ -552,7 +556,7 @@ class ModelCheckpoint(MonitorCallback):
         self.best = float(best) if isinstance(best, (int, float)) and math.isfinite(best) else None
         kept, dropped = [], []
         for item in state["kept"]:
-            score, step, name = item[0], int(item[1]), str(item[2])
+            score, step, name = item[0], int(item[1]), self._staged_here(str(item[2]))
             if _files.inside(self.checkpoint_dir, name) and _files.template_regex(
                 _files.absolute_template(self.filepath)
             ).fullmatch(str(Path(name).resolve())):
@@ -575,9 +579,21 @@ class ModelCheckpoint(MonitorCallback):
             ours.add(str(last))
         self._written |= ours
         self._pending_removal = [
-            str(n) for n in state.get("pending_removal", []) if _files.inside(self.checkpoint_dir, n)
+            self._staged_here(str(n))
+            for n in state.get("pending_removal", [])
+            if _files.inside(self.checkpoint_dir, self._staged_here(str(n)))
         ]
         self._batches_since_save = int(state["batches_since_save"])
+
+    def _staged_here(self, name: str) -> str:
+        """A file of this callback's object-store folder as another machine's staging folder held it (that
+        folder is named by the URL's digest, as this one is) -> its path in this machine's staging folder, so
+        that a job resumed elsewhere keeps the remote's top k; any other path as it is."""
+        path = Path(name)
+        here = self.checkpoint_dir
+        if self.remote_folder is not None and path.parent.name == here.name and path.parent != here:
+            return str(here / path.name)
+        return name
 
 
 def _kind(path: Path) -> str | None:
