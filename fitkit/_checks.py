@@ -424,6 +424,53 @@ def warn_non_finite_loss(epoch: int, batch: int | None) -> None:
     )
 
 
+def non_finite_weights(epoch: int, batch: int | None, loader: Any) -> FloatingPointError:
+    """The error that ends a fit whose weights became non-finite (NaN inputs, a diverged run): nothing after it can
+    train, and every checkpoint written before holds finite weights. Names the first non-finite value of the
+    training tensors when they are in memory (a ``TensorDataset``, as ``fit((x, y))`` makes)."""
+    where = f"epoch {epoch + 1}" + (f", batch {batch}" if batch is not None else "")
+    found = first_non_finite_sample(loader)
+    data = (
+        f"The training data hold {found}: clean or impute those values (torch.nan_to_num, a mask) before fit"
+        if found is not None
+        else "Check the data for NaN/inf (a batch's inputs or targets), lower the learning rate or clip gradients"
+    )
+    return FloatingPointError(
+        f"the weights became non-finite (NaN or inf) in {where}, where the training loss first was: training "
+        f"cannot go on from them, so fit stops here. {data}. Checkpoints are never written with non-finite "
+        "weights: fit(..., resume='auto') continues from the last good one. (fitkit.callbacks.TerminateOnNaN "
+        "stops at the first such batch instead of the epoch's end.)"
+    )
+
+
+def first_non_finite_sample(loader: Any) -> str | None:
+    """``"NaN at sample 100 of the inputs (position (2,)), ..."`` for the first non-finite value of in-memory
+    training tensors (``fit((x, y))``'s, or a DataLoader's TensorDataset), one pass over them (called once, when
+    a fit has already failed); None for other data."""
+    from torch.utils.data import TensorDataset
+
+    from fitkit.data import InMemoryLoader
+
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(loader, InMemoryLoader):
+        tensors = loader.tensors
+    elif isinstance(dataset, TensorDataset):
+        tensors = dataset.tensors
+    else:
+        return None
+    for index, tensor in enumerate(tensors):
+        if not tensor.is_floating_point():
+            continue
+        bad = (~torch.isfinite(tensor)).nonzero()
+        if len(bad):
+            position = tuple(int(i) for i in bad[0])
+            value = tensor[position].item()
+            kind = "NaN" if value != value else ("inf" if value > 0 else "-inf")
+            part = "the inputs" if index == 0 else ("the targets" if index == 1 else f"tensor {index}")
+            return f"{kind} at sample {position[0]} of {part} (position {position[1:]}), and {len(bad)} non-finite value(s) in all"
+    return None
+
+
 _MATMUL = re.compile(r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)")
 _CHANNELS = re.compile(
     r"weight of size \[(\d+), (\d+)[^\]]*\], expected input\[([\d, ]+)\] to have (\d+) channels, but got (\d+) channels"
@@ -457,8 +504,9 @@ def explain_forward_error(exc: BaseException, model: nn.Module, inputs: Any) -> 
     fed_by_data = isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 and inputs.shape[dim] == got
     if layer is first and fed_by_data:
         shape = f" (shape {tuple(inputs.shape)})"
+        who = f"the model's first layer {where}" if name else "the model"  # the model may be that one layer
         return ValueError(
-            f"the inputs have {got} {unit}{shape}, but the model's first layer {where}, {what}, takes {takes}: "
+            f"the inputs have {got} {unit}{shape}, but {who}, {what}, takes {takes}: "
             f"give it inputs with {takes} {unit} (check the data's columns or layout), or build that layer with "
             f"{size[0]}={got}"
         )

@@ -618,14 +618,14 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
         "inputs of the wrong width",
         lambda: _fit((torch.randn(8, 5), torch.randint(0, 3, (8,))), batch_size=4),
         ValueError,
-        r"^the inputs have 5 features \(shape \(4, 5\)\), but the model's first layer the model, "
+        r"^the inputs have 5 features \(shape \(4, 5\)\), but the model, "
         r"Linear\(in_features=4, out_features=3\), takes 4: give it inputs with 4 features",
     ),
     (
         "predict on inputs of the wrong width",
         lambda: _trainer().predict(torch.randn(8, 6)),
         ValueError,
-        r"^the inputs have 6 features \(shape \(8, 6\)\), but the model's first layer",
+        r"^the inputs have 6 features \(shape \(8, 6\)\), but the model, Linear",
     ),
     (
         "a hidden layer of the wrong width",
