@@ -206,6 +206,7 @@ def atomic_save(obj: Any, path: str | Path, meta: dict[str, Any] | None = None) 
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    renamed = False  # past the rename, a failure (the manifest's tidy-up) leaves the new file, vouched for
     try:
         with open_new(tmp) as raw:  # never through a link planted at the temporary's name
             writer = _HashingWriter(raw)
@@ -221,6 +222,7 @@ def atomic_save(obj: Any, path: str | Path, meta: dict[str, Any] | None = None) 
             manifest["files"][path.name] = {"versions": versions}
             _write_manifest(folder, manifest)
             os.replace(tmp, path)
+            renamed = True
             _fsync_dir(folder)
             manifest["files"][path.name] = {"versions": [record]}
             _write_manifest(folder, manifest)
@@ -229,7 +231,7 @@ def atomic_save(obj: Any, path: str | Path, meta: dict[str, Any] | None = None) 
     except (OSError, RuntimeError) as exc:
         if isinstance(exc, CheckpointError):
             raise
-        raise _write_failed(path, exc, locals().get("writer")) from exc
+        raise _write_failed(path, exc, locals().get("writer"), renamed) from exc
     finally:
         tmp.unlink(missing_ok=True)
     if (remote_folder := _mirrors.get(str(folder.resolve()))) is not None:
@@ -310,15 +312,22 @@ _DISK_ADVICE = {
 }
 
 
-def _write_failed(path: Path, exc: BaseException, writer: _HashingWriter | None) -> CheckpointError:
-    """The error for a checkpoint write that failed: which file, that nothing was replaced, what to do."""
+def _write_failed(
+    path: Path, exc: BaseException, writer: _HashingWriter | None, renamed: bool = False
+) -> CheckpointError:
+    """The error for a checkpoint write that failed: which file, what state the folder is in, what to do."""
     cause: BaseException = (writer.error if writer is not None else None) or exc
     code = getattr(cause, "errno", None)
     reason = os.strerror(code) if code else str(cause) or type(cause).__name__
     advice = _DISK_ADVICE.get(code, "check the disk and the folder's permissions") if code else "check the disk"
+    failed = f"{reason}{f' ({errno.errorcode.get(code, code)})' if code else ''}"
+    if renamed:  # phase 1 vouched for the new bytes before the rename: the file is good, the tidy-up failed
+        return CheckpointError(
+            f"wrote the checkpoint {path} (complete, and its folder's manifest vouches for it), but updating the "
+            f"manifest afterwards failed: {failed}. To continue: {advice}, then run again with resume='auto'."
+        )
     return CheckpointError(
-        f"could not write the checkpoint {path}: {reason}"
-        f"{f' ({errno.errorcode.get(code, code)})' if code else ''}. Nothing was replaced: the previous {path.name} "
+        f"could not write the checkpoint {path}: {failed}. Nothing was replaced: the previous {path.name} "
         f"(if any) and every other checkpoint in {path.parent} are intact, and its manifest still vouches for "
         f"them. To continue: {advice}, then run again with resume='auto' (or the path of the newest good file)."
     )
