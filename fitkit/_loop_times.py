@@ -7,6 +7,11 @@ four buckets that sum to it: waiting for the data (the loader's ``next`` and the
 (``train_step``, the running sums, the end of the epoch's last group), the callbacks (batch and epoch hooks, the
 checkpoint writes they ask for) and validation. Each lap is one ``perf_counter()`` call: no device sync.
 
+A training batch takes three laps: `LoopTimes.step_begins` (the time since the last batch's callbacks ended,
+that is the loader's ``next`` and the device copy, is the data's), `LoopTimes.step_done` (the step's) and one
+after the batch's end hooks (the callbacks'). The loader is not wrapped: the time the loop spends between two
+batches outside any hook (fetching the next one) falls to the data by the next `step_begins`.
+
 On CUDA the host runs ahead of the device, so a host clock alone would charge the device's work to whichever
 phase happens to wait for it. The clock therefore records one CUDA event after each step (asynchronous), and a
 reader (the monitor, at its log interval) calls `LoopTimes.wait_for_device`, which waits on the last step's
@@ -34,6 +39,8 @@ class LoopTimes:
         seconds: this epoch's seconds per bucket, in the order of ``BUCKETS``.
         samples: training samples (this rank's) since the fit started.
         batches: training batches since the fit started.
+        last: ``perf_counter()`` at the last lap.
+        next_step_under: the context `run_next_step_under` asked for, until the next training step enters it.
         epoch_start: ``perf_counter()`` when this epoch's ``on_epoch_begin`` started.
     """
 
@@ -44,6 +51,8 @@ class LoopTimes:
         self.last = self.epoch_start = perf_counter()
         use_events = device.type == "cuda" and torch.cuda.is_available()
         self.event: Any = torch.cuda.Event() if use_events else None  # recorded after every step
+        self.next_step_under: Any = None
+        self._entered: Any = None  # that context while its step runs
 
     def lap(self, bucket: int) -> None:
         """Charges the time since the last lap to ``bucket``."""
@@ -51,30 +60,41 @@ class LoopTimes:
         self.seconds[bucket] += now - self.last
         self.last = now
 
+    # The two laps of every training step: inlined (no call to lap), as the loop pays for them on every batch.
+    def step_begins(self) -> None:
+        """Before a training step: the time since the last lap (the loader's ``next``, the device copy) is the
+        data's."""
+        now = perf_counter()
+        self.seconds[DATA] += now - self.last
+        self.last = now
+        if self.next_step_under is not None:
+            self._entered, self.next_step_under = self.next_step_under, None
+            self._entered.__enter__()
+
     def step_done(self, n: int) -> None:
         """After a training step of ``n`` samples: charges its time to the step, counts it, marks it on the
         device's stream (CUDA: an event, recorded without waiting)."""
-        self.lap(STEP)
+        if self._entered is not None:
+            self.close()
+        now = perf_counter()
+        self.seconds[STEP] += now - self.last
+        self.last = now
         self.samples += n
         self.batches += 1
         if self.event is not None:
             self.event.record()
 
-    def fetching(self, batches: Any) -> Iterator[Any]:
-        """``batches`` with each ``next`` charged to the data, and the time between a batch and the next
-        ``next`` (the batch's end hooks and the checkpoint writes they ask for) to the callbacks. The time
-        before the first batch (making the epoch's iterator: a DataLoader starts its workers) is the data's."""
-        self.lap(DATA)
-        iterator = iter(batches)
-        while True:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                self.lap(DATA)
-                return
-            self.lap(DATA)
-            yield batch
-            self.lap(CALLBACKS)
+    def run_next_step_under(self, context: contextlib.AbstractContextManager[Any] | None) -> None:
+        """Enters ``context`` when the next training step begins and exits it when the step is done (the
+        monitor's FLOP counter over the fit's first step: no hook on every batch); None cancels a request."""
+        self.next_step_under = context
+
+    def close(self) -> None:
+        """Exits the context of `run_next_step_under` if its step began and did not finish (it raised; the loop
+        calls this when an epoch ends, however it ends)."""
+        entered, self._entered = self._entered, None
+        if entered is not None:
+            entered.__exit__(None, None, None)
 
     def start_epoch(self) -> None:
         """At the start of an epoch (before ``on_epoch_begin``): the buckets start from zero."""

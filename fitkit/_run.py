@@ -399,7 +399,7 @@ class FitRun(Run):
         self.phase = trainer._train_set
         clock = self.clock
         if clock is not None:
-            clock.lap(CALLBACKS)  # on_epoch_begin; from here to the first batch is the data's (fetching)
+            clock.lap(CALLBACKS)  # on_epoch_begin; from here to the first step is the data's (step_begins)
         batches, trainer._epoch_rng = plan.train.epoch(epoch, state.batch_in_epoch, trainer._epoch_rng)
         vote = distributed.StopVote(trainer.dist) if self.stop_vote else None  # started after a batch
         # after_batch has work on every batch only with these; else only when a callback asked for a save
@@ -409,8 +409,6 @@ class FitRun(Run):
         resumed_before_validation = state.batch_in_epoch > 0 and plan.step_validation is not None
         if resumed_before_validation and plan.step_validation.due(state) and self.after_batch(None):  # type: ignore[union-attr]
             batches = iter(())  # the resumed step's validation (what follows its batch) stopped the run
-        if clock is not None:
-            batches = clock.fetching(batches)  # each next() charged to the data
         try:
             with self.sync_window():
                 for batch in batches:
@@ -424,6 +422,10 @@ class FitRun(Run):
             # that a DataLoader's workers shut down now. Left to a later garbage collection, multiprocessing's
             # own finalizers close their queues first and each worker is waited for 5 s, then killed.
             del batches
+            if clock is not None:
+                clock.close()  # a step that raised under run_next_step_under's context leaves it entered
+        if clock is not None:
+            clock.lap(DATA)  # the last next(), which found the data exhausted
         voted_stop = voted_stop or (vote.stop_now() if vote is not None else 0)
         if voted_stop and not state.should_stop:  # every rank names the budget that ended the run
             trainer.stop(self.budget.reason_elsewhere() if voted_stop == 2 else "stopped on another rank")
@@ -450,15 +452,13 @@ class FitRun(Run):
         trainer, state, clock = self.trainer, self.trainer.state, self.clock
         hooks = self.callbacks.hooks
         batch_idx = state.batch_in_epoch
-        for fn in hooks["on_batch_begin"]:
-            fn(batch_idx, {})
-        if clock is not None:
-            clock.lap(CALLBACKS)
+        if hooks["on_batch_begin"]:
+            self.begin_batch(batch_idx)
         feed = self.plan.train.feed  # type: ignore[union-attr]
         self.batch = batch = feed(batch)
         self.n, self.outputs = feed.n, None
         if clock is not None:
-            clock.lap(DATA)  # the device copy
+            clock.step_begins()  # the data's time: the loader's next(), the device copy
         k = trainer.accumulate_grad_batches
         if k > 1:
             accumulation = trainer._accumulation
@@ -481,6 +481,19 @@ class FitRun(Run):
             clock.step_done(feed.n)
         for fn in hooks["on_batch_end"]:
             fn(batch_idx, step_logs)
+        if clock is not None:
+            clock.lap(CALLBACKS)
+
+    def begin_batch(self, batch_idx: int) -> None:
+        """The ``on_batch_begin`` hooks (called only when there are some), timed as the callbacks' when the
+        loop has a clock."""
+        clock = self.clock
+        if clock is not None:
+            clock.lap(DATA)  # the loader's next()
+        for fn in self.callbacks.hooks["on_batch_begin"]:
+            fn(batch_idx, {})
+        if clock is not None:
+            clock.lap(CALLBACKS)
 
     def after_batch(self, vote: distributed.StopVote | None) -> bool:
         """What follows a batch: the budgets, a step-level validation, the checkpoint phase (the saves asked
@@ -494,6 +507,8 @@ class FitRun(Run):
             self.validate_step()
         if self.deferred:
             self.write_checkpoints()
+        if self.clock is not None:  # the budgets, a validation's callbacks, the writes: the callbacks' time
+            self.clock.lap(CALLBACKS)
         if vote is not None:  # read before the next batch's step; the epoch's end reads the last one
             vote.start(2 if self.budget_stopped else int(state.should_stop))
             return False

@@ -239,3 +239,94 @@ def test_on_cuda_the_clock_records_an_event_per_step_and_waits_only_at_points_ch
     assert fake.event.recorded == 16 and fake.event.waited == 4 + 2
     logs = trainer.history.history
     assert min(logs["time_step"]) >= 3 * 0.05 and max(logs["time_callbacks"]) < 0.05  # the waits are the step's
+
+
+# -- what the monitor costs per batch: three clock reads, one comparison (see docs/performance.md) -------------
+def test_per_batch_the_monitor_costs_three_clock_reads_and_does_its_work_only_at_points(monkeypatch):
+    from fitkit import _loop_times
+    from fitkit.callbacks.base import bound_hook
+
+    reads, checked = 0, 0
+    real_clock = _loop_times.perf_counter
+
+    def counting_clock() -> float:
+        nonlocal reads
+        reads += 1
+        return real_clock()
+
+    monkeypatch.setattr(_loop_times, "perf_counter", counting_clock)
+    per_fit = []
+    for batches in (8, 16):
+        monitor = ThroughputMonitor(log_every_n_steps=4)
+        real_check = monitor._batch_checked
+
+        def counting_check(logs: Any, real_check: Any = real_check) -> None:
+            nonlocal checked
+            checked += 1
+            real_check(logs)
+
+        monitor._batch_checked = counting_check  # type: ignore[method-assign]
+        reads = checked = 0
+        make_trainer(callbacks=[monitor]).fit(_loader(4 * batches, 4), epochs=1)
+        per_fit.append((reads, checked))
+        assert bound_hook(monitor, "on_batch_begin") is None  # the FLOP count needs no hook on every batch
+    assert per_fit[1][0] - per_fit[0][0] == 3 * 8  # 8 more batches: 3 reads each (no wrapper around the loader)
+    assert per_fit[0][1] == 1 + 8 // 4 and per_fit[1][1] == 1 + 16 // 4  # the first batch (FLOPs), the points
+
+
+class _MatmulInHooks(Callback):
+    def on_batch_begin(self, batch: int, logs: Any = None) -> None:
+        torch.ones(4, 4) @ torch.ones(4, 4)
+
+    def on_batch_end(self, batch: int, logs: Any = None) -> None:
+        torch.ones(4, 4) @ torch.ones(4, 4)
+
+
+def test_the_flop_count_covers_the_first_step_alone_not_the_hooks_around_it():
+    monitor = ThroughputMonitor(log_every_n_steps=None)
+    trainer = make_trainer(_linear_stack(), callbacks=[monitor, _MatmulInHooks()])
+    trainer.fit(_loader(), epochs=1)
+    params = sum(p.numel() for p in trainer.model.parameters())
+    assert monitor.flops_per_sample == 6 * params - 2 * 4 * 16
+    assert trainer.loop_times is not None and trainer.loop_times.next_step_under is None
+
+
+class _FailsInForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.linear(x)  # counted, then the step fails with the counter entered
+        raise RuntimeError("the first step fails")
+
+
+def test_a_first_step_that_raises_under_the_flop_counter_leaves_no_dispatch_mode_behind():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    trainer = make_trainer(_FailsInForward(), callbacks=[ThroughputMonitor()])
+    with pytest.raises(RuntimeError, match="the first step fails"):
+        trainer.fit(_loader(), epochs=1)
+    assert _get_current_dispatch_mode_stack() == []
+
+
+def test_a_resumed_fit_keeps_the_checkpoints_flop_count_and_counts_no_step(tmp_path, monkeypatch):
+    first = ThroughputMonitor(log_every_n_steps=None)
+    trainer = make_trainer(_linear_stack(), callbacks=[first])
+    trainer.fit(_loader(), epochs=1)
+    trainer.save_checkpoint(tmp_path / "last.pt")
+    import torch.utils.flop_counter as flop_counter
+
+    entered = []
+
+    class _Recording(flop_counter.FlopCounterMode):
+        def __enter__(self) -> Any:
+            entered.append(self)
+            return super().__enter__()
+
+    monkeypatch.setattr(flop_counter, "FlopCounterMode", _Recording)
+    resumed = ThroughputMonitor(log_every_n_steps=None)
+    again = make_trainer(_linear_stack(), callbacks=[resumed])
+    again.fit(_loader(), epochs=2, resume=tmp_path / "last.pt")
+    assert entered == [] and resumed.flops_per_sample == first.flops_per_sample
+    assert again.history.history["flops_per_sample"][-1] == first.flops_per_sample  # the resumed epoch's logs

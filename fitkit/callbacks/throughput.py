@@ -15,13 +15,17 @@ Figures (added to the logs, so History, TensorBoard, CSVLogger and MLflowLogger 
 * ``peak_memory_mb`` (CUDA: ``torch.cuda.max_memory_allocated``, reset at each epoch's start) and
   ``host_rss_mb`` (the process's resident memory now).
 
-No host sync per batch: the loop's clock reads ``time.perf_counter()`` at each phase boundary; on CUDA it records
-an event after each step, and the monitor waits for the last one only at its step-level points (every
-``log_every_n_steps`` optimizer steps, under ``trainer.allow_sync()``) and at the epoch's end.
+No host sync per batch: the loop's clock reads ``time.perf_counter()`` at each phase boundary (three reads a
+batch); on CUDA it records an event after each step, and the monitor waits for the last one only at its
+step-level points (every ``log_every_n_steps`` optimizer steps, under ``trainer.allow_sync()``) and at the
+epoch's end. The monitor's own per-batch work is one comparison in ``on_batch_end`` (with ``tokens_per_sample``
+a function, also that function's call): the clock counts the samples and batches, and runs the fit's first step
+under the FLOP counter itself (`LoopTimes.run_next_step_under`), so the monitor has no ``on_batch_begin``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import sys
@@ -135,19 +139,25 @@ class ThroughputMonitor(Callback):
         self.flops_per_sample: float | None = None
         self.step_logs: dict[str, float] = {}  # the last step-level figures
         self.epoch_logs: dict[str, float] = {}  # the last epoch's figures
-        self._counter: Any = None  # the FlopCounterMode open over the first batch
-        self._count_next = True
+        self._counter: Any = None  # the FlopCounterMode the clock runs the fit's first step under
         self._tokens: Any = 0  # tokens counted so far (with a function: on the device)
-        self._seen_step = 0
+        self._next_point: float = math.inf  # the global step of the next step-level point
+        self._next_check: float = 0  # on_batch_end does more than compare once global_step reaches this
         self._step_mark = (0.0, 0, 0, 0.0)  # (clock, samples, batches, tokens) at the last step-level point
         self._epoch_mark = (0, 0, 0.0)  # (samples, batches, tokens) at the epoch's start
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
-        self._count_next, self._tokens, self._seen_step = self.flops_per_sample is None, 0, 0
-        self._epoch_mark = (0, 0, 0.0)
-        clock = self.trainer.loop_times
+        self._tokens, self._epoch_mark = 0, (0, 0, 0.0)
+        self._next_point = self._point_after(self.trainer.state.global_step)
+        self._next_check = 0  # the first batch's end: the FLOP count, the points from a resumed step
+        clock, self._counter = self.trainer.loop_times, None
         self._step_mark = (0.0 if clock is None else clock.last, 0, 0, 0.0)
+        if clock is not None and self.flops_per_sample is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self._counter = FlopCounterMode(display=False)  # a dispatch mode over the real step: same results
+            clock.run_next_step_under(self._counter)
 
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
         trainer, clock = self.trainer, self.trainer.loop_times
@@ -156,32 +166,30 @@ class ThroughputMonitor(Callback):
         if trainer.device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats(trainer.device)
 
-    def on_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
-        if self._count_next:  # the first batch's step runs under the FLOP counter (a dispatch mode: same results)
-            from torch.utils.flop_counter import FlopCounterMode
-
-            self._count_next = False
-            self._counter = FlopCounterMode(display=False)
-            self._counter.__enter__()
-
     def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        # The per-batch path: a few attribute reads and one integer comparison (no device read).
+        # The per-batch path: one comparison, no device read (the clock counts samples and batches).
+        if self.trainer.state.global_step >= self._next_check:
+            self._batch_checked(logs)
+
+    def _batch_checked(self, logs: Logs | None) -> None:
+        """The batch's end when there is more to do: the first batch's FLOP count, the tokens of a function of
+        the batch (on every batch), the step-level figures when a point is due."""
         if self._counter is not None:
             self._finish_count()
         if self._token_fn is not None:
             self._tokens = self._tokens + self._token_fn(self.trainer.batch)  # on the device: read at points
-        if self.trainer.state.global_step != self._seen_step:
-            self._stepped(logs)
-
-    def _stepped(self, logs: Logs | None) -> None:
-        """After a batch that completed an optimizer step: the step-level figures when a point is due."""
-        every, step = self.log_every_n_steps, self.trainer.state.global_step
-        due = every is not None and step // every > self._seen_step // every
-        self._seen_step = step
-        if due:
+        step = self.trainer.state.global_step
+        if step >= self._next_point:  # one or more multiples of log_every_n_steps reached by this batch
+            self._next_point = self._point_after(step)
             self.step_logs = self._step_figures()
             if logs is not None:
                 logs.update(self.step_logs)
+        self._next_check = 0 if self._token_fn is not None else self._next_point
+
+    def _point_after(self, step: int) -> float:
+        """The first global step after ``step`` that is a multiple of ``log_every_n_steps`` (inf: none)."""
+        every = self.log_every_n_steps
+        return math.inf if every is None else (step // every + 1) * every
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
         clock = self.trainer.loop_times
@@ -210,16 +218,19 @@ class ThroughputMonitor(Callback):
     # -- figures --------------------------------------------------------------------------------
     def _finish_count(self) -> None:
         counter, self._counter = self._counter, None
-        counter.__exit__(None, None, None)
         clock = self.trainer.loop_times
         samples = 0 if clock is None else clock.samples
         if samples > 0:  # this rank's first batch: its samples are all the clock has counted
             self.flops_per_sample = counter.get_total_flops() / samples
 
     def _close_counter(self) -> None:
+        """Drops the count asked for in ``on_train_begin`` (a resume brought the figure, or the fit ended): the
+        clock enters no counter after this; one its step entered is exited by the loop, however the step ends."""
         if self._counter is not None:
-            counter, self._counter = self._counter, None
-            counter.__exit__(None, None, None)
+            self._counter = None
+            clock = self.trainer.loop_times
+            if clock is not None:
+                clock.run_next_step_under(None)
 
     def _token_count(self) -> float:
         """Tokens so far (with a function of the batch, read back from the device: a deliberate sync)."""
@@ -274,7 +285,8 @@ class ThroughputMonitor(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.flops_per_sample = state.get("flops_per_sample")
-        self._count_next = self._count_next and self.flops_per_sample is None
+        if self.flops_per_sample is not None:  # a resume, after on_train_begin asked for a count: not needed
+            self._close_counter()
 
 
 __all__ = ["PEAK_TFLOPS", "ThroughputMonitor", "compute_dtype", "host_rss_mb", "peak_flops"]
