@@ -30,6 +30,8 @@ Usage::
     python benchmarks/overhead.py --workloads mlp --rounds 3 --monitor  # with ThroughputMonitor on
     python benchmarks/overhead.py --workloads mlp --paired fitkit_mon --against fitkit_v0 --rounds 40 \
         --val-batches 0                               # what the monitor adds to a training step
+    python benchmarks/overhead.py --workloads mlp --paired fitkit_mon --against fitkit_v0 --rounds 30 \
+        --per-batch                                   # the same, per batch and once per fit, on a loaded machine
 
 Writes ``benchmarks/results/overhead.json`` (``--json`` to change) and prints a markdown table.
 """
@@ -158,6 +160,7 @@ def _fitkit(
     in_memory: bool = False,
     fast: bool = True,
     monitor: bool = False,
+    null_step: bool = False,
 ) -> tuple[float, float]:
     import torch
     from workloads import build_model, make_loaders
@@ -168,7 +171,7 @@ def _fitkit(
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     options = {} if fast else {"fast_tensor_batches": False}
     callbacks = [fitkit.callbacks.ThroughputMonitor()] if monitor else []
-    trainer = fitkit.Trainer(
+    trainer = (_null_step_trainer() if null_step else fitkit.Trainer)(
         model, optimizer, "cross_entropy", callbacks=callbacks, device="cpu", verbose=verbose, **options
     )
     clock = _Clock()
@@ -180,6 +183,18 @@ def _fitkit(
         train, val = make_loaders(workload, tensors)
         trainer.fit(train, val if validate else None, epochs=epochs)
     return clock.stop()
+
+
+def _null_step_trainer() -> Any:
+    import fitkit
+
+    class NullStep(fitkit.Trainer):
+        """A train_step that does nothing: what is left is the loop's own Python (``--per-batch``)."""
+
+        def train_step(self, batch: Any) -> dict[str, Any]:
+            return {}
+
+    return NullStep
 
 
 def _lightning(workload: Any, tensors: tuple, epochs: int, progress_bar: bool = False) -> tuple[float, float]:
@@ -261,11 +276,11 @@ RUNNERS: dict[str, Callable[..., tuple[float, float]]] = {
     "loop": lambda w, t, e: _loop(w, t, e, sync_every_step=False),
     "loop_item": lambda w, t, e: _loop(w, t, e, sync_every_step=True),
     "loop_mem": lambda w, t, e: _loop(w, t, e, sync_every_step=False, in_memory=True),
-    "fitkit": lambda w, t, e: _fitkit(w, t, e),
-    "fitkit_v0": lambda w, t, e: _fitkit(w, t, e, verbose=0),
-    "fitkit_dl": lambda w, t, e: _fitkit(w, t, e, verbose=0, fast=False),
-    "fitkit_mem": lambda w, t, e: _fitkit(w, t, e, in_memory=True),
-    "fitkit_mon": lambda w, t, e: _fitkit(w, t, e, verbose=0, monitor=True),
+    "fitkit": lambda w, t, e, **o: _fitkit(w, t, e, **o),
+    "fitkit_v0": lambda w, t, e, **o: _fitkit(w, t, e, verbose=0, **o),
+    "fitkit_dl": lambda w, t, e, **o: _fitkit(w, t, e, verbose=0, fast=False, **o),
+    "fitkit_mem": lambda w, t, e, **o: _fitkit(w, t, e, in_memory=True, **o),
+    "fitkit_mon": lambda w, t, e, **o: _fitkit(w, t, e, verbose=0, monitor=True, **o),
     "lightning": lambda w, t, e: _lightning(w, t, e),
     "lightning_bar": lambda w, t, e: _lightning(w, t, e, progress_bar=True),
     "keras": _keras,
@@ -360,7 +375,9 @@ def paired(
     Sharper than separate processes for small differences: both see the same machine state within
     seconds. Returns the medians of the paired per-batch time differences (validation batches count;
     ``val_batches=0`` trains only, so that a batch is a training step), in wall time and in this
-    process's CPU time, which a neighbour taking the core away hardly moves.
+    process's CPU time, which a neighbour taking the core away hardly moves; and the difference of the
+    two runners' fastest epochs (``min_diff``: a neighbour only ever adds time, so on a loaded machine
+    the least disturbed epochs are the steadier estimate).
     """
     import torch
     from workloads import WORKLOADS, make_tensors
@@ -391,8 +408,10 @@ def paired(
         result |= {
             f"{clock}median_diff_us_per_batch": statistics.median(diffs),
             f"{clock}iqr_us_per_batch": [diffs[len(diffs) // 4], diffs[-(len(diffs) // 4) - 1]],
+            f"{clock}min_diff_us_per_batch": (min(measured) - min(reference)) / batches * 1e6,
             f"{clock}ratio_of_medians": statistics.median(reference) / statistics.median(measured),
             f"{clock}reference_ms_per_batch": statistics.median(reference) / batches * 1e3,
+            f"{clock}reference_min_ms_per_batch": min(reference) / batches * 1e3,
         }
     return result
 
@@ -404,14 +423,78 @@ def paired_line(result: dict[str, Any]) -> str:
     parts = []
     for clock, name in (("", "wall"), ("cpu_", "CPU")):
         diff, (low, high) = result[f"{clock}median_diff_us_per_batch"], result[f"{clock}iqr_us_per_batch"]
-        reference = result[f"{clock}reference_ms_per_batch"]
+        reference, fastest = result[f"{clock}reference_ms_per_batch"], result[f"{clock}min_diff_us_per_batch"]
+        least = result[f"{clock}reference_min_ms_per_batch"]
         parts.append(
             f"  {name:4s}: {diff:+.2f} us (IQR {low:+.2f} .. {high:+.2f}), {diff / (reference * 10):+.2f}% of "
-            f"{against}'s {reference:.3f} ms"
+            f"{against}'s {reference:.3f} ms; fastest epochs {fastest:+.2f} us, {fastest / (least * 10):+.2f}% "
+            f"of {least:.3f} ms"
         )
     return (
         f"{result['workload']}: {runner} - {against} per {unit}, median of {result['rounds']} pairs of "
         f"{result['batches']} batches\n" + "\n".join(parts)
+    )
+
+
+def per_batch_cost(
+    runner: str, against: str, workload_name: str, rounds: int, small: int = 100, large: int = 1100
+) -> dict[str, Any]:
+    """What ``runner`` (a fitkit runner) adds to each training batch over ``against``, and once per fit.
+
+    Per batch, the loop's own Python alone: fits whose ``train_step`` does nothing, where that Python is the
+    whole batch, so a loaded machine's noise (a share of the batch time) is small beside it; each runner's
+    fastest of ``rounds`` fits of ``small`` and of ``large`` batches, and the slope between them, so that
+    what a fit pays once cancels. That is set over ``against``'s real training step (its fastest fit of
+    ``large`` batches, per batch). Once per fit: the difference of the fastest real fits of ``small``
+    batches, less ``small`` times the per-batch difference (for ``fitkit_mon``: the FLOP-counted first step).
+    """
+    import torch
+    from workloads import WORKLOADS, make_tensors
+
+    torch.set_num_threads(1)
+    sizes = {n: WORKLOADS[workload_name].scaled(n, 0) for n in (small, large)}
+    tensors = {n: make_tensors(workload) for n, workload in sizes.items()}
+    best: dict[tuple[str, int, bool], float] = {}
+
+    def fit(name: str, n: int, null_step: bool) -> None:
+        torch.manual_seed(0)
+        seconds = RUNNERS[name](sizes[n], tensors[n], 1, null_step=null_step)[0]
+        best[name, n, null_step] = min(best.get((name, n, null_step), float("inf")), seconds)
+
+    for index in range(rounds):
+        for name in [runner, against] if index % 2 else [against, runner]:
+            fit(name, small, True)
+            fit(name, large, True)
+            fit(name, small, False)
+        fit(against, large, False)
+    slopes = {name: (best[name, large, True] - best[name, small, True]) / (large - small) for name in (runner, against)}
+    per_batch = slopes[runner] - slopes[against]
+    step = best[against, large, False] / large
+    once = best[runner, small, False] - best[against, small, False] - small * per_batch
+    return {
+        "runner": runner,
+        "against": against,
+        "workload": workload_name,
+        "rounds": rounds,
+        "batches": [small, large],
+        "null_step_us_per_batch": {name: slope * 1e6 for name, slope in slopes.items()},
+        "per_batch_us": per_batch * 1e6,
+        "reference_step_ms": step * 1e3,
+        "per_batch_share_of_step": per_batch / step,
+        "once_per_fit_ms": once * 1e3,
+    }
+
+
+def per_batch_line(result: dict[str, Any]) -> str:
+    runner, against = result["runner"], result["against"]
+    small, large = result["batches"]
+    slopes = result["null_step_us_per_batch"]
+    return (
+        f"{result['workload']}: {runner} - {against}, per training batch: {result['per_batch_us']:+.2f} us, "
+        f"{result['per_batch_share_of_step']:+.2%} of {against}'s {result['reference_step_ms']:.3f} ms training "
+        f"step\n  (a step that does nothing: {slopes[runner]:.2f} against {slopes[against]:.2f} us per batch, "
+        f"slopes of the fastest of {result['rounds']} fits of {small} and {large} batches)\n"
+        f"  once per fit, with the real step: {result['once_per_fit_ms']:+.2f} ms"
     )
 
 
@@ -570,6 +653,13 @@ def main(argv: list[str] | None = None) -> int:
         "the median per-batch difference, in wall and in CPU time",
     )
     parser.add_argument("--against", default="loop", help="the reference of --paired (default loop)")
+    parser.add_argument(
+        "--per-batch",
+        action="store_true",
+        help="with --paired (fitkit runners): what RUNNER adds per training batch, measured on fits whose "
+        "train_step does nothing (the slope of the fastest of --rounds fits of 100 and 1100 batches), over "
+        "--against's real training step; and what it adds once per fit",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -581,6 +671,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.paired not in RUNNERS or args.against not in RUNNERS:
             parser.error(f"unknown runner in --paired/--against; choose from {sorted(RUNNERS)}")
         for workload in args.workloads.split(","):
+            if args.per_batch:
+                if not (args.paired.startswith("fitkit") and args.against.startswith("fitkit")):
+                    parser.error("--per-batch compares fitkit runners (their train_step is replaced)")
+                print(per_batch_line(per_batch_cost(args.paired, args.against, workload, max(args.rounds, 4))))
+                continue
             result = paired(
                 args.paired,
                 workload,
