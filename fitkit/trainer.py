@@ -310,7 +310,11 @@ class Trainer(Steps, memory.BatchSizeSearch):
 
     def after_callbacks(self, action: Callable[[], None]) -> None:
         """Runs ``action`` (no arguments) once every callback has handled the current batch or epoch boundary, in
-        the order given: a checkpoint then holds the state after all callbacks ran, whatever their order."""
+        the order given: a checkpoint then holds the state after all callbacks ran, whatever their order.
+
+        Args:
+            action: the function to call, without arguments, after the last callback's hook.
+        """
         self._run.deferred.append(action)
 
     # -- what the current (or last) call is doing --------------------------------------------------
