@@ -23,10 +23,11 @@ def test_fit_writes_one_row_per_epoch_equal_to_the_history(tmp_path):
     x, y = make_classification(n=16)
     history = trainer.fit((x, y), (x, y), epochs=3, batch_size=8)
     header, *rows = _read(path)
-    assert header == ["epoch", "accuracy", "loss", "lr", "val_accuracy", "val_loss"]  # epoch, then sorted keys
-    assert [int(r[0]) for r in rows] == [0, 1, 2]
+    # epoch, step (the x axis of every logger), then the sorted keys
+    assert header == ["epoch", "step", "accuracy", "loss", "lr", "val_accuracy", "val_loss"]
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(0, 2), (1, 4), (2, 6)]  # 2 optimizer steps per epoch
     for i, row in enumerate(rows):
-        for key, text in zip(header[1:], row[1:]):
+        for key, text in zip(header[2:], row[2:]):
             assert float(text) == history.history[key][i]  # written with repr: exact
     assert path.read_bytes().count(b"\r\n") == 4  # csv's excel dialect, as Keras writes it
 
@@ -37,8 +38,8 @@ def test_validation_columns_exist_when_the_first_epoch_skips_validation(tmp_path
     x, y = make_classification(n=16)
     trainer.fit((x, y), (x, y), epochs=2, batch_size=8, validation_freq=2)
     header, first, second = _read(path, delimiter="\t")
-    assert header == ["epoch", "loss", "lr", "val_loss"]
-    assert first[3] == "NA" and second[3] != "NA"
+    assert header == ["epoch", "step", "loss", "lr", "val_loss"]
+    assert first[4] == "NA" and second[4] != "NA"
 
 
 def test_append_keeps_rows_and_writes_the_header_once(tmp_path):
@@ -84,8 +85,8 @@ def test_resume_drops_the_rows_written_after_the_checkpoint(tmp_path):
     resumed.on_train_end()
     crashed.on_train_end()
     header, *rows = _read(path)
-    assert header == ["epoch", "loss", "val_loss"]
-    assert [(r[0], r[1]) for r in rows] == [("0", "10.0"), ("1", "11.0"), ("2", "22.0"), ("3", "23.0")]
+    assert header == ["epoch", "step", "loss", "val_loss"]
+    assert [(r[0], r[2]) for r in rows] == [("0", "10.0"), ("1", "11.0"), ("2", "22.0"), ("3", "23.0")]
     assert resumed.rows == 4
 
 
@@ -97,7 +98,7 @@ def test_resume_through_fit(tmp_path):
     first.fit((x, y), (x, y), epochs=1, batch_size=8)
     first.save_checkpoint(checkpoint)
     with open(path, "a", newline="") as f:
-        f.write("1,9.9,0.1,9.9\r\n")  # a row the crashed run wrote after its checkpoint
+        f.write("1,4,9.9,0.1,9.9\r\n")  # a row the crashed run wrote after its checkpoint
     resumed = make_trainer(callbacks=[CSVLogger(path)])
     history = resumed.fit((x, y), (x, y), epochs=2, batch_size=8, resume=checkpoint)
     header, *rows = _read(path)
@@ -119,7 +120,7 @@ def test_state_before_any_row_and_a_missing_file(tmp_path):
     with pytest.warns(UserWarning, match=r"run.csv holds 0 bytes but this run had written 120; rows are missing"):
         resumed.on_epoch_end(3, {"loss": 1.0})
     resumed.on_train_end()
-    assert _read(path) == [["epoch", "loss"], ["3", "1.0"]]
+    assert _read(path) == [["epoch", "step", "loss"], ["3", "0", "1.0"]]
 
 
 @pytest.mark.parametrize(

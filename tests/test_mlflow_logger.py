@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import sys
 
 import pytest
@@ -46,7 +47,8 @@ def test_fit_logs_params_every_epoch_steps_and_finishes(store, request):
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == request.node.name
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
-        assert _history(client, logger.run_id, key) == [(epoch, history.history[key][epoch]) for epoch in range(3)]
+        # x: the global step at each epoch's end, as TensorBoard and CSVLogger's step column
+        assert _history(client, logger.run_id, key) == [(2 * (e + 1), history.history[key][e]) for e in range(3)]
     assert [s for s, _ in _history(client, logger.run_id, "step/loss")] == [1, 2, 3, 4, 5, 6]
     assert _history(client, logger.run_id, "step/lr") == [(s, 0.1) for s in range(1, 7)]
     params = run.data.params
@@ -70,7 +72,7 @@ def test_a_step_level_validation_is_logged_at_its_global_step(store, request):
     client = _client(store)
     assert _history(client, logger.run_id, "step/val_loss") == [(4, 0.5), (8, 0.25)]
     assert _history(client, logger.run_id, "step/val_accuracy") == [(4, 0.75)]
-    assert _history(client, logger.run_id, "val_loss") == [(1, 0.25)]
+    assert _history(client, logger.run_id, "val_loss") == [(4, 0.25)]  # the epoch's end: global step 4
 
 
 @pytest.mark.slow  # a real sqlite store: creating its tables takes seconds
@@ -106,7 +108,7 @@ def test_the_run_status_says_how_fit_ended(store, request, exception, status):
         trainer.fit((x, y), epochs=3, batch_size=8)
     client = _client(store)
     assert client.get_run(logger.run_id).info.status == status
-    assert [s for s, _ in _history(client, logger.run_id, "loss")] == [0, 1]
+    assert [s for s, _ in _history(client, logger.run_id, "loss")] == [2, 4]
 
 
 @pytest.mark.slow  # a real sqlite store: creating its tables takes seconds
@@ -124,7 +126,9 @@ def test_a_resumed_fit_continues_the_same_run(store, request, tmp_path):
     client = _client(store)
     runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert _history(client, resumed_logger.run_id, "loss") == list(enumerate(history.history["loss"]))
+    points = _history(client, resumed_logger.run_id, "loss")
+    assert [s for s, _ in points] == [2, 4, 6]
+    assert [v for _, v in points][-len(history.history["loss"]) :] == history.history["loss"]
     assert [s for s, _ in _history(client, resumed_logger.run_id, "step/loss")] == [1, 2, 3, 4, 5, 6]
 
 
@@ -148,7 +152,7 @@ def test_reuse_across_fits_keeps_one_run(store, request):
     run_id = logger.run_id
     trainer.fit((x, y), epochs=2, batch_size=8, initial_epoch=1)
     assert logger.run_id == run_id
-    assert [s for s, _ in _history(_client(store), run_id, "loss")] == [0, 1]
+    assert [s for s, _ in _history(_client(store), run_id, "loss")] == [2, 4]
     state = logger.state_dict()
     assert (state["run_id"], state["params_logged"]) == (run_id, True)
 
@@ -225,3 +229,38 @@ def test_resuming_a_run_missing_from_the_store_fails_before_the_first_batch(stor
     with pytest.raises(RuntimeError, match=rf"continues the MLflow run {first_logger.run_id}, which .* does not hold"):
         resumed.fit((x, y), epochs=3, batch_size=8, resume=tmp_path / "ckpt.pt")
     assert batches.count == 0
+
+
+def test_tensorboard_csv_and_mlflow_put_each_point_at_the_same_x(store, request, tmp_path):
+    # Issue 19: TensorBoard drew an epoch at the 0-based index of its last step, MLflow at the epoch's index and
+    # the CSV had no step at all: one point, three x values. Now every logger uses the global step.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fitkit.callbacks import CSVLogger, TensorBoard
+
+    x, y = make_classification(n=24)  # 3 optimizer steps per epoch
+    mlflow = MLflowLogger(request.node.name, tracking_uri=store, log_every_n_steps=1)
+    loggers = [TensorBoard(tmp_path / "tb", update_freq=1), CSVLogger(tmp_path / "log.csv"), mlflow]
+    trainer = make_trainer(callbacks=loggers)
+    history = trainer.fit((x, y), (x, y), epochs=3, batch_size=8, validate_every_n_steps=2)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    client = _client(store)
+
+    def tensorboard(tag):
+        return [e.step for e in events.Scalars(tag)]
+
+    def mlflow_steps(key):
+        return [m.step for m in client.get_metric_history(mlflow.run_id, key)]
+
+    with open(tmp_path / "log.csv") as f:
+        csv_steps = [int(row["step"]) for row in csv.DictReader(f)]
+    with open(tmp_path / "log_validations.csv") as f:
+        csv_validation_steps = [int(row["step"]) for row in csv.DictReader(f)]
+    epoch_ends = [3, 6, 9]
+    assert csv_steps == tensorboard("epoch/val_loss") == mlflow_steps("val_loss") == epoch_ends
+    assert tensorboard("epoch/loss") == mlflow_steps("loss") == epoch_ends
+    assert tensorboard("step/loss") == mlflow_steps("step/loss") == list(range(1, 10))
+    validations = [v["step"] for v in history.validations]
+    assert csv_validation_steps == tensorboard("step/val_loss") == mlflow_steps("step/val_loss") == validations
+    assert trainer.global_step == 9

@@ -68,11 +68,11 @@ def test_fit_writes_epoch_step_histogram_graph_and_hparams(tmp_path):
     history = trainer.fit((x, y), (x, y), epochs=2, batch_size=8)  # 2 optimizer steps per epoch
     events = _read(tmp_path)
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
-        # x axis: the index of each epoch's last optimizer step
+        # x axis: the global step at each epoch's end (CSVLogger's step column, MLflow's step)
         values = history.history[key]
-        assert _scalars(events, f"epoch/{key}") == [(1, _f32(values[0])), (3, _f32(values[1]))]
-    assert [s for s, _ in _scalars(events, "step/loss")] == [0, 1, 2, 3]
-    assert _scalars(events, "step/lr") == [(s, _f32(0.1)) for s in range(4)]
+        assert _scalars(events, f"epoch/{key}") == [(2, _f32(values[0])), (4, _f32(values[1]))]
+    assert [s for s, _ in _scalars(events, "step/loss")] == [1, 2, 3, 4]  # the step each point follows
+    assert _scalars(events, "step/lr") == [(s, _f32(0.1)) for s in range(1, 5)]
     assert [len(events.Histograms(f"weights/{n}")) for n, _ in trainer.model.named_parameters()] == [2, 2, 2, 2]
     assert events.Tags()["graph"]
     hparams, metrics = _hparams(events)
@@ -123,8 +123,8 @@ def test_update_freq_counts_optimizer_steps_with_accumulation(tmp_path, sized):
     events = _read(tmp_path)
     # global steps 2, 4, 6 are due; without a length, step 6 (the last, shorter group) happens after the
     # epoch's last on_batch_end and is caught at the epoch's end
-    assert [s for s, _ in _scalars(events, "step/loss")] == [1, 3, 5]
-    assert [s for s, _ in _scalars(events, "epoch/loss")] == [2, 5]
+    assert [s for s, _ in _scalars(events, "step/loss")] == [2, 4, 6]
+    assert [s for s, _ in _scalars(events, "epoch/loss")] == [3, 6]
 
 
 def test_epoch_only_by_default_and_reuse_across_fits(tmp_path):
@@ -134,7 +134,7 @@ def test_epoch_only_by_default_and_reuse_across_fits(tmp_path):
     trainer.fit((x, y), epochs=1, batch_size=8)
     events = _read(tmp_path)
     assert not [t for t in events.Tags()["scalars"] if t.startswith("step/")]
-    assert [s for s, _ in _scalars(events, "epoch/loss")] == [1, 3, 5]
+    assert [s for s, _ in _scalars(events, "epoch/loss")] == [2, 4, 6]
 
 
 def test_resume_hides_what_the_crashed_run_wrote_after_the_checkpoint(tmp_path, monkeypatch):
@@ -167,13 +167,13 @@ def test_resume_hides_what_the_crashed_run_wrote_after_the_checkpoint(tmp_path, 
     resumed.on_train_end()
     crashed.on_train_end()
     assert _scalars(_read(tmp_path), "step/loss") == [
-        (0, 1.0),
-        (1, 2.0),
-        (2, 3.0),
-        (3, 4.0),
-        (4, 5.0),
-        (5, 106.0),
-        (6, 107.0),
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 4.0),
+        (5, 5.0),
+        (6, 106.0),
+        (7, 107.0),
     ]
 
 
@@ -214,6 +214,6 @@ def test_step_level_validations_are_written_at_their_step(tmp_path):
     x, y = make_classification(n=24)  # 3 optimizer steps per epoch, a validation every 2
     trainer = make_trainer(callbacks=[TensorBoard(tmp_path)])
     history = trainer.fit((x, y), (x, y), epochs=2, batch_size=8, validate_every_n_steps=2)
-    expected = [(v["step"] - 1, _f32(v["val_loss"])) for v in history.validations]  # x: the step's 0-based index
+    expected = [(v["step"], _f32(v["val_loss"])) for v in history.validations]  # x: the step it ran after
     assert _scalars(_read(tmp_path), "step/val_loss") == expected
-    assert [step for step, _ in expected] == [1, 2, 3, 5]
+    assert [step for step, _ in expected] == [2, 3, 4, 6]

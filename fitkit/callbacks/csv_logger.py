@@ -19,8 +19,8 @@ class CSVLogger(ExperimentLogger):
     """Streams the epoch logs to a CSV file, as Keras's CSVLogger (an
     [ExperimentLogger][fitkit.callbacks.ExperimentLogger] that writes the epoch logs only).
 
-    The columns are ``epoch`` (0-based, as Keras writes it) and the epoch-log keys of the first epoch,
-    sorted; with validation data the ``val_`` columns are there from the start, also when
+    The columns are ``epoch`` (0-based, as Keras writes it), ``step`` (the global step at the epoch's end: the x
+    axis TensorBoard and MLflowLogger use for the same point) and the epoch-log keys of the first epoch, sorted; with validation data the ``val_`` columns are there from the start, also when
     ``validation_freq`` skips the first epoch. A key missing on an epoch is written ``NA``; a key that only
     appears later is not written. The file is flushed after every row.
 
@@ -87,7 +87,7 @@ class CSVLogger(ExperimentLogger):
 
     def log_epoch(self, epoch: int, logs: dict[str, float]) -> None:
         if self.keys is None:
-            keys = set(logs)
+            keys = set(logs) - {"step"}
             if self.trainer.has_validation:
                 # Keras adds the validation columns it expects, for an epoch that validation_freq skipped.
                 metrics = [*self.trainer.metrics, *self.trainer.weighted_metrics]
@@ -96,7 +96,7 @@ class CSVLogger(ExperimentLogger):
             self.keys = sorted(keys)
         if self._writer is None:
             self._open()
-        row: dict[str, Any] = {"epoch": epoch}
+        row: dict[str, Any] = {"epoch": epoch, "step": int(logs.get("step", self.trainer.global_step))}
         row.update((key, logs.get(key, "NA")) for key in self.keys)
         self._writer.writerow(row)
         assert self._file is not None
@@ -137,7 +137,7 @@ class CSVLogger(ExperimentLogger):
         class Dialect(csv.excel):
             delimiter = self.sep
 
-        self._writer = csv.DictWriter(self._file, fieldnames=["epoch"] + list(self.keys or []), dialect=Dialect)
+        self._writer = csv.DictWriter(self._file, fieldnames=["epoch", "step", *(self.keys or [])], dialect=Dialect)
         if keep == 0:
             self._writer.writeheader()
 

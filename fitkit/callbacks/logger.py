@@ -3,6 +3,9 @@ MLflowLogger are subclasses that only say how to write.
 
 The rule:
 
+* **one x axis**: every point is at ``trainer.global_step``, the optimizer steps done when it is written (an
+  epoch's logs at the global step at its end), in every logger: TensorBoard's step, CSVLogger's ``step`` column
+  and MLflow's step name the same point with the same number;
 * **every epoch**: the epoch's logs (the numbers among them: ``loss``, metrics, ``val_*``, ``lr``) at the
   end of the epoch, through [ExperimentLogger.log_epoch][fitkit.callbacks.ExperimentLogger.log_epoch];
 * **every N optimizer steps** (``log_every_n_steps=N``; None: never): the loss of the batch that completed

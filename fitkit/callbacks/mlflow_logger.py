@@ -39,7 +39,7 @@ class MLflowLogger(ExperimentLogger):
     * parameters, once per run: the trainer's configuration (optimizer, lr, weight_decay, batch_size,
       precision, accumulate_grad_batches, grad clipping, epochs) and ``params``;
     * every epoch's logs as metrics named as in the logs (``loss``, ``val_loss``, ``accuracy``, ``lr``, ...)
-      at step = the 0-based epoch index;
+      at step = the global step at the epoch's end (the x axis of every fitkit logger);
     * with ``log_every_n_steps=N``, ``step/loss`` and ``step/lr`` every N optimizer steps, and each
       step-level validation as ``step/val_<key>``, at step = the global step;
     * with ``log_checkpoints=True``, when the fit ends, the files the trainer's ``ModelCheckpoint``
@@ -166,7 +166,7 @@ class MLflowLogger(ExperimentLogger):
                     os.environ[key] = value
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self._log_metrics(metrics, epoch)
+        self._log_metrics(metrics, self.trainer.global_step)
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         self._log_metrics({f"step/{k}": v for k, v in metrics.items()}, step)

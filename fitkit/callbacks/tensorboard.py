@@ -54,10 +54,12 @@ class TensorBoard(ExperimentLogger):
       precision, accumulate_grad_batches, grad clipping, epochs), with the final ``epoch/*`` values as
       its metrics, when ``fit`` ends without an exception.
 
-    The x axis (TensorBoard's "step") is the 0-based index of the optimizer step, i.e. ``global_step``
-    before the step: a per-step point is at its step's index, an epoch's points at the index of the
-    epoch's last step. A resumed run opens its writer with ``purge_step=global_step`` so that TensorBoard
-    hides what the crashed run wrote after the checkpoint (epochs and steps the resumed run trains again).
+    The x axis (TensorBoard's "step") is ``global_step``, the optimizer steps done: a per-step point at the
+    step it follows (1 for the first), an epoch's points at the global step at the epoch's end, a step-level
+    validation at its step; CSVLogger's ``step`` column and MLflowLogger's steps are the same numbers, so one
+    point has one x everywhere. A resumed run opens its writer with ``purge_step=global_step + 1`` so that
+    TensorBoard hides what the crashed run wrote after the checkpoint (epochs and steps the resumed run trains
+    again).
 
     Args:
         log_dir: the run's folder (created if needed).
@@ -145,7 +147,7 @@ class TensorBoard(ExperimentLogger):
 
     # -- writing (ExperimentLogger) -------------------------------------------------------------
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        x = max(self.trainer.state.global_step - 1, 0)
+        x = self.trainer.state.global_step
         for key, value in metrics.items():
             self.writer.add_scalar(f"epoch/{key}", value, x)
         if self.histogram_freq and (epoch + 1) % self.histogram_freq == 0:
@@ -155,7 +157,7 @@ class TensorBoard(ExperimentLogger):
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
-            self.writer.add_scalar(f"step/{key}", value, step - 1)  # x: the 0-based index of the step
+            self.writer.add_scalar(f"step/{key}", value, step)
 
     def end_run(self, status: str) -> None:
         if status == FINISHED and self.final_logs:
@@ -229,7 +231,7 @@ class TensorBoard(ExperimentLogger):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._close()
         super().load_state_dict(state)
-        self._purge_step = int(state["global_step"])
+        self._purge_step = int(state["global_step"]) + 1  # the points at the checkpoint's step are the run's
         if state["graph_written"]:
             self._graph_written = True
             self._remove_graph_hook()
