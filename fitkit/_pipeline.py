@@ -86,6 +86,17 @@ class DeviceFeed:
         return batch
 
 
+def _counts_may_differ(loader: Any, steps_per_epoch: int | None, info: distributed.DistInfo) -> bool:
+    """Whether the ranks' training batches per epoch may differ (one gather of each rank's count, per fit):
+    unknown on some rank (an IterableDataset), or known and unequal (a rank-aware sampler of the user's)."""
+    count = num_batches(loader, steps_per_epoch)
+    counts = distributed.gather_object(count, info)
+    return None in counts or len(set(counts)) > 1
+
+
+_DONE = object()
+
+
 class TrainBatches:
     """One fit's training data: `epoch` gives each epoch's batches, on the device through `feed`.
 
@@ -111,6 +122,10 @@ class TrainBatches:
         self.order = _reshard.order_spec(loader)  # how an epoch's order is drawn, if fitkit can recompute it
         self.restored: dict[str, Any] | None = None  # what a resume loaded for the interrupted epoch
         self.segment: dict[str, Any] | None = None  # the resharded epoch being read: where it began
+        # Under torchrun, data whose ranks may hold different numbers of batches (an IterableDataset, a rank's own
+        # sampler) are read in step: a rank that ran out would leave the others waiting in DDP's all-reduce.
+        self.in_step = self.info.world_size > 1 and _counts_may_differ(loader, steps_per_epoch, self.info)
+        self.uneven_warned = False
 
     def epoch(self, epoch: int, skip: int, epoch_rng: dict[str, Any] | None) -> tuple[Iterator[Any], Any]:
         """The epoch's batch iterator, starting after ``skip`` batches (a mid-epoch resume, which needs
@@ -129,7 +144,34 @@ class TrainBatches:
             iterator = self._resumed(skip, epoch_rng, None if restored is None else restored.get("state"))
         if steps is not None:
             iterator = itertools.islice(iterator, max(0, steps - skip))
+        if self.in_step:
+            iterator = self._in_step(iterator, epoch)
         return iterator, epoch_rng
+
+    def _in_step(self, batches: Iterator[Any], epoch: int) -> Iterator[Any]:
+        """``batches`` while every rank has one: before each batch the ranks agree that all of them have it (a
+        host-side all-reduce of one number on fitkit's gloo group, no device sync), so when the shortest rank's
+        data run out, every rank ends the epoch at that same batch instead of the others waiting for it in the
+        next gradient all-reduce until the process group's timeout. The longer ranks' remaining batches go unread
+        that epoch; rank 0 says so once per fit."""
+        iterator, info, count = iter(batches), self.info, 0
+        while True:
+            batch = next(iterator, _DONE)
+            if distributed.any_rank(batch is _DONE, info):
+                break
+            count += 1
+            yield batch
+        if distributed.any_rank(batch is not _DONE, info) and not self.uneven_warned:
+            self.uneven_warned = True
+            warnings.warn(
+                f"the ranks' training data held different numbers of batches in epoch {epoch + 1}: every rank ended "
+                f"the epoch after {count} batch(es), where the first rank's data ran out, and the other ranks' "
+                "remaining batches went unread (data-parallel training steps every rank together). Give every rank "
+                "the same number of batches (an IterableDataset: split the stream evenly over "
+                "torch.distributed.get_rank() / get_world_size(), or stop each rank's part at a common count)",
+                FitkitWarning,
+                stacklevel=user_stacklevel(),
+            )
 
     def _resumed(self, skip: int, epoch_rng: dict[str, Any], data_state: Any) -> Iterator[Any]:
         """The interrupted epoch's iterator after ``skip`` batches, drawn from the epoch's own random state;

@@ -326,3 +326,43 @@ def test_fitkit_warnings_print_on_rank_zero_only(tmp_path: Path) -> None:
     assert ranks[1]["fitkit"] == []
     assert ranks[0]["other"] == ranks[1]["other"] == ["the user's own warning"]
     assert issubclass(fitkit.FitkitWarning, UserWarning)  # pytest.warns(UserWarning) and filters keep working
+
+
+# -- uneven data: an IterableDataset whose ranks hold different numbers of batches (issue 19) ------------------
+class _RankStream(torch.utils.data.IterableDataset):
+    """Rank r's own part of a stream: ``counts[r]`` batches of 4 samples."""
+
+    def __init__(self, counts: list[int]) -> None:
+        self.counts = counts
+
+    def __iter__(self):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        data = make_data(96)
+        for i in range(self.counts[rank] * 4):
+            yield data[(rank * 37 + i) % len(data)]
+
+
+def _uneven(rank: int, out: Path, counts: list[int]) -> dict[str, Any]:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer = build(process_group_timeout=20)
+        trainer.fit(DataLoader(_RankStream(counts), batch_size=4), epochs=2)
+    return {
+        "step": trainer.global_step,
+        "weights": [p.detach().clone() for p in trainer.model.parameters()],
+        "warnings": [str(w.message) for w in seen if "different numbers of batches" in str(w.message)],
+    }
+
+
+def test_ranks_with_unequal_batch_counts_end_each_epoch_together(tmp_path: Path) -> None:
+    # It hung in DDP's all-reduce until the process group's timeout: rank 0 had left the epoch, rank 1 had not.
+    uneven = run_ranks(_uneven, tmp_path / "uneven", [5, 8], timeout=60).check()
+    cut = run_ranks(_uneven, tmp_path / "cut", [5, 5], timeout=60).check()  # the same data, cut by hand
+    for rank in (0, 1):
+        assert uneven[rank]["step"] == 10  # 5 batches an epoch: the shortest rank's
+        for mine, reference in zip(uneven[rank]["weights"], cut[rank]["weights"]):
+            assert torch.equal(mine, reference)  # exactly the training of the data every rank had
+    assert (
+        len(uneven[0]["warnings"]) == 1 and "every rank ended the epoch after 5 batch(es)" in uneven[0]["warnings"][0]
+    )
+    assert uneven[1]["warnings"] == [] and cut[0]["warnings"] == []  # rank 0 only; equal data: nothing to say
