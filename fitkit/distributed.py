@@ -17,6 +17,7 @@ import itertools
 import math
 import os
 import pickle
+import re
 import socket
 import time
 import uuid
@@ -486,6 +487,13 @@ def on_failure(exc: BaseException, info: DistInfo) -> PeerFailure | None:
     if info.world_size == 1 or info.control_group is None:
         return None
     mine = f"rank {info.rank} on {socket.gethostname()} raised {type(exc).__name__}: {exc}"
+    gone = _peer_gone(exc)
+    if gone:  # no rank reported an error: one was killed (its connections closed) and cannot say so itself
+        mine = (
+            f"{_ENDED}, so rank {info.rank} on {socket.gethostname()} lost its "
+            f"connection to it ({str(exc).splitlines()[0][:160]}): it was probably killed (SIGKILL, the out-of-memory "
+            "killer, a preemption) or its machine failed; torchrun's failure summary names it and its exit signal"
+        )
     first = mine
     store = _store()
     if store is not None:
@@ -502,12 +510,28 @@ def on_failure(exc: BaseException, info: DistInfo) -> PeerFailure | None:
     if info.backend == "nccl":
         with contextlib.suppress(Exception):
             _compat.abort_process_group()
-    if first == mine:
+    if first == mine and not gone:
         return None
     return PeerFailure(
         f"{first}; rank {info.rank} stopped too (the distributed run cannot go on without it). "
-        "Fix that error and restart the job, resuming from the last checkpoint"
+        f"{'Find out why it ended' if first.startswith(_ENDED) else 'Fix that error'} and restart the job, resuming "
+        "from the last checkpoint"
     )
+
+
+#: What gloo and nccl say when a peer process is gone (its sockets closed) rather than failed with an error.
+_PEER_GONE = re.compile(
+    r"Connection (closed|reset) by peer|Broken pipe|Connection refused|remote process exited|"
+    r"NCCL communicator was aborted on rank|ProcessGroupNCCL.*(timeout|Watchdog caught)",
+    re.IGNORECASE,
+)
+
+
+_ENDED = "a rank ended without reporting an error"
+
+
+def _peer_gone(exc: BaseException) -> bool:
+    return isinstance(exc, (RuntimeError, ConnectionError)) and bool(_PEER_GONE.search(str(exc)))
 
 
 def _text(value: Any) -> str:

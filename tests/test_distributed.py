@@ -692,6 +692,13 @@ def test_a_killed_rank_ends_the_others_within_seconds(tmp_path: Path) -> None:
     assert run.exitcodes[0] == 0, run.errors
     assert run.results[0]["error"] is not None and run.results[0]["step"] > 0
     assert run.seconds[0] < 8
+    # Issue 19: gloo's raw "Connection reset/closed by peer" came out of fit; now a PeerFailure that says what
+    # happened to the other rank (it could not report anything itself).
+    assert run.results[0]["error"].startswith("PeerFailure: a rank ended without reporting an error, so rank 0 on "), (
+        run.results[0]["error"]
+    )
+    assert "it was probably killed (SIGKILL, the out-of-memory killer, a preemption)" in run.results[0]["error"]
+    assert "Find out why it ended and restart the job, resuming from the last checkpoint" in run.results[0]["error"]
 
 
 def _terminated_job(rank: int, out: Path) -> dict[str, Any]:
