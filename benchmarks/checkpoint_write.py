@@ -2,10 +2,12 @@
 
     python benchmarks/checkpoint_write.py            # 20 saves after one epoch of examples/train_digits.py
     python benchmarks/checkpoint_write.py --stall    # the loop's stall per save, sync vs async_save=True
+    torchrun --nproc-per-node=2 benchmarks/checkpoint_write.py --stall --fsdp   # the same, sharded (DCP)
 
 ``--stall`` trains a 134 MB model (two 4096x4096 linear layers, SGD) with ``ModelCheckpoint(save_freq=N)`` and
 reports how long the loop stops at each save point: the whole write without ``async_save``; only the copy to host
-memory (and any wait for the previous save) with it.
+memory (and any wait for the previous save) with it. With ``--fsdp`` (under torchrun), each rank writes its shard
+of a DCP directory, and the async stall is DCP's staging of that shard to host memory.
 
 Each save is a temporary file, torch.save through a SHA-256 hashing writer, fsync, a two-phase manifest
 update around the rename (three fsyncs in all) and a directory fsync; the load verifies size and SHA-256
@@ -31,8 +33,11 @@ import fitkit
 from fitkit import checkpoint
 
 
-def stall(saves: int, every: int) -> None:
+def stall(saves: int, every: int, strategy: str = "auto") -> None:
     """The loop's pause at each save point of a fit, sync vs ``async_save=True``."""
+    import os
+    import shutil
+
     from torch import nn
 
     from fitkit.callbacks import ModelCheckpoint
@@ -41,39 +46,46 @@ def stall(saves: int, every: int) -> None:
         fitkit.seed_everything(0)
         model = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096))
         x, y = torch.randn(64 * every * saves, 4096), torch.randn(64 * every * saves, 4096)
-        with tempfile.TemporaryDirectory() as folder:
-            callback = ModelCheckpoint(
-                Path(folder) / "step{step:04d}.pt", monitor=None, save_freq=every, save_top_k=1, async_save=async_save
-            )
-            trainer = fitkit.Trainer(
-                model,
-                torch.optim.SGD(model.parameters(), lr=1e-4),
-                "mse",
-                callbacks=[callback],
-                device="cpu",
-                verbose=0,
-            )
-            pauses: list[float] = []
-            queue = trainer.after_callbacks
-
-            def timed(action, queue=queue, pauses=pauses):  # type: ignore[no-untyped-def]
-                def run() -> None:
-                    start = time.perf_counter()
-                    action()
-                    pauses.append(time.perf_counter() - start)
-
-                queue(run)
-
-            trainer.after_callbacks = timed  # type: ignore[method-assign]
-            start = time.perf_counter()
-            trainer.fit((x, y), batch_size=64, epochs=1)
-            total = time.perf_counter() - start
-            size = max(p.stat().st_size for p in Path(folder).glob("*.pt")) / 1e6
-        print(
-            f"async_save={async_save!s:5}: {size:.0f} MB checkpoint, stall per save: median "
-            f"{1e3 * statistics.median(pauses):.0f} ms (min {1e3 * min(pauses):.0f}, max {1e3 * max(pauses):.0f}) "
-            f"over {len(pauses)} saves; fit {total:.1f} s for {saves * every} steps"
+        # One folder for every rank of a torchrun job (the same path on each: named by the job's port).
+        folder = Path(tempfile.gettempdir()) / f"fitkit-stall-{os.environ.get('MASTER_PORT', os.getpid())}-{async_save}"
+        callback = ModelCheckpoint(
+            folder / "step{step:04d}.pt", monitor=None, save_freq=every, save_top_k=1, async_save=async_save
         )
+        trainer = fitkit.Trainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=1e-4),
+            "mse",
+            callbacks=[callback],
+            device="cpu",
+            verbose=0,
+            strategy=strategy,
+        )
+        pauses: list[float] = []
+        queue = trainer.after_callbacks
+
+        def timed(action, queue=queue, pauses=pauses):  # type: ignore[no-untyped-def]
+            def run() -> None:
+                start = time.perf_counter()
+                action()
+                pauses.append(time.perf_counter() - start)
+
+            queue(run)
+
+        trainer.after_callbacks = timed  # type: ignore[method-assign]
+        start = time.perf_counter()
+        trainer.fit((x, y), batch_size=64 // trainer.world_size, epochs=1)
+        total = time.perf_counter() - start
+        if trainer.is_global_zero:
+            kept = max(folder.glob("step*.pt"))
+            files = [kept] if kept.is_file() else [f for f in kept.rglob("*") if f.is_file()]
+            size = sum(f.stat().st_size for f in files) / 1e6
+            print(
+                f"strategy={trainer.strategy}, {trainer.world_size} rank(s), async_save={async_save!s:5}: "
+                f"{size:.0f} MB checkpoint, stall per save: median {1e3 * statistics.median(pauses):.0f} ms "
+                f"(min {1e3 * min(pauses):.0f}, max {1e3 * max(pauses):.0f}) over {len(pauses)} saves; "
+                f"fit {total:.1f} s for {saves * every} steps"
+            )
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> None:
@@ -81,9 +93,10 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=20)
     parser.add_argument("--stall", action="store_true", help="the loop's stall per save, sync vs async_save=True")
     parser.add_argument("--every", type=int, default=10, help="with --stall: steps between saves")
+    parser.add_argument("--fsdp", action="store_true", help="with --stall under torchrun: strategy='fsdp'")
     args = parser.parse_args()
     if args.stall:
-        return stall(min(args.saves, 5), args.every)
+        return stall(min(args.saves, 5), args.every, "fsdp" if args.fsdp else "auto")
     torch.set_num_threads(1)
     fitkit.seed_everything(0)
     x, y = load_digits()

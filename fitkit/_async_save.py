@@ -7,6 +7,10 @@ background thread runs the queue in order: the write (torch.save, fsync, the man
 removals it makes redundant. At most one save is in flight: the next waits for it. A failure in the background
 is raised in the training loop at the next batch (``check``) or at the end of the fit (``wait``). A kill during
 the background write leaves the previous good checkpoint: the write is the same atomic one as in the loop.
+
+Under FSDP every rank writes its shard of a DCP directory (`fitkit.sharded_checkpoint`): there the snapshot is
+DCP's ``async_save`` (each rank's shard copied to host memory) and the queued work is the rest of the save (DCP's
+write, each rank's hash and upload, rank 0's commit), whose collectives run on a gloo group of their own.
 """
 
 from __future__ import annotations
@@ -75,12 +79,12 @@ class BackgroundSaves:
 
 
 def check_strategy(trainer: Any, who: str) -> None:
-    """async_save queues the one file rank 0 writes: a sharded checkpoint, which every rank writes (DCP), is
-    refused, and so every strategy but one process and DDP."""
-    if trainer.dist.strategy not in ("none", "auto", "ddp"):
+    """async_save defers the saves of the strategies fitkit knows (one process, DDP: rank 0's file; FSDP: every
+    rank's shard, through DCP's ``async_save``); another one is refused before training."""
+    if trainer.dist.strategy not in ("none", "auto", "ddp", "fsdp"):
         raise ValueError(
-            f"{who}: async_save=True is not supported with strategy={trainer.dist.strategy!r} (sharded "
-            "checkpoints) yet; use async_save=False"
+            f"{who}: async_save=True is not supported with strategy={trainer.dist.strategy!r}: fitkit can defer the "
+            "saves of strategy='none', 'ddp' and 'fsdp' only; use async_save=False"
         )
 
 

@@ -254,6 +254,11 @@ def deferred_writes(queue: list[Any]) -> Iterator[None]:
         _deferred.reset(token)
 
 
+def deferred_queue() -> list[Any] | None:
+    """Inside `deferred_writes`, its queue (a sharded save appends the part that follows its snapshot); else None."""
+    return _deferred.get()
+
+
 def to_host(obj: Any) -> Any:
     """A copy of ``obj`` whose tensors are detached CPU clones: later training steps cannot change it."""
     if isinstance(obj, torch.Tensor):
@@ -1059,6 +1064,7 @@ __all__ = [
     "MANIFEST",
     "adopt",
     "deferred_writes",
+    "deferred_queue",
     "to_host",
     "mirror",
     "mirrored",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import datetime
 import itertools
 import math
@@ -69,6 +70,18 @@ class DistInfo:
     failure_key: str = ""
     closed_by: str | None = None
     _sharded: weakref.WeakKeyDictionary[Any, Any] = field(default_factory=weakref.WeakKeyDictionary)
+    _background: DistInfo | None = None
+
+
+def background(info: DistInfo) -> DistInfo:
+    """``info`` for collectives run from a background thread (an asynchronous sharded save's): the same ranks
+    with a gloo group of their own instead of the control group, so they never interleave with the loop's
+    control messages nor with the model's collectives on the default group. The group is created by the first
+    call (a collective: every rank calls it at the same point) and kept."""
+    if info._background is None:
+        group = dist.new_group(backend="gloo") if info.world_size > 1 or dist.is_initialized() else None
+        info._background = dataclasses.replace(info, control_group=group, reduce=None, _background=None)
+    return info._background
 
 
 def _launched() -> bool:
@@ -765,6 +778,7 @@ __all__ = [
     "StopVote",
     "any_rank",
     "any_signal",
+    "background",
     "barrier",
     "broadcast_from_rank_zero",
     "broadcast_object",

@@ -21,9 +21,12 @@ The collectives here go through `fitkit.distributed`; DCP runs its own on the de
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +50,14 @@ def save(trainer: Trainer, path: str | Path, meta: dict[str, Any] | None = None)
     Each rank writes its own shard into a temporary directory next to ``path``; rank 0 adds the rest of
     the state and commits the directory (see the module docstring). An error on any rank is raised on
     every rank, and leaves the previous checkpoint at ``path`` (if any) untouched.
+
+    Inside an asynchronous save (``async_save=True``: `fitkit.checkpoint.deferred_writes`), the call returns
+    once DCP's stager (what ``torch.distributed.checkpoint.async_save`` stages with) has copied this rank's
+    shard to host memory, and the rest of the state is copied; DCP's write and everything after it (hashes,
+    upload, commit) run on one background worker, their collectives on a gloo group of their own
+    (`fitkit.distributed.background`), with the same guarantees. Not ``async_save`` itself: it starts its
+    collectives at once in a thread of its own, and two callbacks' saves in flight would then interleave
+    theirs differently on different ranks.
     """
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
@@ -57,70 +68,6 @@ def save(trainer: Trainer, path: str | Path, meta: dict[str, Any] | None = None)
     state["per_rank"] = distributed.gather_object({key: state[key] for key in trainer.PER_RANK}, info)
     state["fitkit"] = {**checkpoint.header("full"), "layout": LAYOUT}
     tensors, state["optimizer_rest"], state["model_rest"] = _weights(trainer)
-    remote_folder = checkpoint.mirrored(path.parent)  # an object store's staging folder (`fitkit.remote`)
-    tmp, version, error = None, None, None
-    if trainer.is_global_zero:
-        try:
-            tmp = checkpoint.temporary_directory(path)
-            version = None if remote_folder is None else remote_folder.new_version(path.name)
-        except (OSError, checkpoint.CheckpointError) as exc:
-            error = f"could not write the checkpoint {path}: {exc}. Nothing was replaced."
-    tmp, version, error = distributed.broadcast_object((tmp, version, error), info)
-    if error is not None:
-        raise checkpoint.CheckpointError(error)
-    assert tmp is not None
-    try:
-        writer = FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
-        with warnings.catch_warnings():  # DCP warns that no_dist means one process: that is the intent
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            dcp_save(tensors, storage_writer=writer, no_dist=info.world_size == 1)
-        # Each rank hashes the shard it wrote (in parallel), so that the commit reads none of them again.
-        mine = checkpoint.hash_files(tmp, sorted(tmp.glob(f"__{info.rank}_*.distcp")))
-        if remote_folder is not None:  # and uploads it (checked), so that no rank sends another's bytes
-            remote_folder.upload_files(tmp, path.name, version, mine)
-    except Exception as exc:  # DCP raises on every rank when one fails
-        error = f"could not write the sharded checkpoint {path}: {type(exc).__name__}: {exc}"
-        mine = {}
-    hashes = distributed.gather_object((mine, error), info)
-    error = next((e for _, e in hashes if e is not None), None)
-    if trainer.is_global_zero:
-        try:
-            if error is None:
-                known = {name: record for files, _ in hashes for name, record in files.items()}
-                error = _commit(trainer, state, tmp, path, meta, known, remote_folder, version)
-        except (OSError, checkpoint.CheckpointError) as exc:
-            error = str(exc)
-        finally:
-            if tmp.exists():  # not committed: the partial directory goes
-                shutil.rmtree(tmp, ignore_errors=True)
-            if error is not None and version is not None:  # and the uploaded part of the version no manifest lists
-                remote_folder.discard_version(path.name, version)
-    error = distributed.broadcast_object(error, info)
-    if error is not None:  # the same error on every rank, at the same point: raised as it is, not as one rank's
-        raise distributed.on_every_rank(
-            checkpoint.CheckpointError(
-                f"{error}. Nothing was replaced: the previous {path.name} (if any) and every other checkpoint in "
-                f"{path.parent} are intact."
-                if "Nothing was replaced" not in error
-                else error
-            )
-        )
-    return path
-
-
-def _commit(
-    trainer: Trainer,
-    state: dict[str, Any],
-    tmp: Path,
-    path: Path,
-    meta: dict[str, Any] | None,
-    known: dict[str, dict[str, Any]],
-    remote_folder: Any,
-    version: str | None,
-) -> str | None:
-    """Rank 0: the state file, the local commit, then (to an object store) the rest of the files' upload and
-    the remote commit. Returns an error message (None: committed)."""
-    _save_state_file(state, tmp / STATE)
     position = {
         "kind": "full",
         "layout": LAYOUT,
@@ -130,27 +77,140 @@ def _commit(
         "batch_in_epoch": trainer.state.batch_in_epoch,
         **(meta or {}),
     }
-    record = checkpoint.commit_directory(tmp, path, position, known)
-    if remote_folder is None:
+    job = _start(info, state, path, position)
+    writer = FileSystemWriter(job.tmp, single_file_per_rank=True, sync_files=True)
+    no_dist = info.world_size == 1
+    queue = checkpoint.deferred_queue()
+    if queue is None:
+        job.finish(lambda: _quiet(no_dist, lambda: dcp_save(tensors, storage_writer=writer, no_dist=no_dist)))
+        return path
+    # Asynchronous: DCP's stager copies this rank's tensors to host memory now (the loop's only pause); DCP's
+    # write and the rest follow on the one background worker, whose collectives use a group of their own.
+    staged = writer.stage(tensors)
+    job.state, job.info = checkpoint.to_host(state), distributed.background(info)
+    group = job.info.control_group
+    done = _background_worker().submit(
+        job.finish,
+        lambda: _quiet(no_dist, lambda: dcp_save(staged, storage_writer=writer, process_group=group, no_dist=no_dist)),
+    )
+    queue.append(done.result)  # the callback's background save: waits for it, raises its error
+    return path
+
+
+_worker: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None  # (the process id, its worker)
+
+
+def _background_worker() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that finishes asynchronous sharded saves, in the order the loop made them (the same on
+    every rank): two callbacks' saves in flight never run their collectives at once on the background group.
+    Its threads are joined at exit: an interpreter exiting waits for the write to end."""
+    global _worker
+    if _worker is None or _worker[0] != os.getpid():  # a forked child inherits the object, not the thread
+        _worker = (os.getpid(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fitkit-sharded-save"))
+    return _worker[1]
+
+
+def _quiet(no_dist: bool, write: Callable[[], object]) -> None:
+    if not no_dist:
+        write()
+        return
+    with warnings.catch_warnings():  # DCP warns that no_dist means one process: that is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        write()
+
+
+@dataclasses.dataclass
+class _Save:
+    """One sharded save after its snapshot: where it goes, and what rank 0 writes besides the shards."""
+
+    info: distributed.DistInfo
+    state: dict[str, Any]
+    tmp: Path
+    path: Path
+    position: dict[str, Any]
+    remote_folder: Any
+    version: str | None
+
+    def finish(self, write: Callable[[], object]) -> None:
+        """``write`` (DCP's, or waiting for the asynchronous one), each rank's hash and upload of its shard,
+        rank 0's commit; the outcome agreed on every rank."""
+        info, path, error = self.info, self.path, None
+        try:
+            write()
+            # Each rank hashes the shard it wrote (in parallel), so that the commit reads none of them again.
+            mine = checkpoint.hash_files(self.tmp, sorted(self.tmp.glob(f"__{info.rank}_*.distcp")))
+            if self.remote_folder is not None:  # and uploads it (checked), so that no rank sends another's bytes
+                self.remote_folder.upload_files(self.tmp, path.name, self.version, mine)
+        except Exception as exc:  # DCP raises on every rank when one fails
+            error = f"could not write the sharded checkpoint {path}: {type(exc).__name__}: {exc}"
+            mine = {}
+        hashes = distributed.gather_object((mine, error), info)
+        error = next((e for _, e in hashes if e is not None), None)
+        if info.rank == 0:
+            try:
+                if error is None:
+                    error = self.commit({name: record for files, _ in hashes for name, record in files.items()})
+            except (OSError, checkpoint.CheckpointError) as exc:
+                error = str(exc)
+            finally:
+                if self.tmp.exists():  # not committed: the partial directory goes
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+                if error is not None and self.version is not None:  # and the uploaded part no manifest lists
+                    self.remote_folder.discard_version(path.name, self.version)
+        error = distributed.broadcast_object(error, info)
+        if error is not None:  # the same error on every rank, at the same point: raised as it is, not as one rank's
+            raise distributed.on_every_rank(
+                checkpoint.CheckpointError(
+                    f"{error}. Nothing was replaced: the previous {path.name} (if any) and every other checkpoint "
+                    f"in {path.parent} are intact."
+                    if "Nothing was replaced" not in error
+                    else error
+                )
+            )
+
+    def commit(self, known: dict[str, dict[str, Any]]) -> str | None:
+        """Rank 0: the state file, the local commit, then (to an object store) the rest of the files' upload
+        and the remote commit. Returns an error message (None: committed)."""
+        path, remote_folder = self.path, self.remote_folder
+        _save_state_file(self.state, self.tmp / STATE)
+        record = checkpoint.commit_directory(self.tmp, path, self.position, known)
+        if remote_folder is None:
+            return None
+        assert self.version is not None
+        # Every rank's shard (uploaded by its rank; on several machines not all are in this one's folder), and
+        # the files rank 0 wrote besides, uploaded now: the remote record lists every one.
+        files = {**known, **record["files"]}
+        remote_record = {**record, "files": files, "size": sum(f["size"] for f in files.values())}
+        remote_record["sha256"] = checkpoint.listing_digest(files)
+        rest = {n: r for n, r in record["files"].items() if n not in known}
+        try:
+            remote_folder.upload_files(path, path.name, self.version, rest)
+            remote_folder.commit_directory(path.name, self.version, remote_record)
+        except Exception as exc:
+            return (
+                f"could not upload the sharded checkpoint {path.name} to {remote_folder.url}: "
+                f"{type(exc).__name__}: {exc}. Nothing was replaced there: its manifest vouches for the previous "
+                f"checkpoints only (the local copy in {path.parent} is complete)"
+            )
         return None
-    assert version is not None
-    # Every rank's shard (uploaded by its rank; on several machines not all are in this one's folder), and
-    # the files rank 0 wrote besides, uploaded now: the remote record lists every one.
-    files = {**known, **record["files"]}
-    remote_record = {**record, "files": files, "size": sum(f["size"] for f in files.values())}
-    remote_record["sha256"] = checkpoint.listing_digest(files)
-    try:
-        remote_folder.upload_files(
-            path, path.name, version, {n: r for n, r in record["files"].items() if n not in known}
-        )
-        remote_folder.commit_directory(path.name, version, remote_record)
-    except Exception as exc:
-        return (
-            f"could not upload the sharded checkpoint {path.name} to {remote_folder.url}: {type(exc).__name__}: "
-            f"{exc}. Nothing was replaced there: its manifest vouches for the previous checkpoints only (the "
-            f"local copy in {path.parent} is complete)"
-        )
-    return None
+
+
+def _start(info: distributed.DistInfo, state: dict[str, Any], path: Path, position: dict[str, Any]) -> _Save:
+    """Rank 0 makes the temporary directory (and, to an object store, picks the version id); every rank gets
+    them, or the error on every rank."""
+    remote_folder = checkpoint.mirrored(path.parent)  # an object store's staging folder (`fitkit.remote`)
+    tmp, version, error = None, None, None
+    if info.rank == 0:
+        try:
+            tmp = checkpoint.temporary_directory(path)
+            version = None if remote_folder is None else remote_folder.new_version(path.name)
+        except (OSError, checkpoint.CheckpointError) as exc:
+            error = f"could not write the checkpoint {path}: {exc}. Nothing was replaced."
+    tmp, version, error = distributed.broadcast_object((tmp, version, error), info)
+    if error is not None:
+        raise distributed.on_every_rank(checkpoint.CheckpointError(error))
+    assert tmp is not None
+    return _Save(info, state, tmp, path, position, remote_folder, version)
 
 
 def _weights(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

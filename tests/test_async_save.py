@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +139,53 @@ def test_async_save_is_a_flag() -> None:
         BackupAndRestore("backup", async_save="yes")  # type: ignore[arg-type]
     with pytest.raises((TypeError, ValueError), match="async_save"):
         ModelCheckpoint("ckpt/{epoch}.pt", async_save="yes")  # type: ignore[arg-type]
+
+
+# -- FSDP: DCP's async_save, every rank's shard snapshotted at the save point -------------------------------
+def _fsdp_job(rank: int, out: Path, folder: Path, epochs: int, async_save: bool, resume: Any = None) -> Any:
+    from test_distributed import make_data
+    from test_fsdp import Blocky
+    from torch.utils.data import DataLoader
+
+    if async_save:  # slow background writes: training goes on meanwhile, so a write that read live tensors differs
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        real = FileSystemWriter.write_data
+
+        def slow(self: Any, *args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.3)
+            return real(self, *args, **kwargs)
+
+        FileSystemWriter.write_data = slow  # type: ignore[method-assign]
+    fitkit.seed_everything(0)
+    model = Blocky()
+    trainer = fitkit.Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "cross_entropy",
+        callbacks=[
+            ModelCheckpoint(folder / "e{epoch:02d}", monitor=None, save_top_k=2, async_save=async_save),
+            BackupAndRestore(folder / "backup", save_freq=2, delete_checkpoint=False, async_save=async_save),
+        ],
+        device="cpu", verbose=0, strategy="fsdp",
+    )  # fmt: skip
+    trainer.fit(DataLoader(make_data(), batch_size=16, shuffle=True), epochs=epochs, resume=resume)
+    return trainer.model_state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp_async_saves_snapshot_every_rank_s_shard_at_the_save_point_and_resume_exactly(tmp_path: Path) -> None:
+    from dist_utils import run_ranks
+
+    run_ranks(_fsdp_job, tmp_path / "r1", tmp_path / "sync", 3, False).check()
+    run_ranks(_fsdp_job, tmp_path / "r2", tmp_path / "async", 3, True).check()
+    for name in ("e02", "e03", "backup/backup.pt"):
+        written = checkpoint.verify(tmp_path / "async" / name)  # committed, every shard vouched for
+        assert sorted(written["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp", "fitkit-state.pt"]
+        for shard in ("__0_0.distcp", "__1_0.distcp"):  # the bytes of the save point, not of a later step
+            sync, background = (tmp_path / kind / name / shard for kind in ("sync", "async"))
+            assert sync.read_bytes() == background.read_bytes(), (name, shard)
+    assert not (tmp_path / "async" / "e01").exists()  # the top 2: removed after its replacement's commit
+    whole = run_ranks(_fsdp_job, tmp_path / "r3", tmp_path / "whole", 5, False).check()[0]
+    resumed = run_ranks(_fsdp_job, tmp_path / "r4", tmp_path / "async", 5, True, tmp_path / "async" / "e02")
+    weights = resumed.check()[0]
+    assert all(torch.equal(weights[k], whole[k]) for k in whole)

@@ -34,7 +34,8 @@ class BackupAndRestore(Callback):
             folder, then uploaded (temporary key, checked, manifest last), and fetched back before a fit
             resumes. None: the filesystem's defaults; an error with a local ``backup_dir``.
         async_save: pause training only to copy the state to host memory; write (and upload) the backup in a
-            background thread, one at a time; a failure there is raised at the next batch. Not under FSDP.
+            background thread, one at a time; a failure there is raised at the next batch. Under FSDP, each
+            rank's shard is copied by DCP's ``async_save`` and written in the background too.
 
     ``fit(..., resume=None)`` with this callback resumes from a good backup if one exists; a corrupted
     backup is reported and training starts from scratch. SIGINT/SIGTERM write a backup before exiting.

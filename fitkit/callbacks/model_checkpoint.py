@@ -71,7 +71,8 @@ class ModelCheckpoint(MonitorCallback):
             filesystem's defaults; an error with a local ``filepath``.
         async_save: pause training only to copy the state to host memory; write it (and upload it, and remove
             the files it replaces) in a background thread, one save at a time; a failure there is raised at the
-            next batch. Not under FSDP.
+            next batch. Under FSDP, each rank's shard is copied by DCP's ``async_save`` and written in the
+            background too.
 
     Every write is atomic (temporary file, fsync, rename, manifest with SHA-256). Non-finite weights are
     never written; a non-finite monitored value is never the best. Only files that this callback wrote
