@@ -75,7 +75,7 @@ def test_every_on_train_end_runs_when_one_fails_then_the_first_error_is_raised(t
     with pytest.raises(RuntimeError, match="on_train_end failed"):
         trainer.fit(make_classification(8), batch_size=4)
     assert ended == ["failing", "later"]
-    assert (tmp_path / "log.csv").read_text().startswith("epoch,loss,lr")  # CSVLogger closed and flushed it
+    assert (tmp_path / "log.csv").read_text().startswith("epoch,step,loss,lr")  # CSVLogger closed and flushed it
 
 
 def test_callbacks_not_in_a_list_is_a_clear_error():
