@@ -39,6 +39,7 @@ Writes ``benchmarks/results/overhead.json`` (``--json`` to change) and prints a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -441,24 +442,28 @@ def per_batch_cost(
 ) -> dict[str, Any]:
     """What ``runner`` (a fitkit runner) adds to each training batch over ``against``, and once per fit.
 
-    Per batch, the loop's own Python alone: fits whose ``train_step`` does nothing, where that Python is the
-    whole batch, so a loaded machine's noise (a share of the batch time) is small beside it; each runner's
-    fastest of ``rounds`` fits of ``small`` and of ``large`` batches, and the slope between them, so that
-    what a fit pays once cancels. That is set over ``against``'s real training step (its fastest fit of
-    ``large`` batches, per batch). Once per fit: the difference of the fastest real fits of ``small``
-    batches, less ``small`` times the per-batch difference (for ``fitkit_mon``: the FLOP-counted first step).
+    Per batch, the loop's own Python alone: fits whose ``train_step`` does nothing, on batches of one sample,
+    where that Python is the whole batch, so a loaded machine's noise (a share of the batch time) is small
+    beside it; each runner's fastest of ``rounds`` fits of ``small`` and of ``large`` batches, and the slope
+    between them, so that what a fit pays once cancels. That is set over ``against``'s real training step
+    (its fastest fit of ``large`` batches, per batch). Once per fit: the difference of the fastest real fits
+    of ``small`` batches, less ``small`` times the per-batch difference (for ``fitkit_mon``: the FLOP-counted
+    first step). All in CPU time (one thread): a neighbour taking the core away hardly moves it.
     """
     import torch
     from workloads import WORKLOADS, make_tensors
 
     torch.set_num_threads(1)
-    sizes = {n: WORKLOADS[workload_name].scaled(n, 0) for n in (small, large)}
-    tensors = {n: make_tensors(workload) for n, workload in sizes.items()}
+    workload = WORKLOADS[workload_name]
+    sizes = {(n, null): workload.scaled(n, 0) for n in (small, large) for null in (True, False)}
+    for n in (small, large):  # one sample a batch where the step does nothing: less time cutting batches
+        sizes[n, True] = dataclasses.replace(sizes[n, True], batch_size=1)
+    tensors = {key: make_tensors(scaled) for key, scaled in sizes.items()}
     best: dict[tuple[str, int, bool], float] = {}
 
     def fit(name: str, n: int, null_step: bool) -> None:
         torch.manual_seed(0)
-        seconds = RUNNERS[name](sizes[n], tensors[n], 1, null_step=null_step)[0]
+        seconds = RUNNERS[name](sizes[n, null_step], tensors[n, null_step], 1, null_step=null_step)[1]  # CPU
         best[name, n, null_step] = min(best.get((name, n, null_step), float("inf")), seconds)
 
     for index in range(rounds):
