@@ -189,3 +189,52 @@ def test_fsdp_async_saves_snapshot_every_rank_s_shard_at_the_save_point_and_resu
     resumed = run_ranks(_fsdp_job, tmp_path / "r4", tmp_path / "async", 5, True, tmp_path / "async" / "e02")
     weights = resumed.check()[0]
     assert all(torch.equal(weights[k], whole[k]) for k in whole)
+
+
+def _fsdp_killed_job(rank: int, out: Path, folder: Path, kill: bool) -> Any:
+    import os
+    import signal
+    import threading
+
+    from test_distributed import make_data
+    from test_fsdp import Blocky
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.utils.data import DataLoader
+
+    if kill and rank == 1:  # the third backup: rank 1 is killed in the background, half its shard written
+        real, writes = FileSystemWriter.write_data, []
+
+        def killed_midway(self: Any, plan: Any, planner: Any) -> Any:
+            writes.append(1)
+            if len(writes) == 3:
+                assert threading.current_thread() is not threading.main_thread()
+                (Path(self.path) / "__1_0.distcp").write_bytes(b"x" * 1000)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(self, plan, planner)
+
+        FileSystemWriter.write_data = killed_midway  # type: ignore[method-assign]
+    fitkit.seed_everything(0)
+    model = Blocky()
+    trainer = fitkit.Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "cross_entropy",
+        callbacks=[BackupAndRestore(folder, save_freq=1, async_save=True)], device="cpu", verbose=0, strategy="fsdp",
+    )  # fmt: skip
+    trainer.fit(DataLoader(make_data(), batch_size=16, shuffle=True), epochs=2)
+    return {"weights": trainer.model_state_dict(), "resumed": trainer.resumed_from is not None}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp_a_rank_killed_during_a_background_write_leaves_the_previous_backup_and_the_job_resumes_exactly(
+    tmp_path: Path,
+) -> None:
+    from dist_utils import run_ranks
+
+    whole = run_ranks(_fsdp_killed_job, tmp_path / "r1", tmp_path / "whole", False).check()[0]["weights"]
+    killed = run_ranks(_fsdp_killed_job, tmp_path / "r2", tmp_path / "backup", True)
+    assert killed.exitcodes[1] == -9 and killed.exitcodes[0] != 0, killed.exitcodes
+    record = checkpoint.verify(tmp_path / "backup" / "backup.pt")  # intact, every shard vouched for
+    assert record["global_step"] == 2  # the second backup, the last one that completed
+    again = run_ranks(_fsdp_killed_job, tmp_path / "r3", tmp_path / "backup", False).check()
+    assert again[0]["resumed"]
+    assert all(torch.equal(again[0]["weights"][k], whole[k]) for k in whole)
