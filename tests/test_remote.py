@@ -192,7 +192,14 @@ def test_storage_options_without_a_url_is_an_error(tmp_path: Path) -> None:
 
 # -- FSDP: sharded checkpoint directories, every rank's shards uploaded -------------------------------------
 def _fsdp_remote_job(
-    rank: int, out: Path, options: dict[str, Any], url: str, epochs: int, staging: Path, fail_on_rank: int = -1
+    rank: int,
+    out: Path,
+    options: dict[str, Any],
+    url: str,
+    epochs: int,
+    staging: Path,
+    fail_on_rank: int = -1,
+    async_save: bool = False,
 ) -> dict[str, Any]:
     import os
 
@@ -214,7 +221,9 @@ def _fsdp_remote_job(
         assert original is not cut_off
     fitkit.seed_everything(0)
     model = Blocky()
-    saver = ModelCheckpoint(url + "/e{epoch:02d}", monitor=None, save_top_k=1, storage_options=options)
+    saver = ModelCheckpoint(
+        url + "/e{epoch:02d}", monitor=None, save_top_k=1, storage_options=options, async_save=async_save
+    )
     trainer = fitkit.Trainer(
         model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "cross_entropy",
         callbacks=[saver], device="cpu", verbose=0, strategy="fsdp",
@@ -246,8 +255,10 @@ def test_fsdp_sharded_checkpoints_go_to_s3_from_every_rank_and_a_fresh_machine_r
     keys = sorted(k[len(bucket) + 1 :] for k in fs(s3).find(bucket))
     assert keys == ["e02/" + record["version"] + "/" + f for f in sorted(record["files"])] + ["fitkit-manifest.json"]
     assert folder.verify("e02")["global_step"] == 6
-    # A fresh machine (an empty staging folder): resume="auto" fetches e02's every shard and continues exactly.
-    resumed = run_ranks(_fsdp_remote_job, tmp_path / "second", s3, url, 3, tmp_path / "m2").check()
+    # A fresh machine (an empty staging folder): resume="auto" fetches e02's every shard and continues exactly;
+    # its save of e03 (and e02's removal) goes up from the background (async_save).
+    second = run_ranks(_fsdp_remote_job, tmp_path / "second", s3, url, 3, tmp_path / "m2", async_save=True)
+    resumed = second.check()
     assert resumed[0]["resumed"] == str(tmp_path / "m2" / remote.staging_folder(url).name / "e02")
     assert all(torch.equal(resumed[0]["weights"][k], reference[k]) for k in reference)
     assert sorted(folder.read_manifest()["files"]) == ["e03"]
