@@ -1,14 +1,11 @@
 """The Trainer: what outlives one call (model, optimizers, loss, configuration, state, callbacks), the steps a
 subclass overrides, and the entry points ``fit`` / ``evaluate`` / ``predict``.
 
-One call's state and its loop live in ``_run.py`` (``FitRun.run -> run_epoch -> run_batch / after_batch``); the
-data pipeline (user data -> loader -> this rank's batches -> device) in ``_pipeline.py``; what differs between
-one process, DDP and FSDP in ``strategies.py``; argument checks in ``_arguments.py``; the callbacks of one call
-in ``_callback_list.py``; files in ``checkpoint.py``. One training batch, file by file: ``_pipeline.TrainBatches``
-yields it, ``_pipeline.DeviceFeed`` puts it on the device, ``FitRun.run_batch`` calls ``Trainer.train_step``
-(forward, ``compute_loss``, ``backward``, ``optimizer_step``), the running sums stay on the device
-(``_tracker.py``), the per-batch hooks run (``_callback_list.py``), and ``FitRun.after_batch`` checks the budgets,
-writes the checkpoints callbacks asked for and runs a step-level validation.
+Elsewhere: one call's state and loop in ``_run.py``, the data path in ``_pipeline.py``, one process vs DDP vs FSDP
+in ``strategies.py``, argument checks in ``_arguments.py``, the callbacks of a call in ``_callback_list.py``, files in
+``checkpoint.py``. One training batch: ``_pipeline.TrainBatches`` yields it, ``DeviceFeed`` puts it on the device,
+``FitRun.run_batch`` calls ``Trainer.train_step`` (forward, ``compute_loss``, ``backward``, ``optimizer_step``),
+the sums stay on the device (``_tracker.py``), the hooks run, ``FitRun.after_batch`` does budgets, saves, validation.
 """
 
 from __future__ import annotations
@@ -309,12 +306,11 @@ class Trainer(Steps, memory.BatchSizeSearch):
         return self._run_of_fit().callbacks.callbacks
 
     def after_callbacks(self, action: Callable[[], None]) -> None:
-        """Runs ``action`` (no arguments) once every callback has handled the current batch or epoch boundary, in
-        the order given: a checkpoint then holds the state after all callbacks ran, whatever their order.
+        """Runs ``action`` once every callback has handled the current batch or epoch boundary, in the order given:
+        a checkpoint then holds the state after all callbacks ran, whatever their order.
 
         Args:
-            action: the function to call, without arguments, after the last callback's hook.
-        """
+            action: a function of no arguments, called after the last callback's hook."""
         self._run.deferred.append(action)
 
     # -- what the current (or last) call is doing --------------------------------------------------

@@ -24,6 +24,13 @@ import fitkit.schedule
 from tests.markdown_blocks import ROOT, compile_block, pages, python_blocks
 
 PAGES = [page for page in pages() if python_blocks(page)]
+# Pages whose blocks train for seconds (pictures drawn on real data, the README's tour): in CI's full run, not in
+# the quick loop (`pytest -m "not slow"`), which CONTRIBUTING keeps under 90 s of CPU.
+HEAVY = {"README.md", "docs/validation-and-logging.md", "docs/getting-started.md", "docs/performance-tools.md",
+         "docs/checkpoints.md"}  # fmt: skip
+PAGE_PARAMS = [
+    pytest.param(page, marks=pytest.mark.slow) if str(page.relative_to(ROOT)) in HEAVY else page for page in PAGES
+]
 
 
 def run_page(page: Path, slow: bool = True) -> int:
@@ -57,7 +64,7 @@ def _ids(page: Path) -> str:
     return str(page.relative_to(ROOT))
 
 
-@pytest.mark.parametrize("page", PAGES, ids=_ids)
+@pytest.mark.parametrize("page", PAGE_PARAMS, ids=_ids)
 def test_every_python_block_of_the_page_runs(page, tmp_path, monkeypatch):
     _isolated(tmp_path, monkeypatch)
     with warnings.catch_warnings():

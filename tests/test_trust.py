@@ -177,6 +177,7 @@ def test_restart_refuses_a_folder_holding_a_checkpoint_no_manifest_vouches_for_a
     assert _pt(tmp_path / "ckpt") == ["e1.pt", "e2.pt", "e7.pt"]  # nothing deleted: checked before
 
 
+@pytest.mark.slow  # three runs of the main example: 18 s
 def test_the_main_example_fresh_starts_over_where_a_rerun_resumes(tmp_path: Path, capsys: Any) -> None:
     import importlib.util
 
