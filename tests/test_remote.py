@@ -224,9 +224,10 @@ def _fsdp_remote_job(
     saver = ModelCheckpoint(
         url + "/e{epoch:02d}", monitor=None, save_top_k=1, storage_options=options, async_save=async_save
     )
+    backup = BackupAndRestore(url + "-backup", save_freq=2, storage_options=options, async_save=async_save)
     trainer = fitkit.Trainer(
         model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "cross_entropy",
-        callbacks=[saver], device="cpu", verbose=0, strategy="fsdp",
+        callbacks=[saver, backup], device="cpu", verbose=0, strategy="fsdp",
     )  # fmt: skip
     train = DataLoader(make_data(), batch_size=16, shuffle=True)
     try:
@@ -255,6 +256,10 @@ def test_fsdp_sharded_checkpoints_go_to_s3_from_every_rank_and_a_fresh_machine_r
     keys = sorted(k[len(bucket) + 1 :] for k in fs(s3).find(bucket))
     assert keys == ["e02/" + record["version"] + "/" + f for f in sorted(record["files"])] + ["fitkit-manifest.json"]
     assert folder.verify("e02")["global_step"] == 6
+    # The sharded backup (written every 2 steps, each version replacing the last) left with the finished fit:
+    # its every key, listed by the remote manifest, and nothing else.
+    assert [k.rsplit("/", 1)[1] for k in fs(s3).find(bucket + "-backup")] == ["fitkit-manifest.json"]
+    assert remote.RemoteFolder(url + "-backup", s3).read_manifest()["files"] == {}
     # A fresh machine (an empty staging folder): resume="auto" fetches e02's every shard and continues exactly;
     # its save of e03 (and e02's removal) goes up from the background (async_save).
     second = run_ranks(_fsdp_remote_job, tmp_path / "second", s3, url, 3, tmp_path / "m2", async_save=True)
