@@ -394,8 +394,9 @@ def verify(path: str | Path, *, storage_options: dict[str, Any] | None = None) -
     """Returns the manifest record that vouches for ``path``'s bytes.
 
     Args:
-        path: a checkpoint file (or sharded checkpoint directory) written by fitkit, or an fsspec URL of a
-            checkpoint file (``s3://bucket/run/e03.pt``: checked against its remote folder's manifest).
+        path: a checkpoint file (or sharded checkpoint directory) written by fitkit, or an fsspec URL of one
+            (``s3://bucket/run/e03.pt``: read back in full and checked against its remote folder's manifest;
+            a sharded directory's every file).
         storage_options: the fsspec filesystem's options for a URL (credentials, endpoint); see `fitkit.remote`.
 
     Raises:
@@ -444,9 +445,12 @@ def load(
     A file that would need to unpickle Python objects (and so could run code) is refused with a
     [CheckpointError][fitkit.checkpoint.CheckpointError]; fitkit never loads with ``weights_only=False``.
 
+    A sharded (DCP) checkpoint directory loads as one state: its ``fitkit-state.pt`` (weights-only), with
+    ``"model"`` holding the model's whole (unsharded) tensors, read from every rank's shard in this process.
+
     Args:
-        path: the file to load, or an fsspec URL of one (downloaded to the staging folder and checked
-            against the remote manifest first; see `fitkit.remote`).
+        path: the file (or sharded checkpoint directory) to load, or an fsspec URL of one (downloaded to the
+            staging folder, every file checked against the remote manifest first; see `fitkit.remote`).
         map_location: where tensors go, as ``torch.load`` takes it (default ``"cpu"``).
         verify_file: False skips the manifest check (only for a file you vouch for; see
             [trust][fitkit.checkpoint.trust] to record one instead).
@@ -457,6 +461,8 @@ def load(
     path = _checkpoint_path(path, "load")
     if verify_file:
         verify(path)
+    if path.is_dir():
+        return read_sharded(path, map_location)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -918,14 +924,38 @@ def trust(path: str | Path, *, storage_options: dict[str, Any] | None = None) ->
         trainer.fit(train_dl, epochs=10, resume="ckpt/e03.pt")
 
     Args:
-        path: the checkpoint file (or sharded checkpoint directory) to vouch for, or an fsspec URL of a
-            checkpoint file (downloaded and checked as here, then recorded in its remote folder's manifest).
+        path: the checkpoint file (or sharded checkpoint directory) to vouch for, or an fsspec URL of one
+            (downloaded, a directory's every file, and checked as here, then recorded in its remote folder's
+            manifest for the bytes downloaded).
         storage_options: the fsspec filesystem's options for a URL (credentials, endpoint).
     """
     if _is_url(path):
         folder_url, name = str(path).rstrip("/").rsplit("/", 1)
         return _remote().RemoteFolder(folder_url, storage_options).trust(name)
     path = _checkpoint_path(path, "trust")
+    record = trusted_record(path)
+    folder = path.parent
+    with manifest_lock(folder):
+        try:
+            manifest = read_manifest(folder, strict=True)
+        except ManifestError as exc:
+            aside = folder / (MANIFEST + ".unreadable")
+            os.replace(folder / MANIFEST, aside)
+            warnings.warn(
+                f"trust: moved the unreadable manifest aside to {aside} ({exc})",
+                FitkitWarning,
+                stacklevel=user_stacklevel(),
+            )
+            manifest = {"version": 1, "files": {}}
+        manifest["files"][path.name] = {"versions": [record]}
+        _write_manifest(folder, manifest)
+    return record
+
+
+def trusted_record(path: Path) -> dict[str, Any]:
+    """[trust][fitkit.checkpoint.trust]'s checks of the local file or sharded directory ``path`` (weights-only
+    load; a directory's metadata read safely, no links), and the manifest record it would write (size, SHA-256,
+    every file of a directory, position); writes nothing."""
     directory = path.is_dir()
     if not directory and not path.is_file():
         raise CheckpointError(f"trust: no file at {path}")
@@ -940,29 +970,13 @@ def trust(path: str | Path, *, storage_options: dict[str, Any] | None = None) ->
         for key in ("epoch", "global_step", "batch_in_epoch"):
             if isinstance(trainer_state.get(key), int):
                 meta[key] = trainer_state[key]
-    folder = path.parent
-    with manifest_lock(folder):
-        try:
-            manifest = read_manifest(folder, strict=True)
-        except ManifestError as exc:
-            aside = folder / (MANIFEST + ".unreadable")
-            os.replace(folder / MANIFEST, aside)
-            warnings.warn(
-                f"trust: moved the unreadable manifest aside to {aside} ({exc})",
-                FitkitWarning,
-                stacklevel=user_stacklevel(),
-            )
-            manifest = {"version": 1, "files": {}}
-        if directory:
-            files = hash_files(path, sorted(p for p in path.rglob("*") if p.is_file()))
-            size = sum(f["size"] for f in files.values())
-            record = {"sha256": listing_digest(files), "size": size, "files": files, "time": path.stat().st_mtime}
-        else:
-            record = {"sha256": _sha256(path), "size": path.stat().st_size, "time": path.stat().st_mtime}
-        record.update(meta)
-        manifest["files"][path.name] = {"versions": [record]}
-        _write_manifest(folder, manifest)
-    return record
+    if directory:
+        files = hash_files(path, sorted(p for p in path.rglob("*") if p.is_file()))
+        size = sum(f["size"] for f in files.values())
+        record = {"sha256": listing_digest(files), "size": size, "files": files, "time": path.stat().st_mtime}
+    else:
+        record = {"sha256": _sha256(path), "size": path.stat().st_size, "time": path.stat().st_mtime}
+    return {**record, **meta}
 
 
 SHARDED_STATE = "fitkit-state.pt"  # a sharded checkpoint's state file (see fitkit.sharded_checkpoint)
@@ -1059,7 +1073,35 @@ def read_sharded_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def read_sharded(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """The whole state of the sharded (DCP) checkpoint directory ``path`` in this process: its state file
+    (`read_sharded_state`), with ``"model"`` holding the model's tensors, each read whole from every rank's
+    shard (DCP reassembles them), and its non-tensor values. Check the directory first (`verify`)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    state = read_sharded_state(path)
+    metadata = read_sharded_metadata(path)  # safely: DCP's reader below unpickles the same (verified) bytes
+    model = {
+        key: torch.empty(value.size, dtype=value.properties.dtype)
+        for key, value in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(value, TensorStorageMetadata)
+    }
+    try:
+        with warnings.catch_warnings():  # DCP warns that no_dist means one process: that is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp_load(model, storage_reader=FileSystemReader(path), no_dist=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the sharded checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    whole = {key[len("model.") :]: value.to(map_location) for key, value in model.items()}
+    return {**state, "model": {**whole, **(state.get("model_rest") or {})}}
+
+
 __all__ = [
+    "read_sharded",
+    "trusted_record",
     "world_size_mismatch",
     "MANIFEST",
     "adopt",

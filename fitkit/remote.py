@@ -225,9 +225,15 @@ class RemoteFolder:
         """`fitkit.checkpoint.trust` for the remote key ``name``: downloaded, loaded weights-only and recorded
         in the staging folder's manifest, then in the remote one (for the same bytes). Returns the record.
 
+        A sharded checkpoint directory (the keys under ``name/``: DCP's ``.metadata``, the shards, the state
+        file) is downloaded whole into a temporary directory and checked as `fitkit.checkpoint.trust` checks a
+        local one; the remote manifest then lists every file's size and SHA-256 as downloaded, at its key.
+
         Args:
-            name: the file's name in this folder.
+            name: the file's (or sharded checkpoint directory's) name in this folder.
         """
+        if self.fs.isdir(self.key(name)):
+            return self._trust_directory(name)
         self.staging.mkdir(parents=True, exist_ok=True)
         local = self.staging / name
         self.fs.get_file(self.key(name), str(local))
@@ -283,7 +289,33 @@ class RemoteFolder:
         return uuid.uuid4().hex[:16]
 
     def _version_key(self, name: str, record: Mapping[str, Any], file: str) -> str:
+        if record.get("version") is None:  # a directory copied in by hand and trusted: its files at their keys
+            return self.key(f"{name}/{file}")
         return self.key(f"{name}/{record['version']}/{file}")
+
+    def _trust_directory(self, name: str) -> dict[str, Any]:
+        entry = self.read_manifest()["files"].get(name)
+        if entry is not None and "files" in _record(entry):
+            return self.verify(name)  # fitkit's own (a version of it): vouched for already, checked here
+        prefix = self.key(name)
+        # Its files, without hidden names (temporaries) but for DCP's own .metadata.
+        keys = [k for k in sorted(self.fs.find(prefix)) if k.rsplit("/", 1)[1] == checkpoint.SHARDED_METADATA
+                or not k.rsplit("/", 1)[1].startswith(".")]  # fmt: skip
+        tmp = checkpoint.temporary_directory(self.staging / name)
+        try:
+            for key in keys:
+                target = tmp / key[len(prefix) + 1 :]
+                if tmp.resolve() not in target.resolve().parents:
+                    raise CheckpointError(f"{self.url}/{name}: the key {key!r} is not inside it")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(key, str(target))
+            record = checkpoint.trusted_record(tmp)  # refused unless it loads safely; hashes what came down
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        manifest = self.read_manifest()
+        manifest["files"][name] = {"versions": [record]}
+        self._write_manifest(manifest)
+        return record
 
     def upload_files(self, local: Path, name: str, version: str, files: Mapping[str, Mapping[str, Any]]) -> None:
         """Uploads the files of ``local`` that ``files`` names (their records: size and SHA-256) into version
@@ -372,10 +404,21 @@ class RemoteFolder:
                 if tmp.resolve() not in target.resolve().parents:  # a manifest is data from outside
                     raise CheckpointError(f"{self.url}/{name}: the remote manifest names {file!r}, outside it")
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(self._version_key(name, record, file), str(target))
+                try:
+                    self.fs.get_file(self._version_key(name, record, file), str(target))
+                except FileNotFoundError:
+                    raise CheckpointError(
+                        f"{self.url}/{name} is incomplete: {file} is missing, though the remote manifest lists it; "
+                        "nothing was loaded. Resume from an earlier checkpoint (resume='auto' picks the newest good one)"
+                    ) from None
             got = checkpoint.hash_files(tmp, [tmp / file for file in record["files"]])
-            if got != {file: {"size": r["size"], "sha256": r["sha256"]} for file, r in record["files"].items()}:
-                raise CheckpointError(f"{self.url}/{name}: the downloaded files differ from the remote manifest's")
+            for file, want in sorted(record["files"].items()):
+                if got[file] != {"size": want["size"], "sha256": want["sha256"]}:
+                    raise CheckpointError(
+                        f"{self.url}/{name}: {file} has {got[file]['size']} bytes with SHA-256 "
+                        f"{got[file]['sha256'][:12]}..., the remote manifest says {want['size']} bytes with "
+                        f"{want['sha256'][:12]}... (altered, or cut off); nothing was loaded"
+                    )
             position = {k: v for k, v in record.items() if k not in ("sha256", "size", "files", "time", "version")}
             checkpoint.commit_directory(tmp, local, position, got)
         finally:

@@ -275,3 +275,71 @@ def test_fsdp_sharded_checkpoints_go_to_s3_from_every_rank_and_a_fresh_machine_r
     assert folder.read_manifest() == before and folder.verify("e03")["global_step"] == 9
     version = before["files"]["e03"]["versions"][0]["version"]
     assert all(k.startswith((f"{bucket}/e03/{version}/", f"{bucket}/fitkit-manifest")) for k in fs(s3).find(bucket))
+
+
+def _fsdp_write_job(rank: int, out: Path, options: dict[str, Any], url: str, staging: Path) -> dict[str, Any]:
+    import os
+
+    from test_distributed import make_data
+    from test_fsdp import Blocky
+    from torch.utils.data import DataLoader
+
+    os.environ["FITKIT_STAGING"] = str(staging)
+    fitkit.seed_everything(0)
+    model = Blocky()
+    trainer = fitkit.Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "cross_entropy",
+        callbacks=[ModelCheckpoint(url + "/e{epoch:02d}", monitor=None, storage_options=options)],
+        device="cpu", verbose=0, strategy="fsdp",
+    )  # fmt: skip
+    trainer.fit(DataLoader(make_data(), batch_size=16, shuffle=True), epochs=1)
+    return {"weights": trainer.model_state_dict(), "step": trainer.global_step}
+
+
+@pytest.mark.distributed
+def test_load_verify_and_trust_take_the_url_of_a_sharded_checkpoint_and_refuse_a_tampered_or_missing_shard(
+    s3: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dist_utils import run_ranks
+
+    url, bucket, store = "s3://fitkit-test/fsdp-load", "fitkit-test/fsdp-load", fs(s3)
+    ranks = run_ranks(_fsdp_write_job, tmp_path / "ranks", s3, url, tmp_path / "writer").check()
+    monkeypatch.setenv("FITKIT_STAGING", str(tmp_path / "reader"))  # a fresh machine: nothing local
+    record = checkpoint.verify(url + "/e01", storage_options=s3)  # every file read back and hashed
+    assert record["global_step"] == ranks[0]["step"] == 3
+    assert sorted(record["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp", "fitkit-state.pt"]
+    state = checkpoint.load(url + "/e01", storage_options=s3)  # every shard fetched, checked, read whole
+    assert state["trainer"]["global_step"] == 3 and state["fitkit"]["kind"] == "full"
+    reference = ranks[0]["weights"]
+    assert sorted(state["model"]) == sorted(reference)
+    assert all(torch.equal(state["model"][k], reference[k]) for k in reference)
+    # A shard altered in the bucket, then one missing: refused on a fresh machine, naming the file.
+    version_key = f"{bucket}/e01/{record['version']}"
+    shard = store.cat_file(f"{version_key}/__1_0.distcp")
+    store.pipe_file(f"{version_key}/__1_0.distcp", shard[:-8] + b"tampered")
+    monkeypatch.setenv("FITKIT_STAGING", str(tmp_path / "reader2"))
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp: .*SHA-256"):
+        checkpoint.verify(url + "/e01", storage_options=s3)
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp has .* the remote manifest says .* nothing was loaded"):
+        checkpoint.load(url + "/e01", storage_options=s3)
+    store.rm_file(f"{version_key}/__1_0.distcp")
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp is missing"):
+        checkpoint.verify(url + "/e01", storage_options=s3)
+    with pytest.raises(CheckpointError, match=r"incomplete: __1_0\.distcp is missing"):
+        checkpoint.load(url + "/e01", storage_options=s3)
+    # A sharded checkpoint copied into the bucket by hand: refused until trusted; trust checks it first.
+    local = tmp_path / "writer" / remote.staging_folder(url).name / "e01"
+    for file in sorted(p for p in local.iterdir()):
+        store.put_file(str(file), f"{bucket}/hand/{file.name}")
+    with pytest.raises(CheckpointError, match="does not vouch"):
+        checkpoint.load(url + "/hand", storage_options=s3)
+    trusted = checkpoint.trust(url + "/hand", storage_options=s3)
+    assert trusted["kind"] == "full" and trusted["trusted"] and trusted["sha256"] == record["sha256"]
+    assert checkpoint.verify(url + "/hand", storage_options=s3)["sha256"] == record["sha256"]
+    again = checkpoint.load(url + "/hand", storage_options=s3)
+    assert all(torch.equal(again["model"][k], reference[k]) for k in reference)
+    store.pipe_file(f"{bucket}/crafted/.metadata", b"not DCP metadata")
+    store.put_file(str(local / "fitkit-state.pt"), f"{bucket}/crafted/fitkit-state.pt")
+    with pytest.raises(CheckpointError, match=r"\.metadata is not DCP metadata that fitkit can read safely"):
+        checkpoint.trust(url + "/crafted", storage_options=s3)
+    assert "crafted" not in remote.RemoteFolder(url, s3).read_manifest()["files"]
