@@ -920,3 +920,12 @@ def test_model_checkpoint_given_a_folder_says_to_name_the_files(tmp_path: Path, 
     with pytest.raises(ValueError, match=r"names a folder; give the file name template inside it, e.g. ModelCheckpoint\("
                        r"'.*/\{epoch:02d\}\.pt'\)"):  # fmt: skip
         ModelCheckpoint(filepath)
+
+
+def test_a_sharded_checkpoint_directory_named_as_the_filepath_is_no_folder(tmp_path: Path) -> None:
+    """FSDP writes best.pt as a DCP directory: a resumed job's ModelCheckpoint('ckpt/best.pt') must not read it as
+    a folder given by mistake (the full CI run caught that)."""
+    sharded = tmp_path / "best.pt"
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(b"")
+    assert ModelCheckpoint(sharded, monitor=None).filepath == str(sharded)

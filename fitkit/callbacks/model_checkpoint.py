@@ -112,7 +112,8 @@ class ModelCheckpoint(MonitorCallback):
             raise TypeError(
                 f"filepath must be a path template (str or pathlib.Path) such as 'ckpt/{{epoch:02d}}.pt', got {filepath!r}"
             )
-        if str(filepath).endswith(("/", "\\")) or Path(filepath).is_dir():
+        given = Path(filepath)  # a folder, not a sharded checkpoint (FSDP's best.pt is a directory with .metadata)
+        if str(filepath).endswith(("/", "\\")) or (given.is_dir() and not (given / ".metadata").is_file()):
             folder = str(filepath).rstrip("/\\")
             raise ValueError(
                 f"ModelCheckpoint(filepath={str(filepath)!r}) names a folder; give the file name template inside it, "
