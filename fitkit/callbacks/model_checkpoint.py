@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import re
 import string
@@ -31,6 +32,16 @@ def weights_are_finite(model: torch.nn.Module) -> bool:
     if not tensors:
         return True
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _disk_full(exception: BaseException) -> bool:
+    """Whether ``exception`` (or what caused it) is a write that found the disk or the quota full."""
+    seen: BaseException | None = exception
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def static_folder(template: str) -> Path:
@@ -242,6 +253,8 @@ class ModelCheckpoint(MonitorCallback):
             return  # failed before training (a bad argument, an unwritable folder): nothing worth a crash.pt
         if not interrupted and self.trainer.world_size > 1:
             return  # a save is collective, and the other ranks are not here to join it
+        if not interrupted and _disk_full(exception):
+            return  # a crash.pt would fail the same way: the error already names the disk
         name = "last.pt" if interrupted else "crash.pt"
         if not weights_are_finite(self.model):
             warnings.warn(
