@@ -87,6 +87,41 @@ def set_optimizer_step_marks(optimizer: torch.optim.Optimizer, marks: Mapping[st
             optimizer.__dict__.pop(name, None)
 
 
+def step_flop_counter() -> Any:
+    """A ``torch.utils.flop_counter.FlopCounterMode`` for one whole training step, eager or compiled: its total
+    (``get_total_flops()``) is what the step's matrix products and convolutions cost.
+
+    Two changes to torch's counter, through its private parts (``_FlopCounterMode``, ``flop_counts``, ``mode``):
+
+    * its dispatch mode says ``ignore_compile_internals()``: ``torch.compile`` then compiles and runs the compiled
+      code inside it (the mode sees the compiled code's library calls: matmuls, convolutions, attention), where a
+      plain counter makes dynamo skip the frame and run it eagerly, a step other than the compiled one (its own
+      dropout masks: training changes);
+    * no module tracker: it would install global module hooks, which dynamo traces into (and fails on) when it
+      compiles under the counter, and which make a compiled module warn; totals need no per-module attribution.
+    """
+    from torch.utils import flop_counter
+
+    class _SeesCompiledCode(flop_counter._FlopCounterMode):
+        @classmethod
+        def ignore_compile_internals(cls) -> bool:
+            return True
+
+    class _StepFlopCounter(flop_counter.FlopCounterMode):
+        def __enter__(self) -> Any:
+            self.flop_counts.clear()
+            self.mode = _SeesCompiledCode(self)
+            self.mode.__enter__()
+            return self
+
+        def __exit__(self, *exc: Any) -> Any:
+            mode, self.mode = self.mode, None
+            assert mode is not None  # entered
+            return mode.__exit__(*exc)
+
+    return _StepFlopCounter(display=False)
+
+
 # -- torch.distributed ----------------------------------------------------------------------------
 def default_store() -> Any:
     """The rendezvous store of the default process group (``distributed_c10d._get_default_store``): a key-value

@@ -49,6 +49,19 @@ def test_compiled_module_inner_unwraps_torch_compile():
     assert _compat.compiled_module_inner(model) is model
 
 
+def test_step_flop_counter_counts_matmuls_lets_torch_compile_run_inside_and_installs_no_module_hooks():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    counter = _compat.step_flop_counter()
+    with counter:
+        torch.ones(2, 3) @ torch.ones(3, 4)
+        modes = _get_current_dispatch_mode_stack()
+        assert [type(mode).ignore_compile_internals() for mode in modes] == [True]  # dynamo compiles inside it
+        assert not torch.nn.modules.module._has_any_global_hook()  # nothing for dynamo to trace into
+    assert counter.get_total_flops() == 2 * 2 * 3 * 4
+    assert _get_current_dispatch_mode_stack() == []
+
+
 def test_foreach_div_divides_every_tensor_in_place():
     a, b = torch.tensor([2.0, 4.0]), torch.tensor([[6.0]])
     _compat.foreach_div_([a, b], 2.0)

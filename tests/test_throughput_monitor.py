@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import make_classification, make_trainer, params_of
+from test_speed_features import _compile_unavailable
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -315,18 +316,62 @@ def test_a_resumed_fit_keeps_the_checkpoints_flop_count_and_counts_no_step(tmp_p
     trainer = make_trainer(_linear_stack(), callbacks=[first])
     trainer.fit(_loader(), epochs=1)
     trainer.save_checkpoint(tmp_path / "last.pt")
-    import torch.utils.flop_counter as flop_counter
+    from fitkit import _compat
 
     entered = []
+    step_flop_counter = _compat.step_flop_counter
 
-    class _Recording(flop_counter.FlopCounterMode):
+    class _Recording:  # the monitor's counter, recording whether a step entered it
+        def __init__(self) -> None:
+            self.counter = step_flop_counter()
+
         def __enter__(self) -> Any:
             entered.append(self)
-            return super().__enter__()
+            return self.counter.__enter__()
 
-    monkeypatch.setattr(flop_counter, "FlopCounterMode", _Recording)
+        def __exit__(self, *exc: Any) -> Any:
+            return self.counter.__exit__(*exc)
+
+        def get_total_flops(self) -> int:
+            return int(self.counter.get_total_flops())
+
+    monkeypatch.setattr(_compat, "step_flop_counter", _Recording)
     resumed = ThroughputMonitor(log_every_n_steps=None)
     again = make_trainer(_linear_stack(), callbacks=[resumed])
     again.fit(_loader(), epochs=2, resume=tmp_path / "last.pt")
     assert entered == [] and resumed.flops_per_sample == first.flops_per_sample
     assert again.history.history["flops_per_sample"][-1] == first.flops_per_sample  # the resumed epoch's logs
+
+
+# -- compile=True (issue 21: features that meet) ----------------------------------------------------------------
+def _dropout_stack() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 16, bias=False),
+        nn.ReLU(),
+        nn.Dropout(0.5),  # compiled, its masks come from inductor's generator, not eager dropout's
+        nn.Linear(16, 8, bias=False),
+        nn.ReLU(),
+        nn.Linear(8, 3, bias=False),
+    )
+
+
+@pytest.mark.slow  # torch.compile builds C++ kernels (about 10 s on 2 cores)
+@pytest.mark.skipif(_compile_unavailable() is not None, reason=str(_compile_unavailable()))
+def test_under_compile_the_flop_count_is_analytic_and_training_is_the_compiled_runs():
+    import warnings
+
+    torch._dynamo.reset()  # cold: the monitored run compiles the model itself, as a user's first fit does
+    monitor = ThroughputMonitor(log_every_n_steps=None)
+    counted = make_trainer(_dropout_stack(), callbacks=[monitor], compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing of the count reaches the user (torch warns about global hooks)
+        counted.fit(_loader(), epochs=2)
+    params = sum(p.numel() for p in counted.model.parameters())
+    assert monitor.flops_per_sample == 6 * params - 2 * 4 * 16  # the compiled step's own matrix products
+    assert counted.history.history["flops_per_sample"] == [monitor.flops_per_sample] * 2
+    plain = make_trainer(_dropout_stack(), compile=True)
+    plain.fit(_loader(), epochs=2)
+    # Every step ran compiled, as without the monitor: the same dropout masks, the same weights, bit for bit.
+    assert counted.history.history["loss"] == plain.history.history["loss"]
+    assert all(torch.equal(a, b) for a, b in zip(params_of(counted.model), params_of(plain.model)))

@@ -6,7 +6,9 @@ Figures (added to the logs, so History, TensorBoard, CSVLogger and MLflowLogger 
   per second of training time (the epoch's wall time less its validation; step-level: the wall time since the
   last point, step-level validations included), over the whole job under torchrun (every rank's samples summed);
 * ``flops_per_sample``: counted once, with ``torch.utils.flop_counter.FlopCounterMode``, over the first training
-  batch's real step (forward, backward and optimizer step of that batch: no extra step, nothing changed);
+  batch's real step (forward, backward and optimizer step of that batch: no extra step, nothing changed; with
+  ``compile=True`` the compiled code runs under the counter, which sees its matmul and convolution calls:
+  `fitkit._compat.step_flop_counter`);
   ``flops_per_sec``; ``mfu``, the model FLOP utilisation ``flops_per_sec / (peak x GPUs)``, where the peak is
   known: `peak_flops` looks the device and precision up in `PEAK_TFLOPS`, or ``peak_flops=`` overrides it;
 * the epoch's time breakdown in seconds, ``time_data`` (waiting for the loader and the device copy),
@@ -34,7 +36,7 @@ from typing import Any
 
 import torch
 
-from fitkit import _arguments, distributed
+from fitkit import _arguments, _compat, distributed
 from fitkit._loop_times import BUCKETS
 from fitkit.callbacks.base import Callback, Logs
 
@@ -154,9 +156,7 @@ class ThroughputMonitor(Callback):
         clock, self._counter = self.trainer.loop_times, None
         self._step_mark = (0.0 if clock is None else clock.last, 0, 0, 0.0)
         if clock is not None and self.flops_per_sample is None:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            self._counter = FlopCounterMode(display=False)  # a dispatch mode over the real step: same results
+            self._counter = _compat.step_flop_counter()  # a dispatch mode over the real step: same results
             clock.run_next_step_under(self._counter)
 
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
