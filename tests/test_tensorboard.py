@@ -127,10 +127,16 @@ def test_update_freq_counts_optimizer_steps_with_accumulation(tmp_path, sized):
     assert [s for s, _ in _scalars(events, "epoch/loss")] == [3, 6]
 
 
-def test_epoch_only_by_default_and_reuse_across_fits(tmp_path):
+def test_epoch_only_by_default_and_reuse_across_fits(tmp_path, monkeypatch):
     x, y = make_classification(n=16)
     trainer = make_trainer(callbacks=[TensorBoard(tmp_path)])
     trainer.fit((x, y), epochs=2, batch_size=8)
+    # Each fit writes its own event file, named by the second and a per-process counter that sorts as text (10
+    # before 9): in a long test process two fits in one second can be read back in the wrong order, and the reader
+    # then drops the "out of order" steps. Date the second file later, as a later fit would be (CI caught it once).
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: time.time() + 2.0))
     trainer.fit((x, y), epochs=1, batch_size=8)
     events = _read(tmp_path)
     assert not [t for t in events.Tags()["scalars"] if t.startswith("step/")]
