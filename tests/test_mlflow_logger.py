@@ -231,6 +231,7 @@ def test_resuming_a_run_missing_from_the_store_fails_before_the_first_batch(stor
     assert batches.count == 0
 
 
+@pytest.mark.slow  # a real sqlite store and three loggers: seconds
 def test_tensorboard_csv_and_mlflow_put_each_point_at_the_same_x(store, request, tmp_path):
     # Issue 19: TensorBoard drew an epoch at the 0-based index of its last step, MLflow at the epoch's index and
     # the CSV had no step at all: one point, three x values. Now every logger uses the global step.

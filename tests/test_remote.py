@@ -75,6 +75,7 @@ def weights(trainer: fitkit.Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
+@pytest.mark.slow  # two fits and a resume against the S3 server: 6 s of the quick loop
 def test_model_checkpoint_to_s3_keeps_top_k_and_a_fresh_machine_resumes_auto_exactly(
     s3: dict[str, Any], staging: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
