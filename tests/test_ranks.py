@@ -366,3 +366,31 @@ def test_ranks_with_unequal_batch_counts_end_each_epoch_together(tmp_path: Path)
         len(uneven[0]["warnings"]) == 1 and "every rank ended the epoch after 5 batch(es)" in uneven[0]["warnings"][0]
     )
     assert uneven[1]["warnings"] == [] and cut[0]["warnings"] == []  # rank 0 only; equal data: nothing to say
+
+
+def _uneven_monitored(rank: int, out: Path, counts: list[int]) -> dict[str, Any]:
+    from fitkit.callbacks import ThroughputMonitor
+
+    monitor = ThroughputMonitor(log_every_n_steps=2)
+    trainer = build(process_group_timeout=20, callbacks=[monitor])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the uneven-data warning (tested above)
+        trainer.fit(DataLoader(_RankStream(counts), batch_size=4), epochs=2)
+    clock = trainer.loop_times
+    assert clock is not None
+    return {"history": trainer.history.history, "samples": clock.samples, "batches": clock.batches}
+
+
+def test_the_monitors_job_wide_rates_count_only_the_batches_trained_on_uneven_data(tmp_path: Path) -> None:
+    # Rank 1 holds 8 batches an epoch, rank 0 5: every rank trains 5 (the ranks stay in step), and the job's
+    # samples per second are those 2 x 5 x 4 samples over the ranks' mean training time, each epoch.
+    ranks = run_ranks(_uneven_monitored, tmp_path / "uneven", [5, 8], timeout=60).check()
+    for rank in ranks:
+        assert rank["samples"] == 2 * 5 * 4 and rank["batches"] == 2 * 5  # 2 epochs of 5 batches of 4
+    parts = ("time_data", "time_step", "time_callbacks")  # an epoch's training time: its wall time less validation
+    for epoch in range(2):
+        seconds = [sum(rank["history"][part][epoch] for part in parts) for rank in ranks]
+        expected = 2 * 5 * 4 / (sum(seconds) / 2)
+        for rank in ranks:
+            assert rank["history"]["samples_per_sec"][epoch] == pytest.approx(expected, rel=1e-6)
+            assert rank["history"]["batches_per_sec"][epoch] == pytest.approx(expected / 4, rel=1e-6)
