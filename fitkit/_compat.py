@@ -9,7 +9,7 @@ test.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -87,7 +87,7 @@ def set_optimizer_step_marks(optimizer: torch.optim.Optimizer, marks: Mapping[st
             optimizer.__dict__.pop(name, None)
 
 
-def step_flop_counter() -> Any:
+def step_flop_counter(skip: Callable[[], bool] | None = None) -> Any:
     """A ``torch.utils.flop_counter.FlopCounterMode`` for one whole training step, eager or compiled: its total
     (``get_total_flops()``) is what the step's matrix products and convolutions cost.
 
@@ -98,7 +98,12 @@ def step_flop_counter() -> Any:
       plain counter makes dynamo skip the frame and run it eagerly, a step other than the compiled one (its own
       dropout masks: training changes);
     * no module tracker: it would install global module hooks, which dynamo traces into (and fails on) when it
-      compiles under the counter, and which make a compiled module warn; totals need no per-module attribution.
+      compiles under the counter, and which make a compiled module warn; totals need no per-module attribution;
+    * ops run while ``skip()`` is True are not counted (``FlopCounterMode._count_flops``): activation
+      checkpointing's recomputation (`fitkit.memory.recomputing`).
+
+    Args:
+        skip: a function of no arguments, asked at every counted op; None: count everything.
     """
     from torch.utils import flop_counter
 
@@ -108,6 +113,11 @@ def step_flop_counter() -> Any:
             return True
 
     class _StepFlopCounter(flop_counter.FlopCounterMode):
+        def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
+            if skip is not None and skip():
+                return out
+            return super()._count_flops(func_packet, out, args, kwargs)
+
         def __enter__(self) -> Any:
             self.flop_counts.clear()
             self.mode = _SeesCompiledCode(self)

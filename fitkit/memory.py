@@ -5,7 +5,9 @@ and the search behind ``Trainer.find_batch_size``.
   (`fitkit.strategies.find_blocks`) runs under non-reentrant ``torch.utils.checkpoint``: its activations are not
   kept for backward but recomputed there, with the random state of the first pass (dropout draws the same
   masks), so losses and weights are bit-identical to a run without it, and the memory saved for backward
-  shrinks to each block's inputs.
+  shrinks to each block's inputs. While a block re-runs its forward in backward, `recomputing` is True:
+  ``ThroughputMonitor`` leaves those FLOPs out of ``flops_per_sample`` (they are not the model's: MFU, not
+  hardware utilisation).
 * `BatchSizeSearch` (``Trainer.find_batch_size``, a mixin of the Trainer as ``_steps.Steps`` is): each batch size
   is a short side fit of the trainer's own loop inside ``Trainer._left_as_found``, as ``lr_find`` runs, so the
   trainer is left bit-identical; `BatchSizeResult` and `BatchSizeTrial` report what it tried.
@@ -35,6 +37,29 @@ if TYPE_CHECKING:
     from fitkit.callbacks.history import History
 
 _CHECKPOINTED: dict[type, type] = {}  # a block class -> its checkpointing subclass (one per class)
+_recomputations = 0  # checkpointed blocks re-running their forward now (in backward)
+
+
+def recomputing() -> bool:
+    """Whether a block under activation checkpointing is re-running its forward now, in backward (eager:
+    ``torch.utils.checkpoint``'s recomputation context; a compiled step recomputes inside its graph)."""
+    return _recomputations > 0
+
+
+class _Recomputation:
+    """The context ``torch.utils.checkpoint`` enters around a block's recomputation (``context_fn``)."""
+
+    def __enter__(self) -> None:
+        global _recomputations
+        _recomputations += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        global _recomputations
+        _recomputations -= 1
+
+
+def _checkpoint_contexts() -> tuple[contextlib.AbstractContextManager[Any], _Recomputation]:
+    return contextlib.nullcontext(), _Recomputation()
 
 
 def checkpoint_blocks(model: nn.Module, policy: Any) -> list[nn.Module]:
@@ -90,7 +115,17 @@ def _checkpointing_class(cls: type) -> type:
         def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():  # evaluation: nothing is saved for backward anyway
                 return plain_forward(self, *args, **kwargs)
-            return checkpoint(plain_forward, self, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+            if torch.compiler.is_compiling():  # dynamo takes no context_fn of ours; the graph recomputes
+                return checkpoint(plain_forward, self, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+            return checkpoint(
+                plain_forward,
+                self,
+                *args,
+                use_reentrant=False,
+                preserve_rng_state=True,
+                context_fn=_checkpoint_contexts,
+                **kwargs,
+            )
 
         namespace = {"forward": forward, "_fitkit_checkpointed": True, "__module__": cls.__module__}
         _CHECKPOINTED[cls] = type(cls.__name__, (cls,), namespace)
@@ -404,5 +439,6 @@ __all__ = [
     "checkpoint_blocks",
     "is_checkpointed",
     "next_batch_size",
+    "recomputing",
     "state_bytes",
 ]

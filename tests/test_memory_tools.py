@@ -70,6 +70,21 @@ def test_activation_checkpointing_is_bit_identical_with_dropout():
     assert type(copy.deepcopy(checkpointed.model).blocks[0]).__name__ == "Block"
 
 
+def test_the_flop_count_leaves_out_the_recomputation_and_training_is_unchanged():
+    from fitkit.callbacks import ThroughputMonitor
+
+    runs = {}
+    for checkpointing in (False, True):
+        monitor = ThroughputMonitor(log_every_n_steps=None)
+        trainer = _stack_trainer(activation_checkpointing=checkpointing, callbacks=[monitor])
+        trainer.fit(_data(), epochs=1)
+        runs[checkpointing] = (monitor.flops_per_sample, trainer.history.history["loss"], params_of(trainer.model))
+    # The model's FLOPs (MFU's), not the hardware's: the blocks' forward re-run in backward is left out.
+    assert runs[True][0] == runs[False][0] and runs[True][0] is not None
+    assert runs[True][1] == runs[False][1]
+    assert all(torch.equal(a, b) for a, b in zip(runs[True][2], runs[False][2]))
+
+
 def _saved_bytes(model: nn.Module) -> int:
     x = torch.randn(256, 4)
     with SavedTensors(exclude=model.parameters()) as saved:

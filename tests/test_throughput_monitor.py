@@ -322,8 +322,8 @@ def test_a_resumed_fit_keeps_the_checkpoints_flop_count_and_counts_no_step(tmp_p
     step_flop_counter = _compat.step_flop_counter
 
     class _Recording:  # the monitor's counter, recording whether a step entered it
-        def __init__(self) -> None:
-            self.counter = step_flop_counter()
+        def __init__(self, skip: Any = None) -> None:
+            self.counter = step_flop_counter(skip)
 
         def __enter__(self) -> Any:
             entered.append(self)

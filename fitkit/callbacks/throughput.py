@@ -8,7 +8,7 @@ Figures (added to the logs, so History, TensorBoard, CSVLogger and MLflowLogger 
 * ``flops_per_sample``: counted once, with ``torch.utils.flop_counter.FlopCounterMode``, over the first training
   batch's real step (forward, backward and optimizer step of that batch: no extra step, nothing changed; with
   ``compile=True`` the compiled code runs under the counter, which sees its matmul and convolution calls:
-  `fitkit._compat.step_flop_counter`);
+  `fitkit._compat.step_flop_counter`; activation checkpointing's recomputation is left out, as MFU asks);
   ``flops_per_sec``; ``mfu``, the model FLOP utilisation ``flops_per_sec / (peak x GPUs)``, where the peak is
   known: `peak_flops` looks the device and precision up in `PEAK_TFLOPS`, or ``peak_flops=`` overrides it;
 * the epoch's time breakdown in seconds, ``time_data`` (waiting for the loader and the device copy),
@@ -156,7 +156,9 @@ class ThroughputMonitor(Callback):
         clock, self._counter = self.trainer.loop_times, None
         self._step_mark = (0.0 if clock is None else clock.last, 0, 0, 0.0)
         if clock is not None and self.flops_per_sample is None:
-            self._counter = _compat.step_flop_counter()  # a dispatch mode over the real step: same results
+            from fitkit.memory import recomputing  # activation checkpointing's recomputation: not the model's
+
+            self._counter = _compat.step_flop_counter(skip=recomputing)  # a dispatch mode over the real step
             clock.run_next_step_under(self._counter)
 
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
