@@ -521,7 +521,8 @@ def commit_directory(
     as [atomic_save][fitkit.checkpoint.atomic_save]: the manifest vouches for the old and the new version while they swap.
 
     ``hashes`` are already-computed records (`hash_files`) for some of the files; the others are
-    hashed here. An existing ``path`` (file or directory) is swapped atomically with ``tmp`` where the
+    hashed here. A file ``hashes`` names that ``tmp`` lacks (a shard another machine wrote, without a shared
+    filesystem) is listed all the same: this copy then does not verify, and never counts as complete. An existing ``path`` (file or directory) is swapped atomically with ``tmp`` where the
     system allows (Linux ``renameat2(RENAME_EXCHANGE)``), then deleted. Returns the manifest record.
     """
     tmp, path = Path(tmp), Path(path)
@@ -532,6 +533,10 @@ def commit_directory(
         for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
             name = file.relative_to(tmp).as_posix()
             files[name] = known.get(name) or hash_files(tmp, [file])[name]
+        # Another machine's shards (ranks without a shared filesystem) are listed too: the record describes the
+        # whole checkpoint, so this machine's partial copy fails verification instead of passing for complete.
+        files.update({name: record for name, record in known.items() if name not in files})
+        files = dict(sorted(files.items()))
         for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
             _fsync_dir(sub)
         record = {

@@ -158,6 +158,8 @@ class _Save:
                 if error is not None and self.version is not None:  # and the uploaded part no manifest lists
                     self.remote_folder.discard_version(path.name, self.version)
         error = distributed.broadcast_object(error, info)
+        if self.remote_folder is not None and info.world_size > 1:
+            self._drop_other_machine_copy(info)
         if error is not None:  # the same error on every rank, at the same point: raised as it is, not as one rank's
             raise distributed.on_every_rank(
                 checkpoint.CheckpointError(
@@ -167,6 +169,15 @@ class _Save:
                     else error
                 )
             )
+
+    def _drop_other_machine_copy(self, info: distributed.DistInfo) -> None:
+        """On a machine other than rank 0's (no shared filesystem), the ranks wrote their shards into a
+        temporary directory of that machine's staging folder that no commit there moves into place: committed
+        or not, the remote folder holds the checkpoint, so it goes now (where rank 0's is, it is already gone).
+        Then the ranks wait for each other: no rank's next save makes that directory while another removes it."""
+        if info.rank != 0 and self.tmp.is_dir() and not self.tmp.is_symlink():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        distributed.barrier(info)
 
     def commit(self, known: dict[str, dict[str, Any]]) -> str | None:
         """Rank 0: the state file, the local commit, then (to an object store) the rest of the files' upload

@@ -2,10 +2,10 @@
 agents, with restarts) and a stand-in srun; it never looks at how it was launched.
 
     python tests/cluster_job.py --out OUT --epochs 4 [--resume auto] [--kill-at-step K [--hold S]]
-        [--signal-at-step K] [--ckpt FOLDER]
+        [--signal-at-step K] [--ckpt FOLDER] [--fsdp] [--url s3://bucket/run --endpoint http://127.0.0.1:PORT]
 
 Checkpoints go to ``./ckpt`` in the working folder (each torchrun agent runs in its own folder, as on
-separate nodes). Global rank 0 writes the final weights to ``OUT/weights.pt`` and, to ``OUT/steps.txt``, the
+separate nodes), or with ``--url`` to an S3 server (the ModelCheckpoint to the URL, the backup to URL-backup). Global rank 0 writes the final weights to ``OUT/weights.pt`` and, to ``OUT/steps.txt``, the
 step count, fit's seconds, the world size, torchrun's restart count and whether the fit resumed; every rank
 writes its own restart count to ``OUT/restarts/rank<r>.txt`` (the agents' counts can differ). 96 samples in batches of 32 over all ranks (32 // world size per rank); one process
 draws the order a DistributedSampler(seed=0) draws, so that every launch trains the same updates.
@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--kill-at-step", type=int, default=None)
     parser.add_argument("--hold", type=float, default=0.0, help="seconds the other ranks wait at the kill")
     parser.add_argument("--signal-at-step", type=int, default=None)
+    parser.add_argument("--fsdp", action="store_true", help='strategy="fsdp" (sharded checkpoints)')
+    parser.add_argument("--url", default=None, help="checkpoints to this S3 folder instead of --ckpt")
+    parser.add_argument("--endpoint", default=None, help="the S3 server's URL (moto's, in the tests)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     fitkit.seed_everything(0)
@@ -96,6 +99,15 @@ def main() -> None:
         BackupAndRestore(f"{args.ckpt}/backup", save_freq=1),
         ModelCheckpoint(args.ckpt + "/epoch{epoch:02d}.pt", monitor=None),
     ]
+    if args.url is not None:
+        store = {
+            "key": "testing", "secret": "testing", "skip_instance_cache": True, "use_listings_cache": False,
+            "client_kwargs": {"endpoint_url": args.endpoint, "region_name": "us-east-1"},
+        }  # fmt: skip
+        callbacks = [
+            BackupAndRestore(args.url + "-backup", save_freq=1, storage_options=store),
+            ModelCheckpoint(args.url + "/epoch{epoch:02d}", monitor=None, save_top_k=2, storage_options=store),
+        ]
     if args.kill_at_step is not None:
         marker = Path(args.out) / "killed"
         callbacks.append(SelfSignal(args.kill_at_step, signal.SIGKILL, rank=1, marker=marker, hold=args.hold))
@@ -108,6 +120,7 @@ def main() -> None:
         callbacks=callbacks,
         device="cpu",
         verbose=0,
+        strategy="fsdp" if args.fsdp else "auto",
     )
     per_rank = 32 // trainer.world_size
     if trainer.world_size == 1:
@@ -117,13 +130,18 @@ def main() -> None:
     start = time.perf_counter()
     trainer.fit(train, epochs=args.epochs, resume=args.resume)
     seconds = time.perf_counter() - start
+    if args.fsdp:  # a collective: every rank gathers, rank 0 keeps the whole weights
+        weights = trainer.model_state_dict()
+    else:
+        weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "-")
     (Path(args.out) / "restarts").mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "restarts" / f"rank{trainer.dist.rank}.txt").write_text(restarts)
     if trainer.is_global_zero:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, out / "weights.pt")
+        torch.save(weights, out / "weights.pt")
+        (out / "rank0_node.txt").write_text(Path.cwd().name)  # which agent's folder global rank 0 ran in
         resumed = "resumed" if trainer.resumed_from is not None else "fresh"
         (out / "steps.txt").write_text(
             f"{trainer.global_step} {seconds:.4f} {trainer.world_size} {restarts} {resumed}\n"

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,12 @@ def run_single(folder: Path, *args: str) -> dict[str, torch.Tensor]:
     return dict(torch.load(folder / "out" / "weights.pt"))
 
 
-def run_agents(folder: Path, *args: str, nodes: int = 2, nproc: int = 1, torchrun: tuple[str, ...] = ()) -> list[Path]:
+def run_agents(
+    folder: Path, *args: str, nodes: int = 2, nproc: int = 1, torchrun: tuple[str, ...] = (), **env: str
+) -> list[Path]:
     """``nodes`` torchrun agents of ``nproc`` workers each, rendezvous over loopback (c10d), each in its own
-    working folder ``folder/node<i>``; the final weights in ``folder/out``. Returns the node folders."""
+    working folder ``folder/node<i>`` (``env``: more environment variables); the final weights in
+    ``folder/out``. Returns the node folders."""
     port = free_port()
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc-per-node={nproc}",
@@ -50,9 +54,9 @@ def run_agents(folder: Path, *args: str, nodes: int = 2, nproc: int = 1, torchru
     nodes_dirs = [folder / f"node{i}" for i in range(nodes)]
     agents = []
     for node in nodes_dirs:
-        node.mkdir(parents=True)
+        node.mkdir(parents=True, exist_ok=True)  # an existing folder: the same node runs again
         log = (node / "agent.log").open("w")
-        agents.append(subprocess.Popen(command, cwd=node, env=clean_env(), stdout=log, stderr=subprocess.STDOUT))
+        agents.append(subprocess.Popen(command, cwd=node, env=clean_env(**env), stdout=log, stderr=subprocess.STDOUT))
     try:
         codes = [agent.wait(timeout=180) for agent in agents]
     finally:
@@ -126,6 +130,86 @@ def test_a_worker_killed_on_one_of_two_nodes_restarts_both_with_their_own_restar
     assert (steps, world_size, resumed) == ("9", "2", "resumed")
     killed = dict(torch.load(out / "weights.pt"))
     assert all(torch.equal(killed[k], whole[k]) for k in whole)
+
+
+# -- FSDP to an object store, two nodes without a shared filesystem -----------------------------------------
+@pytest.fixture
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free localhost port, with the bucket ``fitkit-test`` (as in test_remote.py)."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    import boto3  # moto's dependency
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client(
+        "s3", aws_access_key_id="testing", aws_secret_access_key="testing", endpoint_url=endpoint,
+        region_name="us-east-1",
+    ).create_bucket(Bucket="fitkit-test")  # fmt: skip
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+def test_fsdp_on_two_nodes_without_a_shared_filesystem_checkpoints_every_shard_to_s3_and_resumes_exactly(
+    tmp_path: Path, s3_endpoint: str
+) -> None:
+    from fitkit import checkpoint, remote
+
+    # Each node stages in ./staging of its own folder: the same path on both (as /tmp/fitkit-staging is on
+    # real machines), another folder each, so that rank 1 writes its shard on its own "disk" only.
+    store = {
+        "key": "testing", "secret": "testing", "skip_instance_cache": True, "use_listings_cache": False,
+        "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
+    }  # fmt: skip
+    job = ("--fsdp", "--endpoint", s3_endpoint)
+    whole_url = "s3://fitkit-test/whole"
+    run_agents(tmp_path / "whole", "--epochs", "3", *job, "--url", whole_url, FITKIT_STAGING="staging")
+    whole = dict(torch.load(tmp_path / "whole" / "out" / "weights.pt"))
+    url = "s3://fitkit-test/run"
+    nodes = run_agents(tmp_path / "first", "--epochs", "2", *job, "--url", url, FITKIT_STAGING="staging")
+    folder = remote.RemoteFolder(url, store)
+    entries = folder.read_manifest()["files"]
+    assert sorted(entries) == ["epoch01", "epoch02"]
+    for name in entries:  # every rank's shard is in the bucket, checked
+        assert sorted(folder.verify(name)["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp", "fitkit-state.pt"]
+    # Each node's staging copy holds its own shards only: nothing there passes for a complete checkpoint (rank
+    # 0's manifest lists rank 1's shard, missing here), and rank 1's node keeps no temporary directory behind.
+    for node in nodes:  # the ModelCheckpoint's and the backup's staging folders
+        assert not sorted(p.relative_to(node) for p in (node / "staging").rglob(".*.tmp")), node
+    for copy in [node / "staging" / remote.staging_folder(url).name for node in nodes]:
+        for name in checkpoint.read_manifest(copy)["files"]:
+            with pytest.raises(checkpoint.CheckpointError, match=r"__\d_0\.distcp is missing"):
+                checkpoint.verify(copy / name)
+        with pytest.raises(checkpoint.CheckpointError, match="missing|no checkpoint|not listed"):
+            checkpoint.verify(copy / "epoch02")
+    # Two fresh nodes resume from the bucket (resume="auto" with the URL) and end bit for bit on the
+    # uninterrupted run's weights; the bucket then holds every rank's shard of epoch 3.
+    run_agents(tmp_path / "again", "--epochs", "3", "--resume", "auto", *job, "--url", url, FITKIT_STAGING="staging")
+    steps, _, world_size, _, resumed = (tmp_path / "again" / "out" / "steps.txt").read_text().split()
+    assert (steps, world_size, resumed) == ("9", "2", "resumed")
+    again = dict(torch.load(tmp_path / "again" / "out" / "weights.pt"))
+    assert all(torch.equal(again[k], whole[k]) for k in whole)
+    assert sorted(folder.read_manifest()["files"]) == ["epoch02", "epoch03"]
+    assert "__1_0.distcp" in folder.verify("epoch03")["files"]
+    # The same nodes again, rank 1's shard of the newest checkpoint lost from the bucket: resume="auto" skips it
+    # remotely (epoch02 is fetched whole) and locally, where rank 0's node holds a partial epoch03 of its own.
+    holder = (tmp_path / "whole" / "out" / "rank0_node.txt").read_text()  # its staging holds partial copies
+    whole_folder = remote.RemoteFolder(whole_url, store)
+    lost = whole_folder.read_manifest()["files"]["epoch03"]["versions"][0]["version"]
+    whole_folder.fs.rm_file(whole_folder.key(f"epoch03/{lost}/__1_0.distcp"))
+    run_agents(tmp_path / "whole", "--epochs", "3", "--resume", "auto", *job, "--url", whole_url,
+               FITKIT_STAGING="staging")  # fmt: skip
+    steps, _, _, _, resumed = (tmp_path / "whole" / "out" / "steps.txt").read_text().split()
+    assert (steps, resumed) == ("9", "resumed")
+    if (tmp_path / "whole" / "out" / "rank0_node.txt").read_text() == holder:  # torchrun's usual order
+        log = (tmp_path / "whole" / holder / "agent.log").read_text()
+        assert "skipping bad checkpoint" in log and "__1_0.distcp is missing" in log, log[-3000:]
+    rerun = dict(torch.load(tmp_path / "whole" / "out" / "weights.pt"))
+    assert all(torch.equal(rerun[k], whole[k]) for k in whole)
 
 
 # -- SLURM: srun's environment, a stand-in scontrol ------------------------------------------------------
