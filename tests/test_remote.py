@@ -297,6 +297,7 @@ def _fsdp_write_job(rank: int, out: Path, options: dict[str, Any], url: str, sta
     return {"weights": trainer.model_state_dict(), "step": trainer.global_step}
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_load_verify_and_trust_take_the_url_of_a_sharded_checkpoint_and_refuse_a_tampered_or_missing_shard(
     s3: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
