@@ -14,6 +14,7 @@ import pytest
 import torch
 from dist_utils import run_ranks, run_single
 from test_distributed import build, make_data
+from test_speed_features import _compile_unavailable
 from torch.utils.data import DataLoader, TensorDataset
 
 import fitkit
@@ -394,3 +395,43 @@ def test_the_monitors_job_wide_rates_count_only_the_batches_trained_on_uneven_da
         for rank in ranks:
             assert rank["history"]["samples_per_sec"][epoch] == pytest.approx(expected, rel=1e-6)
             assert rank["history"]["batches_per_sec"][epoch] == pytest.approx(expected / 4, rel=1e-6)
+
+
+def _compiled_ddp(rank: int, out: Path, monitored: bool) -> dict[str, Any]:
+    from test_throughput_monitor import _dropout_stack
+
+    from fitkit.callbacks import ThroughputMonitor
+
+    monitor = ThroughputMonitor(log_every_n_steps=None)
+    fitkit.seed_everything(0)  # per rank: each rank's own dropout masks
+    model = _dropout_stack()
+    trainer = fitkit.Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        "cross_entropy",
+        device="cpu",
+        verbose=0,
+        compile=True,
+        callbacks=[monitor] if monitored else [],
+    )
+    x, y = make_data(64).tensors
+    trainer.fit(DataLoader(TensorDataset(x[:, :4], y), batch_size=8, shuffle=True), epochs=2)
+    return {
+        "flops_per_sample": monitor.flops_per_sample,
+        "loss": trainer.history.history["loss"],
+        "weights": [p.detach().clone() for p in model.parameters()],
+    }
+
+
+@pytest.mark.slow  # torch.compile in each rank
+@pytest.mark.skipif(_compile_unavailable() is not None, reason=str(_compile_unavailable()))
+def test_the_monitor_counts_a_compiled_ddp_step_and_leaves_its_training_alone(tmp_path: Path) -> None:
+    # A pin for when DDP's step compiles: with torch 2.14 dynamo skips DDP's forward (_inside_ddp_forward is in
+    # its skip list) and captures no graph, so these steps run eagerly, with or without the monitor.
+    monitored = run_ranks(_compiled_ddp, tmp_path / "monitored", True, timeout=240).check()
+    plain = run_ranks(_compiled_ddp, tmp_path / "plain", False, timeout=240).check()
+    params = 4 * 16 + 16 * 8 + 8 * 3
+    for mine, reference in zip(monitored, plain):
+        assert mine["flops_per_sample"] == 6 * params - 2 * 4 * 16  # each rank's own first step
+        assert mine["loss"] == reference["loss"]
+        assert all(torch.equal(a, b) for a, b in zip(mine["weights"], reference["weights"]))
