@@ -702,6 +702,25 @@ def _directory_problem(path: Path, files: dict[str, Any], digests: dict[str, str
     return None
 
 
+def is_partial_copy(path: str | Path) -> bool:
+    """True for a sharded checkpoint directory that its folder's manifest lists, whose files here all match its
+    newest record while some it lists are missing: one machine's part of a checkpoint whose other shards other
+    machines wrote (no shared filesystem; `commit_directory` lists them). fitkit's own, to remove, never to load.
+
+    Args:
+        path: a sharded checkpoint directory.
+    """
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    entry = read_manifest(path.parent, strict=True)["files"].get(path.name) or {}
+    files = (entry.get("versions") or [{}])[0].get("files")
+    if not isinstance(files, dict):
+        return False
+    here = {name: want for name, want in files.items() if (target := _inside(path, str(name))) and target.is_file()}
+    return len(here) < len(files) and _directory_problem(path, here, {}) is None
+
+
 # -- what a full checkpoint holds ---------------------------------------------------------------
 def header(kind: str) -> dict[str, Any]:
     """The ``"fitkit"`` entry of a checkpoint: its format version, the torch that wrote it, its kind."""
@@ -1107,6 +1126,7 @@ def read_sharded(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
 __all__ = [
     "read_sharded",
     "trusted_record",
+    "is_partial_copy",
     "world_size_mismatch",
     "MANIFEST",
     "adopt",

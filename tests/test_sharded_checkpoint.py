@@ -450,3 +450,38 @@ def test_trust_refuses_a_dcp_directory_whose_shard_links_out_of_it(tmp_path: Pat
     assert not (copy.parent / checkpoint.MANIFEST).exists()
     with pytest.raises(checkpoint.CheckpointError, match=r"is not listed in"):
         checkpoint.verify(copy)
+
+
+def _partial_copy(path: Path) -> None:
+    """What global rank 0's commit leaves on its machine when rank 1 ran on another (no shared filesystem): its
+    own files, and a manifest record that also lists rank 1's shard."""
+    tmp = checkpoint.temporary_directory(path)
+    (tmp / "__0_0.distcp").write_bytes(b"rank 0's shard")
+    (tmp / ".metadata").write_bytes(b"metadata")
+    theirs = {"__1_0.distcp": {"size": 14, "sha256": "0" * 64}}
+    checkpoint.commit_directory(tmp, path, {"kind": "full", "epoch": 1, "global_step": 3}, theirs)
+
+
+def test_a_machine_s_partial_copy_of_a_sharded_checkpoint_never_passes_for_complete_but_restart_removes_it(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "ckpt"
+    _partial_copy(folder / "e1.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"__1_0\.distcp is missing"):
+        checkpoint.verify(folder / "e1.pt")
+    assert checkpoint.is_partial_copy(folder / "e1.pt")
+    trainer, train, val = build(callbacks=[ModelCheckpoint(str(folder / "e{epoch}.pt"), monitor=None)])
+    trainer.fit(train, val, epochs=1, resume="restart")  # fitkit's own partial copy: removed, not refused
+    assert "files" not in checkpoint.verify(folder / "e1.pt")  # the new run's file in its place
+    _partial_copy(tmp_path / "backup" / "backup.pt")  # a sharded backup's, the same
+    trainer, train, val = build(callbacks=[BackupAndRestore(tmp_path / "backup")])
+    trainer.fit(train, val, epochs=1, resume="restart")
+    assert trainer.resumed_from is None and not (tmp_path / "backup" / "backup.pt").exists()
+    # A present file altered: not fitkit's partial copy any more, and resume="restart" refuses to delete it.
+    _partial_copy(tmp_path / "other" / "e1.pt")
+    (tmp_path / "other" / "e1.pt" / "__0_0.distcp").write_bytes(b"someone else's")
+    assert not checkpoint.is_partial_copy(tmp_path / "other" / "e1.pt")
+    trainer, train, val = build(callbacks=[ModelCheckpoint(str(tmp_path / "other" / "e{epoch}.pt"), monitor=None)])
+    with pytest.raises(ValueError, match="e1.pt"):
+        trainer.fit(train, val, epochs=1, resume="restart")
+    assert (tmp_path / "other" / "e1.pt" / "__0_0.distcp").read_bytes() == b"someone else's"

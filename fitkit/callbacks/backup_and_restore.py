@@ -14,7 +14,14 @@ from fitkit.callbacks._files import acquire_run_lock, check_writable, checked_on
 from fitkit.callbacks.base import Callback, Logs
 from fitkit.callbacks.model_checkpoint import weights_are_finite
 from fitkit.callbacks.optuna_pruning import PRUNED
-from fitkit.checkpoint import CheckpointError, newest_good, read_manifest, remove_checkpoint, verify
+from fitkit.checkpoint import (
+    CheckpointError,
+    is_partial_copy,
+    newest_good,
+    read_manifest,
+    remove_checkpoint,
+    verify,
+)
 from fitkit.signals import TrainingInterrupted
 
 
@@ -89,6 +96,9 @@ class BackupAndRestore(Callback):
         try:
             verify(self.path)
         except CheckpointError as exc:
+            if is_partial_copy(self.path):  # one machine's part of a sharded backup it wrote: its own
+                remove_checkpoint(self.path)
+                return
             raise ValueError(
                 f"BackupAndRestore: resume='restart' deletes only backups fitkit vouched for, and {self.path} is not "
                 f"one ({exc}). Move it away, or give this run another backup_dir"

@@ -21,7 +21,14 @@ from fitkit._warn import FitkitWarning, user_stacklevel
 from fitkit.callbacks import _files
 from fitkit.callbacks.base import Logs
 from fitkit.callbacks.monitor import MonitorCallback, check_key_can_exist
-from fitkit.checkpoint import CheckpointError, atomic_save, read_manifest, remove_checkpoint, verify
+from fitkit.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    is_partial_copy,
+    read_manifest,
+    remove_checkpoint,
+    verify,
+)
 from fitkit.data import move_to_device
 from fitkit.signals import TrainingInterrupted
 
@@ -449,13 +456,15 @@ class ModelCheckpoint(MonitorCallback):
             try:
                 verify(path)
             except CheckpointError:
-                strangers.append(path)
+                if not is_partial_copy(path):  # one machine's part of a sharded checkpoint it wrote: its own
+                    strangers.append(path)
         if strangers:
             raise self._refusal(strangers)
         crash = self.checkpoint_dir / "crash.pt"
         for path in found + ([crash] if crash.exists() and crash not in found else []):
             with contextlib.suppress(CheckpointError):
-                verify(path)  # crash.pt: deleted only when vouched for
+                if not is_partial_copy(path):
+                    verify(path)  # crash.pt: deleted only when vouched for
                 remove_checkpoint(path)
         self.kept, self._written, self._pending_removal = [], set(), []
 
