@@ -153,6 +153,7 @@ class FakeTrainer:
         self.accumulate_grad_batches = 1
         self.grad_clip_norm: float | None = None
         self.grad_clip_value: float | None = None
+        self.compile = False
         self.dist = DistInfo()
         self.is_global_zero = True
         self.world_size = 1

@@ -8,7 +8,8 @@ Figures (added to the logs, so History, TensorBoard, CSVLogger and MLflowLogger 
 * ``flops_per_sample``: counted once, with ``torch.utils.flop_counter.FlopCounterMode``, over the first training
   batch's real step (forward, backward and optimizer step of that batch: no extra step, nothing changed; with
   ``compile=True`` the compiled code runs under the counter, which sees its matmul and convolution calls:
-  `fitkit._compat.step_flop_counter`; activation checkpointing's recomputation is left out, as MFU asks);
+  `fitkit._compat.step_flop_counter`, over the second step, as compiling may run inside the first (DDP's
+  graph split compiles at the first call); activation checkpointing's recomputation is left out, as MFU asks);
   ``flops_per_sec``; ``mfu``, the model FLOP utilisation ``flops_per_sec / (peak x GPUs)``, where the peak is
   known: `peak_flops` looks the device and precision up in `PEAK_TFLOPS`, or ``peak_flops=`` overrides it;
 * the epoch's time breakdown in seconds, ``time_data`` (waiting for the loader and the device copy),
@@ -141,7 +142,8 @@ class ThroughputMonitor(Callback):
         self.flops_per_sample: float | None = None
         self.step_logs: dict[str, float] = {}  # the last step-level figures
         self.epoch_logs: dict[str, float] = {}  # the last epoch's figures
-        self._counter: Any = None  # the FlopCounterMode the clock runs the fit's first step under
+        self._counter: Any = None  # the FlopCounterMode the clock runs one step under
+        self._count_from: int | None = None  # the clock's samples when that step was asked for (None: not yet)
         self._tokens: Any = 0  # tokens counted so far (with a function: on the device)
         self._next_point: float = math.inf  # the global step of the next step-level point
         self._next_check: float = 0  # on_batch_end does more than compare once global_step reaches this
@@ -153,13 +155,14 @@ class ThroughputMonitor(Callback):
         self._tokens, self._epoch_mark = 0, (0, 0, 0.0)
         self._next_point = self._point_after(self.trainer.state.global_step)
         self._next_check = 0  # the first batch's end: the FLOP count, the points from a resumed step
-        clock, self._counter = self.trainer.loop_times, None
+        clock, self._counter, self._count_from = self.trainer.loop_times, None, None
         self._step_mark = (0.0 if clock is None else clock.last, 0, 0, 0.0)
         if clock is not None and self.flops_per_sample is None:
             from fitkit.memory import recomputing  # activation checkpointing's recomputation: not the model's
 
             self._counter = _compat.step_flop_counter(skip=recomputing)  # a dispatch mode over the real step
-            clock.run_next_step_under(self._counter)
+            if not self.trainer.compile:  # compiled: the first step compiles, the next is counted (_batch_checked)
+                self._count_next_step()
 
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
         trainer, clock = self.trainer, self.trainer.loop_times
@@ -177,7 +180,10 @@ class ThroughputMonitor(Callback):
         """The batch's end when there is more to do: the first batch's FLOP count, the tokens of a function of
         the batch (on every batch), the step-level figures when a point is due."""
         if self._counter is not None:
-            self._finish_count()
+            if self._count_from is None:  # compile=True: the first step compiled the model; count the next
+                self._count_next_step()
+            else:
+                self._finish_count()
         if self._token_fn is not None:
             self._tokens = self._tokens + self._token_fn(self.trainer.batch)  # on the device: read at points
         step = self.trainer.state.global_step
@@ -186,7 +192,7 @@ class ThroughputMonitor(Callback):
             self.step_logs = self._step_figures()
             if logs is not None:
                 logs.update(self.step_logs)
-        self._next_check = 0 if self._token_fn is not None else self._next_point
+        self._next_check = 0 if self._token_fn is not None or self._counter is not None else self._next_point
 
     def _point_after(self, step: int) -> float:
         """The first global step after ``step`` that is a multiple of ``log_every_n_steps`` (inf: none)."""
@@ -218,11 +224,17 @@ class ThroughputMonitor(Callback):
         self._close_counter()
 
     # -- figures --------------------------------------------------------------------------------
+    def _count_next_step(self) -> None:
+        clock = self.trainer.loop_times
+        if clock is not None:
+            self._count_from = clock.samples
+            clock.run_next_step_under(self._counter)
+
     def _finish_count(self) -> None:
         counter, self._counter = self._counter, None
         clock = self.trainer.loop_times
-        samples = 0 if clock is None else clock.samples
-        if samples > 0:  # this rank's first batch: its samples are all the clock has counted
+        samples = 0 if clock is None else clock.samples - (self._count_from or 0)
+        if samples > 0:  # the counted step's: all the clock has counted since it was asked for
             self.flops_per_sample = counter.get_total_flops() / samples
 
     def _close_counter(self) -> None:
