@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fitkit
 from fitkit.callbacks import BackupAndRestore, ThroughputMonitor
 from fitkit.memory import is_checkpointed
+from fitkit.strategies import DDPStrategy
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -28,7 +29,7 @@ def _data(n: int = 64) -> TensorDataset:
     return TensorDataset(x, (x[:, 0] + 0.5 * x[:, 1] > 0).long())
 
 
-def _job(rank: int, out: Path, strategy: str, checkpointing: bool, kill_at: int | None = None) -> dict[str, Any]:
+def _job(rank: int, out: Path, strategy: Any, checkpointing: bool, kill_at: int | None = None) -> dict[str, Any]:
     """Two epochs of 4 steps a rank (64 samples, 8 a batch per rank), a backup after every step."""
 
     class Die(fitkit.Callback):  # after the backup of step kill_at is on disk, every rank dies at once
@@ -75,9 +76,18 @@ def _assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
             assert torch.equal(value, b["optimizer"]["state"][param][key]), (param, key)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "ddp",
+        DDPStrategy(static_graph=True),  # DDP's reentrant-checkpointing trouble spots: not with non-reentrant
+        DDPStrategy(find_unused_parameters=True),
+        "fsdp",
+    ],
+    ids=["ddp", "ddp-static-graph", "ddp-find-unused", "fsdp"],
+)
 def test_activation_checkpointing_is_bit_identical_and_resumes_exactly_on_two_ranks(
-    tmp_path: Path, strategy: str
+    tmp_path: Path, strategy: Any
 ) -> None:
     plain = run_ranks(_job, tmp_path / "plain" / "out", strategy, False).check()
     checkpointed = run_ranks(_job, tmp_path / "checkpointed" / "out", strategy, True).check()
