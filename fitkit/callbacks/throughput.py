@@ -177,8 +177,8 @@ class ThroughputMonitor(Callback):
             self._batch_checked(logs)
 
     def _batch_checked(self, logs: Logs | None) -> None:
-        """The batch's end when there is more to do: the first batch's FLOP count, the tokens of a function of
-        the batch (on every batch), the step-level figures when a point is due."""
+        """The batch's end when there is more to do: the FLOP count (the first batch's; compiled, the second's),
+        the tokens of a function of the batch (on every batch), the step-level figures when a point is due."""
         if self._counter is not None:
             if self._count_from is None:  # compile=True: the first step compiled the model; count the next
                 self._count_next_step()
