@@ -83,11 +83,14 @@ def run_ranks(
     world_size: int = 2,
     timeout: float = 60.0,
     on_start: Callable[[list[Any]], None] | None = None,
+    start_method: str = "fork",
     **kwargs: Any,
 ) -> RankRun:
     """Runs ``target(rank, out, *args, **kwargs)`` in ``world_size`` forked ranks; returns what they left.
 
     ``on_start(processes)`` runs in the parent once they started (to signal or kill one, say).
+    ``start_method="spawn"`` starts fresh interpreters instead (seconds each): for a target that a fork of this test
+    process cannot run, e.g. a compiled backward after an earlier test's (autograd's threads do not survive a fork).
     """
     out.mkdir(parents=True, exist_ok=True)
     for stale in list(out.glob("rank*.pt")) + list(out.glob("rank*.err")):
@@ -95,7 +98,8 @@ def run_ranks(
     port = free_port()
     start = time.monotonic()
     processes = [
-        CTX.Process(target=_child, args=(target, r, world_size, port, out, args, kwargs)) for r in range(world_size)
+        mp.get_context(start_method).Process(target=_child, args=(target, r, world_size, port, out, args, kwargs))
+        for r in range(world_size)
     ]
     for process in processes:
         process.start()

@@ -443,8 +443,10 @@ def _compiled_ddp(rank: int, out: Path, monitored: bool) -> dict[str, Any]:
 def test_the_monitor_counts_a_compiled_ddp_step_and_leaves_its_training_alone(tmp_path: Path) -> None:
     # DDP compiles its graph's pieces at their first call, inside the first step: a count of that step counted the
     # compiler's traced ops too (1600 to 3200 FLOPs a sample, not 1168). The monitor counts the second step.
-    monitored = run_ranks(_compiled_ddp, tmp_path / "monitored", True, timeout=240).check()
-    plain = run_ranks(_compiled_ddp, tmp_path / "plain", False, timeout=240).check()
+    # Fresh interpreters: after another test's compiled backward, a fork of this process cannot run autograd (in CI's
+    # full run the forked ranks hung until the deadline).
+    monitored = run_ranks(_compiled_ddp, tmp_path / "monitored", True, timeout=240, start_method="spawn").check()
+    plain = run_ranks(_compiled_ddp, tmp_path / "plain", False, timeout=240, start_method="spawn").check()
     params = 4 * 16 + 16 * 8 + 8 * 3
     for mine, reference in zip(monitored, plain):
         assert mine["graphs"] == 1  # the step ran compiled
