@@ -424,6 +424,14 @@ def warn_non_finite_loss(epoch: int, batch: int | None) -> None:
     )
 
 
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    """True when every parameter and floating buffer is finite (one host sync)."""
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def non_finite_weights(epoch: int, batch: int | None, loader: Any) -> FloatingPointError:
     """The error that ends a fit whose weights became non-finite (NaN inputs, a diverged run): nothing after it can
     train, and every checkpoint written before holds finite weights. Names the first non-finite value of the

@@ -376,15 +376,13 @@ class FitRun(Run):
         """Once per fit, naming the epoch and the first bad batch (read back now, not per batch): an error when the
         weights are non-finite too (nothing after can train), else a warning (fp16's skipped steps, a loss that
         recovers)."""
-        from fitkit.callbacks.model_checkpoint import weights_are_finite
-
         self.non_finite_reported = True
         trainer = self.trainer
         found = trainer._train_set.tracker.first_non_finite()
         batch = None if found is None else trainer.state.batch_in_epoch - found[1] + found[0]
         # Agreed by every rank (FSDP: each holds a shard): an error when the weights are ruined, unless a callback
         # (TerminateOnNaN) already stopped the run at the bad batch.
-        ruined = distributed.any_rank(not weights_are_finite(trainer.model), trainer.dist)
+        ruined = distributed.any_rank(not _checks.weights_are_finite(trainer.model), trainer.dist)
         if ruined and not distributed.any_rank(trainer.state.should_stop, trainer.dist):
             assert self.plan is not None
             raise distributed.on_every_rank(_checks.non_finite_weights(epoch, batch, self.plan.train.loader))

@@ -258,12 +258,8 @@ class RemoteFolder:
             return self._fetch_directory(name, _record(entry), folder)
         record = self.verify(name)
         local = folder / name
-        if local.is_file() and name in checkpoint.read_manifest(folder)["files"]:
-            try:
-                if checkpoint.verify(local)["sha256"] == record["sha256"]:
-                    return local
-            except CheckpointError:
-                pass
+        if local.is_file() and _already_here(local, record):
+            return local
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{name}.{uuid.uuid4().hex}.download"
         try:
@@ -391,12 +387,8 @@ class RemoteFolder:
         """`fetch` of a sharded checkpoint: every file downloaded into a temporary directory, checked against
         the remote record, and committed as the local directory ``folder/name``."""
         local = folder / name
-        if local.is_dir() and name in checkpoint.read_manifest(folder)["files"]:
-            try:
-                if checkpoint.verify(local)["sha256"] == record["sha256"]:
-                    return local
-            except CheckpointError:
-                pass
+        if local.is_dir() and _already_here(local, record):
+            return local
         tmp = checkpoint.temporary_directory(local)
         try:
             for file in record["files"]:
@@ -479,6 +471,17 @@ def _on_each_machine(trainer: Any, fetch: Callable[[], object]) -> None:
         fetch()
     if trainer.dist.world_size > 1:
         distributed.barrier(trainer.dist)
+
+
+def _already_here(local: Path, record: Mapping[str, Any]) -> bool:
+    """Whether ``local`` (a file or a sharded directory) is vouched for by its folder's manifest and holds the
+    bytes the remote ``record`` names: then a fetch has nothing to download."""
+    if local.name not in checkpoint.read_manifest(local.parent)["files"]:
+        return False
+    try:
+        return bool(checkpoint.verify(local)["sha256"] == record["sha256"])
+    except CheckpointError:
+        return False
 
 
 def resolve_resume(trainer: Any, resume: Any, storage_options: Mapping[str, Any] | None) -> Any:

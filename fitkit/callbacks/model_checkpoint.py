@@ -17,6 +17,7 @@ import torch
 from fitkit import distributed, remote
 from fitkit._arguments import check_flags
 from fitkit._async_save import BackgroundSaves, check_strategy
+from fitkit._checks import weights_are_finite
 from fitkit._warn import FitkitWarning, user_stacklevel
 from fitkit.callbacks import _files
 from fitkit.callbacks.base import Logs
@@ -31,14 +32,6 @@ from fitkit.checkpoint import (
 )
 from fitkit.data import move_to_device
 from fitkit.signals import TrainingInterrupted
-
-
-def weights_are_finite(model: torch.nn.Module) -> bool:
-    """True when every parameter and floating buffer is finite (one host sync)."""
-    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _disk_full(exception: BaseException) -> bool:
